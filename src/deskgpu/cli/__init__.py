@@ -1,0 +1,60 @@
+"""The `deskgpu` command line: a thin shell over the library (one module per command)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from deskgpu import __version__
+from deskgpu.cli import submit
+
+app = typer.Typer(
+    name="deskgpu",
+    help="The command-line face of a shared GPU box: submit jobs, see the queue, reap "
+    "zombie sessions, check the host.",
+    no_args_is_help=True,
+    # Plain help: rendering it with rich costs ~0.4 s on every `--help`.
+    rich_markup_mode=None,
+    add_completion=False,
+    # Specs can carry tokens: never print locals in a traceback.
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"deskgpu {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """deskgpu: submit, queue, reap, doctor."""
+
+
+app.command("submit")(submit.submit_command)
+
+
+def main() -> None:
+    """Console-script entry point; the last resort against tracebacks."""
+    try:
+        app(prog_name="deskgpu")
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if os.environ.get("DESKGPU_DEBUG"):
+            raise
+        print(
+            f"deskgpu: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with DESKGPU_DEBUG=1 and report it)",
+            file=sys.stderr,
+        )
+        sys.exit(1)

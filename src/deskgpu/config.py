@@ -1,0 +1,117 @@
+"""The host config: what the box is, where its roots are, and its house rules.
+
+Read from `--config`, else `$DESKGPU_CONFIG`, else `/etc/deskgpu/config.yaml`; built-in
+defaults when none exists. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deskgpu.errors import SpecError
+from deskgpu.units import parse_duration_s
+from deskgpu.validate import load_schema, schema_problems
+from deskgpu.yamlio import read_located
+
+SYSTEM_CONFIG = Path("/etc/deskgpu/config.yaml")
+CONFIG_ENV = "DESKGPU_CONFIG"
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Everything deskgpu knows about the box. Defaults match DESIGN.md."""
+
+    box_name: str = "deskgpu"
+    infra: str = "k8s"
+    data_root: str = "/data"
+    checkpoint_root: str = "/checkpoints"
+    default_image: str | None = None
+    gpus: dict[str, int] = field(default_factory=dict)
+    api_server: str | None = None
+    kueue_local_queue: str | None = None
+    idle_timeout: str = "2h"
+    max_idle_timeout: str = "3d"
+    max_gpus_per_job: int | None = None
+    images_allow: tuple[str, ...] = ()
+    images_deny: tuple[str, ...] = ()
+    admin_group: str | None = None
+    state_dir: str = "/var/lib/deskgpu"
+    protected: tuple[str, ...] = ()
+    reap: dict[str, Any] = field(default_factory=dict)
+    doctor: dict[str, Any] = field(default_factory=dict)
+    source: str = "built-in defaults"
+
+    @property
+    def gpu_count(self) -> int:
+        return sum(self.gpus.values())
+
+    @property
+    def idle_timeout_s(self) -> int:
+        return parse_duration_s(self.idle_timeout)
+
+    @property
+    def max_idle_timeout_s(self) -> int:
+        return parse_duration_s(self.max_idle_timeout)
+
+    @property
+    def on_box(self) -> bool:
+        """True for the box's own Kubernetes (k3s) or SSH node pool infra."""
+        return is_box_infra(self.infra)
+
+    def describe_gpus(self) -> str:
+        if not self.gpus:
+            return "no GPU inventory in the host config"
+        return ", ".join(f"{count}x {model}" for model, count in self.gpus.items())
+
+
+def is_box_infra(infra: str) -> bool:
+    head = infra.split("/", 1)[0]
+    return head in ("k8s", "kubernetes", "ssh")
+
+
+def config_path(explicit: Path | None, environ: dict[str, str] | None = None) -> Path | None:
+    """Which file to read; None means built-in defaults (no system config present)."""
+    env = os.environ if environ is None else environ
+    if explicit is not None:
+        return explicit
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
+
+
+def load_config(explicit: Path | None = None, environ: dict[str, str] | None = None) -> HostConfig:
+    """Load and validate the host config; problems are a located `SpecError` (exit 2)."""
+    path = config_path(explicit, environ)
+    if path is None:
+        return HostConfig()
+    doc = read_located(path)
+    problems = schema_problems(doc, load_schema("hostconfig-v1.json"), "host config")
+    if problems:
+        raise SpecError(problems)
+    data: dict[str, Any] = dict(doc.data)
+    images = data.pop("images", {}) or {}
+    for key in ("idle_timeout", "max_idle_timeout"):
+        if key in data and parse_duration_s(data[key]) < 60:
+            raise SpecError([doc.problem((key,), "is shorter than a minute", "use e.g. `30m`")])
+    config = HostConfig(
+        **{k: v for k, v in data.items() if k != "protected"},
+        protected=tuple(data.get("protected", ())),
+        images_allow=tuple(images.get("allow", ())),
+        images_deny=tuple(images.get("deny", ())),
+        source=str(path),
+    )
+    if config.idle_timeout_s > config.max_idle_timeout_s:
+        raise SpecError(
+            [
+                doc.problem(
+                    ("idle_timeout",),
+                    f"{config.idle_timeout} is longer than max_idle_timeout "
+                    f"{config.max_idle_timeout}",
+                    "lower idle_timeout or raise max_idle_timeout",
+                )
+            ]
+        )
+    return config

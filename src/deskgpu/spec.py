@@ -1,0 +1,241 @@
+"""The job spec (v1): load, check against the shipped schema, then what a schema can't express."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from deskgpu.config import HostConfig, is_box_infra
+from deskgpu.errors import SpecError
+from deskgpu.identity import MAX_CLUSTER_NAME, cluster_name
+from deskgpu.units import parse_duration_s
+from deskgpu.validate import invalid_fields, load_schema, located_schema_problems
+from deskgpu.yamlio import Located, read_located
+
+SCHEMA = "jobspec-v1.json"
+RESERVED_ENV_PREFIX = "DESKGPU_"
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """`A6000:2` -> model A6000, count 2; `2` -> any model; `0` -> CPU only."""
+
+    count: int
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, value: int | str | None) -> GpuRequest:
+        if value is None:
+            return cls(0)
+        if isinstance(value, int):
+            return cls(value)
+        if ":" in value:
+            model, count = value.split(":", 1)
+            return cls(int(count), model)
+        return cls(int(value))
+
+    def __str__(self) -> str:
+        if not self.count:
+            return "0"
+        return f"{self.model}:{self.count}" if self.model else str(self.count)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    gpus: GpuRequest = GpuRequest(0)
+    image: str | None = None
+    uv: bool = False
+    workdir: str | None = None
+    setup: str | None = None
+    run: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    interactive: bool = False
+    idle_timeout: str | None = None
+    keep: bool = False
+    infra: str | None = None
+    source: str = "<spec>"
+
+    @property
+    def kind(self) -> str:
+        return "interactive" if self.interactive else "batch"
+
+
+def load_spec(path: Path, config: HostConfig, user: str) -> JobSpec:
+    """Read `path` and return a valid spec, or raise `SpecError` listing every problem."""
+    doc = read_located(path)
+    spec = spec_from_located(doc, config, user)
+    if spec.workdir is not None:
+        workdir = (path.parent / spec.workdir).resolve()
+        if not workdir.is_dir():
+            raise SpecError(
+                [doc.problem(("workdir",), f"{workdir} is not a directory", "fix the path")]
+            )
+        spec = replace(spec, workdir=str(workdir))
+    return spec
+
+
+def spec_from_located(doc: Located, config: HostConfig, user: str) -> JobSpec:
+    schema = load_schema(SCHEMA)
+    found = located_schema_problems(doc, schema, "job spec")
+    if isinstance(doc.data, dict):
+        found += semantic_problems(doc, config, user, skip=invalid_fields(doc, schema))
+    if found:
+        found.sort(key=lambda item: item[0])
+        raise SpecError([text for _, text in found])
+    data: dict[str, Any] = doc.data
+    env = {key: _env_text(value) for key, value in (data.get("env") or {}).items()}
+    return JobSpec(
+        name=data["name"],
+        gpus=GpuRequest.parse(data.get("gpus")),
+        image=data.get("image"),
+        uv=bool(data.get("uv", False)),
+        workdir=data.get("workdir"),
+        setup=data.get("setup"),
+        run=data.get("run"),
+        env=env,
+        interactive=bool(data.get("interactive", False)),
+        idle_timeout=data.get("idle_timeout"),
+        keep=bool(data.get("keep", False)),
+        infra=data.get("infra"),
+        source=doc.source,
+    )
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+Problem = tuple[tuple[int, int], str]
+
+
+def semantic_problems(
+    doc: Located, config: HostConfig, user: str, skip: set[str] | None = None
+) -> list[Problem]:
+    """Rules the schema can't express, on the fields that passed the schema."""
+    data: dict[str, Any] = {k: v for k, v in doc.data.items() if k not in (skip or set())}
+    problems: list[Problem] = []
+    interactive = data.get("interactive") is True
+    if "interactive" not in (skip or set()) and "run" not in (skip or set()):
+        if not interactive and not (data.get("run") or "").strip():
+            problems.append(
+                doc.located(
+                    ("run",) if "run" in data else (),
+                    "a batch job needs `run`" if "run" not in data else "`run` is blank",
+                    "add `run: python train.py`, or set `interactive: true` for a dev session",
+                )
+            )
+        if interactive and "run" in data:
+            problems.append(
+                doc.located(
+                    ("run",),
+                    "an interactive session has no `run`",
+                    "drop `run` and start work over `ssh`, or set `interactive: false`",
+                    key=True,
+                )
+            )
+    if not interactive and "interactive" not in (skip or set()):
+        for key in ("idle_timeout", "keep"):
+            if key in data:
+                problems.append(
+                    doc.located(
+                        (key,),
+                        "only applies to interactive sessions",
+                        f"remove `{key}` or set `interactive: true`",
+                        key=True,
+                    )
+                )
+    if "idle_timeout" in data and interactive:
+        seconds = parse_duration_s(data["idle_timeout"])
+        if seconds < 60:
+            problems.append(doc.located(("idle_timeout",), "is under a minute", "use e.g. `30m`"))
+        elif seconds > config.max_idle_timeout_s:
+            problems.append(
+                doc.located(
+                    ("idle_timeout",),
+                    f"{data['idle_timeout']} is longer than this box allows "
+                    f"({config.max_idle_timeout})",
+                    f"use at most `{config.max_idle_timeout}`",
+                )
+            )
+    if "gpus" in data and "infra" not in (skip or set()):
+        cloud = "infra" in data and not is_box_infra(data["infra"])
+        problems += _gpu_problems(doc, config, GpuRequest.parse(data["gpus"]), cloud)
+    for key in data.get("env") or {}:
+        if str(key).upper().startswith(RESERVED_ENV_PREFIX):
+            problems.append(
+                doc.located(
+                    ("env", key),
+                    f"`{key}` is set by deskgpu",
+                    f"rename it; deskgpu sets {RESERVED_ENV_PREFIX}USER, "
+                    f"{RESERVED_ENV_PREFIX}JOB and {RESERVED_ENV_PREFIX}CHECKPOINT_DIR",
+                    key=True,
+                )
+            )
+    if "name" in data:
+        full = cluster_name(user, data["name"])
+        if len(full) > MAX_CLUSTER_NAME:
+            room = MAX_CLUSTER_NAME - (len(full) - len(data["name"]))
+            problems.append(
+                doc.located(
+                    ("name",),
+                    f"`{full}` (user prefix + name) is {len(full)} characters; Kubernetes "
+                    f"allows {MAX_CLUSTER_NAME} here",
+                    f"shorten the name to at most {room} characters",
+                )
+            )
+    return problems
+
+
+def _gpu_problems(
+    doc: Located, config: HostConfig, request: GpuRequest, cloud: bool
+) -> list[Problem]:
+    if not request.count:
+        return []
+    if request.model is None and (cloud or not config.gpus):
+        where = "a cloud run" if cloud else "this box (its host config lists no GPUs)"
+        return [
+            doc.located(
+                ("gpus",),
+                f"a bare count needs a GPU model on {where}",
+                f"write the model, e.g. `gpus: A100:{request.count}`",
+            )
+        ]
+    if cloud or not config.gpus:
+        return []  # the cloud has its own inventory; an empty inventory means "unknown"
+    if request.model is None:
+        available = config.gpu_count
+        over = request.count > available
+    else:
+        models = {m.lower(): n for m, n in config.gpus.items()}
+        if request.model.lower() not in models:
+            return [
+                doc.located(
+                    ("gpus",),
+                    f"this box has no {request.model} GPUs (it has {config.describe_gpus()})",
+                    "ask for one of those models, or just a count like `gpus: 1`",
+                )
+            ]
+        available = models[request.model.lower()]
+        over = request.count > available
+    if over:
+        return [
+            doc.located(
+                ("gpus",),
+                f"asks for {request.count} GPUs but this box has {config.describe_gpus()}",
+                f"ask for at most {available}",
+            )
+        ]
+    if config.max_gpus_per_job is not None and request.count > config.max_gpus_per_job:
+        return [
+            doc.located(
+                ("gpus",),
+                f"asks for {request.count} GPUs; the house rule is at most "
+                f"{config.max_gpus_per_job} per job",
+                f"ask for at most {config.max_gpus_per_job}, or talk to the box's admin",
+            )
+        ]
+    return []

@@ -1,0 +1,48 @@
+"""Shared fixtures: a private HOME for SkyPilot, the example host config, the real CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+HOST_CONFIG = EXAMPLES / "host-config.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """SkyPilot writes under $HOME and may phone home: neither in tests."""
+    home = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("HOME", "SKYPILOT_DISABLE_USAGE_COLLECTION")}
+    os.environ["HOME"] = str(home)
+    os.environ["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"
+    os.environ.pop("DESKGPU_CONFIG", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def cli(runner: CliRunner, monkeypatch: pytest.MonkeyPatch):
+    """Run the real CLI in-process; returns typer's Result (stdout and stderr kept apart)."""
+    from deskgpu.cli import app
+
+    monkeypatch.setenv("COLUMNS", "120")
+
+    def run(*args: str, env: dict[str, str] | None = None):
+        return runner.invoke(app, list(args), env=env, catch_exceptions=False)
+
+    return run
