@@ -46,3 +46,41 @@ def cli(runner: CliRunner, monkeypatch: pytest.MonkeyPatch):
         return runner.invoke(app, list(args), env=env, catch_exceptions=False)
 
     return run
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def sky_api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real SkyPilot API server on 127.0.0.1 (no infra enabled); yields its URL."""
+    import subprocess
+    import sys
+
+    home = tmp_path_factory.mktemp("sky-server-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+        "SKYPILOT_API_SERVER_ENDPOINT": url,
+    }
+    sky = str(Path(sys.executable).with_name("sky"))
+    started = subprocess.run(
+        [sky, "api", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert started.returncode == 0, f"sky api start failed:\n{started.stdout}\n{started.stderr}"
+    try:
+        yield url
+    finally:
+        subprocess.run([sky, "api", "stop"], env=env, capture_output=True, timeout=120)
