@@ -1,0 +1,326 @@
+"""The plain data behind `deskgpu queue` (and `deskgpu reap`): GPUs, who holds them, SkyPilot.
+
+A `Snapshot` is what one look at the box saw. Live readers (`nvml`, `attribution`,
+`skyapi`) fill it; `--record` writes `to_dict()`, `--snapshot` and the tests read it back
+through `from_dict()`, so a recorded snapshot and a live one are the same object.
+
+GPU readings are named after `nvidia-smi --query-gpu=` fields, units in the name. A reading
+the GPU does not support is `None` (rendered `N/A`). No I/O and no foreign imports here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+SCHEMA_VERSION = 1
+DOCUMENT_KIND = "deskgpu.queue/snapshot"
+
+# deskgpu's states, whatever SkyPilot calls them (see `skyapi.job_state`/`cluster_state`).
+QUEUED = "Queued"
+STARTING = "Starting"
+RUNNING = "Running"
+DONE = "Done"
+FAILED = "Failed"
+CANCELLED = "Cancelled"
+STOPPED = "Stopped"
+STATES = (QUEUED, STARTING, RUNNING, DONE, FAILED, CANCELLED, STOPPED)
+ACTIVE_STATES = (QUEUED, STARTING, RUNNING)
+
+# Who holds a GPU process.
+HOLDER_SKYPILOT = "skypilot"  # in a SkyPilot pod; user/cluster/job known as far as labels say
+HOLDER_UNMANAGED = "unmanaged"  # a host process outside any SkyPilot pod
+HOLDER_HIDDEN = "hidden"  # deskgpu could not see enough to say (permissions, namespaces)
+
+# Throttle reasons kept (nvidia-smi `clocks_event_reasons.*`), coarse on purpose.
+THROTTLE_THERMAL = "thermal"  # sw_thermal_slowdown | hw_thermal_slowdown
+THROTTLE_POWER = "power"  # sw_power_cap | hw_power_brake_slowdown
+THROTTLE_HW_SLOWDOWN = "hw_slowdown"  # hw_slowdown
+
+
+class SnapshotFormatError(ValueError):
+    """A recorded snapshot that this deskgpu cannot read."""
+
+
+@dataclass
+class Holder:
+    """Who a GPU process belongs to, as far as this look could tell."""
+
+    kind: str  # HOLDER_*
+    user: str | None = None  # the researcher (deskgpu.io/user, skypilot-user) or Unix user
+    cluster: str | None = None  # SkyPilot cluster name as `sky status` shows it
+    cluster_name_on_cloud: str | None = None  # `skypilot-cluster` pod label
+    job: str | None = None  # deskgpu job name (deskgpu.io/job)
+    job_kind: str | None = None  # "batch" | "interactive" (deskgpu.io/kind)
+    managed_job_id: int | None = None
+    pod_uid: str | None = None
+    pod_name: str | None = None
+    namespace: str | None = None
+    unix_user: str | None = None  # owner of /proc/<pid> (in a pod: usually root)
+    command: str | None = None  # /proc/<pid>/cmdline, when readable
+    note: str | None = None  # what is hidden, and why
+
+    @property
+    def label(self) -> str:
+        """`alice/bert-finetune`, `unmanaged bob (python)`, `hidden`."""
+        if self.kind == HOLDER_UNMANAGED:
+            who = self.unix_user or "?"
+            cmd = _short_command(self.command)
+            return f"unmanaged {who}" + (f" ({cmd})" if cmd else "")
+        if self.kind == HOLDER_SKYPILOT:
+            what = self.job or self.cluster or self.cluster_name_on_cloud or "pod"
+            return f"{self.user or '?'}/{what}"
+        return "hidden"
+
+
+@dataclass
+class GpuProcess:
+    """One process on one GPU (`nvidia-smi --query-compute-apps=pid,used_memory`)."""
+
+    pid: int  # as NVML reports it: a host PID
+    used_memory_mib: float | None = None  # None: not reported (e.g. MIG, Windows WDDM)
+    type: str = "compute"  # "compute" | "graphics"
+    holder: Holder | None = None
+
+
+@dataclass
+class Gpu:
+    """One GPU, readings named like `nvidia-smi --query-gpu=` fields."""
+
+    index: int
+    uuid: str | None = None
+    name: str | None = None
+    lost: bool = False  # fell off the bus / GPU is lost: no readings at all
+    error: str | None = None  # why readings are missing
+    memory_used_mib: float | None = None  # memory.used
+    memory_total_mib: float | None = None  # memory.total
+    utilization_gpu_pct: int | None = None  # utilization.gpu
+    temperature_c: int | None = None  # temperature.gpu
+    power_draw_w: float | None = None  # power.draw
+    power_limit_w: float | None = None  # power.limit
+    throttle_reasons: list[str] | None = None  # THROTTLE_*; None: not supported
+    persistence_mode: bool | None = None  # persistence_mode
+    mig_mode: bool | None = None  # mig.mode.current
+    processes: list[GpuProcess] = field(default_factory=list)
+
+    @property
+    def holders(self) -> list[Holder]:
+        seen: dict[str, Holder] = {}
+        for proc in self.processes:
+            if proc.holder is not None:
+                seen.setdefault(proc.holder.label, proc.holder)
+        return list(seen.values())
+
+    @property
+    def is_free(self) -> bool:
+        """No process on it and not lost. Memory a driver context holds is not a user."""
+        return not self.lost and not self.processes
+
+
+@dataclass
+class NvmlView:
+    """The GPU half: what NVML said, or why it could not say anything."""
+
+    available: bool
+    error: str | None = None  # "no NVIDIA driver", "NVML failed: ..."
+    driver_version: str | None = None
+    gpus: list[Gpu] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # skipped PIDs, hidden details
+
+
+@dataclass
+class Job:
+    """A SkyPilot managed job (deskgpu's batch jobs)."""
+
+    id: int
+    name: str | None = None
+    user: str | None = None
+    state: str = QUEUED  # deskgpu state (STATES)
+    sky_status: str | None = None  # SkyPilot's own status, e.g. STARTING
+    reason: str | None = None  # why Queued/Failed, in SkyPilot's words
+    queue_position: int | None = None  # 1 = next, among Queued jobs (where known)
+    gpus: str | None = None  # "A6000:2"
+    submitted_at: float | None = None  # unix seconds
+    started_at: float | None = None
+    ended_at: float | None = None
+    cluster_name_on_cloud: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Cluster:
+    """A SkyPilot cluster that is not a managed job's: an interactive session or a plain launch."""
+
+    name: str
+    user: str | None = None
+    state: str = RUNNING
+    sky_status: str | None = None  # INIT / UP / STOPPED
+    reason: str | None = None
+    gpus: str | None = None
+    launched_at: float | None = None
+    idle_since: float | None = None  # unix seconds; None: SkyPilot did not say
+    autostop_min: int | None = None  # None: no autostop
+    to_down: bool = False  # autostop tears it down (always, on Kubernetes)
+    interactive: bool = True  # deskgpu.io/kind=interactive, or any non-deskgpu cluster
+    cluster_name_on_cloud: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SkyView:
+    """The SkyPilot half: all users' managed jobs and clusters, or why it is missing."""
+
+    available: bool
+    endpoint: str | None = None
+    error: str | None = None
+    jobs: list[Job] = field(default_factory=list)
+    clusters: list[Cluster] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Snapshot:
+    """One look at the box."""
+
+    taken_at: float  # unix seconds; ages on screen are relative to this, not to "now"
+    host: str | None = None
+    nvml: NvmlView = field(default_factory=lambda: NvmlView(available=False))
+    sky: SkyView = field(default_factory=lambda: SkyView(available=False))
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"kind": DOCUMENT_KIND, "schema_version": self.schema_version}
+        doc.update(_dump(self))
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Snapshot:
+        """Read a recorded snapshot (or `queue --json` output). Unknown keys are ignored."""
+        if not isinstance(doc, dict):
+            raise SnapshotFormatError("a snapshot is a JSON object")
+        version = doc.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SnapshotFormatError(
+                f"snapshot schema_version {version!r} is not {SCHEMA_VERSION}: "
+                "record it again with this deskgpu"
+            )
+        if "taken_at" not in doc:
+            raise SnapshotFormatError("snapshot has no taken_at")
+        try:
+            return Snapshot(
+                taken_at=float(doc["taken_at"]),
+                host=doc.get("host"),
+                nvml=_nvml_from(doc.get("nvml") or {"available": False}),
+                sky=_sky_from(doc.get("sky") or {"available": False}),
+            )
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise SnapshotFormatError(f"malformed snapshot: {exc}") from None
+
+
+def _dump(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {f.name: _dump(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, list):
+        return [_dump(item) for item in obj]
+    if isinstance(obj, dict):
+        return {str(k): _dump(v) for k, v in obj.items()}
+    return obj
+
+
+def _pick(cls: type, data: dict[str, Any], **override: Any) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in data.items() if k in names}
+    kwargs.update(override)
+    return kwargs
+
+
+def _holder_from(data: dict[str, Any] | None) -> Holder | None:
+    return None if data is None else Holder(**_pick(Holder, data))
+
+
+def _process_from(data: dict[str, Any]) -> GpuProcess:
+    return GpuProcess(**_pick(GpuProcess, data, holder=_holder_from(data.get("holder"))))
+
+
+def _gpu_from(data: dict[str, Any]) -> Gpu:
+    processes = [_process_from(p) for p in data.get("processes") or []]
+    return Gpu(**_pick(Gpu, data, processes=processes))
+
+
+def _nvml_from(data: dict[str, Any]) -> NvmlView:
+    return NvmlView(
+        **_pick(
+            NvmlView,
+            data,
+            gpus=[_gpu_from(g) for g in data.get("gpus") or []],
+            notes=list(data.get("notes") or []),
+        )
+    )
+
+
+def _sky_from(data: dict[str, Any]) -> SkyView:
+    return SkyView(
+        **_pick(
+            SkyView,
+            data,
+            jobs=[Job(**_pick(Job, j)) for j in data.get("jobs") or []],
+            clusters=[Cluster(**_pick(Cluster, c)) for c in data.get("clusters") or []],
+            notes=list(data.get("notes") or []),
+        )
+    )
+
+
+def _short_command(command: str | None) -> str | None:
+    if not command:
+        return None
+    first = command.split()[0]
+    return first.rsplit("/", 1)[-1][:24]
+
+
+@dataclass(frozen=True)
+class SessionUse:
+    """What a cluster holds on the GPUs right now, from the processes attributed to it."""
+
+    gpu_indexes: tuple[int, ...]
+    used_memory_mib: float
+    max_utilization_gpu_pct: int | None  # None: no reading on any of its GPUs
+
+
+def session_use(snapshot: Snapshot, cluster: Cluster) -> SessionUse:
+    """Join a cluster with the GPU processes attributed to it (by name on cloud, else name)."""
+    indexes: list[int] = []
+    used = 0.0
+    utils: list[int] = []
+    for gpu in snapshot.nvml.gpus:
+        mine = [p for p in gpu.processes if _holds(p.holder, cluster)]
+        if not mine:
+            continue
+        indexes.append(gpu.index)
+        used += sum(p.used_memory_mib or 0.0 for p in mine)
+        if gpu.utilization_gpu_pct is not None:
+            utils.append(gpu.utilization_gpu_pct)
+    return SessionUse(tuple(indexes), used, max(utils) if utils else None)
+
+
+def _holds(holder: Holder | None, cluster: Cluster) -> bool:
+    if holder is None or holder.kind != HOLDER_SKYPILOT:
+        return False
+    if holder.cluster_name_on_cloud and cluster.cluster_name_on_cloud:
+        return holder.cluster_name_on_cloud == cluster.cluster_name_on_cloud
+    return holder.cluster is not None and holder.cluster == cluster.name
+
+
+def is_zombie_suspect(
+    cluster: Cluster, use: SessionUse, now: float, min_idle_s: float = 1800.0
+) -> bool:
+    """A display hint, not the reap rule: an interactive session, up, idle, holding VRAM at 0%.
+
+    Idle is SkyPilot's idle time when known, else the session's age (one look cannot see
+    a window of utilization; `deskgpu reap` decides on evidence over hours).
+    """
+    if not cluster.interactive or cluster.state != RUNNING:
+        return False
+    if use.used_memory_mib <= 0 or use.max_utilization_gpu_pct != 0:
+        return False
+    since = cluster.idle_since if cluster.idle_since is not None else cluster.launched_at
+    return since is not None and now - since >= min_idle_s
