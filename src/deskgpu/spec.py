@@ -25,11 +25,11 @@ class GpuRequest:
     model: str | None = None
 
     @classmethod
-    def parse(cls, value: int | str | None) -> GpuRequest:
+    def parse(cls, value: int | float | str | None) -> GpuRequest:
         if value is None:
             return cls(0)
-        if isinstance(value, int):
-            return cls(value)
+        if isinstance(value, (int, float)):  # JSON Schema counts 2.0 as an integer
+            return cls(int(value))
         if ":" in value:
             model, count = value.split(":", 1)
             return cls(int(count), model)

@@ -162,7 +162,10 @@ def load_located(text_or_bytes: bytes | str, source: str) -> Located:
         not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
     ):
         raise SpecError([f"{source}:1:1: file is empty (write at least `name:` and `run:`)"])
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        raise SpecError([_describe_reader_error(exc, text, source)]) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -171,6 +174,8 @@ def load_located(text_or_bytes: bytes | str, source: str) -> Located:
         loc.data = builder.build(node, ())
     except yaml.MarkedYAMLError as exc:
         raise SpecError([_describe_yaml_error(exc, source)]) from None
+    except yaml.reader.ReaderError as exc:
+        raise SpecError([_describe_reader_error(exc, text, source)]) from None
     except yaml.YAMLError as exc:  # pragma: no cover - PyYAML marks nearly everything
         raise SpecError([f"{source}:1:1: not valid YAML: {exc}"]) from None
     except (ValueError, TypeError, OverflowError) as exc:
@@ -182,8 +187,21 @@ def load_located(text_or_bytes: bytes | str, source: str) -> Located:
     return loc
 
 
+def _describe_reader_error(exc: yaml.reader.ReaderError, text: str, source: str) -> str:
+    before = text[: exc.position]
+    line = before.count("\n") + 1
+    col = exc.position - (before.rfind("\n") + 1) + 1
+    char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+    return (
+        f"{source}:{line}:{col}: control character U+{char:04X} is not allowed in YAML "
+        "(remove it; was the file saved as text?)"
+    )
+
+
 def _describe_yaml_error(exc: yaml.MarkedYAMLError, source: str) -> str:
     mark = exc.problem_mark or exc.context_mark
+    if exc.context_mark and "end of stream" in (exc.problem or ""):
+        mark = exc.context_mark  # point at the unclosed quote or bracket, not the file's end
     line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
     problem = exc.problem or "not valid YAML"
     if "'\\t'" in problem or "tab" in problem:

@@ -1,0 +1,129 @@
+"""Bad specs: exit 2, one located line per problem, all problems at once, never a traceback."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from deskgpu.config import load_config
+from deskgpu.errors import SpecError
+from deskgpu.spec import load_spec
+from deskgpu.yamlio import MAX_BYTES, MAX_NODES
+from tests.conftest import HOST_CONFIG
+
+CORPUS = Path(__file__).parent / "specs" / "invalid"
+CASES = sorted(CORPUS.glob("*.yaml"))
+_EXPECT = re.compile(r"^# expect: (\d+):(\d*) ?(.*)$")
+
+
+def expectations(path: Path) -> list[tuple[str, list[str]]]:
+    """`# expect: LINE:COL words...` header lines -> (location prefix, words that must appear)."""
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = _EXPECT.match(line)
+        if match:
+            line_no, col, words = match.groups()
+            out.append((f"{path}:{line_no}:{col}", words.split()))
+    return out
+
+
+def test_corpus_is_not_empty() -> None:
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_invalid_spec_is_rejected_with_location_and_field(path: Path, cli) -> None:
+    result = cli("submit", str(path), "--dry-run", "--config", str(HOST_CONFIG))
+    assert result.exit_code == 2, result.stdout
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    expected = expectations(path)
+    assert expected, f"{path.name} has no `# expect:` header"
+    assert len(lines) == len(expected), result.stderr
+    for line, (where, words) in zip(lines, expected, strict=True):
+        assert line.startswith(where), f"{line!r} should start with {where!r}"
+        for word in words:
+            assert word in line, f"{word!r} missing from {line!r}"
+
+
+def _reject(tmp_path: Path, content: bytes, name: str = "job.yaml") -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, load_config(HOST_CONFIG), "alice")
+    (line,) = info.value.lines()
+    assert line.startswith(str(path))
+    return line
+
+
+def test_non_utf8_bytes_are_located(tmp_path: Path) -> None:
+    line = _reject(tmp_path, b"name: caf\xe9\nrun: x\n")
+    assert line.startswith(f"{tmp_path / 'job.yaml'}:1:10:")
+    assert "0xe9" in line and "UTF-8" in line
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        prev = chr(ord("a") + i - 1)
+        cur = chr(ord("a") + i)
+        bomb.append(f"{cur}: &{cur} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    content = ("\n".join(bomb) + "\nname: bomb\nrun: x\n").encode()
+    line = _reject(tmp_path, content)
+    assert f"more than {MAX_NODES} values" in line
+
+
+def test_multi_megabyte_file_is_refused_without_parsing(tmp_path: Path) -> None:
+    content = b"name: big\nrun: |\n" + b"  echo padding padding padding\n" * 200_000
+    assert len(content) > MAX_BYTES
+    line = _reject(tmp_path, content)
+    assert "MB" in line and "right file" in line
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    assert "file is empty" in _reject(tmp_path, b"")
+
+
+def test_missing_file_and_directory(tmp_path: Path, cli) -> None:
+    missing = cli("submit", str(tmp_path / "nope.yaml"), "--dry-run")
+    assert missing.exit_code == 2
+    assert missing.stderr.strip() == f"{tmp_path / 'nope.yaml'}: no such file (check the path)"
+    folder = cli("submit", str(tmp_path), "--dry-run")
+    assert folder.exit_code == 2
+    assert "is a directory" in folder.stderr
+
+
+def test_name_too_long_once_user_prefix_is_added(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("name: a-fairly-long-experiment-name-here\nrun: x\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path, load_config(HOST_CONFIG), "averyverylongusername")
+    (line,) = info.value.lines()
+    assert line.startswith(f"{path}:1:7: name:")
+    assert "shorten the name to at most" in line
+
+
+def test_bare_gpu_count_needs_a_model_without_inventory(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("name: any\ngpus: 2\nrun: x\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path, load_config(None, environ={}), "alice")
+    assert "needs a GPU model" in info.value.lines()[0]
+
+
+def test_workdir_must_exist(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("name: wd\nworkdir: missing\nrun: x\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path, load_config(HOST_CONFIG), "alice")
+    assert info.value.lines()[0].startswith(f"{path}:2:10: workdir:")
+
+
+def test_the_spec_file_is_never_modified(cli) -> None:
+    path = CASES[0]
+    before = path.read_bytes()
+    cli("submit", str(path), "--dry-run")
+    assert path.read_bytes() == before
