@@ -168,3 +168,259 @@ def _first_job_id(result: Any) -> int | None:
         if isinstance(first, int):
             return first
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# deskgpu queue: all users' clusters and managed jobs, mapped to deskgpu's states.
+#
+# Live responses (pydantic `StatusResponse` / `ManagedJobRecord`) are turned into plain dicts
+# by `record_dict` and parsed by `parse_clusters` / `parse_jobs`; tests feed the same parsers
+# recorded dicts, so live and recorded take one path.
+# ---------------------------------------------------------------------------------------------
+
+# The managed-job fields `queue` shows (SkyPilot's default set lacks user, reason, labels).
+QUEUE_JOB_FIELDS = [
+    "job_id",
+    "task_id",
+    "job_name",
+    "task_name",
+    "resources",
+    "submitted_at",
+    "start_at",
+    "end_at",
+    "job_duration",
+    "status",
+    "schedule_state",
+    "details",
+    "failure_reason",
+    "user_name",
+    "accelerators",
+    "labels",
+    "cluster_name_on_cloud",
+]
+_HEAVY_FIELDS = {"handle", "credentials", "last_creation_yaml", "user_yaml", "metadata"}
+_CONTROLLER_PREFIXES = ("sky-jobs-controller-", "sky-serve-controller-")
+# SkyPilot's words for "waiting for GPUs": backoff retries, a Pending pod, Kueue admission.
+_WAITING = re.compile(
+    r"backoff|waiting for|pending|insufficient|unschedulable|queue admission|no resources",
+    re.IGNORECASE,
+)
+_ACCEL = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)\s*['\"]?\s*:\s*(\d+(?:\.\d+)?)")
+
+
+def fetch_queue(config: HostConfig, timeout_s: float = 30.0) -> Any:
+    """All users' clusters and managed jobs as a `SkyView`; never raises.
+
+    Both requests go to the API server at once; a failure of either becomes a note (or
+    the view's `error` when nothing came back), so the GPU half still renders.
+    """
+    from deskgpu.snapshot import SkyView
+
+    endpoint = prepare_environment(config)
+    view = SkyView(available=False, endpoint=endpoint)
+    try:
+        sky = import_sky()
+        with _stdout_to_stderr():
+            status_req = sky.status(all_users=True)
+            jobs_req = sky.jobs.queue_v2(
+                refresh=False, skip_finished=False, all_users=True, fields=QUEUE_JOB_FIELDS
+            )
+    except Exception as exc:
+        view.error = str(exc if isinstance(exc, OutsideError) else explain(exc, endpoint))
+        return view
+    got_any = False
+    try:
+        with _stdout_to_stderr():
+            view.clusters = parse_clusters([record_dict(r) for r in sky.get(status_req)])
+        got_any = True
+    except Exception as exc:
+        view.notes.append(f"clusters unavailable: {explain(exc, endpoint)}")
+    try:
+        with _stdout_to_stderr():
+            result = sky.get(jobs_req)
+        records = result[0] if isinstance(result, tuple) else result
+        view.jobs = parse_jobs([record_dict(r) for r in records])
+        got_any = True
+    except Exception as exc:
+        if type(exc).__name__ == "ClusterNotUpError":  # no managed job ever launched
+            got_any = True
+        else:
+            view.notes.append(f"managed jobs unavailable: {explain(exc, endpoint)}")
+    view.available = got_any
+    if not got_any:
+        view.error = view.notes[0].split(": ", 1)[1] if view.notes else "no answer"
+        view.notes = []
+    return view
+
+
+def record_dict(record: Any) -> dict[str, Any]:
+    """A live SkyPilot response object (or an already-plain dict) as a JSON-able dict."""
+    if hasattr(record, "model_dump"):
+        data = record.model_dump(mode="json", exclude=_HEAVY_FIELDS)
+    elif isinstance(record, dict):
+        data = {k: v for k, v in record.items() if k not in _HEAVY_FIELDS}
+    else:
+        data = dict(vars(record))
+    return {k: _plain(v) for k, v in data.items()}
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "value") and not isinstance(value, (int, float, str)):
+        return value.value  # enums
+    return value
+
+
+def parse_clusters(records: list[dict[str, Any]]) -> list[Any]:
+    """`sky status -u` records -> deskgpu `Cluster`s (managed jobs' and controllers' left out)."""
+    from deskgpu.expand import LABEL_KIND
+    from deskgpu.snapshot import Cluster
+
+    clusters = []
+    for rec in records:
+        name = str(rec.get("name") or "")
+        if not name or rec.get("is_managed") or name.startswith(_CONTROLLER_PREFIXES):
+            continue
+        labels = {str(k): str(v) for k, v in (rec.get("labels") or {}).items()}
+        state, reason = cluster_state(
+            _enum_name(rec.get("status")), rec.get("init_kind"), rec.get("init_status_reason")
+        )
+        autostop = rec.get("autostop")
+        clusters.append(
+            Cluster(
+                name=name,
+                user=rec.get("user_name"),
+                state=state,
+                sky_status=_enum_name(rec.get("status")),
+                reason=reason,
+                gpus=gpus_text(rec.get("accelerators")) or gpus_text(rec.get("resources_str")),
+                launched_at=_float(rec.get("launched_at")),
+                autostop_min=int(autostop) if isinstance(autostop, int) and autostop >= 0 else None,
+                to_down=bool(rec.get("to_down")),
+                interactive=labels.get(LABEL_KIND, "interactive") == "interactive",
+                cluster_name_on_cloud=rec.get("cluster_name_on_cloud"),
+                labels=labels,
+            )
+        )
+    return clusters
+
+
+def parse_jobs(records: list[dict[str, Any]]) -> list[Any]:
+    """`sky jobs queue -u` records -> deskgpu `Job`s, Queued ones numbered by submission."""
+    from deskgpu.snapshot import QUEUED, Job
+
+    jobs: dict[int, Any] = {}
+    for rec in records:
+        job_id = rec.get("job_id")
+        if not isinstance(job_id, int) or job_id in jobs:  # one row per job, first task wins
+            continue
+        state, reason = job_state(
+            _enum_name(rec.get("status")),
+            rec.get("schedule_state"),
+            rec.get("details"),
+            rec.get("failure_reason"),
+        )
+        jobs[job_id] = Job(
+            id=job_id,
+            name=rec.get("job_name") or rec.get("task_name"),
+            user=rec.get("user_name"),
+            state=state,
+            sky_status=_enum_name(rec.get("status")),
+            reason=reason,
+            gpus=gpus_text(rec.get("accelerators")) or gpus_text(rec.get("resources")),
+            submitted_at=_float(rec.get("submitted_at")),
+            started_at=_float(rec.get("start_at")),
+            ended_at=_float(rec.get("end_at")),
+            cluster_name_on_cloud=rec.get("cluster_name_on_cloud"),
+            labels={str(k): str(v) for k, v in (rec.get("labels") or {}).items()},
+        )
+    ordered = sorted(jobs.values(), key=lambda j: (j.submitted_at or 0.0, j.id))
+    waiting = [j for j in ordered if j.state == QUEUED]
+    for position, job in enumerate(waiting, start=1):
+        job.queue_position = position
+    return ordered
+
+
+def job_state(
+    status: str | None,
+    schedule_state: str | None = None,
+    details: str | None = None,
+    failure_reason: str | None = None,
+) -> tuple[str, str | None]:
+    """A managed job's SkyPilot status -> (deskgpu state, reason)."""
+    from deskgpu import snapshot as s
+
+    status = (status or "").upper()
+    schedule = (schedule_state or "").upper()
+    if status in ("PENDING", "SUBMITTED"):
+        if schedule in ("WAITING", "ALIVE_WAITING", "INACTIVE", ""):
+            return s.QUEUED, details or "waiting for the jobs controller to launch it"
+        return s.QUEUED, details or "launching"
+    if status == "STARTING":
+        if schedule == "ALIVE_BACKOFF" or (details and _WAITING.search(details)):
+            return s.QUEUED, details or "in backoff, waiting for resources"
+        return s.STARTING, details
+    if status == "RECOVERING":
+        return s.STARTING, details or "recovering after a preemption or failure"
+    if status in ("RUNNING", "WINDING_DOWN"):
+        return s.RUNNING, details if status == "RUNNING" else "winding down"
+    if status == "SUCCEEDED":
+        return s.DONE, None
+    if status in ("CANCELLED", "CANCELLING"):
+        return s.CANCELLED, "cancelling" if status == "CANCELLING" else None
+    if status.startswith("FAILED"):
+        reason = failure_reason or details or status.replace("_", " ").lower()
+        return s.FAILED, reason
+    return s.STARTING, f"unknown SkyPilot status {status or '?'}"
+
+
+def cluster_state(
+    status: str | None, init_kind: str | None = None, init_reason: str | None = None
+) -> tuple[str, str | None]:
+    """A cluster's SkyPilot status -> (deskgpu state, reason).
+
+    INIT is overloaded: a pod Pending for GPUs (`provision_timeout: -1`) is Queued, a
+    launch in progress is Starting, an abnormal refresh ("unhealthy") is Failed.
+    """
+    from deskgpu import snapshot as s
+
+    status = (status or "").upper()
+    if status == "UP":
+        return s.RUNNING, None
+    if status == "STOPPED":
+        return s.STOPPED, None
+    if status == "INIT":
+        if init_kind == "unhealthy":
+            return s.FAILED, init_reason or "unhealthy"
+        if init_reason and _WAITING.search(init_reason):
+            return s.QUEUED, init_reason
+        return s.STARTING, init_reason
+    return s.STARTING, f"unknown SkyPilot status {status or '?'}"
+
+
+def gpus_text(value: Any) -> str | None:
+    """`{'A6000': 2}`, `"{'A6000': 2}"`, `1x[A6000:2]` -> `A6000:2`."""
+    if not value:
+        return None
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        items = [(m.group(1), m.group(2)) for m in _ACCEL.finditer(str(value))]
+    shown = []
+    for model, count in items:
+        number = float(count)
+        shown.append(f"{model}:{int(number) if number.is_integer() else number:g}")
+    return ",".join(shown) or None
+
+
+def _enum_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    value = getattr(value, "value", value)
+    return str(value).rsplit(".", 1)[-1].upper()
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
