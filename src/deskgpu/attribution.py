@@ -105,9 +105,7 @@ def in_container(proc_root: Path = PROC) -> bool:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines == ["0::/"]:  # cgroup v2 with its own cgroup namespace
         return True
-    return any(
-        re.search(r"kubepods|docker|containerd|crio|libpod|lxc", line) for line in lines
-    )
+    return any(re.search(r"kubepods|docker|containerd|crio|libpod|lxc", line) for line in lines)
 
 
 def read_proc(pid: int, proc_root: Path = PROC) -> ProcInfo:

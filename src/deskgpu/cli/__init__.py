@@ -8,7 +8,7 @@ import sys
 import typer
 
 from deskgpu import __version__
-from deskgpu.cli import submit
+from deskgpu.cli import queue, submit
 
 app = typer.Typer(
     name="deskgpu",
@@ -41,6 +41,7 @@ def _root(
 
 
 app.command("submit")(submit.submit_command)
+app.command("queue")(queue.queue_command)
 
 
 def main() -> None:

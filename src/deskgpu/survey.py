@@ -1,0 +1,231 @@
+"""One look at the box for `deskgpu queue`: GPUs first, SkyPilot alongside, joined into a Snapshot.
+
+The GPU half (NVML + /proc + kube pods) takes well under a second; the SkyPilot half costs
+an `import sky` and two API requests. So SkyPilot runs in a daemon thread from the start,
+`on_gpus` is called as soon as the GPU half is known (the CLI paints it), and a SkyPilot
+that does not answer in time becomes a one-line error, never a hang or a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from deskgpu import attribution
+from deskgpu.config import HostConfig
+from deskgpu.errors import UsageError
+from deskgpu.snapshot import (
+    ACTIVE_STATES,
+    QUEUED,
+    Cluster,
+    NvmlView,
+    SessionUse,
+    SkyView,
+    Snapshot,
+    SnapshotFormatError,
+    is_zombie_suspect,
+    session_use,
+)
+
+SKY_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Sources:
+    """Where each half comes from; tests and `bench/` swap these, the CLI uses the defaults."""
+
+    read_nvml: Callable[[], NvmlView] | None = None
+    fetch_sky: Callable[[HostConfig], SkyView] | None = None
+    fetch_pods: Callable[[], attribution.PodIndex] | None = None
+    proc_root: Path = attribution.PROC
+    kubelet_root: Path = attribution.KUBELET
+
+
+def take(
+    config: HostConfig,
+    sources: Sources | None = None,
+    on_gpus: Callable[[Snapshot], None] | None = None,
+    sky_timeout_s: float = SKY_TIMEOUT_S,
+) -> Snapshot:
+    """Look at the box once. Never raises for an outside failure: it becomes data."""
+    src = sources or Sources()
+    fetch_sky = src.fetch_sky or _live_sky
+    sky_result: list[SkyView] = []
+    worker = threading.Thread(
+        target=lambda: sky_result.append(_safe_sky(fetch_sky, config)),
+        name="deskgpu-sky",
+        daemon=True,  # a hung API server must not keep the process alive
+    )
+    worker.start()
+
+    snap = Snapshot(taken_at=time.time(), host=socket.gethostname())
+    snap.nvml = (src.read_nvml or _live_nvml)()
+    if any(gpu.processes for gpu in snap.nvml.gpus):
+        attribute_gpus(snap, src)
+    if on_gpus is not None:
+        on_gpus(snap)
+
+    worker.join(sky_timeout_s)
+    if sky_result:
+        snap.sky = sky_result[0]
+    else:
+        snap.sky = SkyView(
+            available=False,
+            error=f"SkyPilot API server did not answer within {sky_timeout_s:g} s",
+        )
+    attribution.link_skypilot(snap)
+    return snap
+
+
+def attribute_gpus(snap: Snapshot, src: Sources) -> None:
+    pids = {p.pid for gpu in snap.nvml.gpus for p in gpu.processes}
+    infos = [attribution.read_proc(pid, src.proc_root) for pid in pids]
+    if any(info.pod_uid for info in infos):
+        pods = (src.fetch_pods or attribution.pods_from_kube)()
+    else:
+        pods = attribution.PodIndex()
+    attribution.attribute(snap, pods, src.proc_root, src.kubelet_root)
+
+
+def _live_nvml() -> NvmlView:
+    from deskgpu import nvml
+
+    return nvml.read()
+
+
+def _live_sky(config: HostConfig) -> SkyView:
+    from deskgpu import skyapi
+
+    view: SkyView = skyapi.fetch_queue(config)
+    return view
+
+
+def _safe_sky(fetch: Callable[[HostConfig], SkyView], config: HostConfig) -> SkyView:
+    try:
+        return fetch(config)
+    except Exception as exc:  # the thread must hand back data, not die silently
+        return SkyView(available=False, error=f"SkyPilot failed: {type(exc).__name__}: {exc}")
+
+
+def load(path: Path) -> Snapshot:
+    """A recorded snapshot (`--record` or `--json` output); a bad file is a usage error."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read snapshot ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise UsageError(f"{path}: not JSON ({exc})") from None
+    try:
+        return Snapshot.from_dict(doc)
+    except SnapshotFormatError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def for_user(snap: Snapshot, user: str) -> Snapshot:
+    """Only `user`'s jobs and sessions; every GPU stays (free GPUs are everyone's business)."""
+    sky = replace(
+        snap.sky,
+        jobs=[j for j in snap.sky.jobs if j.user == user],
+        clusters=[c for c in snap.sky.clusters if c.user == user],
+    )
+    return replace(snap, sky=sky)
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    cluster: Cluster
+    use: SessionUse
+    zombie_suspect: bool
+
+
+@dataclass
+class Summary:
+    """The facts behind the one-line summary (and `summary` in the JSON document)."""
+
+    gpus_total: int | None
+    gpus_free: int | None
+    gpus_lost: int
+    queued: int
+    running: int
+    zombie_suspects: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        parts = []
+        if self.gpus_total is None:
+            parts.append("GPUs unknown")
+        else:
+            parts.append(f"{self.gpus_free} of {self.gpus_total} GPUs free")
+            if self.gpus_lost:
+                parts.append(f"{self.gpus_lost} lost")
+        parts.append(f"{self.queued} queued")
+        n = len(self.zombie_suspects)
+        parts.append(f"{n} zombie suspect{'' if n == 1 else 's'}")
+        return " · ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "gpus_total": self.gpus_total,
+            "gpus_free": self.gpus_free,
+            "gpus_lost": self.gpus_lost,
+            "queued": self.queued,
+            "running": self.running,
+            "zombie_suspects": list(self.zombie_suspects),
+            "line": self.line(),
+        }
+
+
+def sessions(snap: Snapshot) -> list[SessionRow]:
+    rows = []
+    for cluster in snap.sky.clusters:
+        use = session_use(snap, cluster)
+        rows.append(SessionRow(cluster, use, is_zombie_suspect(cluster, use, snap.taken_at)))
+    return rows
+
+
+def summarize(snap: Snapshot) -> Summary:
+    gpus = snap.nvml.gpus
+    known = snap.nvml.available
+    queued = [j for j in snap.sky.jobs if j.state == QUEUED]
+    queued_clusters = [c for c in snap.sky.clusters if c.state == QUEUED]
+    going = tuple(state for state in ACTIVE_STATES if state != QUEUED)
+    return Summary(
+        gpus_total=len(gpus) if known else None,
+        gpus_free=sum(1 for g in gpus if g.is_free) if known else None,
+        gpus_lost=sum(1 for g in gpus if g.lost),
+        queued=len(queued) + len(queued_clusters),
+        running=sum(1 for j in snap.sky.jobs if j.state in going)
+        + sum(1 for c in snap.sky.clusters if c.state in going),
+        zombie_suspects=[row.cluster.name for row in sessions(snap) if row.zombie_suspect],
+    )
+
+
+def document(snap: Snapshot) -> dict[str, Any]:
+    """The `--json` document: the snapshot (readable back by `--snapshot`) plus its summary."""
+    doc = snap.to_dict()
+    doc["summary"] = summarize(snap).as_dict()
+    return doc
+
+
+def gpu_problems(snap: Snapshot) -> list[str]:
+    """One line per problem of the GPU half (missing, or partial), for stderr."""
+    lines = [] if snap.nvml.available else [f"GPUs: {snap.nvml.error or 'unavailable'}"]
+    return lines + [f"GPUs: {note}" for note in snap.nvml.notes]
+
+
+def sky_problems(snap: Snapshot) -> list[str]:
+    lines = [] if snap.sky.available else [f"SkyPilot: {snap.sky.error or 'unavailable'}"]
+    return lines + [f"SkyPilot: {note}" for note in snap.sky.notes]
+
+
+def problems(snap: Snapshot) -> list[str]:
+    return gpu_problems(snap) + sky_problems(snap)
+
+
+def both_missing(snap: Snapshot) -> bool:
+    return not snap.nvml.available and not snap.sky.available
