@@ -207,7 +207,12 @@ def gpu_half(snap: Snapshot) -> RenderableType | None:
 def sky_half(snap: Snapshot, show_finished: bool = False) -> list[RenderableType]:
     if not snap.sky.available:
         return []
-    parts: list[RenderableType] = [job_table(snap, show_finished)]
+    parts: list[RenderableType] = []
+    if any(show_finished or j.state in ACTIVE_STATES for j in snap.sky.jobs):
+        parts.append(job_table(snap, show_finished))
+    else:
+        finished = f" ({len(snap.sky.jobs)} finished: --all)" if snap.sky.jobs else ""
+        parts.append(Text(f"Jobs: none queued or running{finished}"))
     if snap.sky.clusters:
         parts.append(session_table(snap))
     return parts

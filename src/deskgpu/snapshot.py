@@ -70,6 +70,8 @@ class Holder:
         if self.kind == HOLDER_SKYPILOT:
             what = self.job or self.cluster or self.cluster_name_on_cloud or "pod"
             return f"{self.user or '?'}/{what}"
+        if self.pod_uid:
+            return f"hidden (pod {self.pod_uid[:8]})"
         return "hidden"
 
 
