@@ -89,8 +89,15 @@ def test_busy_box_summary_line(cli) -> None:
 
 def test_record_writes_the_snapshot_it_showed(cli, tmp_path: Path) -> None:
     out = tmp_path / "seen.json"
-    result = cli("queue", "--snapshot", str(SNAPSHOTS / "busy_box.json"), "--user", "alice",
-                 "--record", str(out))
+    result = cli(
+        "queue",
+        "--snapshot",
+        str(SNAPSHOTS / "busy_box.json"),
+        "--user",
+        "alice",
+        "--record",
+        str(out),
+    )
     assert result.exit_code == 0
     seen = Snapshot.from_dict(json.loads(out.read_text()))
     assert {j.user for j in seen.sky.jobs} == {"alice"}
@@ -182,8 +189,10 @@ def test_handwritten_minimal_snapshot_is_read_with_defaults() -> None:
         ("not json", "not JSON"),
         ('{"schema_version": 99, "taken_at": 1}', "schema_version 99"),
         ('{"schema_version": 1}', "no taken_at"),
-        ('{"schema_version": 1, "taken_at": 1, "nvml": {"available": true, "gpus": [{}]}}',
-         "malformed"),
+        (
+            '{"schema_version": 1, "taken_at": 1, "nvml": {"available": true, "gpus": [{}]}}',
+            "malformed",
+        ),
     ],
 )
 def test_bad_snapshot_file_is_a_usage_error(cli, tmp_path: Path, content: str, needle: str) -> None:
@@ -260,8 +269,9 @@ _gpus = st.builds(
     throttle_reasons=st.none() | st.lists(st.sampled_from(["thermal", "power", "hw_slowdown"])),
     mig_mode=st.none() | st.booleans(),
     processes=st.lists(
-        st.builds(GpuProcess, pid=st.integers(1, 2**22), used_memory_mib=_opt_float,
-                  holder=_holders),
+        st.builds(
+            GpuProcess, pid=st.integers(1, 2**22), used_memory_mib=_opt_float, holder=_holders
+        ),
         max_size=3,
     ),
 )
@@ -270,12 +280,19 @@ _gpus = st.builds(
 @given(
     gpus=st.lists(_gpus, max_size=4),
     jobs=st.lists(
-        st.builds(Job, id=st.integers(0, 10**6), name=_text, user=_text,
-                  submitted_at=_opt_float, labels=st.dictionaries(st.text(max_size=5), st.text(max_size=5))),
+        st.builds(
+            Job,
+            id=st.integers(0, 10**6),
+            name=_text,
+            user=_text,
+            submitted_at=_opt_float,
+            labels=st.dictionaries(st.text(max_size=5), st.text(max_size=5)),
+        ),
         max_size=3,
     ),
-    clusters=st.lists(st.builds(Cluster, name=st.text(min_size=1, max_size=8), autostop_min=_opt_int),
-                      max_size=3),
+    clusters=st.lists(
+        st.builds(Cluster, name=st.text(min_size=1, max_size=8), autostop_min=_opt_int), max_size=3
+    ),
 )
 def test_any_snapshot_round_trips_through_json(
     gpus: list[Gpu], jobs: list[Job], clusters: list[Cluster]
