@@ -8,7 +8,7 @@ import sys
 import typer
 
 from deskgpu import __version__
-from deskgpu.cli import queue, submit
+from deskgpu.cli import doctor, queue, submit
 
 app = typer.Typer(
     name="deskgpu",
@@ -42,6 +42,7 @@ def _root(
 
 app.command("submit")(submit.submit_command)
 app.command("queue")(queue.queue_command)
+app.command("doctor")(doctor.doctor_command)
 
 
 def main() -> None:

@@ -1,0 +1,319 @@
+"""`HostFacts`: everything doctor's probes saw on the host, as plain data.
+
+Probes (`doctor.probes`) fill it; checks (`doctor.checks`) judge it. `--record` writes
+`to_dict()`, `--facts` and the tests read it back through `from_dict()`, so recorded facts
+from a real box and live ones go through the same checks. Command outputs are kept raw
+(what `kubectl get nodes -o json` printed), so parsing them is part of what the checks,
+and the tests, exercise. No I/O and no foreign imports here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+FACTS_VERSION = 1
+DOCUMENT_KIND = "deskgpu.doctor/facts"
+
+
+class FactsFormatError(ValueError):
+    """A recorded facts file that this deskgpu cannot read."""
+
+
+@dataclass
+class CommandResult:
+    """One external command: what ran and what came back. Never raises; failure is data."""
+
+    argv: list[str]
+    returncode: int | None = None  # None: it did not finish (missing binary, timeout)
+    stdout: str = ""
+    stderr: str = ""
+    missing: bool = False  # the binary is not on PATH
+    timed_out: bool = False
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def first_error_line(self) -> str:
+        """The first non-empty stderr (else stdout) line, for one-line details."""
+        if self.missing:
+            return f"`{self.argv[0]}` not found on PATH"
+        if self.timed_out:
+            return f"`{' '.join(self.argv[:3])}` did not answer within {self.elapsed_s:.0f} s"
+        for text in (self.stderr, self.stdout):
+            for line in text.splitlines():
+                if line.strip():
+                    return line.strip()[:300]
+        return f"exit status {self.returncode}"
+
+
+@dataclass
+class FileFact:
+    """A file (or directory listing) doctor looked at."""
+
+    path: str
+    exists: bool = False
+    text: str | None = None  # contents when readable (truncated to 64 KiB)
+    error: str | None = None  # e.g. "permission denied": seen to exist, not readable
+    entries: list[str] | None = None  # for a directory: the names in it
+
+
+@dataclass
+class PathFact:
+    """A storage root (`/data`, `/checkpoints`): where it lives and who may write it."""
+
+    path: str
+    exists: bool = False
+    is_dir: bool = False
+    mode: int | None = None  # st_mode & 0o7777
+    owner: str | None = None
+    group: str | None = None
+    writable_by_me: bool | None = None  # os.access(W_OK | X_OK) for the user running doctor
+    free_bytes: int | None = None  # available to unprivileged users (statvfs f_bavail)
+    total_bytes: int | None = None
+    mount_point: str | None = None
+    fstype: str | None = None  # e.g. ext4, xfs, nfs4
+    mount_source: str | None = None  # e.g. /dev/nvme0n1p1, nas:/export
+    error: str | None = None
+
+
+@dataclass
+class GpuSample:
+    """One look at a GPU's thermals; doctor takes a few, spaced out, to see *sustained* slowdown."""
+
+    at_s: float  # seconds since the first sample
+    temperature_c: int | None = None  # temperature.gpu
+    clocks_event_reasons: int | None = None  # clocks_event_reasons.active (NVML bitmask)
+    power_draw_w: float | None = None  # power.draw
+
+
+@dataclass
+class GpuReading:
+    """One GPU as NVML saw it; names follow `nvidia-smi --query-gpu=` fields."""
+
+    index: int
+    name: str | None = None  # name
+    uuid: str | None = None  # uuid
+    pci_bus_id: str | None = None  # pci.bus_id
+    error: str | None = None  # e.g. "GPU is lost": readings below are missing
+    memory_total_mib: float | None = None  # memory.total
+    persistence_mode: bool | None = None  # persistence_mode
+    ecc_mode_current: bool | None = None  # ecc.mode.current; None: not supported
+    ecc_errors_uncorrected_volatile: int | None = None  # ecc.errors.uncorrected.volatile.total
+    ecc_errors_uncorrected_aggregate: int | None = None  # ecc.errors.uncorrected.aggregate.total
+    retired_pages_sbe: int | None = None  # retired_pages.sbe (pre-Ampere)
+    retired_pages_dbe: int | None = None  # retired_pages.dbe
+    retired_pages_pending: bool | None = None  # retired_pages.pending
+    remapped_rows_correctable: int | None = None  # remapped_rows.correctable (Ampere+)
+    remapped_rows_uncorrectable: int | None = None  # remapped_rows.uncorrectable
+    remapped_rows_pending: bool | None = None  # remapped_rows.pending: reset needed
+    remapped_rows_failure: bool | None = None  # remapped_rows.failure: replace the GPU
+    temperature_slowdown_c: int | None = None  # temperature.gpu.tlimit's slowdown threshold
+    temperature_shutdown_c: int | None = None
+    power_limit_w: float | None = None  # power.limit
+    samples: list[GpuSample] = field(default_factory=list)
+
+    @property
+    def temperature_c(self) -> int | None:
+        """The hottest sample (None: no reading)."""
+        temps = [s.temperature_c for s in self.samples if s.temperature_c is not None]
+        return max(temps) if temps else None
+
+
+@dataclass
+class NvmlFacts:
+    """The driver as NVML reports it."""
+
+    available: bool = False
+    error: str | None = None  # e.g. "NVML Shared Library Not Found"
+    driver_version: str | None = None  # driver_version, e.g. "550.90.07"
+    cuda_driver_version: str | None = None  # the CUDA version the driver supports, e.g. "12.4"
+    nvml_version: str | None = None
+    gpus: list[GpuReading] = field(default_factory=list)
+
+
+@dataclass
+class SitePackages:
+    """One site-packages directory of a host (non-container, non-venv) Python."""
+
+    path: str
+    scope: str = "system"  # "system" (/usr/...), "user" (~/.local, pip install --user)
+    distributions: list[str] = field(default_factory=list)  # "torch==2.3.1"
+    error: str | None = None
+
+
+@dataclass
+class CudaToolkit:
+    """A CUDA toolkit installed on the host (`/usr/local/cuda-12.4`)."""
+
+    path: str
+    version: str | None = None  # from version.json / version.txt
+    has_nvcc: bool = False
+    symlink_to: str | None = None  # /usr/local/cuda -> cuda-12.4
+
+
+@dataclass
+class ServerProcess:
+    """A running SkyPilot API server process (`python -m sky.server.server ...`)."""
+
+    pid: int
+    uid: int | None = None
+    user: str | None = None
+    cmdline: str = ""
+    port: int | None = None  # from --port (46580 when absent)
+    deploy: bool = False  # started with `sky api start --deploy`
+    home: str | None = None  # its HOME, when /proc/<pid>/environ was readable
+
+
+@dataclass
+class HttpFact:
+    """One HTTP GET against the SkyPilot API server."""
+
+    url: str
+    status_code: int | None = None
+    body: str | None = None  # response text (truncated)
+    error: str | None = None  # connection refused, timeout, ...
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class SkyFacts:
+    """SkyPilot as seen from this host: client install, endpoint, server, its config."""
+
+    version: str | None = None  # installed skypilot distribution (importlib.metadata)
+    endpoint: str | None = None  # the endpoint deskgpu uses
+    endpoint_source: str | None = None  # "env", "host config", "sky config", "default"
+    health: HttpFact | None = None  # GET <endpoint>/api/health
+    enabled_infra: list[str] | None = None  # server's cached `sky check` result
+    enabled_infra_error: str | None = None
+    processes: list[ServerProcess] = field(default_factory=list)
+    private_state_dir: FileFact | None = None  # ~/.sky/api_server of the user running doctor
+    client_config: FileFact | None = None  # ~/.sky/config.yaml or $SKYPILOT_GLOBAL_CONFIG
+    server_configs: list[FileFact] = field(default_factory=list)
+
+
+@dataclass
+class HostFacts:
+    """Everything one doctor run gathered; checks are pure functions of this and the config."""
+
+    gathered_at: float  # unix seconds
+    hostname: str | None = None
+    user: str | None = None
+    uid: int | None = None
+    facts_version: int = FACTS_VERSION
+    env: dict[str, str] = field(default_factory=dict)  # the few variables doctor reads
+    commands: dict[str, CommandResult] = field(default_factory=dict)  # by probe name
+    files: dict[str, FileFact] = field(default_factory=dict)  # by probe name
+    nvml: NvmlFacts = field(default_factory=NvmlFacts)
+    python_sites: list[SitePackages] = field(default_factory=list)
+    cuda_toolkits: list[CudaToolkit] = field(default_factory=list)
+    nvcc_on_path: str | None = None
+    conda_installs: list[str] = field(default_factory=list)
+    storage: dict[str, PathFact] = field(default_factory=dict)  # "data", "checkpoints"
+    sky: SkyFacts = field(default_factory=SkyFacts)
+    notes: list[str] = field(default_factory=list)  # what a probe could not see, and why
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def command(self, name: str) -> CommandResult | None:
+        return self.commands.get(name)
+
+    def file(self, name: str) -> FileFact | None:
+        return self.files.get(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"kind": DOCUMENT_KIND}
+        doc.update(asdict(self))
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> HostFacts:
+        if not isinstance(doc, dict):
+            raise FactsFormatError("recorded facts must be a JSON object")
+        version = doc.get("facts_version")
+        if version != FACTS_VERSION:
+            raise FactsFormatError(
+                f"recorded facts have facts_version {version!r}; this deskgpu reads {FACTS_VERSION}"
+            )
+        if "gathered_at" not in doc:
+            raise FactsFormatError("recorded facts lack `gathered_at`")
+        try:
+            sky = doc.get("sky") or {}
+            return cls(
+                **_pick(
+                    cls,
+                    doc,
+                    commands={
+                        k: CommandResult(**_pick(CommandResult, v))
+                        for k, v in (doc.get("commands") or {}).items()
+                    },
+                    files={k: _file(v) for k, v in (doc.get("files") or {}).items()},
+                    nvml=_nvml(doc.get("nvml") or {}),
+                    python_sites=[
+                        SitePackages(**_pick(SitePackages, s)) for s in doc.get("python_sites", [])
+                    ],
+                    cuda_toolkits=[
+                        CudaToolkit(**_pick(CudaToolkit, t)) for t in doc.get("cuda_toolkits", [])
+                    ],
+                    storage={
+                        k: PathFact(**_pick(PathFact, v))
+                        for k, v in (doc.get("storage") or {}).items()
+                    },
+                    sky=SkyFacts(
+                        **_pick(
+                            SkyFacts,
+                            sky,
+                            health=_http(sky.get("health")),
+                            processes=[
+                                ServerProcess(**_pick(ServerProcess, p))
+                                for p in sky.get("processes", [])
+                            ],
+                            private_state_dir=_file(sky.get("private_state_dir")),
+                            client_config=_file(sky.get("client_config")),
+                            server_configs=[
+                                _file_required(f) for f in sky.get("server_configs", [])
+                            ],
+                        )
+                    ),
+                )
+            )
+        except (TypeError, AttributeError) as exc:
+            raise FactsFormatError(f"recorded facts are malformed: {exc}") from None
+
+
+def _pick(cls: type, data: dict[str, Any], **override: Any) -> dict[str, Any]:
+    """The known fields of `data` (unknown keys from newer recorders are ignored)."""
+    names = {f.name for f in fields(cls)}
+    picked = {k: v for k, v in data.items() if k in names}
+    picked.update(override)
+    return picked
+
+
+def _file(data: dict[str, Any] | None) -> FileFact | None:
+    return None if data is None else FileFact(**_pick(FileFact, data))
+
+
+def _file_required(data: dict[str, Any]) -> FileFact:
+    return FileFact(**_pick(FileFact, data))
+
+
+def _http(data: dict[str, Any] | None) -> HttpFact | None:
+    return None if data is None else HttpFact(**_pick(HttpFact, data))
+
+
+def _nvml(data: dict[str, Any]) -> NvmlFacts:
+    gpus = [
+        GpuReading(
+            **_pick(
+                GpuReading,
+                g,
+                samples=[GpuSample(**_pick(GpuSample, s)) for s in g.get("samples", [])],
+            )
+        )
+        for g in data.get("gpus", [])
+    ]
+    return NvmlFacts(**_pick(NvmlFacts, data, gpus=gpus))

@@ -1,0 +1,806 @@
+"""Probes: gather `HostFacts` from the live host. They never raise; what fails is recorded.
+
+Every external command runs from an argument list with a short timeout in its own process
+group (a hung `docker info` or kube API costs seconds, and its children die with it). Probe
+groups (driver, docker, kubernetes, SkyPilot, the host's files) run concurrently, so a run
+costs about the slowest group, not the sum. Nothing here needs root: what an unprivileged
+user cannot see is recorded as such and the checks say so.
+
+Where to look (`/usr/local`, `/etc/cron.d`, `/proc`, ...) lives in `ProbePaths`, so tests
+point the same probes at real files under a temp dir.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import glob
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from deskgpu.config import HostConfig
+from deskgpu.doctor import checks
+from deskgpu.doctor.facts import (
+    CommandResult,
+    CudaToolkit,
+    FileFact,
+    GpuReading,
+    GpuSample,
+    HostFacts,
+    HttpFact,
+    NvmlFacts,
+    PathFact,
+    ServerProcess,
+    SitePackages,
+    SkyFacts,
+)
+
+DEFAULT_TIMEOUT_S = 4.0
+HTTP_TIMEOUT_S = 3.0
+MAX_TEXT = 64 * 1024
+ENV_KEYS = (
+    "SKYPILOT_API_SERVER_ENDPOINT",
+    "SKYPILOT_GLOBAL_CONFIG",
+    "SKYPILOT_DISABLE_LOCAL_API_SERVER",
+    "KUBECONFIG",
+)
+# `docker info` with a template that also works against the client when the daemon is down.
+DOCKER_INFO_FORMAT = (
+    '{"ServerVersion":{{json .ServerVersion}},"Runtimes":{{json .Runtimes}},'
+    '"DefaultRuntime":{{json .DefaultRuntime}},"CDISpecDirs":{{json .CDISpecDirs}}}'
+)
+
+
+@dataclass
+class ProbePaths:
+    """Where the probes look. Defaults are the real host; tests point them at a temp dir."""
+
+    home: str = field(default_factory=lambda: str(Path.home()))
+    proc: str = "/proc"
+    mounts: str = "/proc/self/mounts"
+    site_packages: tuple[str, ...] = (
+        "/usr/lib/python3*/site-packages",
+        "/usr/lib/python3*/dist-packages",
+        "/usr/lib/python3/dist-packages",
+        "/usr/lib64/python3*/site-packages",
+        "/usr/local/lib/python3*/site-packages",
+        "/usr/local/lib/python3*/dist-packages",
+    )
+    user_site_packages: tuple[str, ...] = (".local/lib/python3*/site-packages",)  # under home
+    cuda: str = "/usr/local/cuda*"
+    conda: tuple[str, ...] = (
+        "/opt/conda",
+        "/opt/miniconda*",
+        "/opt/anaconda*",
+        "/opt/miniforge*",
+        "/opt/mambaforge*",
+        "/usr/local/conda",
+        "/usr/local/miniconda*",
+        "/usr/local/anaconda*",
+        "/usr/local/miniforge*",
+        "/usr/share/miniconda*",
+        "/srv/conda",
+    )
+    docker_daemon_json: str = "/etc/docker/daemon.json"
+    cdi_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
+    k3s_kubeconfig: str = "/etc/rancher/k3s/k3s.yaml"
+    cron_files: tuple[str, ...] = (
+        "/etc/crontab",
+        "/etc/cron.d/*",
+        "/etc/cron.hourly/*",
+        "/etc/cron.daily/*",
+        "/etc/cron.weekly/*",
+    )
+    cron_spool: str = "/var/spool/cron/crontabs"
+    systemd_units: tuple[str, ...] = (
+        "/etc/systemd/system/*.timer",
+        "/etc/systemd/system/*.service",
+        "/lib/systemd/system/deskgpu*",
+        "/usr/lib/systemd/system/deskgpu*",
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Primitives: a command, a file, a GET. Each returns a fact and never raises.
+
+
+def _glob(pattern: str) -> list[str]:
+    """Sorted matches of an absolute shell pattern (`Path.glob` takes relative ones only)."""
+    return sorted(glob.glob(pattern))  # noqa: PTH207 - absolute patterns such as /usr/local/cuda*
+
+
+def run_command(
+    argv: list[str], timeout_s: float = DEFAULT_TIMEOUT_S, env: dict[str, str] | None = None
+) -> CommandResult:
+    """Run `argv` with a timeout; a hang kills its whole process group."""
+    if shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
+        return CommandResult(argv=argv, missing=True)
+    child_env = dict(os.environ if env is None else env)
+    child_env["LC_ALL"] = "C"
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            env=child_env,
+            start_new_session=True,  # its own group: on timeout we kill it and its children
+        )
+    except OSError as exc:
+        return CommandResult(argv=argv, stderr=str(exc), elapsed_s=time.monotonic() - start)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return CommandResult(
+            argv=argv,
+            stdout=out[:MAX_TEXT],
+            stderr=err[:MAX_TEXT],
+            timed_out=True,
+            elapsed_s=round(time.monotonic() - start, 3),
+        )
+    return CommandResult(
+        argv=argv,
+        returncode=proc.returncode,
+        stdout=out[:MAX_TEXT],
+        stderr=err[:MAX_TEXT],
+        elapsed_s=round(time.monotonic() - start, 3),
+    )
+
+
+def read_file(path: str) -> FileFact:
+    """A file's text, or a directory's entries; permission problems are recorded, not raised."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return FileFact(path=path, exists=True, entries=sorted(c.name for c in p.iterdir()))
+        if not p.exists():
+            # exists() is False both for "absent" and for "parent not searchable".
+            return FileFact(path=path, exists=False, error=_parent_unsearchable(p))
+        with p.open(encoding="utf-8", errors="replace") as fh:
+            return FileFact(path=path, exists=True, text=fh.read(MAX_TEXT))
+    except PermissionError:
+        return FileFact(path=path, exists=True, error="permission denied")
+    except OSError as exc:
+        return FileFact(path=path, exists=p.exists(), error=exc.strerror or str(exc))
+
+
+def _parent_unsearchable(p: Path) -> str | None:
+    parent = p.parent
+    if parent.exists() and not os.access(parent, os.X_OK):
+        return f"permission denied on {parent}"
+    return None
+
+
+def http_get(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[HttpFact, dict[str, str]]:
+    """GET `url` with a timeout; returns the fact and the response headers."""
+    start = time.monotonic()
+    fact = HttpFact(url=url)
+    headers: dict[str, str] = {}
+    if urllib.parse.urlparse(url).scheme not in ("http", "https"):
+        fact.error = "not an http(s) URL"
+        return fact, headers
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310 - scheme checked above
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - scheme checked above
+            fact.status_code = response.status
+            fact.body = response.read(MAX_TEXT).decode("utf-8", errors="replace")
+            headers = {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as exc:
+        fact.status_code = exc.code
+        fact.error = f"HTTP {exc.code} {exc.reason}"
+    except urllib.error.URLError as exc:
+        fact.error = _reason(exc.reason)
+    except TimeoutError:
+        fact.error = f"no answer within {timeout_s:g} s"
+    except (OSError, ValueError) as exc:
+        fact.error = str(exc) or type(exc).__name__
+    fact.elapsed_s = round(time.monotonic() - start, 3)
+    return fact, headers
+
+
+def _reason(reason: object) -> str:
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror.lower()
+    return str(reason)
+
+
+# ---------------------------------------------------------------------------------------
+# NVML. The base readings (driver, GPUs, lost GPUs, why NVML is unavailable) come from
+# `deskgpu.nvml.read()`, the module that owns pynvml. What doctor needs beyond it (CUDA
+# driver version, ECC, retired pages, remapped rows, slowdown thresholds, spaced thermal
+# samples with the raw event-reason mask) is in `_read_nvml_health` below.
+# TODO(nvml owner): move `_read_nvml_health` into deskgpu/nvml.py (e.g. `nvml.read_health`)
+# so pynvml is imported in exactly one module again (DESIGN.md).
+
+_THERMAL_SAMPLES = 3
+_THERMAL_INTERVAL_S = 0.5
+
+
+def read_nvml(
+    samples: int = _THERMAL_SAMPLES, interval_s: float = _THERMAL_INTERVAL_S
+) -> NvmlFacts:
+    """Driver, GPUs and a few spaced thermal samples per GPU, via NVML. Never raises."""
+    from deskgpu import nvml
+
+    view = nvml.read()
+    facts = NvmlFacts(
+        available=view.available, error=view.error, driver_version=view.driver_version
+    )
+    if not view.available:
+        return facts
+    for gpu in view.gpus:  # pragma: no cover - needs a GPU
+        facts.gpus.append(
+            GpuReading(
+                index=gpu.index,
+                name=gpu.name,
+                uuid=gpu.uuid,
+                error=gpu.error,
+                memory_total_mib=gpu.memory_total_mib,
+                persistence_mode=gpu.persistence_mode,
+                power_limit_w=gpu.power_limit_w,
+            )
+        )
+    _read_nvml_health(facts, samples, interval_s)  # pragma: no cover - needs a GPU
+    return facts  # pragma: no cover - needs a GPU
+
+
+def _read_nvml_health(
+    facts: NvmlFacts, samples: int, interval_s: float
+) -> None:  # pragma: no cover - needs a GPU
+    """ECC, retirement, thresholds and thermal samples for the GPUs in `facts` (in place)."""
+    try:
+        import pynvml as nv
+    except ImportError:
+        return
+    try:
+        nv.nvmlInit()
+    except nv.NVMLError as exc:
+        facts.error = f"NVML failed on the second look: {exc}"
+        return
+    try:
+
+        def q(fn_name: str, *args: Any) -> Any:
+            """One NVML query; NotSupported and friends become None (a missing reading)."""
+            fn = getattr(nv, fn_name, None)
+            if fn is None:
+                return None
+            try:
+                return fn(*args)
+            except nv.NVMLError:
+                return None
+
+        facts.nvml_version = _text(q("nvmlSystemGetNVMLVersion"))
+        cuda = q("nvmlSystemGetCudaDriverVersion_v2") or q("nvmlSystemGetCudaDriverVersion")
+        if isinstance(cuda, int) and cuda > 0:
+            facts.cuda_driver_version = f"{cuda // 1000}.{(cuda % 1000) // 10}"
+        handles: list[tuple[GpuReading, Any]] = []
+        for gpu in facts.gpus:
+            if gpu.error:
+                continue
+            handle = q("nvmlDeviceGetHandleByIndex", gpu.index)
+            if handle is None:
+                continue
+            pci = q("nvmlDeviceGetPciInfo", handle)
+            gpu.pci_bus_id = _text(getattr(pci, "busId", None))
+            ecc = q("nvmlDeviceGetEccMode", handle)
+            gpu.ecc_mode_current = None if ecc is None else bool(ecc[0])
+            if gpu.ecc_mode_current:
+                unc = nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+                gpu.ecc_errors_uncorrected_volatile = q(
+                    "nvmlDeviceGetTotalEccErrors", handle, unc, nv.NVML_VOLATILE_ECC
+                )
+                gpu.ecc_errors_uncorrected_aggregate = q(
+                    "nvmlDeviceGetTotalEccErrors", handle, unc, nv.NVML_AGGREGATE_ECC
+                )
+            sbe = q(
+                "nvmlDeviceGetRetiredPages",
+                handle,
+                nv.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
+            )
+            dbe = q(
+                "nvmlDeviceGetRetiredPages",
+                handle,
+                nv.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
+            )
+            gpu.retired_pages_sbe = None if sbe is None else len(sbe)
+            gpu.retired_pages_dbe = None if dbe is None else len(dbe)
+            pending = q("nvmlDeviceGetRetiredPagesPendingStatus", handle)
+            gpu.retired_pages_pending = None if pending is None else bool(pending)
+            rows = q("nvmlDeviceGetRemappedRows", handle)
+            if rows is not None:
+                corr, unc_rows, is_pending, failure = rows
+                gpu.remapped_rows_correctable = int(corr)
+                gpu.remapped_rows_uncorrectable = int(unc_rows)
+                gpu.remapped_rows_pending = bool(is_pending)
+                gpu.remapped_rows_failure = bool(failure)
+            gpu.temperature_slowdown_c = q(
+                "nvmlDeviceGetTemperatureThreshold", handle, nv.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
+            )
+            gpu.temperature_shutdown_c = q(
+                "nvmlDeviceGetTemperatureThreshold", handle, nv.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN
+            )
+            handles.append((gpu, handle))
+        start = time.monotonic()
+        for n in range(max(1, samples)):
+            if n:
+                time.sleep(interval_s)
+            at = round(time.monotonic() - start, 2)
+            for gpu, handle in handles:
+                reasons = q("nvmlDeviceGetCurrentClocksEventReasons", handle)
+                if reasons is None:
+                    reasons = q("nvmlDeviceGetCurrentClocksThrottleReasons", handle)
+                power = q("nvmlDeviceGetPowerUsage", handle)
+                gpu.samples.append(
+                    GpuSample(
+                        at_s=at,
+                        temperature_c=q(
+                            "nvmlDeviceGetTemperature", handle, nv.NVML_TEMPERATURE_GPU
+                        ),
+                        clocks_event_reasons=reasons,
+                        power_draw_w=None if power is None else round(power / 1000, 1),
+                    )
+                )
+    finally:
+        with contextlib.suppress(Exception):
+            nv.nvmlShutdown()
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Probe groups. Each returns its part of the facts; `gather` assembles them.
+
+
+def probe_docker(
+    paths: ProbePaths, timeout_s: float
+) -> tuple[dict[str, CommandResult], dict[str, FileFact]]:
+    commands = {
+        "docker_version": run_command(["docker", "--version"], timeout_s),
+        "docker_info": run_command(["docker", "info", "--format", DOCKER_INFO_FORMAT], timeout_s),
+        "nvidia_ctk_version": run_command(["nvidia-ctk", "--version"], timeout_s),
+    }
+    files = {"docker_daemon_json": read_file(paths.docker_daemon_json)}
+    for cdi_dir in paths.cdi_dirs:
+        listing = read_file(cdi_dir)
+        files[f"cdi:{cdi_dir}"] = listing
+        for name in listing.entries or []:
+            if name.endswith((".yaml", ".yml", ".json")):
+                spec = read_file(str(Path(cdi_dir) / name))
+                if spec.text is not None:
+                    spec.text = spec.text[:4096]  # the spec names the kind; the rest is noise
+                files[f"cdi:{cdi_dir}/{name}"] = spec
+    return commands, files
+
+
+def kubectl_argv(env: dict[str, str]) -> list[str]:
+    """`kubectl`, else k3s's bundled `k3s kubectl`."""
+    if shutil.which("kubectl", path=env.get("PATH")) or not shutil.which(
+        "k3s", path=env.get("PATH")
+    ):
+        return ["kubectl"]
+    return ["k3s", "kubectl"]
+
+
+def probe_kubernetes(
+    config: HostConfig, paths: ProbePaths, timeout_s: float
+) -> tuple[dict[str, CommandResult], dict[str, FileFact]]:
+    env = dict(os.environ)
+    files = {"k3s_kubeconfig": read_file(paths.k3s_kubeconfig)}
+    user_kubeconfig = Path(paths.home) / ".kube" / "config"
+    if (
+        not env.get("KUBECONFIG")
+        and not user_kubeconfig.exists()
+        and files["k3s_kubeconfig"].exists
+    ):
+        # What `k3s kubectl` does: without a kubeconfig of one's own, use the k3s one.
+        env["KUBECONFIG"] = paths.k3s_kubeconfig
+    kubectl = kubectl_argv(env)
+    request_timeout = f"--request-timeout={max(1, int(timeout_s) - 1)}s"
+    commands: dict[str, CommandResult] = {}
+    commands["kube_context"] = run_command([*kubectl, "config", "current-context"], timeout_s, env)
+    if commands["kube_context"].ok:
+        nodes = run_command(
+            [*kubectl, "get", "nodes", "-o", "json", request_timeout], timeout_s, env
+        )
+        commands["kube_nodes"] = nodes
+        if nodes.ok:  # an API that hung once will hang again: don't pay twice
+            commands["kube_daemonsets"] = run_command(
+                [*kubectl, "get", "daemonsets", "-A", "-o", "json", request_timeout], timeout_s, env
+            )
+            if config.kueue_local_queue:
+                commands["kube_localqueues"] = run_command(
+                    [
+                        *kubectl,
+                        "get",
+                        "localqueues.kueue.x-k8s.io",
+                        "-A",
+                        "-o",
+                        "json",
+                        request_timeout,
+                    ],
+                    timeout_s,
+                    env,
+                )
+    return commands, files
+
+
+def probe_skypilot(config: HostConfig, paths: ProbePaths, env: dict[str, str]) -> SkyFacts:
+    sky = SkyFacts()
+    try:
+        sky.version = metadata.version("skypilot")
+    except metadata.PackageNotFoundError:
+        sky.version = None
+    client_path = env.get("SKYPILOT_GLOBAL_CONFIG") or str(
+        Path(paths.home) / ".sky" / "config.yaml"
+    )
+    sky.client_config = read_file(str(Path(client_path).expanduser()))
+    sky.private_state_dir = read_file(str(Path(paths.home) / ".sky" / "api_server"))
+    sky.endpoint, sky.endpoint_source = checks.resolve_endpoint(
+        env, config, sky.client_config.text if sky.client_config else None
+    )
+    sky.processes = find_server_processes(paths.proc)
+    sky.server_configs = [read_file(p) for p in server_config_paths(config, sky.processes, env)]
+    sky.health, _ = http_get(sky.endpoint.rstrip("/") + "/api/health")
+    if sky.health.status_code == 200:
+        sky.enabled_infra, sky.enabled_infra_error = read_enabled_infra(sky.endpoint)
+    return sky
+
+
+def read_enabled_infra(endpoint: str) -> tuple[list[str] | None, str | None]:
+    """The server's cached `sky check` result over plain HTTP: no `import sky` (seconds)."""
+    base = endpoint.rstrip("/")
+    first, headers = http_get(base + "/enabled_clouds?expand=False")
+    request_id = headers.get("x-skypilot-request-id")
+    if first.error or not request_id:
+        return None, first.error or "the server returned no request id"
+    result, _ = http_get(base + "/api/get?request_id=" + urllib.parse.quote(request_id))
+    if result.error or result.body is None:
+        return None, result.error or "empty answer"
+    try:
+        payload = json.loads(result.body)
+        if payload.get("status") != "SUCCEEDED":
+            return None, f"request {payload.get('status')}: {payload.get('error')}"
+        infra = json.loads(payload["return_value"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"unexpected answer: {exc}"
+    if not isinstance(infra, list):
+        return None, "unexpected answer: not a list"
+    return [str(x) for x in infra], None
+
+
+def server_config_paths(
+    config: HostConfig, processes: list[ServerProcess], env: dict[str, str]
+) -> list[str]:
+    """Where the API server's own config.yaml may be (admin_policy lives there)."""
+    candidates: list[str] = []
+    explicit = config.doctor.get("skypilot_server_config")
+    if explicit:
+        candidates.append(str(explicit))
+    for proc in processes:
+        if proc.home:
+            candidates.append(str(Path(proc.home) / ".sky" / "config.yaml"))
+    if env.get("SKYPILOT_GLOBAL_CONFIG"):
+        candidates.append(env["SKYPILOT_GLOBAL_CONFIG"])
+    return list(dict.fromkeys(candidates))
+
+
+_PORT = re.compile(r"--port[= ](\d+)")
+
+
+def find_server_processes(proc_dir: str = "/proc") -> list[ServerProcess]:
+    """Running `sky.server.server` processes, with owner and (when readable) HOME."""
+    found: list[ServerProcess] = []
+    try:
+        pids = [int(c.name) for c in Path(proc_dir).iterdir() if c.name.isdigit()]
+    except OSError:
+        return found
+    for pid in sorted(pids):
+        base = Path(proc_dir) / str(pid)
+        try:
+            args = (base / "cmdline").read_bytes().split(b"\0")
+            uid = base.stat().st_uid
+        except OSError:  # vanished, or hidden (hidepid)
+            continue
+        cmd = " ".join(a.decode("utf-8", errors="replace") for a in args if a)
+        if "sky.server.server" not in cmd or "uvicorn.workers" in cmd:
+            continue
+        match = _PORT.search(cmd)
+        home = None
+        try:
+            environ = (base / "environ").read_bytes().split(b"\0")
+            for item in environ:
+                if item.startswith(b"HOME="):
+                    home = item[5:].decode("utf-8", errors="replace")
+        except OSError:
+            pass
+        found.append(
+            ServerProcess(
+                pid=pid,
+                uid=uid,
+                user=_user_name(uid),
+                cmdline=cmd[:500],
+                port=int(match.group(1)) if match else 46580,
+                deploy="--deploy" in cmd.split(),
+                home=home,
+            )
+        )
+    # Worker children repeat the parent's command line: keep the top-most process only.
+    parents = {p.pid for p in found}
+    return [p for p in found if _ppid(proc_dir, p.pid) not in parents]
+
+
+def _ppid(proc_dir: str, pid: int) -> int | None:
+    try:
+        stat = (Path(proc_dir) / str(pid) / "stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
+
+
+_DIST = re.compile(r"^(?P<name>.+?)-(?P<version>[^-]+?)(?:-py[\d.]+)?(?:-[^-]*)?\.(dist|egg)-info$")
+
+
+def read_site_packages(path: str, scope: str) -> SitePackages:
+    """Distributions installed in one site-packages dir, from their metadata dir names."""
+    site = SitePackages(path=path, scope=scope)
+    try:
+        names = [c.name for c in Path(path).iterdir()]
+    except OSError as exc:
+        site.error = exc.strerror or str(exc)
+        return site
+    dists: set[str] = set()
+    for name in names:
+        match = _DIST.match(name)
+        if match:
+            dists.add(f"{match.group('name')}=={match.group('version')}")
+    site.distributions = sorted(dists, key=str.lower)
+    return site
+
+
+def probe_python_sites(paths: ProbePaths) -> list[SitePackages]:
+    sites: list[SitePackages] = []
+    seen: set[str] = set()
+    patterns = [(p, "system") for p in paths.site_packages] + [
+        (str(Path(paths.home) / p), "user") for p in paths.user_site_packages
+    ]
+    for pattern, scope in patterns:
+        for path in _glob(pattern):
+            real = os.path.realpath(path)
+            if real in seen or not Path(path).is_dir():
+                continue
+            seen.add(real)
+            sites.append(read_site_packages(path, scope))
+    return sites
+
+
+def probe_cuda_toolkits(paths: ProbePaths) -> list[CudaToolkit]:
+    toolkits: list[CudaToolkit] = []
+    for path in _glob(paths.cuda):
+        p = Path(path)
+        if not p.is_dir():
+            continue
+        toolkit = CudaToolkit(path=path, has_nvcc=(p / "bin" / "nvcc").exists())
+        if p.is_symlink():
+            toolkit.symlink_to = str(p.readlink())
+        toolkit.version = _cuda_version(p)
+        toolkits.append(toolkit)
+    return toolkits
+
+
+def _cuda_version(root: Path) -> str | None:
+    try:
+        data = json.loads((root / "version.json").read_text())
+        return str(data["cuda"]["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        match = re.search(r"(\d+\.\d+(\.\d+)?)", (root / "version.txt").read_text())
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    named = re.search(r"cuda-(\d+\.\d+)$", root.name)  # pip/conda-style trees lack both files
+    return named.group(1) if named else None
+
+
+def probe_conda(paths: ProbePaths, extra: list[str]) -> list[str]:
+    found: list[str] = []
+    for pattern in [*paths.conda, *extra]:
+        for path in _glob(pattern):
+            if (Path(path) / "conda-meta").is_dir() and path not in found:
+                found.append(path)
+    return found
+
+
+def probe_storage(path: str, mounts_file: str) -> PathFact:
+    fact = PathFact(path=path)
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        fact.error = _parent_unsearchable(p)
+        return fact
+    except OSError as exc:
+        fact.error = exc.strerror or str(exc)
+        return fact
+    fact.exists = True
+    fact.is_dir = p.is_dir()
+    fact.mode = st.st_mode & 0o7777
+    fact.owner = _user_name(st.st_uid)
+    fact.group = _group_name(st.st_gid)
+    fact.writable_by_me = os.access(p, os.W_OK | os.X_OK)
+    try:
+        vfs = os.statvfs(p)
+        fact.free_bytes = vfs.f_bavail * vfs.f_frsize
+        fact.total_bytes = vfs.f_blocks * vfs.f_frsize
+    except OSError as exc:
+        fact.error = exc.strerror or str(exc)
+    fact.mount_point, fact.fstype, fact.mount_source = _mount_of(os.path.realpath(p), mounts_file)
+    return fact
+
+
+def _mount_of(path: str, mounts_file: str) -> tuple[str | None, str | None, str | None]:
+    """The longest mount point containing `path` (octal escapes as in /proc/mounts)."""
+    best: tuple[str | None, str | None, str | None] = (None, None, None)
+    try:
+        lines = Path(mounts_file).read_text().splitlines()
+    except OSError:
+        return best
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        source, point, fstype = (_unescape(x) for x in parts[:3])
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best[0] is None or len(point) >= len(best[0])):
+            best = (point, fstype, source)
+    return best
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def probe_schedules(
+    paths: ProbePaths, timeout_s: float
+) -> tuple[dict[str, CommandResult], dict[str, FileFact]]:
+    files: dict[str, FileFact] = {}
+    for pattern in paths.cron_files:
+        for path in _glob(pattern):
+            if Path(path).is_file():
+                files[f"cron:{path}"] = read_file(path)
+    spool = read_file(paths.cron_spool)
+    files["cron_spool"] = spool
+    for name in spool.entries or []:
+        files[f"cron:{paths.cron_spool}/{name}"] = read_file(str(Path(paths.cron_spool) / name))
+    for pattern in paths.systemd_units:
+        for path in _glob(pattern):
+            if Path(path).is_file():
+                files[f"systemd:{path}"] = read_file(path)
+    commands = {
+        "crontab": run_command(["crontab", "-l"], timeout_s),
+        "systemctl_timers": run_command(
+            ["systemctl", "list-timers", "--all", "--no-pager", "--no-legend"], timeout_s
+        ),
+    }
+    return commands, files
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def gather(
+    config: HostConfig,
+    paths: ProbePaths | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    nvml_reader: Callable[[], NvmlFacts] = read_nvml,
+) -> HostFacts:
+    """Run every probe (groups concurrently) and return what they saw."""
+    paths = paths or ProbePaths()
+    env = {k: os.environ[k] for k in ENV_KEYS if k in os.environ}
+    uid = os.getuid()
+    facts = HostFacts(
+        gathered_at=time.time(),
+        hostname=socket.gethostname(),
+        user=_user_name(uid),
+        uid=uid,
+        env=env,
+    )
+    doctor_cfg = config.doctor
+
+    def local() -> None:
+        facts.python_sites = probe_python_sites(paths)
+        facts.cuda_toolkits = probe_cuda_toolkits(paths)
+        facts.nvcc_on_path = shutil.which("nvcc")
+        facts.conda_installs = probe_conda(paths, list(doctor_cfg.get("conda_paths", [])))
+        facts.storage = {
+            "data": probe_storage(config.data_root, paths.mounts),
+            "checkpoints": probe_storage(config.checkpoint_root, paths.mounts),
+        }
+        commands, files = probe_schedules(paths, timeout_s)
+        facts.commands.update(commands)
+        facts.files.update(files)
+
+    def docker() -> None:
+        commands, files = probe_docker(paths, timeout_s)
+        facts.commands.update(commands)
+        facts.files.update(files)
+
+    def kube() -> None:
+        commands, files = probe_kubernetes(config, paths, timeout_s)
+        facts.commands.update(commands)
+        facts.files.update(files)
+
+    def nvml() -> None:
+        facts.nvml = nvml_reader()
+
+    def skypilot() -> None:
+        facts.sky = probe_skypilot(config, paths, env)
+
+    groups: dict[str, Callable[[], None]] = {
+        "driver": nvml,
+        "docker": docker,
+        "kubernetes": kube,
+        "skypilot": skypilot,
+        "host files": local,
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
+        futures = {pool.submit(fn): name for name, fn in groups.items()}
+        for future in concurrent.futures.as_completed(futures):
+            exc = future.exception()
+            if exc is not None:  # a probe bug must not stop the other checks
+                facts.notes.append(
+                    f"the {futures[future]} probe failed: {type(exc).__name__}: {exc}"
+                )
+    if uid != 0:
+        facts.notes.append(
+            "ran without root: other users' crontabs, their processes' environments and "
+            "root-only files were not visible"
+        )
+    return facts

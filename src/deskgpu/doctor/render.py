@@ -1,0 +1,43 @@
+"""The doctor table (rich). Only the CLI imports this; the core never imports rich."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from deskgpu.doctor.checks import COMPONENTS, FAIL, OK, SKIP, WARN
+from deskgpu.doctor.report import DoctorResult
+
+_STYLE = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIP: "dim"}
+
+
+def render(result: DoctorResult, console: Console) -> None:
+    """One table, grouped by component, then the notes and a summary line."""
+    table = Table(show_header=True, header_style="bold", expand=False, show_lines=False)
+    table.add_column("check", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("detail / fix", overflow="fold")
+    order = list(COMPONENTS)
+    checks = sorted(
+        result.checks,
+        key=lambda c: order.index(c.component) if c.component in order else len(order),
+    )
+    current = None
+    for check in checks:
+        if check.component != current:
+            if current is not None:
+                table.add_section()
+            current = check.component
+            table.add_row(Text(COMPONENTS.get(current, current), style="bold"), "", "")
+        body = Text(check.detail)
+        if check.fix:
+            body.append("\nfix: ", style="bold")
+            body.append(check.fix)
+        name = check.id.split(".", 1)[1] if "." in check.id else check.id
+        table.add_row(f"  {name}", Text(check.status.upper(), style=_STYLE[check.status]), body)
+    console.print(table)
+    for note in result.notes:
+        console.print(Text(f"note: {note}", style="dim"))
+    style = "bold red" if result.exit_status else "bold green"
+    console.print(Text(result.summary_line(), style=style))

@@ -1,0 +1,111 @@
+"""`run_doctor`: facts (live or recorded) -> checks -> a result that carries its exit code."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deskgpu.config import HostConfig
+from deskgpu.doctor.checks import FAIL, STATUSES, Check, Settings, run_checks
+from deskgpu.doctor.facts import FactsFormatError, HostFacts
+from deskgpu.errors import ExitStatus, OutsideError, UsageError
+
+REPORT_VERSION = 1
+REPORT_KIND = "deskgpu.doctor/report"
+
+
+@dataclass
+class DoctorResult:
+    """What one doctor run found. `exit_status`: 0 nothing failed, 3 a check failed."""
+
+    checks: list[Check]
+    facts: HostFacts
+    config_source: str
+    source: str = "live"  # "live" or "recorded <file>"
+    elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for check in self.checks:
+            counts[check.status] += 1
+        return counts
+
+    @property
+    def exit_status(self) -> ExitStatus:
+        return ExitStatus.FOUND if any(c.status == FAIL for c in self.checks) else ExitStatus.OK
+
+    def summary_line(self) -> str:
+        s = self.summary
+        verdict = "FAIL" if self.exit_status else "OK"
+        return (
+            f"{verdict}: {s['ok']} ok, {s['warn']} warn, {s['fail']} fail, {s['skip']} skip "
+            f"on {self.facts.hostname or 'this host'} ({self.elapsed_s:.1f} s, {self.source})"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The documented `deskgpu doctor --json` document (REPORT_VERSION 1)."""
+        return {
+            "kind": REPORT_KIND,
+            "version": REPORT_VERSION,
+            "host": self.facts.hostname,
+            "user": self.facts.user,
+            "gathered_at": self.facts.gathered_at,
+            "source": self.source,
+            "config": self.config_source,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "exit_status": int(self.exit_status),
+            "summary": self.summary,
+            "checks": [c.as_json() for c in self.checks],
+            "notes": self.notes,
+        }
+
+
+def load_facts(path: Path) -> HostFacts:
+    """Recorded facts (`--facts FILE`); a bad file is a usage error with one clear line."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read recorded facts ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise UsageError(f"{path}: not JSON ({exc})") from None
+    try:
+        return HostFacts.from_dict(doc)
+    except FactsFormatError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def save_facts(facts: HostFacts, path: Path) -> None:
+    try:
+        path.write_text(json.dumps(facts.to_dict(), indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise OutsideError(f"{path}: cannot write the facts ({exc.strerror or exc})") from None
+
+
+def run_doctor(
+    config: HostConfig,
+    facts: HostFacts | None = None,
+    *,
+    source: str = "live",
+    timeout_s: float | None = None,
+) -> DoctorResult:
+    """Check the host: probe it live (or judge recorded `facts`) and return the verdicts."""
+    start = time.monotonic()
+    if facts is None:
+        from deskgpu.doctor import probes
+
+        timeout = timeout_s or Settings.from_config(config).probe_timeout_s
+        facts = probes.gather(config, timeout_s=timeout)
+    checks = run_checks(facts, config)
+    return DoctorResult(
+        checks=checks,
+        facts=facts,
+        config_source=config.source,
+        source=source,
+        elapsed_s=time.monotonic() - start,
+        notes=list(facts.notes),
+    )
