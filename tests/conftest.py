@@ -84,3 +84,22 @@ def sky_api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         subprocess.run([sky, "api", "stop"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def _replay_server() -> Iterator[object]:
+    from tests.skyreplay import replaying
+
+    with replaying() as server:
+        yield server
+
+
+@pytest.fixture
+def sky_replay(_replay_server, monkeypatch: pytest.MonkeyPatch):
+    """A SkyPilot API server on 127.0.0.1 that replays recordings (`sky_replay.load(path)`).
+
+    One server for the whole session: the SkyPilot SDK caches its server URL in-process.
+    """
+    monkeypatch.setenv("SKYPILOT_API_SERVER_ENDPOINT", _replay_server.url)
+    monkeypatch.setenv("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
+    return _replay_server

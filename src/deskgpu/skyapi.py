@@ -7,6 +7,7 @@ SkyPilot's own chatter on stdout is sent to stderr so stdout stays the product.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import sys
@@ -84,9 +85,15 @@ def explain(exc: BaseException, endpoint: str) -> OutsideError:
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
+def _quiet_sdk() -> Iterator[None]:
+    """SkyPilot prints progress on stdout; ours carries the product. Keep it for DESKGPU_DEBUG."""
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            yield
+    finally:
+        if os.environ.get("DESKGPU_DEBUG") and chatter.getvalue():
+            sys.stderr.write(chatter.getvalue())
 
 
 def validate_task(task: dict[str, Any]) -> Any:
@@ -124,7 +131,7 @@ def submit(
     endpoint = prepare_environment(config)
     sky = import_sky()
     try:
-        with _stdout_to_stderr():
+        with _quiet_sdk():
             task = sky.Task.from_yaml_config(task_config)
             if managed:
                 request_id = sky.jobs.launch(task, name=cluster_name)
@@ -220,7 +227,7 @@ def fetch_queue(config: HostConfig, timeout_s: float = 30.0) -> Any:
     view = SkyView(available=False, endpoint=endpoint)
     try:
         sky = import_sky()
-        with _stdout_to_stderr():
+        with _quiet_sdk():
             status_req = sky.status(all_users=True)
             jobs_req = sky.jobs.queue_v2(
                 refresh=False, skip_finished=False, all_users=True, fields=QUEUE_JOB_FIELDS
@@ -230,13 +237,13 @@ def fetch_queue(config: HostConfig, timeout_s: float = 30.0) -> Any:
         return view
     got_any = False
     try:
-        with _stdout_to_stderr():
+        with _quiet_sdk():
             view.clusters = parse_clusters([record_dict(r) for r in sky.get(status_req)])
         got_any = True
     except Exception as exc:
         view.notes.append(f"clusters unavailable: {explain(exc, endpoint)}")
     try:
-        with _stdout_to_stderr():
+        with _quiet_sdk():
             result = sky.get(jobs_req)
         records = result[0] if isinstance(result, tuple) else result
         view.jobs = parse_jobs([record_dict(r) for r in records])

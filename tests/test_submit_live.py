@@ -1,0 +1,107 @@
+"""The submission path over real HTTP: recorded SkyPilot responses replayed to the real SDK,
+a real local API server with no infra, and a server that is not there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sky"
+
+
+@pytest.fixture
+def interactive_spec(tmp_path: Path) -> Path:
+    path = tmp_path / "dev.yaml"
+    path.write_text("name: dev\ngpus: 0\ninteractive: true\nidle_timeout: 90m\n")
+    return path
+
+
+def _sent_task(server) -> str:
+    (launch,) = [s for s in server.seen if s["key"].endswith("launch")]
+    return json.loads(launch["body"])["task"]
+
+
+def test_accepted_batch_job_prints_id_and_how_to_follow(cli, sky_replay) -> None:
+    server = sky_replay.load(FIXTURES / "jobs-launch-accepted.json")
+    result = cli("submit", str(EXAMPLES / "cpu-only.yaml"))
+    sent = _sent_task(server)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("-preprocess: managed job 7 submitted")
+    assert "sky jobs logs 7" in result.stdout
+    assert "deskgpu queue" in result.stdout
+    # What reached SkyPilot carries the house rules.
+    assert "deskgpu.io/user" in sent and "provision_timeout: -1" in sent
+    assert "/checkpoints" in sent
+
+
+def test_accepted_batch_job_as_json(cli, sky_replay) -> None:
+    server = sky_replay.load(FIXTURES / "jobs-launch-accepted.json")
+    result = cli("submit", str(EXAMPLES / "cpu-only.yaml"), "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["mode"] == "managed-job" and doc["job_id"] == 7 and doc["accepted"] is True
+    assert doc["kind"] == "batch"
+
+
+def test_busy_box_job_waits_instead_of_failing(cli, sky_replay) -> None:
+    server = sky_replay.load(FIXTURES / "jobs-launch-waiting.json")
+    result = cli("submit", str(EXAMPLES / "cpu-only.yaml"), "--wait", "1")
+    assert result.exit_code == 0, result.stderr
+    assert "queued (waiting for GPUs" in result.stdout
+    assert "sky api logs" in result.stdout
+
+
+def test_accepted_session_prints_how_to_connect(cli, sky_replay, interactive_spec) -> None:
+    server = sky_replay.load(FIXTURES / "launch-accepted.json")
+    result = cli("submit", str(interactive_spec))
+    sent = _sent_task(server)
+    assert result.exit_code == 0, result.stderr
+    assert "interactive session is up" in result.stdout
+    assert "ssh " in result.stdout and "-dev" in result.stdout
+    assert "idle_minutes: 90" in sent and "down: true" in sent
+
+
+def test_rejection_is_one_clean_line(cli, sky_replay, interactive_spec) -> None:
+    server = sky_replay.load(FIXTURES / "launch-no-infra.json")
+    before = interactive_spec.read_bytes()
+    result = cli("submit", str(interactive_spec))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("deskgpu: SkyPilot has no infrastructure enabled")
+    assert interactive_spec.read_bytes() == before
+
+
+def _subprocess_submit(spec: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(spec.parent),
+           "SKYPILOT_DISABLE_USAGE_COLLECTION": "1", "SKYPILOT_API_SERVER_ENDPOINT": endpoint}
+    return subprocess.run([sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "60"],
+                          capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_unreachable_api_server_is_a_clean_exit_1(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
+    result = _subprocess_submit(spec, "http://127.0.0.1:9")  # discard port: nothing listens
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "SkyPilot API server at http://127.0.0.1:9 is unreachable" in line
+
+
+@pytest.mark.apiserver
+def test_real_api_server_without_infra_says_so(sky_api_server: str, tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
+    result = _subprocess_submit(spec, sky_api_server)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "no infrastructure enabled" in line and "sky check" in line
