@@ -22,8 +22,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-_KEEP_HEADERS = {"content-type", "x-skypilot-request-id", "x-skypilot-api-version",
-                 "x-skypilot-version", "x-skypilot-commit"}
+_KEEP_HEADERS = {
+    "content-type",
+    "x-skypilot-request-id",
+    "x-skypilot-api-version",
+    "x-skypilot-version",
+    "x-skypilot-commit",
+}
 
 
 def _key(method: str, path: str) -> str:
@@ -33,14 +38,16 @@ def _key(method: str, path: str) -> str:
 class _ReplayHandler(http.server.BaseHTTPRequestHandler):
     server: ReplayServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _serve(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
         key = _key(self.command, self.path)
-        self.server.seen.append({"key": key, "path": self.path, "body": body.decode("utf-8", "replace")})
+        self.server.seen.append(
+            {"key": key, "path": self.path, "body": body.decode("utf-8", "replace")}
+        )
         queue = self.server.exchanges.get(key)
         if not queue:
             self.send_response(404)
@@ -57,7 +64,7 @@ class _ReplayHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_POST = _serve  # noqa: N815 - http.server's naming
+    do_GET = do_POST = _serve
 
 
 class ReplayServer(http.server.ThreadingHTTPServer):
@@ -100,18 +107,20 @@ def replaying(recording_path: Path | None = None) -> Iterator[ReplayServer]:
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     server: RecordingProxy
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _forward(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else None
         request = urllib.request.Request(
-            self.server.upstream + self.path, data=body, method=self.command,
+            self.server.upstream + self.path,
+            data=body,
+            method=self.command,
             headers={k: v for k, v in self.headers.items() if k.lower() != "host"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=120) as response:
                 status, headers, data = response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as exc:
             status, headers, data = exc.code, dict(exc.headers), exc.read()
@@ -120,11 +129,15 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             recorded: Any = json.loads(text)
         except ValueError:
             recorded = text
-        self.server.recorded.append({
-            "method": self.command, "path": self.path, "status": status,
-            "headers": {k: v for k, v in headers.items() if k.lower() in _KEEP_HEADERS},
-            "body": recorded,
-        })
+        self.server.recorded.append(
+            {
+                "method": self.command,
+                "path": self.path,
+                "status": status,
+                "headers": {k: v for k, v in headers.items() if k.lower() in _KEEP_HEADERS},
+                "body": recorded,
+            }
+        )
         self.send_response(status)
         for name, value in headers.items():
             if name.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -133,7 +146,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_POST = _forward  # noqa: N815
+    do_GET = do_POST = _forward
 
 
 class RecordingProxy(http.server.ThreadingHTTPServer):
@@ -149,11 +162,18 @@ def record(upstream: str, out: Path, command: list[str]) -> int:
 
     proxy = RecordingProxy(upstream)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    env = {**os.environ, "SKYPILOT_API_SERVER_ENDPOINT": f"http://127.0.0.1:{proxy.server_address[1]}"}
+    env = {
+        **os.environ,
+        "SKYPILOT_API_SERVER_ENDPOINT": f"http://127.0.0.1:{proxy.server_address[1]}",
+    }
     code = subprocess.run(command, env=env).returncode
     proxy.shutdown()
-    out.write_text(json.dumps({"recorded_from": upstream, "command": command,
-                               "exchanges": proxy.recorded}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {"recorded_from": upstream, "command": command, "exchanges": proxy.recorded}, indent=1
+        )
+        + "\n"
+    )
     return code
 
 

@@ -17,8 +17,14 @@ SPECS = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "host-config.yaml
 
 def test_the_corpus_has_every_kind_of_example() -> None:
     names = {p.stem for p in SPECS}
-    assert {"train-single-gpu", "train-multi-gpu", "uv-job", "interactive", "cpu-only",
-            "cloud-parity"} <= names
+    assert {
+        "train-single-gpu",
+        "train-multi-gpu",
+        "uv-job",
+        "interactive",
+        "cpu-only",
+        "cloud-parity",
+    } <= names
 
 
 @pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
@@ -64,8 +70,9 @@ def test_on_box_examples_mount_data_read_only_and_checkpoints_read_write() -> No
 
 
 def test_cloud_parity_example_drops_host_mounts_and_says_what_replaces_them(cli) -> None:
-    result = cli("submit", str(EXAMPLES / "cloud-parity.yaml"), "--dry-run",
-                 "--config", str(HOST_CONFIG))
+    result = cli(
+        "submit", str(EXAMPLES / "cloud-parity.yaml"), "--dry-run", "--config", str(HOST_CONFIG)
+    )
     assert result.exit_code == 0
     assert "hostPath" not in result.stdout
     assert "infra: aws" in result.stdout

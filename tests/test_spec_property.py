@@ -12,17 +12,38 @@ from deskgpu.spec import JobSpec, spec_from_located
 from deskgpu.yamlio import load_located
 
 CONFIG = HostConfig(gpus={"A6000": 4})
-FIELDS = ["name", "gpus", "image", "uv", "workdir", "setup", "run", "env", "interactive",
-          "idle_timeout", "keep", "infra", "gpu", "<<", "1", ""]
+FIELDS = [
+    "name",
+    "gpus",
+    "image",
+    "uv",
+    "workdir",
+    "setup",
+    "run",
+    "env",
+    "interactive",
+    "idle_timeout",
+    "keep",
+    "infra",
+    "gpu",
+    "<<",
+    "1",
+    "",
+]
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
-    st.text(max_size=20), st.sampled_from(["A6000:2", "2", "0", "2h", "30m", "x" * 60, "k8s"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.sampled_from(["A6000:2", "2", "0", "2h", "30m", "x" * 60, "k8s"]),
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 documents = st.dictionaries(st.sampled_from(FIELDS), values, max_size=8)
@@ -45,8 +66,12 @@ def test_structured_yaml_never_raises_anything_but_spec_error(doc: dict[str, obj
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("name:gpus run-&*!|>'\"\t\n []{}#%@`,?0123456789")),
-               max_size=120))
+@given(
+    st.text(
+        alphabet=st.sampled_from(list("name:gpus run-&*!|>'\"\t\n []{}#%@`,?0123456789")),
+        max_size=120,
+    )
+)
 def test_yaml_shaped_noise_never_raises_anything_but_spec_error(text: str) -> None:
     _load(text)
 
@@ -57,9 +82,11 @@ def test_arbitrary_bytes_never_raise_anything_but_spec_error(data: bytes) -> Non
     _load(data)
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow,
-                                                  HealthCheck.function_scoped_fixture],
-          deadline=None)
+@settings(
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    deadline=None,
+)
 @given(documents)
 def test_cli_never_prints_a_traceback(tmp_path_factory, doc: dict[str, object]) -> None:
     from typer.testing import CliRunner

@@ -42,7 +42,7 @@ def test_accepted_batch_job_prints_id_and_how_to_follow(cli, sky_replay) -> None
 
 
 def test_accepted_batch_job_as_json(cli, sky_replay) -> None:
-    server = sky_replay.load(FIXTURES / "jobs-launch-accepted.json")
+    sky_replay.load(FIXTURES / "jobs-launch-accepted.json")
     result = cli("submit", str(EXAMPLES / "cpu-only.yaml"), "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -51,7 +51,7 @@ def test_accepted_batch_job_as_json(cli, sky_replay) -> None:
 
 
 def test_busy_box_job_waits_instead_of_failing(cli, sky_replay) -> None:
-    server = sky_replay.load(FIXTURES / "jobs-launch-waiting.json")
+    sky_replay.load(FIXTURES / "jobs-launch-waiting.json")
     result = cli("submit", str(EXAMPLES / "cpu-only.yaml"), "--wait", "1")
     assert result.exit_code == 0, result.stderr
     assert "queued (waiting for GPUs" in result.stdout
@@ -69,7 +69,7 @@ def test_accepted_session_prints_how_to_connect(cli, sky_replay, interactive_spe
 
 
 def test_rejection_is_one_clean_line(cli, sky_replay, interactive_spec) -> None:
-    server = sky_replay.load(FIXTURES / "launch-no-infra.json")
+    sky_replay.load(FIXTURES / "launch-no-infra.json")
     before = interactive_spec.read_bytes()
     result = cli("submit", str(interactive_spec))
     assert result.exit_code == 1
@@ -80,10 +80,19 @@ def test_rejection_is_one_clean_line(cli, sky_replay, interactive_spec) -> None:
 
 
 def _subprocess_submit(spec: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(spec.parent),
-           "SKYPILOT_DISABLE_USAGE_COLLECTION": "1", "SKYPILOT_API_SERVER_ENDPOINT": endpoint}
-    return subprocess.run([sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "60"],
-                          capture_output=True, text=True, env=env, timeout=180)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(spec.parent),
+        "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+        "SKYPILOT_API_SERVER_ENDPOINT": endpoint,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "60"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
 
 
 def test_unreachable_api_server_is_a_clean_exit_1(tmp_path: Path) -> None:
