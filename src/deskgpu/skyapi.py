@@ -7,6 +7,7 @@ SkyPilot's own chatter on stdout is sent to stderr so stdout stays the product.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import re
@@ -99,7 +100,7 @@ def _quiet_sdk() -> Iterator[None]:
 def validate_task(task: dict[str, Any]) -> Any:
     """Build a `sky.Task` with SkyPilot's own offline validator; raises on a bad task."""
     sky = import_sky()
-    return sky.Task.from_yaml_config(task)
+    return sky.Task.from_yaml_config(copy.deepcopy(task))  # it consumes the dict it is given
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def submit(
     sky = import_sky()
     try:
         with _quiet_sdk():
-            task = sky.Task.from_yaml_config(task_config)
+            task = sky.Task.from_yaml_config(copy.deepcopy(task_config))
             if managed:
                 request_id = sky.jobs.launch(task, name=cluster_name)
             else:
