@@ -1070,7 +1070,8 @@ def _dist_name(entry: str) -> str:
 
 def drift_distributions(distributions: Iterable[str]) -> list[str]:
     """The ML frameworks and CUDA wheels among `name==version` entries."""
-    return [d for d in distributions if _DRIFT_DIST.match(_dist_name(d))]
+    found = [d for d in distributions if _DRIFT_DIST.match(_dist_name(d))]
+    return sorted(found, key=lambda d: (_dist_name(d).startswith("nvidia-"), _dist_name(d)))
 
 
 def check_golden_rule(facts: HostFacts, config: HostConfig, s: Settings) -> list[Check]:
