@@ -1,0 +1,313 @@
+"""The evidence a reap decision is made from, and its JSON document (schema_version 1).
+
+Plain data, no I/O. The same `from_dict` reads a recorded document (`reap --evidence`),
+the test corpus and what `gather` builds from the live box, so a replay decides exactly
+what the live run decided.
+
+Times: scalar times are ISO 8601 UTC strings in the document and Unix seconds in memory;
+samples are compact arrays whose first element is Unix seconds (a week of 5-minute samples
+for 8 GPUs is 16,000 rows).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+KINDS = ("interactive", "batch")
+
+
+class EvidenceError(ValueError):
+    """An evidence document that does not follow the format."""
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return (
+        dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc)
+        .replace(microsecond=0)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
+
+
+def parse_ts(value: Any, where: str) -> float | None:
+    """ISO 8601 (a naive time is UTC) or Unix seconds -> Unix seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise EvidenceError(f"{where}: expected a time, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise EvidenceError(f"{where}: not an ISO 8601 time: {value!r}") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.timezone.utc)
+        return parsed.timestamp()
+    raise EvidenceError(f"{where}: expected a time, got {value!r}")
+
+
+def _num(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EvidenceError(f"{where}: expected a number or null, got {value!r}")
+    return float(value)
+
+
+def _compact(value: float | None) -> float | int | None:
+    """Whole numbers as ints in the document: a third smaller, and easier to read."""
+    if value is None:
+        return None
+    return int(value) if float(value).is_integer() else round(value, 2)
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One GPU as seen by one observation: `[ts, gpu, util_pct, vram_mib]`.
+
+    `util_pct` is the whole GPU's `utilization.gpu`; `vram_mib` the memory this session's
+    processes hold on it. None: the reading failed (it proves nothing).
+    """
+
+    ts: float
+    gpu: int
+    util_pct: float | None
+    vram_mib: float | None
+
+    def to_row(self) -> list[Any]:
+        return [_compact(self.ts), self.gpu, _compact(self.util_pct), _compact(self.vram_mib)]
+
+    @classmethod
+    def from_row(cls, row: Any, where: str) -> GpuSample:
+        if not isinstance(row, list) or len(row) != 4:
+            raise EvidenceError(f"{where}: expected [ts, gpu, util_pct, vram_mib], got {row!r}")
+        ts = _num(row[0], where)
+        gpu = row[1]
+        if ts is None or isinstance(gpu, bool) or not isinstance(gpu, int):
+            raise EvidenceError(f"{where}: ts and gpu are required numbers, got {row!r}")
+        return cls(ts, gpu, _num(row[2], where), _num(row[3], where))
+
+
+@dataclass(frozen=True)
+class ActivitySample:
+    """What one observation saw besides the GPUs: `[ts, ssh_sessions, cpu_pct]`.
+
+    `ssh_sessions` counts SSH/IDE connections into the pod (sshd per-connection processes,
+    pty or not); `cpu_pct` is the pod's CPU use in percent of one core. None: unknown.
+    """
+
+    ts: float
+    ssh_sessions: int | None
+    cpu_pct: float | None
+
+    def to_row(self) -> list[Any]:
+        return [_compact(self.ts), self.ssh_sessions, _compact(self.cpu_pct)]
+
+    @classmethod
+    def from_row(cls, row: Any, where: str) -> ActivitySample:
+        if not isinstance(row, list) or len(row) != 3:
+            raise EvidenceError(f"{where}: expected [ts, ssh_sessions, cpu_pct], got {row!r}")
+        ts = _num(row[0], where)
+        if ts is None:
+            raise EvidenceError(f"{where}: ts is required, got {row!r}")
+        ssh = _num(row[1], where)
+        return cls(ts, None if ssh is None else int(ssh), _num(row[2], where))
+
+
+@dataclass(frozen=True)
+class Session:
+    """A SkyPilot cluster on the box: an interactive session or a batch job's cluster."""
+
+    cluster: str
+    owner: str
+    kind: str  # "interactive" or "batch"
+    created_at: float | None = None
+    status: str = "UP"  # SkyPilot's cluster status
+    labels: dict[str, str] = field(default_factory=dict)
+    gpus: tuple[int, ...] = ()  # GPU indices its processes hold now
+    vram_mib: float | None = None  # VRAM its processes hold now, all GPUs
+    jobs_running: int = 0
+    jobs_pending: int = 0
+    ssh_attached: bool | None = None  # an SSH/IDE connection now; None: unknown
+    last_activity_at: float | None = None  # last SSH/IDE/job activity SkyPilot or the host saw
+    pod_present: bool = True  # False: SkyPilot still lists it, but its pod is gone
+    warned_at: float | None = None  # first notice of the current idle stretch (history)
+    gpu_samples: tuple[GpuSample, ...] = ()
+    activity_samples: tuple[ActivitySample, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "owner": self.owner,
+            "kind": self.kind,
+            "status": self.status,
+            "created_at": iso(self.created_at),
+            "labels": dict(self.labels),
+            "gpus": list(self.gpus),
+            "vram_mib": _compact(self.vram_mib),
+            "jobs_running": self.jobs_running,
+            "jobs_pending": self.jobs_pending,
+            "ssh_attached": self.ssh_attached,
+            "last_activity_at": iso(self.last_activity_at),
+            "pod_present": self.pod_present,
+            "warned_at": iso(self.warned_at),
+            "gpu_samples": [s.to_row() for s in self.gpu_samples],
+            "activity_samples": [s.to_row() for s in self.activity_samples],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Session:
+        if not isinstance(data, dict):
+            raise EvidenceError(f"{where}: expected a mapping")
+        for key in ("cluster", "owner", "kind"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise EvidenceError(f"{where}.{key}: required text")
+        if data["kind"] not in KINDS:
+            raise EvidenceError(f"{where}.kind: one of {', '.join(KINDS)}, got {data['kind']!r}")
+        labels = data.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise EvidenceError(f"{where}.labels: expected a mapping")
+        ssh = data.get("ssh_attached")
+        if ssh is not None and not isinstance(ssh, bool):
+            raise EvidenceError(f"{where}.ssh_attached: true, false or null")
+        counts = {}
+        for key in ("jobs_running", "jobs_pending"):
+            value = data.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise EvidenceError(f"{where}.{key}: a count, got {value!r}")
+            counts[key] = value
+        gpus = data.get("gpus") or []
+        if not isinstance(gpus, list) or not all(
+            isinstance(g, int) and not isinstance(g, bool) for g in gpus
+        ):
+            raise EvidenceError(f"{where}.gpus: a list of GPU indices")
+        gpu_rows = data.get("gpu_samples") or []
+        act_rows = data.get("activity_samples") or []
+        if not isinstance(gpu_rows, list) or not isinstance(act_rows, list):
+            raise EvidenceError(f"{where}: samples must be lists")
+        return cls(
+            cluster=data["cluster"],
+            owner=data["owner"],
+            kind=data["kind"],
+            created_at=parse_ts(data.get("created_at"), f"{where}.created_at"),
+            status=str(data.get("status") or "UP"),
+            labels={str(k): str(v) for k, v in labels.items()},
+            gpus=tuple(gpus),
+            vram_mib=_num(data.get("vram_mib"), f"{where}.vram_mib"),
+            jobs_running=counts["jobs_running"],
+            jobs_pending=counts["jobs_pending"],
+            ssh_attached=ssh,
+            last_activity_at=parse_ts(data.get("last_activity_at"), f"{where}.last_activity_at"),
+            pod_present=bool(data.get("pod_present", True)),
+            warned_at=parse_ts(data.get("warned_at"), f"{where}.warned_at"),
+            gpu_samples=tuple(
+                GpuSample.from_row(r, f"{where}.gpu_samples[{i}]") for i, r in enumerate(gpu_rows)
+            ),
+            activity_samples=tuple(
+                ActivitySample.from_row(r, f"{where}.activity_samples[{i}]")
+                for i, r in enumerate(act_rows)
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class UnmanagedProcess:
+    """A host process holding VRAM outside any SkyPilot pod."""
+
+    pid: int
+    user: str
+    command: str
+    gpu: int
+    vram_mib: float | None = None
+    util_pct: float | None = None  # its GPU's utilization when seen
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "user": self.user,
+            "command": self.command,
+            "gpu": self.gpu,
+            "vram_mib": _compact(self.vram_mib),
+            "util_pct": _compact(self.util_pct),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> UnmanagedProcess:
+        if not isinstance(data, dict):
+            raise EvidenceError(f"{where}: expected a mapping")
+        pid, gpu = data.get("pid"), data.get("gpu")
+        for key, value in (("pid", pid), ("gpu", gpu)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise EvidenceError(f"{where}.{key}: required integer")
+        return cls(
+            pid=int(pid),  # type: ignore[arg-type]  # checked just above
+            user=str(data.get("user") or "?"),
+            command=str(data.get("command") or "?"),
+            gpu=int(gpu),  # type: ignore[arg-type]  # checked just above
+            vram_mib=_num(data.get("vram_mib"), f"{where}.vram_mib"),
+            util_pct=_num(data.get("util_pct"), f"{where}.util_pct"),
+        )
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything one reap run knew, as of `collected_at`."""
+
+    collected_at: float
+    sessions: tuple[Session, ...] = ()
+    unmanaged: tuple[UnmanagedProcess, ...] = ()
+    host: str = "deskgpu"
+    source: str = "history"  # "history", "live" (sampled just now: short) or "recorded"
+    history_since: float | None = None  # the oldest observation the history holds
+    notes: tuple[str, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "collected_at": iso(self.collected_at),
+            "host": self.host,
+            "source": self.source,
+            "history_since": iso(self.history_since),
+            "notes": list(self.notes),
+            "sessions": [s.to_dict() for s in self.sessions],
+            "unmanaged": [u.to_dict() for u in self.unmanaged],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Evidence:
+        if not isinstance(data, dict):
+            raise EvidenceError("evidence: expected a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise EvidenceError(
+                f"evidence: schema_version {version!r} is not supported (this deskgpu reads "
+                f"{SCHEMA_VERSION})"
+            )
+        collected = parse_ts(data.get("collected_at"), "evidence.collected_at")
+        if collected is None:
+            raise EvidenceError("evidence.collected_at: required")
+        sessions = data.get("sessions") or []
+        unmanaged = data.get("unmanaged") or []
+        notes = data.get("notes") or []
+        if not isinstance(sessions, list) or not isinstance(unmanaged, list):
+            raise EvidenceError("evidence: sessions and unmanaged must be lists")
+        return cls(
+            collected_at=collected,
+            sessions=tuple(Session.from_dict(s, f"sessions[{i}]") for i, s in enumerate(sessions)),
+            unmanaged=tuple(
+                UnmanagedProcess.from_dict(u, f"unmanaged[{i}]") for i, u in enumerate(unmanaged)
+            ),
+            host=str(data.get("host") or "deskgpu"),
+            source=str(data.get("source") or "recorded"),
+            history_since=parse_ts(data.get("history_since"), "evidence.history_since"),
+            notes=tuple(str(n) for n in notes),
+            schema_version=SCHEMA_VERSION,
+        )

@@ -1,0 +1,344 @@
+"""The zombie rule: a pure function from evidence to decisions, each with its reasons.
+
+A session is reaped only when every signal agrees (DESIGN.md, "Zombie rule"): it is
+interactive, older than `min_age`, has no running or pending job, holds at least
+`min_vram_mib`, and the history proves it idle for at least `idle_window` — every
+observation in that stretch saw each of its GPUs below `util_threshold_pct`, no SSH/IDE
+connection, a quiet CPU, and no gap longer than `max_sample_gap`. Its owner is warned
+first; it is torn down once a warning of the current idle stretch is `grace` old.
+
+Batch jobs are never reaped: one running at 0% GPU for `stalled_batch_after` is reported.
+Processes holding VRAM outside any pod are reported. Protected sessions are listed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deskgpu.reap.evidence import Evidence, GpuSample, Session, UnmanagedProcess, iso
+from deskgpu.reap.settings import ReapSettings
+from deskgpu.units import format_duration, format_mib
+
+KEEP_LABEL = "deskgpu.io/keep"  # == deskgpu.expand.LABEL_KEEP (not imported: expand is heavy)
+
+
+class Action(str, enum.Enum):
+    REAP = "reap"  # tear down now (with --yes)
+    WARN = "warn"  # a zombie in its grace period: notify the owner
+    REPORT_STALLED = "report-stalled"  # a batch job running at 0% GPU: shown, never torn down
+    REPORT_UNMANAGED = "report-unmanaged"  # VRAM held outside any pod: killed only on request
+    PROTECTED = "protected"  # `keep` label or the host config's allowlist
+    KEEP = "keep"
+
+    @property
+    def is_zombie(self) -> bool:
+        return self in (Action.REAP, Action.WARN)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One session's or process's fate, with the reasons in words."""
+
+    subject: str  # the cluster name, or `pid:<n>` for an unmanaged process
+    action: Action
+    owner: str
+    kind: str  # interactive, batch or unmanaged
+    reasons: tuple[str, ...]
+    vram_mib: float | None = None
+    gpus: tuple[int, ...] = ()
+    idle_since: float | None = None
+    warned_at: float | None = None
+    reap_after: float | None = None  # when the grace period ends
+    pid: int | None = None
+    command: str | None = None
+
+    @property
+    def summary(self) -> str:
+        return ", ".join(self.reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "subject": self.subject,
+            "action": self.action.value,
+            "owner": self.owner,
+            "kind": self.kind,
+            "summary": self.summary,
+            "reasons": list(self.reasons),
+            "vram_mib": self.vram_mib,
+            "gpus": list(self.gpus),
+            "idle_since": iso(self.idle_since),
+            "warned_at": iso(self.warned_at),
+            "reap_after": iso(self.reap_after),
+        }
+        if self.pid is not None:
+            out["pid"] = self.pid
+            out["command"] = self.command
+        return out
+
+
+@dataclass(frozen=True)
+class IdleRun:
+    """The trailing stretch of observations that all look idle."""
+
+    since: float | None  # the oldest idle observation of the stretch; None: none at all
+    stopped_by: str | None  # what ended the stretch going back in time; None: history start
+    peak_util_pct: float = 0.0
+
+
+def when(ts: float) -> str:
+    """`Nov 21 14:02 UTC`: reasons are read by people, and logs are compared across hosts."""
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%b %d %H:%M UTC")
+
+
+def decide(evidence: Evidence, settings: ReapSettings, now: float | None = None) -> list[Decision]:
+    """Decide every session and unmanaged process. `now` defaults to when evidence was taken."""
+    at = evidence.collected_at if now is None else now
+    decisions = [decide_session(s, settings, at) for s in evidence.sessions]
+    decisions += [decide_unmanaged(p, settings) for p in evidence.unmanaged]
+    return decisions
+
+
+def protected_by(
+    owner: str, cluster: str | None, labels: dict[str, str], allow: tuple[str, ...]
+) -> str | None:
+    if labels.get(KEEP_LABEL, "").lower() in ("true", "1", "yes"):
+        return f"`keep: true` in its job spec (label {KEEP_LABEL})"
+    if cluster is not None and cluster in allow:
+        return "listed in the host config's `protected`"
+    if f"user:{owner}" in allow:
+        return f"user {owner} is listed in the host config's `protected`"
+    return None
+
+
+def idle_run(session: Session, settings: ReapSettings, now: float, *, interactive: bool) -> IdleRun:
+    """Walk the observations back from `now` while each one proves the session idle.
+
+    A batch job's stretch ignores SSH (a job may be watched over SSH and still be stalled).
+    """
+    floor = session.created_at if session.created_at is not None else float("-inf")
+    by_ts: dict[float, list[GpuSample]] = defaultdict(list)
+    for g in session.gpu_samples:
+        if g.ts >= floor:
+            by_ts[g.ts].append(g)
+    activity = {a.ts: a for a in session.activity_samples if a.ts >= floor}
+    stamps = sorted(set(by_ts) | set(activity), reverse=True)
+    if not stamps:
+        return IdleRun(None, "no observations in the history")
+    gap = settings.max_sample_gap_s
+    if now - stamps[0] > gap:
+        return IdleRun(None, f"no observation since {when(stamps[0])}")
+    since: float | None = None
+    peak = 0.0
+    previous: float | None = None
+    for ts in stamps:
+        if previous is not None and previous - ts > gap:
+            return IdleRun(since, f"no observations from {when(ts)} to {when(previous)}", peak)
+        rows = by_ts.get(ts, [])
+        if not rows:
+            return IdleRun(since, f"no GPU reading at {when(ts)}", peak)
+        for row in rows:
+            if row.util_pct is None:
+                return IdleRun(since, f"GPU {row.gpu} reading failed at {when(ts)}", peak)
+            if row.util_pct >= settings.util_threshold_pct:
+                return IdleRun(
+                    since, f"{row.util_pct:.0f}% GPU on GPU {row.gpu} at {when(ts)}", peak
+                )
+        seen = activity.get(ts)
+        if interactive:
+            if seen is None or seen.ssh_sessions is None:
+                return IdleRun(since, f"SSH state unknown at {when(ts)}", peak)
+            if seen.ssh_sessions > 0:
+                return IdleRun(since, f"SSH/IDE attached at {when(ts)}", peak)
+        busy = settings.cpu_busy_pct
+        cpu = seen.cpu_pct if seen is not None else None
+        if busy is not None and cpu is not None and cpu >= busy:
+            return IdleRun(since, f"CPU busy ({cpu:.0f}% of a core) at {when(ts)}", peak)
+        since = ts
+        peak = max([peak] + [r.util_pct or 0.0 for r in rows])
+        previous = ts
+    return IdleRun(since, None, peak)
+
+
+def _idle_for(run: IdleRun, session: Session, now: float) -> tuple[float, float | None]:
+    """(seconds proven idle, since when), with the last activity SkyPilot saw as a bound."""
+    since = run.since
+    if since is None:
+        return 0.0, None
+    if session.last_activity_at is not None and session.last_activity_at > since:
+        since = session.last_activity_at
+    return max(0.0, now - since), since
+
+
+def _held(session: Session) -> str:
+    if session.vram_mib is None:
+        return "VRAM held unknown"
+    where = f" on GPU {','.join(map(str, session.gpus))}" if session.gpus else ""
+    return f"{format_mib(session.vram_mib)} held{where}"
+
+
+def decide_session(session: Session, settings: ReapSettings, now: float) -> Decision:
+    def make(action: Action, reasons: list[str], **extra: Any) -> Decision:
+        return Decision(
+            subject=session.cluster,
+            action=action,
+            owner=session.owner,
+            kind=session.kind,
+            reasons=tuple(reasons),
+            vram_mib=session.vram_mib,
+            gpus=session.gpus,
+            **extra,
+        )
+
+    shield = protected_by(session.owner, session.cluster, session.labels, settings.protected)
+    if shield:
+        return make(Action.PROTECTED, [f"protected: {shield}", _held(session)])
+    if not session.pod_present:
+        return make(
+            Action.KEEP,
+            [
+                "its pod is gone (vanished mid-run): holds no VRAM on this host",
+                f"SkyPilot still lists it as {session.status}; nothing to reclaim",
+            ],
+        )
+    if session.kind == "batch":
+        return _decide_batch(session, settings, now, make)
+
+    blockers: list[str] = []
+    if session.jobs_running:
+        blockers.append(f"{session.jobs_running} running job(s)")
+    if session.jobs_pending:
+        blockers.append(f"{session.jobs_pending} pending job(s)")
+    if session.ssh_attached:
+        blockers.append("an SSH/IDE session is attached now")
+    if session.created_at is None:
+        blockers.append("age unknown")
+    elif now - session.created_at < settings.min_age_s:
+        blockers.append(
+            f"age {format_duration(now - session.created_at)} is under the minimum "
+            f"{format_duration(settings.min_age_s)}"
+        )
+    if session.vram_mib is None:
+        blockers.append("VRAM held unknown")
+    elif session.vram_mib < settings.min_vram_mib:
+        blockers.append(
+            f"holds only {format_mib(session.vram_mib)} (under {format_mib(settings.min_vram_mib)})"
+        )
+    run = idle_run(session, settings, now, interactive=True)
+    idle_for, since = _idle_for(run, session, now)
+    if idle_for < settings.idle_window_s:
+        proven = f"idle only {format_duration(idle_for)}" if since is not None else "not idle"
+        stop = run.stopped_by
+        if since is not None and since == session.last_activity_at:
+            stop = f"activity at {when(since)}"
+        elif stop is None:
+            stop = "the history is shorter than the idle window"
+        blockers.append(f"{proven} (need {format_duration(settings.idle_window_s)}): {stop}")
+    if blockers:
+        return make(Action.KEEP, blockers, idle_since=since)
+
+    assert since is not None  # idle_for >= idle_window > 0
+    last_ssh = max(
+        (a.ts for a in session.activity_samples if a.ssh_sessions and a.ts <= now), default=None
+    )
+    if last_ssh is not None:
+        ssh = f"no SSH since {when(last_ssh)}"
+    elif session.last_activity_at is not None:
+        ssh = f"no SSH or activity since {when(session.last_activity_at)}"
+    else:
+        ssh = f"no SSH in {format_duration(idle_for)}"
+    facts = [
+        f"idle {format_duration(idle_for)}",
+        f"{run.peak_util_pct:.0f}% GPU over {format_duration(idle_for)}",
+        _held(session),
+        ssh,
+        "no running job",
+    ]
+    # A warning counts only if it was given during this idle stretch; one from an earlier
+    # stretch (the owner came back in between) is stale. If the stretch reaches back to
+    # the start of the history, nothing contradicts an older warning.
+    warned = session.warned_at
+    if warned is not None and run.stopped_by is not None and warned < since:
+        warned = None
+    grace = settings.grace_s
+    if warned is None:
+        after = now + grace
+        return make(
+            Action.WARN,
+            [*facts, f"first notice now; torn down after {when(after)} if still idle"],
+            idle_since=since,
+            reap_after=after,
+        )
+    after = warned + grace
+    if now >= after:
+        return make(
+            Action.REAP,
+            [*facts, f"warned {format_duration(now - warned)} ago, grace {format_duration(grace)}"],
+            idle_since=since,
+            warned_at=warned,
+            reap_after=after,
+        )
+    return make(
+        Action.WARN,
+        [*facts, f"warned {format_duration(now - warned)} ago; torn down after {when(after)}"],
+        idle_since=since,
+        warned_at=warned,
+        reap_after=after,
+    )
+
+
+def _decide_batch(
+    session: Session, settings: ReapSettings, now: float, make: Callable[..., Decision]
+) -> Decision:
+    if not session.jobs_running:
+        what = f"{session.jobs_pending} pending job(s)" if session.jobs_pending else "no job"
+        return make(Action.KEEP, [f"batch: {what}; batch clusters are never reaped"])
+    run = idle_run(session, settings, now, interactive=False)
+    idle_for, since = _idle_for(run, session, now)
+    if idle_for >= settings.stalled_batch_after_s:
+        return make(
+            Action.REPORT_STALLED,
+            [
+                f"batch: {session.jobs_running} running job(s)",
+                f"{run.peak_util_pct:.0f}% GPU for {format_duration(idle_for)}",
+                "CPU quiet" if settings.cpu_busy_pct is not None else "CPU not checked",
+                _held(session),
+                "stalled? reported, never torn down by reap",
+            ],
+            idle_since=since,
+        )
+    reasons = [f"batch: {session.jobs_running} running job(s)"]
+    if since is not None and idle_for > 0:
+        reasons.append(
+            f"0-{run.peak_util_pct:.0f}% GPU for {format_duration(idle_for)} "
+            f"(stalled after {format_duration(settings.stalled_batch_after_s)})"
+        )
+    if run.stopped_by and run.stopped_by.startswith("CPU busy"):
+        reasons.append(f"{run.stopped_by}: likely loading data")
+    return make(Action.KEEP, reasons, idle_since=since)
+
+
+def decide_unmanaged(proc: UnmanagedProcess, settings: ReapSettings) -> Decision:
+    held = f"PID {proc.pid} of {proc.user} holds {format_mib(proc.vram_mib)} on GPU {proc.gpu}"
+    shield = protected_by(proc.user, None, {}, settings.protected)
+    action = Action.PROTECTED if shield else Action.REPORT_UNMANAGED
+    reasons = (
+        (f"protected: {shield}", held)
+        if shield
+        else (held, f"command: {proc.command}", "outside any SkyPilot pod")
+    )
+    return Decision(
+        subject=f"pid:{proc.pid}",
+        action=action,
+        owner=proc.user,
+        kind="unmanaged",
+        reasons=reasons,
+        vram_mib=proc.vram_mib,
+        gpus=(proc.gpu,),
+        pid=proc.pid,
+        command=proc.command,
+    )

@@ -1,0 +1,235 @@
+"""The zombie rule against the scenario corpus, and the properties that keep it precise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deskgpu.reap.evidence import ActivitySample, Evidence, GpuSample, Session
+from deskgpu.reap.rule import Action, decide, decide_session
+from deskgpu.reap.settings import ReapSettings
+
+CORPUS = Path(__file__).parent / "fixtures" / "reap"
+SCENARIOS = sorted(p.stem for p in CORPUS.glob("*.json"))
+DEFAULTS = ReapSettings()
+
+
+def load(name: str) -> tuple[dict[str, Any], Evidence]:
+    doc = json.loads((CORPUS / f"{name}.json").read_text())
+    return doc["expected"], Evidence.from_dict(doc)
+
+
+def test_corpus_has_every_scenario_the_issue_names() -> None:
+    assert {
+        "long_idle_debug_session",
+        "notebook_kernel_idle",
+        "training_in_data_loading_phase",
+        "tensorflow_grabbed_all_vram",
+        "ssh_shell_attached_overnight",
+        "younger_than_min_age",
+        "protected_session",
+        "unmanaged_host_process",
+        "pod_vanished_mid_run",
+    } <= set(SCENARIOS)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario(name: str) -> None:
+    expected, evidence = load(name)
+    decisions = {d.subject: d for d in decide(evidence, DEFAULTS)}
+    assert set(decisions) == set(expected["decisions"])
+    for subject, want in expected["decisions"].items():
+        got = decisions[subject]
+        assert got.action.value == want["action"], got.summary
+        for phrase in want["reasons_include"]:
+            assert phrase in got.summary, f"{phrase!r} not in {got.summary!r}"
+    zombies = any(d.action.is_zombie for d in decisions.values())
+    assert (3 if zombies else 0) == expected["exit_dry_run"]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_round_trips(name: str) -> None:
+    _, evidence = load(name)
+    again = Evidence.from_dict(json.loads(json.dumps(evidence.to_dict())))
+    assert again == evidence
+
+
+def test_reasons_read_like_the_issue() -> None:
+    _, evidence = load("long_idle_debug_session")
+    (decision,) = decide(evidence, DEFAULTS)
+    assert decision.summary.startswith(
+        "idle 5d 3h, 0% GPU over 5d 3h, 23.1 GiB held on GPU 2, no SSH since Nov 20 23:50 UTC, "
+        "no running job"
+    )
+
+
+def test_cpu_signal_can_be_switched_off() -> None:
+    _, evidence = load("training_in_data_loading_phase")
+    (decision,) = decide(evidence, ReapSettings(cpu_busy_pct=None))
+    assert decision.action is Action.KEEP  # still a running job
+
+
+def test_host_config_allowlist_protects_by_cluster_and_by_user() -> None:
+    _, evidence = load("long_idle_debug_session")
+    for entry in ("alice-debug", "user:alice"):
+        (decision,) = decide(evidence, ReapSettings(protected=(entry,)))
+        assert decision.action is Action.PROTECTED, decision.summary
+
+
+def test_grace_not_over_yet_stays_a_warning() -> None:
+    _, evidence = load("long_idle_debug_session")
+    session = evidence.sessions[0]
+    now = evidence.collected_at
+    recent = Session(**{**session.__dict__, "warned_at": now - 3600})
+    decision = decide_session(recent, DEFAULTS, now)
+    assert decision.action is Action.WARN
+    assert decision.reap_after == now - 3600 + DEFAULTS.grace_s
+
+
+def test_gap_in_history_breaks_the_idle_stretch() -> None:
+    _, evidence = load("long_idle_debug_session")
+    session = evidence.sessions[0]
+    now = evidence.collected_at
+    hole = (now - 5 * 3600, now - 4 * 3600)
+    holed = Session(
+        **{
+            **session.__dict__,
+            "gpu_samples": tuple(s for s in session.gpu_samples if not hole[0] < s.ts < hole[1]),
+            "activity_samples": tuple(
+                s for s in session.activity_samples if not hole[0] < s.ts < hole[1]
+            ),
+        }
+    )
+    decision = decide_session(holed, DEFAULTS, now)
+    assert decision.action is Action.KEEP
+    assert "no observations from" in decision.summary
+
+
+# ---- properties -------------------------------------------------------------------------
+
+NOW = 1_732_590_000.0
+STEP = 900.0  # within the default 20m max_sample_gap; fewer rows keep hypothesis fast
+
+
+@st.composite
+def idle_looking_sessions(draw: st.DrawFn) -> Session:
+    """Sessions that mostly look like zombies, with random disturbances drawn in."""
+    span_h = draw(st.integers(min_value=1, max_value=7 * 24))
+    age_s = draw(st.floats(min_value=0, max_value=10 * 86400))
+    created = NOW - age_s
+    start = max(created, NOW - span_h * 3600)
+    n = int((NOW - start) // STEP) + 1
+    gpus = draw(st.lists(st.integers(0, 7), min_size=1, max_size=3, unique=True))
+    busy_at = draw(st.sets(st.integers(0, max(0, n - 1)), max_size=draw(st.sampled_from([0, 3]))))
+    ssh_at = draw(st.sets(st.integers(0, max(0, n - 1)), max_size=draw(st.sampled_from([0, 2]))))
+    util_hi = draw(st.floats(min_value=0, max_value=100))
+    util_lo = draw(st.sampled_from([0.0, 1.0, 4.9]))
+    g: list[GpuSample] = []
+    a: list[ActivitySample] = []
+    for i in range(n):
+        ts = NOW - i * STEP
+        for gpu in gpus:
+            util = util_hi if i in busy_at else util_lo
+            g.append(GpuSample(ts, gpu, util, 20000.0))
+        a.append(ActivitySample(ts, 1 if i in ssh_at else 0, 0.0))
+    return Session(
+        cluster="u-s",
+        owner="u",
+        kind="interactive",
+        created_at=created,
+        gpus=tuple(gpus),
+        vram_mib=20000.0 * len(gpus),
+        jobs_running=draw(st.sampled_from([0, 0, 0, 1, 2])),
+        jobs_pending=draw(st.sampled_from([0, 0, 0, 1])),
+        ssh_attached=draw(st.sampled_from([False, False, False, True])),
+        warned_at=draw(st.one_of(st.none(), st.floats(NOW - 10 * 86400, NOW))),
+        gpu_samples=tuple(g),
+        activity_samples=tuple(a),
+    )
+
+
+thresholds = st.builds(
+    ReapSettings,
+    min_age_s=st.integers(0, 3 * 86400),
+    idle_window_s=st.integers(600, 2 * 86400),
+    util_threshold_pct=st.floats(1, 50),
+    grace_s=st.integers(0, 3 * 86400),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(idle_looking_sessions(), thresholds)
+def test_never_reaps_a_session_with_a_running_job(session: Session, th: ReapSettings) -> None:
+    if session.jobs_running or session.jobs_pending:
+        assert not decide_session(session, th, NOW).action.is_zombie
+
+
+@settings(max_examples=200, deadline=None)
+@given(idle_looking_sessions(), thresholds)
+def test_never_reaps_with_ssh_attached(session: Session, th: ReapSettings) -> None:
+    window_start = NOW - th.idle_window_s
+    ssh_in_window = any(a.ssh_sessions for a in session.activity_samples if a.ts >= window_start)
+    if session.ssh_attached or ssh_in_window:
+        assert not decide_session(session, th, NOW).action.is_zombie
+
+
+@settings(max_examples=200, deadline=None)
+@given(idle_looking_sessions(), thresholds)
+def test_never_reaps_after_a_busy_sample_in_the_window(session: Session, th: ReapSettings) -> None:
+    window_start = NOW - th.idle_window_s
+    busy = any(
+        (s.util_pct or 0) >= th.util_threshold_pct
+        for s in session.gpu_samples
+        if s.ts >= window_start
+    )
+    if busy:
+        assert not decide_session(session, th, NOW).action.is_zombie
+
+
+@settings(max_examples=200, deadline=None)
+@given(idle_looking_sessions(), thresholds)
+def test_never_reaps_a_young_session(session: Session, th: ReapSettings) -> None:
+    assert session.created_at is not None
+    if NOW - session.created_at < th.min_age_s:
+        assert not decide_session(session, th, NOW).action.is_zombie
+
+
+@settings(max_examples=200, deadline=None)
+@given(idle_looking_sessions(), thresholds)
+def test_chosen_means_every_signal_agrees(session: Session, th: ReapSettings) -> None:
+    """The converse check: whatever is chosen was idle, alone, old and warned long enough."""
+    decision = decide_session(session, th, NOW)
+    if decision.action is Action.REAP:
+        assert decision.warned_at is not None and NOW - decision.warned_at >= th.grace_s
+        assert decision.idle_since is not None and NOW - decision.idle_since >= th.idle_window_s
+        assert not session.jobs_running and not session.ssh_attached
+
+
+@settings(max_examples=200, deadline=None)
+@given(idle_looking_sessions())
+def test_batch_sessions_are_never_zombies(session: Session) -> None:
+    batch = Session(**{**session.__dict__, "kind": "batch"})
+    assert not decide_session(batch, DEFAULTS, NOW).action.is_zombie
+
+
+def test_properties_do_reach_reap() -> None:
+    """Guard against vacuous properties: the generator can produce a reapable session."""
+    n = int(8 * 3600 // STEP) + 1
+    session = Session(
+        cluster="u-s",
+        owner="u",
+        kind="interactive",
+        created_at=NOW - 3 * 86400,
+        gpus=(0,),
+        vram_mib=20000.0,
+        ssh_attached=False,
+        warned_at=NOW - 2 * 86400,
+        gpu_samples=tuple(GpuSample(NOW - i * STEP, 0, 0.0, 20000.0) for i in range(n)),
+        activity_samples=tuple(ActivitySample(NOW - i * STEP, 0, 0.0) for i in range(n)),
+    )
+    assert decide_session(session, DEFAULTS, NOW).action is Action.REAP
