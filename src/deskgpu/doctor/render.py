@@ -38,6 +38,6 @@ def render(result: DoctorResult, console: Console) -> None:
         table.add_row(f"  {name}", Text(check.status.upper(), style=_STYLE[check.status]), body)
     console.print(table)
     for note in result.notes:
-        console.print(Text(f"note: {note}", style="dim"))
+        console.print(Text(f"note: {note}", style="dim"), soft_wrap=True)
     style = "bold red" if result.exit_status else "bold green"
-    console.print(Text(result.summary_line(), style=style))
+    console.print(Text(result.summary_line(), style=style), soft_wrap=True)

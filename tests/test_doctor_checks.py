@@ -1,0 +1,385 @@
+"""Doctor's checks over facts recorded from real boxes (tests/fixtures/doctor/*.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from deskgpu.config import HostConfig, load_config
+from deskgpu.doctor import run_doctor
+from deskgpu.doctor.checks import (
+    FAIL,
+    OK,
+    SKIP,
+    WARN,
+    Check,
+    drift_distributions,
+    gpu_matches,
+    resolve_endpoint,
+    run_checks,
+)
+from deskgpu.doctor.facts import FactsFormatError, HostFacts, PathFact
+from deskgpu.errors import ExitStatus
+
+FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
+BOX_CONFIG = FIXTURES / "host-config.yaml"
+
+
+def facts(name: str) -> HostFacts:
+    return HostFacts.from_dict(json.loads((FIXTURES / name).read_text()))
+
+
+def box_config(**changes: object) -> HostConfig:
+    return dataclasses.replace(load_config(BOX_CONFIG), **changes)  # type: ignore[arg-type]
+
+
+def by_id(checks: list[Check]) -> dict[str, Check]:
+    return {c.id: c for c in checks}
+
+
+def not_ok(checks: list[Check]) -> dict[str, str]:
+    return {c.id: c.status for c in checks if c.status not in (OK, SKIP)}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*.json")))
+def test_recorded_facts_round_trip(name: str) -> None:
+    doc = json.loads((FIXTURES / name).read_text())
+    assert HostFacts.from_dict(doc).to_dict() == doc
+
+
+def test_healthy_4x_a6000_box_is_all_ok() -> None:
+    result = run_doctor(box_config(), facts("healthy-4x-a6000.json"), source="recorded")
+    assert not_ok(result.checks) == {}
+    assert result.exit_status == ExitStatus.OK
+    checks = by_id(result.checks)
+    assert checks["driver.gpus"].detail.startswith("4x NVIDIA RTX A6000")
+    assert "driver 550.90.07, supports CUDA 12.4" in checks["driver.nvml"].detail
+    assert "1.16.2" in checks["docker.toolkit"].detail
+    assert "deskbox: 4" in checks["kubernetes.gpu_allocatable"].detail
+    assert "deskgpu.policy.HouseRules" in checks["skypilot.admin_policy"].detail
+    assert "/etc/cron.d/deskgpu" in checks["operations.reap_scheduled"].detail
+    assert checks["skypilot.kueue"].status == SKIP  # not configured on this box
+    assert all(c.fix is None for c in result.checks)
+
+
+def test_torch_pip_installed_into_system_python_warns_with_what_and_where() -> None:
+    checks = run_checks(facts("system-pip-torch.json"), box_config())
+    assert not_ok(checks) == {"golden_rule.host_python": WARN}
+    check = by_id(checks)["golden_rule.host_python"]
+    assert check.detail.startswith("torch 2.3.1, triton 2.3.1, nvidia_cublas_cu12 12.1.3.1")
+    assert "/usr/local/lib/python3.10/dist-packages" in check.detail
+    assert check.fix is not None
+    assert "pip uninstall -y torch triton nvidia-cublas-cu12" in check.fix
+
+
+def test_missing_container_toolkit_fails_docker_and_kubernetes_gpus() -> None:
+    checks = run_checks(facts("missing-container-toolkit.json"), box_config())
+    assert not_ok(checks) == {
+        "docker.nvidia_runtime": FAIL,
+        "docker.toolkit": FAIL,
+        "kubernetes.gpu_allocatable": FAIL,
+        "kubernetes.device_plugin": FAIL,
+        "kubernetes.gpu_labels": WARN,
+    }
+    found = by_id(checks)
+    assert "nvidia-ctk runtime configure --runtime=docker" in (
+        found["docker.nvidia_runtime"].fix or ""
+    )
+    assert "container-toolkit" in (found["docker.toolkit"].fix or "")
+    assert "0/1 ready" in found["kubernetes.device_plugin"].detail
+
+
+def test_k3s_node_without_nvidia_gpu_resource() -> None:
+    checks = run_checks(facts("k3s-node-without-gpus.json"), box_config())
+    assert not_ok(checks) == {
+        "kubernetes.gpu_allocatable": FAIL,
+        "kubernetes.device_plugin": FAIL,
+        "kubernetes.gpu_labels": WARN,
+    }
+    found = by_id(checks)
+    assert "no node advertises nvidia.com/gpu" in found["kubernetes.gpu_allocatable"].detail
+    assert "kubectl label node deskbox skypilot.co/accelerator=a6000" in (
+        found["kubernetes.gpu_labels"].fix or ""
+    )
+
+
+def test_thermally_throttling_gpu_fails_and_names_it() -> None:
+    result = run_doctor(box_config(), facts("thermal-throttling.json"))
+    assert not_ok(result.checks) == {"driver.thermal": FAIL}
+    detail = by_id(result.checks)["driver.thermal"].detail
+    assert "GPU 2 at 93C: thermal slowdown in 3/3 samples" in detail
+    assert "GPU 1 at 85C" in detail  # at the configured limit, not yet throttling
+    assert result.exit_status == ExitStatus.FOUND
+
+
+def test_one_thermal_sample_is_a_warning_not_a_failure() -> None:
+    recorded = facts("thermal-throttling.json")
+    recorded.nvml.gpus[2].samples[1].clocks_event_reasons = 0x4
+    recorded.nvml.gpus[2].samples[2].clocks_event_reasons = 0x0
+    check = by_id(run_checks(recorded, box_config()))["driver.thermal"]
+    assert check.status == WARN
+    assert "1/3 samples" in check.detail
+
+
+def test_per_user_private_sky_server_is_a_failure() -> None:
+    # alice's box: no shared endpoint anywhere, her SDK auto-started its own server.
+    checks = run_checks(facts("private-sky-server.json"), box_config(api_server=None))
+    found = by_id(checks)
+    assert found["skypilot.endpoint"].status == FAIL
+    shared = found["skypilot.shared_server"]
+    assert shared.status == FAIL
+    assert "alice's private one (pid 48211, no --deploy" in shared.detail
+    assert "sky api stop" in (shared.fix or "")
+    assert found["skypilot.infra"].status == FAIL
+    assert found["skypilot.admin_policy"].status == WARN  # her server has no config to read
+
+
+def test_shared_server_run_by_the_wrong_account() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    recorded.sky.processes[0].user = "bob"
+    recorded.sky.processes[0].uid = 1002
+    check = by_id(run_checks(recorded, box_config()))["skypilot.shared_server"]
+    assert check.status == FAIL
+    assert "doctor.api_server_user is skypilot" in check.detail
+
+
+def test_stray_private_server_next_to_the_shared_one_warns() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    stray = dataclasses.replace(recorded.sky.processes[0], pid=5151, uid=1003, user="carol")
+    stray.port, stray.deploy = 46581, False
+    recorded.sky.processes.append(stray)
+    check = by_id(run_checks(recorded, box_config()))["skypilot.shared_server"]
+    assert check.status == WARN
+    assert "carol (pid 5151, port 46581)" in check.detail
+
+
+def test_endpoint_env_overriding_the_box_server_warns() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    recorded.env["SKYPILOT_API_SERVER_ENDPOINT"] = "http://10.0.0.9:46580"
+    check = by_id(run_checks(recorded, box_config()))["skypilot.endpoint"]
+    assert check.status == WARN
+    assert check.fix == "`export SKYPILOT_API_SERVER_ENDPOINT=http://127.0.0.1:46580` (or unset it)"
+
+
+def test_admin_policy_missing_when_required() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    recorded.sky.server_configs[0].text = "kubernetes:\n  provision_timeout: -1\n"
+    check = by_id(run_checks(recorded, box_config()))["skypilot.admin_policy"]
+    assert check.status == FAIL
+    assert "/var/lib/skypilot/.sky/config.yaml" in (check.fix or "")
+    relaxed = box_config(doctor={"require_admin_policy": False})
+    assert by_id(run_checks(recorded, relaxed))["skypilot.admin_policy"].status == SKIP
+
+
+def test_gpu_count_below_inventory_fails() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    del recorded.nvml.gpus[3]
+    found = by_id(run_checks(recorded, box_config()))
+    assert found["driver.gpus"].status == FAIL
+    assert "3x A6000 (config says 4)" in found["driver.gpus"].detail
+    # k8s still advertises 4 while NVML sees 3.
+    assert found["kubernetes.gpu_allocatable"].status == FAIL
+
+
+def test_gpu_fell_off_the_bus() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    recorded.nvml.gpus[1].error = "GPU is lost (fell off the bus?)"
+    check = by_id(run_checks(recorded, box_config()))["driver.gpus"]
+    assert check.status == FAIL
+    assert check.detail.startswith("GPU 1: GPU is lost")
+
+
+def test_remapped_row_failure_and_pending_retirement() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    recorded.nvml.gpus[0].remapped_rows_pending = True
+    assert by_id(run_checks(recorded, box_config()))["driver.ecc"].status == WARN
+    recorded.nvml.gpus[0].remapped_rows_failure = True
+    check = by_id(run_checks(recorded, box_config()))["driver.ecc"]
+    assert check.status == FAIL
+    assert "GPU 0: row remapping failed" in check.detail
+
+
+def test_persistence_mode_off_warns() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    recorded.nvml.gpus[2].persistence_mode = False
+    check = by_id(run_checks(recorded, box_config()))["driver.persistence"]
+    assert check.status == WARN
+    assert "nvidia-persistenced" in (check.fix or "")
+
+
+def test_low_disk_space_thresholds() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    ckpt = recorded.storage["checkpoints"]
+    ckpt.free_bytes = int(ckpt.total_bytes * 0.10)  # type: ignore[operator]
+    assert by_id(run_checks(recorded, box_config()))["storage.free_space"].status == WARN
+    ckpt.free_bytes = int(ckpt.total_bytes * 0.02)  # type: ignore[operator]
+    check = by_id(run_checks(recorded, box_config()))["storage.free_space"]
+    assert check.status == FAIL
+    assert "/checkpoints" in (check.fix or "")
+
+
+def test_checkpoints_on_nfs_and_not_group_writable() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    recorded.storage["checkpoints"] = PathFact(
+        path="/checkpoints",
+        exists=True,
+        is_dir=True,
+        mode=0o755,
+        owner="root",
+        group="root",
+        free_bytes=10**12,
+        total_bytes=2 * 10**12,
+        mount_point="/checkpoints",
+        fstype="nfs4",
+        mount_source="nas:/export/ckpt",
+    )
+    found = by_id(run_checks(recorded, box_config()))
+    assert found["storage.local_disk"].status == WARN
+    assert "nas:/export/ckpt (nfs4)" in found["storage.local_disk"].detail
+    assert found["storage.checkpoints"].status == FAIL
+    assert found["storage.checkpoints"].fix == (
+        "`sudo chgrp research /checkpoints && sudo chmod 2775 /checkpoints`"
+    )
+
+
+def test_schedule_by_systemd_timer() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    del recorded.files["cron:/etc/cron.d/deskgpu"]
+    found = by_id(run_checks(recorded, box_config()))
+    assert found["operations.reap_scheduled"].status == WARN
+    from deskgpu.doctor.facts import FileFact
+
+    recorded.files["systemd:/etc/systemd/system/deskgpu-reap.service"] = FileFact(
+        path="/etc/systemd/system/deskgpu-reap.service",
+        exists=True,
+        text="[Service]\nType=oneshot\nExecStart=/usr/local/bin/deskgpu reap --yes\n",
+    )
+    recorded.files["systemd:/etc/systemd/system/deskgpu-reap.timer"] = FileFact(
+        path="/etc/systemd/system/deskgpu-reap.timer",
+        exists=True,
+        text="[Timer]\nOnCalendar=weekly\nPersistent=true\n[Install]\nWantedBy=timers.target\n",
+    )
+    check = by_id(run_checks(recorded, box_config()))["operations.reap_scheduled"]
+    assert check.status == WARN  # the unit exists, but systemd does not list the timer
+    assert check.fix == "`sudo systemctl enable --now deskgpu-reap.timer`"
+    timers = recorded.commands["systemctl_timers"]
+    timers.stdout += (
+        "Mon 2025-06-16 00:00:00 UTC 6 days left - - deskgpu-reap.timer deskgpu-reap.service\n"
+    )
+    assert by_id(run_checks(recorded, box_config()))["operations.reap_scheduled"].status == OK
+
+
+def test_skip_list_in_host_config() -> None:
+    checks = run_checks(
+        facts("thermal-throttling.json"), box_config(doctor={"skip": ["driver.thermal"]})
+    )
+    check = by_id(checks)["driver.thermal"]
+    assert (check.status, check.fix) == (SKIP, None)
+
+
+def test_docker_socket_permission_denied_is_a_skip_not_a_failure() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    info = recorded.commands["docker_info"]
+    info.returncode, info.stdout = (
+        1,
+        '{"ServerVersion":"","Runtimes":null,"DefaultRuntime":"","CDISpecDirs":null}\n',
+    )
+    info.stderr = (
+        "permission denied while trying to connect to the Docker daemon socket at "
+        'unix:///var/run/docker.sock: Get "http://%2Fvar%2Frun%2Fdocker.sock/v1.46/info": dial '
+        "unix /var/run/docker.sock: connect: permission denied\n"
+    )
+    found = by_id(run_checks(recorded, box_config()))
+    assert found["docker.daemon"].status == SKIP
+    assert "sudo deskgpu doctor" in found["docker.daemon"].detail
+    assert found["docker.nvidia_runtime"].status == OK  # daemon.json + CDI spec still say so
+
+
+def test_hung_kube_api() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    nodes = recorded.commands["kube_nodes"]
+    nodes.returncode, nodes.stdout, nodes.timed_out, nodes.elapsed_s = None, "", True, 4.0
+    del recorded.commands["kube_daemonsets"]
+    found = by_id(run_checks(recorded, box_config()))
+    assert found["kubernetes.nodes"].status == FAIL
+    assert "did not answer" in found["kubernetes.nodes"].detail
+    assert found["kubernetes.gpu_allocatable"].status == SKIP
+
+
+def test_kueue_configured_but_not_installed() -> None:
+    from deskgpu.doctor.facts import CommandResult
+
+    recorded = facts("healthy-4x-a6000.json")
+    recorded.commands["kube_localqueues"] = CommandResult(
+        argv=["kubectl", "get", "localqueues.kueue.x-k8s.io", "-A", "-o", "json"],
+        returncode=1,
+        stderr='error: the server doesn\'t have a resource type "localqueues"\n',
+    )
+    check = by_id(run_checks(recorded, box_config(kueue_local_queue="deskgpu")))["skypilot.kueue"]
+    assert check.status == FAIL
+    assert "Kueue is not installed" in check.detail
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "expected"),
+    [
+        ("A6000", "NVIDIA RTX A6000", True),
+        ("H100", "NVIDIA H100 80GB HBM3", True),
+        ("A100-80GB", "NVIDIA A100-SXM4-80GB", True),
+        ("RTX4090", "NVIDIA GeForce RTX 4090", True),
+        ("A100", "NVIDIA A10", False),
+        ("A6000", "NVIDIA RTX 6000 Ada Generation", False),
+    ],
+)
+def test_gpu_model_matching(model: str, name: str, expected: bool) -> None:
+    assert gpu_matches(model, name) is expected
+
+
+def test_drift_ignores_nvml_bindings_and_plain_libraries() -> None:
+    dists = [
+        "nvidia-ml-py==12.560.30",
+        "numpy==1.26.4",
+        "requests==2.31.0",
+        "jax==0.4.30",
+        "nvidia_cudnn_cu12==9.1.0.70",
+        "tensorflow-gpu==2.12.0",
+    ]
+    assert drift_distributions(dists) == [
+        "jax==0.4.30",
+        "tensorflow-gpu==2.12.0",
+        "nvidia_cudnn_cu12==9.1.0.70",
+    ]
+
+
+def test_endpoint_resolution_order() -> None:
+    sky_yaml = "api_server:\n  endpoint: http://box:46580\n"
+    cfg = HostConfig(api_server="http://127.0.0.1:46580")
+    env = {"SKYPILOT_API_SERVER_ENDPOINT": "http://other:1"}
+    assert resolve_endpoint(env, cfg, sky_yaml) == (
+        "http://other:1",
+        "env SKYPILOT_API_SERVER_ENDPOINT",
+    )
+    assert resolve_endpoint({}, cfg, sky_yaml)[1] == "host config api_server"
+    assert resolve_endpoint({}, HostConfig(), sky_yaml) == (
+        "http://box:46580",
+        "~/.sky/config.yaml api_server.endpoint",
+    )
+    assert resolve_endpoint({}, HostConfig(), "not: [yaml") == ("http://127.0.0.1:46580", "default")
+
+
+def test_newer_recorder_version_is_refused() -> None:
+    doc = json.loads((FIXTURES / "healthy-4x-a6000.json").read_text())
+    doc["facts_version"] = 99
+    with pytest.raises(FactsFormatError, match="facts_version 99"):
+        HostFacts.from_dict(doc)
+
+
+def test_every_check_has_a_fix_when_not_ok() -> None:
+    for name in FIXTURES.glob("*.json"):
+        for check in run_checks(facts(name.name), box_config(api_server=None)):
+            if check.status in (WARN, FAIL):
+                assert check.fix, check.id
+            assert "\n" not in check.detail, check.id

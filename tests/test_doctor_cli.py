@@ -1,0 +1,144 @@
+"""`deskgpu doctor` through the real CLI: live on this machine, and on recorded facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
+BOX_CONFIG = str(FIXTURES / "host-config.yaml")
+HAS_GPU = Path("/dev/nvidiactl").exists()
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this test describes a machine without GPUs")
+def test_doctor_on_this_machine_runs_to_completion_and_reports_failures(cli) -> None:
+    """No GPU, no Docker engine, no k3s: failures with fixes, exit 3, in seconds."""
+    start = time.monotonic()
+    result = cli("doctor", "--json")
+    assert time.monotonic() - start < 20
+    assert result.exit_code == 3, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["kind"], doc["version"], doc["exit_status"]) == ("deskgpu.doctor/report", 1, 3)
+    checks = {c["id"]: c for c in doc["checks"]}
+    assert checks["driver.nvml"]["status"] == "fail"
+    assert checks["kubernetes.context"]["status"] == "fail"
+    assert (
+        checks["docker.daemon"]["status"] in ("fail", "skip")
+        or checks["docker.cli"]["status"] == "fail"
+    )
+    assert checks["docker.toolkit"]["status"] == "fail"
+    for check in doc["checks"]:
+        assert check["status"] in ("ok", "warn", "fail", "skip")
+        if check["status"] == "fail":
+            assert check["fix"], check["id"]
+    assert sum(doc["summary"].values()) == len(doc["checks"])
+
+
+def test_doctor_table_is_grouped_with_a_summary(cli) -> None:
+    result = cli(
+        "doctor", "--facts", str(FIXTURES / "thermal-throttling.json"), "--config", BOX_CONFIG
+    )
+    assert result.exit_code == 3
+    for title in (
+        "NVIDIA driver",
+        "Docker + NVIDIA Container Toolkit",
+        "k3s / Kubernetes",
+        "SkyPilot",
+        "Golden rule",
+        "Storage",
+        "Operations",
+    ):
+        assert title in result.stdout
+    assert "thermal slowdown in 3/3 samples" in result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("FAIL: 28 ok, 0 warn, 1 fail, 1 skip on deskbox")
+    assert result.stderr == ""
+
+
+def test_healthy_recorded_box_exits_0(cli) -> None:
+    result = cli(
+        "doctor",
+        "--json",
+        "--facts",
+        str(FIXTURES / "healthy-4x-a6000.json"),
+        "--config",
+        BOX_CONFIG,
+    )
+    assert result.exit_code == 0, result.stdout
+    doc = json.loads(result.stdout)
+    assert doc["summary"] == {"ok": 29, "warn": 0, "fail": 0, "skip": 1}
+    assert doc["source"].startswith("recorded ")
+
+
+def test_warnings_alone_exit_0(cli) -> None:
+    result = cli(
+        "doctor",
+        "--json",
+        "--facts",
+        str(FIXTURES / "system-pip-torch.json"),
+        "--config",
+        BOX_CONFIG,
+    )
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["summary"]["warn"] == 1
+
+
+def test_record_then_replay_gives_the_same_verdicts(cli, tmp_path: Path) -> None:
+    recorded = tmp_path / "facts.json"
+    live = cli("doctor", "--json", "--record", str(recorded), "--timeout", "3")
+    replay = cli("doctor", "--json", "--facts", str(recorded))
+    assert live.exit_code == replay.exit_code
+    statuses = [(c["id"], c["status"], c["detail"]) for c in json.loads(live.stdout)["checks"]]
+    again = [(c["id"], c["status"], c["detail"]) for c in json.loads(replay.stdout)["checks"]]
+    assert statuses == again
+
+
+def test_unreadable_facts_file_is_one_clean_line(cli, tmp_path: Path) -> None:
+    bad = tmp_path / "facts.json"
+    bad.write_text('{"facts_version": 7}')
+    result = cli("doctor", "--facts", str(bad))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"{bad}: recorded facts have facts_version 7; this deskgpu reads 1"
+    )
+    assert result.stdout == ""
+
+
+def test_record_to_an_unwritable_place_exits_1(cli, tmp_path: Path) -> None:
+    result = cli(
+        "doctor",
+        "--facts",
+        str(FIXTURES / "healthy-4x-a6000.json"),
+        "--config",
+        BOX_CONFIG,
+        "--record",
+        str(tmp_path / "no" / "such" / "dir.json"),
+    )
+    assert result.exit_code == 1
+    assert "cannot write the facts" in result.stderr
+
+
+def test_invalid_doctor_section_is_a_usage_error(cli, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("doctor:\n  min_free_pc: 5\n")
+    result = cli("doctor", "--config", str(config))
+    assert result.exit_code == 2
+    assert "did you mean `min_free_pct`" in result.stderr
+
+
+def test_example_host_config_is_accepted(cli) -> None:
+    example = Path(__file__).parent.parent / "examples" / "host-config.yaml"
+    result = cli(
+        "doctor",
+        "--json",
+        "--facts",
+        str(FIXTURES / "healthy-4x-a6000.json"),
+        "--config",
+        str(example),
+    )
+    assert result.exit_code in (0, 3), result.stderr
+    assert os.environ.get("DESKGPU_CONFIG") is None
