@@ -432,3 +432,52 @@ def _float(value: Any) -> float | None:
         return None if value is None else float(value)
     except (TypeError, ValueError):
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# deskgpu reap: a cluster's own job queue, and teardown. Kubernetes cannot stop a cluster, so
+# reclaiming a session is `sky down`; its /checkpoints hostPath survives by design.
+# ---------------------------------------------------------------------------------------------
+
+_CLUSTER_JOB_RUNNING = {"SETTING_UP", "RUNNING"}
+_CLUSTER_JOB_PENDING = {"INIT", "PENDING"}
+
+
+def count_cluster_jobs(records: list[dict[str, Any]]) -> tuple[int, int]:
+    """`sky queue <cluster>` records -> (running, pending)."""
+    running = pending = 0
+    for rec in records:
+        status = _enum_name(rec.get("status")) or ""
+        running += status in _CLUSTER_JOB_RUNNING
+        pending += status in _CLUSTER_JOB_PENDING
+    return running, pending
+
+
+def cluster_jobs(cluster_name: str, config: HostConfig) -> tuple[int, int]:
+    """(running, pending) jobs on a cluster, all users'; raises `OutsideError`."""
+    endpoint = prepare_environment(config)
+    sky = import_sky()
+    try:
+        with _quiet_sdk():
+            records = sky.get(sky.queue(cluster_name, skip_finished=True, all_users=True))
+    except Exception as exc:
+        raise OutsideError(
+            f"{cluster_name}: job queue unavailable: {explain(exc, endpoint)}"
+        ) from None
+    return count_cluster_jobs([record_dict(r) for r in records or []])
+
+
+def down_cluster(cluster_name: str, config: HostConfig) -> None:
+    """`sky down <cluster>` and wait for it; any failure is one clean `OutsideError` line."""
+    endpoint = prepare_environment(config)
+    sky = import_sky()
+    try:
+        with _quiet_sdk():
+            sky.get(sky.down(cluster_name, purge=False, graceful=False))
+    except Exception as exc:
+        name = type(exc).__name__
+        if name == "ClusterDoesNotExist":
+            raise OutsideError(
+                f"{cluster_name}: already gone (SkyPilot has no such cluster)"
+            ) from None
+        raise OutsideError(f"{cluster_name}: teardown failed: {explain(exc, endpoint)}") from None

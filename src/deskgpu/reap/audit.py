@@ -1,0 +1,124 @@
+"""The run lock, the audit log (JSON lines) and the evidence files it points to.
+
+Every decision and action of a reap run is one line in the audit log; the line carries
+the decision's reasons and a summary of its evidence, and names the evidence file (the
+whole document, gzipped) that `deskgpu reap --evidence FILE` re-decides from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import gzip
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from deskgpu.errors import OutsideError, UsageError
+from deskgpu.reap.evidence import Evidence, EvidenceError
+
+EVIDENCE_KEEP = 200  # evidence files kept; older ones are deleted
+
+
+@contextlib.contextmanager
+def run_lock(path: Path, timeout_s: float, poll_s: float = 0.2) -> Iterator[None]:
+    """Serialize reap runs (and observe's warnings) on an flock; released on any exit."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutsideError(f"cannot open the reap lock {path}: {exc.strerror or exc}") from None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise OutsideError(f"cannot lock {path}: {exc.strerror}") from None
+                if time.monotonic() >= deadline:
+                    raise OutsideError(
+                        f"another reap holds {path} for over {timeout_s:g} s; try again later"
+                    ) from None
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+class AuditLog:
+    """Append-only JSON lines; each record is written with one `write` on an O_APPEND fd."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def check_writable(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            os.close(fd)
+        except OSError as exc:
+            raise OutsideError(
+                f"cannot write the audit log {self.path} ({exc.strerror or exc}): reap acts only "
+                "when it can record why; run as root or set reap.audit_log"
+            ) from None
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=False, default=str, separators=(",", ":")) + "\n"
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OutsideError(f"cannot append to the audit log {self.path}: {exc}") from None
+
+
+def save_evidence(directory: Path, run_id: str, evidence: Evidence) -> Path:
+    """Write the run's whole evidence document (gzipped JSON); keep the newest files only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{run_id}.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        json.dump(evidence.to_dict(), fh, separators=(",", ":"))
+    old = sorted(directory.glob("*.json.gz"))[:-EVIDENCE_KEEP]
+    for stale in old:
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def write_evidence(path: Path, evidence: Evidence) -> None:
+    """`--record FILE`: plain JSON, or gzipped when the name ends in `.gz`."""
+    text = json.dumps(evidence.to_dict(), indent=1)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "wt", encoding="utf-8") as fh:
+                fh.write(text)
+        else:
+            path.write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write the evidence ({exc.strerror or exc})") from None
+
+
+def read_evidence(path: Path) -> Evidence:
+    """A recorded evidence document (plain or gzipped JSON); problems are usage errors."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the evidence ({exc.strerror or exc})") from None
+    try:
+        text = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        doc = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: not a JSON evidence document ({exc})") from None
+    try:
+        return Evidence.from_dict(doc)
+    except EvidenceError as exc:
+        raise UsageError(f"{path}: {exc}") from None

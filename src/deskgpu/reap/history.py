@@ -1,0 +1,217 @@
+"""The observation history: compact samples in SQLite, bounded by a retention period.
+
+`deskgpu observe` (a timer every few minutes) appends one observation: per session, one
+row per GPU `(ts, gpu, util %, VRAM MiB)` and one activity row `(ts, SSH connections,
+CPU %)`. A week of 5-minute observations of 8 busy GPUs is ~16,000 GPU rows (< 1 MiB).
+The same store keeps the notices given to owners (the grace period's clock), which
+`deskgpu queue` can show. `:memory:` gives a throwaway store for live sampling.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from deskgpu.errors import OutsideError
+from deskgpu.reap.evidence import ActivitySample, GpuSample
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS observations (ts INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS gpu_samples (
+    cluster TEXT NOT NULL, ts INTEGER NOT NULL, gpu INTEGER NOT NULL,
+    util INTEGER, vram INTEGER
+);
+CREATE INDEX IF NOT EXISTS gpu_samples_cluster_ts ON gpu_samples (cluster, ts);
+CREATE TABLE IF NOT EXISTS activity_samples (
+    cluster TEXT NOT NULL, ts INTEGER NOT NULL,
+    ssh INTEGER, cpu REAL, cpu_total_s REAL
+);
+CREATE INDEX IF NOT EXISTS activity_samples_cluster_ts ON activity_samples (cluster, ts);
+CREATE TABLE IF NOT EXISTS notices (
+    cluster TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL,
+    warned_at REAL NOT NULL, reap_after REAL NOT NULL, message TEXT NOT NULL
+);
+"""
+FORMAT = "1"
+
+
+@dataclass(frozen=True)
+class SessionSample:
+    """What one observation saw of one session."""
+
+    cluster: str
+    gpus: tuple[tuple[int, float | None, float | None], ...]  # (gpu, util %, VRAM MiB)
+    ssh_sessions: int | None
+    cpu_total_s: float | None  # the pod's cumulative CPU seconds (cgroup), for CPU %
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A warning given to a session's owner: the grace period runs from `warned_at`."""
+
+    cluster: str
+    owner: str
+    created_at: float | None
+    warned_at: float
+    reap_after: float
+    message: str
+
+
+class History:
+    """One open history database. Use `open_history()`."""
+
+    def __init__(self, db: sqlite3.Connection, path: str) -> None:
+        self.db = db
+        self.path = path
+
+    # -- observations -------------------------------------------------------------------
+
+    def append(self, ts: float, samples: Iterable[SessionSample]) -> None:
+        """Record one observation (CPU % is computed against the previous one)."""
+        t = int(ts)
+        with self.db:
+            self.db.execute("INSERT OR IGNORE INTO observations (ts) VALUES (?)", (t,))
+            for s in samples:
+                self.db.executemany(
+                    "INSERT INTO gpu_samples VALUES (?, ?, ?, ?, ?)",
+                    [(s.cluster, t, g, _int(u), _int(v)) for g, u, v in s.gpus],
+                )
+                cpu = self._cpu_pct(s.cluster, t, s.cpu_total_s)
+                self.db.execute(
+                    "INSERT INTO activity_samples VALUES (?, ?, ?, ?, ?)",
+                    (s.cluster, t, s.ssh_sessions, cpu, s.cpu_total_s),
+                )
+
+    def _cpu_pct(self, cluster: str, ts: int, total: float | None) -> float | None:
+        if total is None:
+            return None
+        row = self.db.execute(
+            "SELECT ts, cpu_total_s FROM activity_samples WHERE cluster = ? AND ts < ? "
+            "AND cpu_total_s IS NOT NULL ORDER BY ts DESC LIMIT 1",
+            (cluster, ts),
+        ).fetchone()
+        if row is None or ts <= row[0] or total < row[1]:  # first look, or a restarted pod
+            return None
+        return round(100.0 * (total - float(row[1])) / (ts - int(row[0])), 1)
+
+    def prune(self, before: float) -> None:
+        t = int(before)
+        with self.db:
+            for table in ("observations", "gpu_samples", "activity_samples"):
+                self.db.execute(f"DELETE FROM {table} WHERE ts < ?", (t,))  # noqa: S608 - fixed names
+
+    def since(self) -> float | None:
+        """The oldest observation kept."""
+        row = self.db.execute("SELECT MIN(ts) FROM observations").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def latest(self) -> float | None:
+        row = self.db.execute("SELECT MAX(ts) FROM observations").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def samples(
+        self, clusters: Iterable[str], since: float
+    ) -> dict[str, tuple[list[GpuSample], list[ActivitySample]]]:
+        """Each cluster's samples from `since` on, oldest first."""
+        wanted = set(clusters)
+        out: dict[str, tuple[list[GpuSample], list[ActivitySample]]] = defaultdict(lambda: ([], []))
+        t = int(since)
+        for cluster, ts, gpu, util, vram in self.db.execute(
+            "SELECT cluster, ts, gpu, util, vram FROM gpu_samples WHERE ts >= ? ORDER BY ts",
+            (t,),
+        ):
+            if cluster in wanted:
+                out[cluster][0].append(GpuSample(float(ts), gpu, _float(util), _float(vram)))
+        for cluster, ts, ssh, cpu in self.db.execute(
+            "SELECT cluster, ts, ssh, cpu FROM activity_samples WHERE ts >= ? ORDER BY ts", (t,)
+        ):
+            if cluster in wanted:
+                out[cluster][1].append(ActivitySample(float(ts), ssh, cpu))
+        return dict(out)
+
+    # -- notices ------------------------------------------------------------------------
+
+    def notice(self, cluster: str, created_at: float | None) -> Notice | None:
+        """The notice of this incarnation of `cluster` (a same-named new one has none)."""
+        row = self.db.execute(
+            "SELECT cluster, owner, created_at, warned_at, reap_after, message FROM notices "
+            "WHERE cluster = ?",
+            (cluster,),
+        ).fetchone()
+        if row is None:
+            return None
+        found = Notice(*row)
+        reborn = (
+            created_at is not None
+            and found.created_at is not None
+            and abs(found.created_at - created_at) > 1
+        )
+        return None if reborn else found
+
+    def record_notice(self, notice: Notice) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO notices VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    notice.cluster,
+                    notice.owner,
+                    notice.created_at,
+                    notice.warned_at,
+                    notice.reap_after,
+                    notice.message,
+                ),
+            )
+
+    def clear_notice(self, cluster: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM notices WHERE cluster = ?", (cluster,))
+
+    def notices(self) -> list[Notice]:
+        """Every pending notice (for `deskgpu queue`)."""
+        rows = self.db.execute(
+            "SELECT cluster, owner, created_at, warned_at, reap_after, message FROM notices "
+            "ORDER BY reap_after"
+        ).fetchall()
+        return [Notice(*row) for row in rows]
+
+
+@contextmanager
+def open_history(path: Path | str, *, create: bool = True) -> Iterator[History]:
+    """Open (and create, with its directory) the history; a failure is an `OutsideError`."""
+    where = str(path)
+    try:
+        if where != ":memory:":
+            p = Path(where)
+            if not create and not p.exists():
+                raise OutsideError(f"no observation history at {p}: is `deskgpu observe` running?")
+            if create:
+                p.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(where, timeout=30.0)
+    except (OSError, sqlite3.Error) as exc:
+        raise OutsideError(f"cannot open the observation history {where}: {exc}") from None
+    try:
+        try:
+            if create:
+                db.executescript(_SCHEMA)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
+                db.commit()
+        except sqlite3.Error as exc:
+            raise OutsideError(f"observation history {where}: {exc}") from None
+        yield History(db, where)
+    except sqlite3.Error as exc:
+        raise OutsideError(f"observation history {where}: {exc}") from None
+    finally:
+        db.close()
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
+def _float(value: int | float | None) -> float | None:
+    return None if value is None else float(value)
