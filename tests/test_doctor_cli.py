@@ -142,3 +142,23 @@ def test_example_host_config_is_accepted(cli) -> None:
     )
     assert result.exit_code in (0, 3), result.stderr
     assert os.environ.get("DESKGPU_CONFIG") is None
+
+
+def test_replay_of_facts_recorded_on_the_dev_vm(cli) -> None:
+    """Recorded live on the no-GPU dev VM (`deskgpu doctor --record`): CUDA 13.0 toolkit drift."""
+    result = cli("doctor", "--json", "--facts", str(FIXTURES / "dev-vm-no-gpu.json"))
+    assert result.exit_code == 3
+    checks = {c["id"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["driver.nvml"]["detail"].startswith("NVML does not load: no NVIDIA driver")
+    assert checks["docker.daemon"]["detail"].startswith("Cannot connect to the Docker daemon")
+    assert checks["kubernetes.context"]["detail"] == (
+        "no usable kube context: error: current-context is not set"
+    )
+    assert checks["golden_rule.cuda_toolkit"]["status"] == "warn"
+    assert (
+        "CUDA 13.0 at /usr/local/cuda-13.0 (nvcc)" in checks["golden_rule.cuda_toolkit"]["detail"]
+    )
+    assert (
+        "other API servers on this host: root pid 2689 port 46999"
+        in (checks["skypilot.shared_server"]["detail"])
+    )

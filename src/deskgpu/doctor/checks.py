@@ -946,9 +946,18 @@ def _check_shared(facts: HostFacts, config: HostConfig, s: Settings, endpoint: s
             "shared_server",
             OK,
             f"no server process visible for port {port} (in a container, or hidden without "
-            "root); no private per-user servers seen",
+            f"root); no private per-user servers seen{_others_note(others)}",
         )
-    return _sky("shared_server", SKIP, f"no server runs on port {port}")
+    return _sky("shared_server", SKIP, f"no server runs on port {port}{_others_note(others)}")
+
+
+def _others_note(others: list[ServerProcess]) -> str:
+    """Servers on other ports (tests, experiments): worth a mention, not a verdict."""
+    if not others:
+        return ""
+    shown = ", ".join(f"{_owner(p)} pid {p.pid} port {p.port}" for p in others[:3])
+    more = f" (+{len(others) - 3} more)" if len(others) > 3 else ""
+    return f"; other API servers on this host: {shown}{more}"
 
 
 def _check_infra(facts: HostFacts, config: HostConfig) -> Check:
