@@ -8,7 +8,7 @@ import sys
 import typer
 
 from deskgpu import __version__
-from deskgpu.cli import doctor, queue, submit
+from deskgpu.cli import doctor, observe, queue, reap, submit
 
 app = typer.Typer(
     name="deskgpu",
@@ -41,6 +41,8 @@ def _root(
 
 
 app.command("submit")(submit.submit_command)
+app.command("reap")(reap.reap_command)
+app.command("observe")(observe.observe_command)
 app.command("queue")(queue.queue_command)
 app.command("doctor")(doctor.doctor_command)
 

@@ -133,8 +133,8 @@ class Session:
     labels: dict[str, str] = field(default_factory=dict)
     gpus: tuple[int, ...] = ()  # GPU indices its processes hold now
     vram_mib: float | None = None  # VRAM its processes hold now, all GPUs
-    jobs_running: int = 0
-    jobs_pending: int = 0
+    jobs_running: int | None = 0  # None: not checked (or SkyPilot did not answer)
+    jobs_pending: int | None = 0
     ssh_attached: bool | None = None  # an SSH/IDE connection now; None: unknown
     last_activity_at: float | None = None  # last SSH/IDE/job activity SkyPilot or the host saw
     pod_present: bool = True  # False: SkyPilot still lists it, but its pod is gone
@@ -177,11 +177,13 @@ class Session:
         ssh = data.get("ssh_attached")
         if ssh is not None and not isinstance(ssh, bool):
             raise EvidenceError(f"{where}.ssh_attached: true, false or null")
-        counts = {}
+        counts: dict[str, int | None] = {}
         for key in ("jobs_running", "jobs_pending"):
             value = data.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise EvidenceError(f"{where}.{key}: a count, got {value!r}")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise EvidenceError(f"{where}.{key}: a count or null, got {value!r}")
             counts[key] = value
         gpus = data.get("gpus") or []
         if not isinstance(gpus, list) or not all(

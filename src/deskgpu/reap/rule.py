@@ -230,6 +230,8 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
         )
     run = idle_run(session, settings, now, interactive=True)
     idle_for, since = _idle_for(run, session, now)
+    if not blockers and (session.jobs_running is None or session.jobs_pending is None):
+        blockers.append("its job queue could not be checked")
     if idle_for < settings.idle_window_s:
         proven = f"idle only {format_duration(idle_for)}" if since is not None else "not idle"
         stop = run.stopped_by
@@ -296,6 +298,8 @@ def _decide_batch(
 ) -> Decision:
     if not session.jobs_running:
         what = f"{session.jobs_pending} pending job(s)" if session.jobs_pending else "no job"
+        if session.jobs_running is None:
+            what = "its jobs were not checked"
         return make(Action.KEEP, [f"batch: {what}; batch clusters are never reaped"])
     run = idle_run(session, settings, now, interactive=False)
     idle_for, since = _idle_for(run, session, now)

@@ -1,0 +1,51 @@
+"""`deskgpu observe`: one cheap observation into the reap history (run it from a timer)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from deskgpu.cli._common import (
+    ConfigOption,
+    JsonOption,
+    exits_cleanly,
+    get_config,
+    print_json,
+    warn,
+)
+
+
+@exits_cleanly
+def observe_command(
+    json_out: JsonOption = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print nothing unless warning.")
+    ] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Append one observation (GPU use, SSH/IDE connections, CPU per session) to the history.
+
+    Meant for a systemd timer or cron every 5 minutes, as root. Also gives the first notice
+    to owners of sessions that just became zombies (reap.warn_on_observe), so the grace
+    period has run out by the time the weekly `deskgpu reap --yes` comes.
+    """
+    from deskgpu.reap import run
+    from deskgpu.reap.settings import load_settings
+
+    config = get_config(config_path)
+    result = run.observe(config, load_settings(config))
+    if not quiet:
+        for note in result.notes:
+            warn(note)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    if result.warned:
+        typer.echo("warned: " + ", ".join(result.warned))
+    if not quiet:
+        typer.echo(
+            f"observed {result.sessions} session(s) on {result.gpus} GPU(s), "
+            f"{result.unmanaged} unmanaged process(es)"
+            + (f"; notices cleared: {', '.join(result.cleared)}" if result.cleared else "")
+        )

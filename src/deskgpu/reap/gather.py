@@ -1,0 +1,290 @@
+"""Evidence from the live box: a `Snapshot` (GPUs, holders, SkyPilot) + /proc + the history.
+
+The snapshot (queue's `survey.take`) says which processes hold which GPU for which
+cluster. What reap adds, per session pod: SSH/IDE connections (sshd's per-connection
+processes `sshd: user@pts/N` / `user@notty`, or any process with a terminal) and the pod's
+cumulative CPU time from its cgroup; both read from the host's /proc and /sys/fs/cgroup,
+which needs root for other users' pods. Unreadable means None ("unknown"), never idle.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from deskgpu.attribution import LABEL_SKY_CLUSTER, PodIndex, pod_uid_from_cgroup
+from deskgpu.errors import OutsideError
+from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess
+from deskgpu.reap.history import History, SessionSample
+from deskgpu.reap.rule import decide_session
+from deskgpu.reap.settings import ReapSettings
+from deskgpu.snapshot import HOLDER_SKYPILOT, HOLDER_UNMANAGED, RUNNING, STARTING, Snapshot
+
+PROC = Path("/proc")
+CGROUP = Path("/sys/fs/cgroup")
+LABEL_USER = "deskgpu.io/user"  # == deskgpu.expand.LABEL_USER
+_SSHD_CONN = re.compile(r"^sshd(?:-session)?: \S+@(?:pts/\d+|notty)")
+
+
+@dataclass
+class LiveSession:
+    """One session as seen now, before the history is added."""
+
+    cluster: str
+    owner: str
+    kind: str
+    created_at: float | None
+    status: str
+    labels: dict[str, str]
+    on_cloud: str | None
+    jobs_running: int | None = None
+    jobs_pending: int | None = None
+    pod_uids: set[str] = field(default_factory=set)
+    pod_present: bool = True
+    gpus: dict[int, tuple[float | None, float]] = field(default_factory=dict)  # util, VRAM
+    ssh_sessions: int | None = None
+    cpu_total_s: float | None = None
+
+    @property
+    def vram_mib(self) -> float:
+        return sum(v for _, v in self.gpus.values())
+
+    def sample(self) -> SessionSample:
+        rows = tuple((g, u, v) for g, (u, v) in sorted(self.gpus.items()))
+        return SessionSample(self.cluster, rows, self.ssh_sessions, self.cpu_total_s)
+
+
+@dataclass
+class LiveView:
+    sessions: list[LiveSession]
+    unmanaged: list[UnmanagedProcess]
+    notes: list[str]
+
+
+def live_view(
+    snap: Snapshot,
+    pods: PodIndex | None = None,
+    proc_root: Path = PROC,
+    cgroup_root: Path = CGROUP,
+) -> LiveView:
+    """Sessions (interactive clusters and running managed jobs), their GPUs, pods and activity."""
+    notes = [f"GPUs: {n}" for n in snap.nvml.notes] + [f"SkyPilot: {n}" for n in snap.sky.notes]
+    if not snap.nvml.available:
+        raise OutsideError(f"no GPU readings: {snap.nvml.error or 'NVML unavailable'}")
+    if not snap.sky.available:
+        raise OutsideError(f"no SkyPilot view: {snap.sky.error or 'API server unavailable'}")
+    by_cloud: dict[str, LiveSession] = {}
+    sessions: list[LiveSession] = []
+    for c in snap.sky.clusters:
+        s = LiveSession(
+            cluster=c.name,
+            owner=c.labels.get(LABEL_USER) or c.user or "?",
+            kind="interactive" if c.interactive else "batch",
+            created_at=c.launched_at,
+            status=c.sky_status or c.state,
+            labels=dict(c.labels),
+            on_cloud=c.cluster_name_on_cloud,
+        )
+        sessions.append(s)
+        if c.cluster_name_on_cloud:
+            by_cloud[c.cluster_name_on_cloud] = s
+    for j in snap.sky.jobs:
+        if j.state not in (RUNNING, STARTING):
+            continue
+        name = j.cluster_name_on_cloud or f"managed-job-{j.id}"
+        s = LiveSession(
+            cluster=name,
+            owner=j.labels.get(LABEL_USER) or j.user or "?",
+            kind="batch",
+            created_at=j.started_at or j.submitted_at,
+            status=j.sky_status or j.state,
+            labels=dict(j.labels),
+            on_cloud=j.cluster_name_on_cloud,
+            jobs_running=1 if j.state == RUNNING else 0,
+            jobs_pending=0 if j.state == RUNNING else 1,
+        )
+        sessions.append(s)
+        if j.cluster_name_on_cloud:
+            by_cloud[j.cluster_name_on_cloud] = s
+    by_name = {s.cluster: s for s in sessions}
+    unmanaged: list[UnmanagedProcess] = []
+    for gpu in snap.nvml.gpus:
+        for proc in gpu.processes:
+            h = proc.holder
+            if h is None:
+                continue
+            if h.kind == HOLDER_UNMANAGED:
+                unmanaged.append(
+                    UnmanagedProcess(
+                        pid=proc.pid,
+                        user=h.unix_user or "?",
+                        command=h.command or "?",
+                        gpu=gpu.index,
+                        vram_mib=proc.used_memory_mib,
+                        util_pct=gpu.utilization_gpu_pct,
+                    )
+                )
+                continue
+            if h.kind != HOLDER_SKYPILOT:
+                continue
+            owner = by_cloud.get(h.cluster_name_on_cloud or "") or by_name.get(h.cluster or "")
+            if owner is None:
+                notes.append(f"GPU {gpu.index}: PID {proc.pid} is in a pod SkyPilot does not list")
+                continue
+            util = None if gpu.utilization_gpu_pct is None else float(gpu.utilization_gpu_pct)
+            _, held = owner.gpus.get(gpu.index, (util, 0.0))
+            owner.gpus[gpu.index] = (util, held + (proc.used_memory_mib or 0.0))
+            if h.pod_uid:
+                owner.pod_uids.add(h.pod_uid)
+    if pods is not None and pods.note is None:
+        for s in sessions:
+            found = {
+                uid for uid, p in pods.pods.items() if p.labels.get(LABEL_SKY_CLUSTER) == s.on_cloud
+            }
+            s.pod_uids |= found
+            s.pod_present = bool(s.pod_uids) or s.on_cloud is None
+    _read_activity(sessions, proc_root, cgroup_root)
+    return LiveView(sessions, unmanaged, notes)
+
+
+def _read_activity(sessions: list[LiveSession], proc_root: Path, cgroup_root: Path) -> None:
+    """SSH connections and cumulative CPU per pod, from one pass over /proc."""
+    wanted = {uid: s for s in sessions for uid in s.pod_uids}
+    if not wanted:
+        return
+    ssh: dict[str, int] = dict.fromkeys(wanted, 0)
+    tty: set[str] = set()
+    cgroup_of: dict[str, str] = {}
+    readable: set[str] = set()
+    try:
+        entries = [p for p in proc_root.iterdir() if p.name.isdigit()]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            text = (entry / "cgroup").read_text()
+        except OSError:
+            continue
+        uid = pod_uid_from_cgroup(text)
+        if uid not in wanted:
+            continue
+        cgroup_of.setdefault(uid, text)
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        readable.add(uid)
+        if _SSHD_CONN.match(cmdline):
+            ssh[uid] += 1
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 4 and fields[4] not in ("0", "-1"):  # tty_nr
+            tty.add(uid)
+    for s in sessions:
+        uids = [u for u in s.pod_uids if u in readable]
+        if not uids:
+            continue
+        count = sum(ssh[u] for u in uids)
+        s.ssh_sessions = count if count or not any(u in tty for u in uids) else 1
+        totals = [_pod_cpu_s(cgroup_of[u], u, cgroup_root) for u in uids if u in cgroup_of]
+        s.cpu_total_s = None if not totals or None in totals else sum(t or 0.0 for t in totals)
+
+
+def _pod_cpu_s(cgroup_text: str, uid: str, cgroup_root: Path) -> float | None:
+    """Cumulative CPU seconds of the pod's cgroup (v2 `cpu.stat`, else v1 `cpuacct.usage`)."""
+    token = uid.replace("-", "_")
+    for line in cgroup_text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        segments = path.strip("/").split("/")
+        cut = next((i for i, seg in enumerate(segments) if uid in seg or token in seg), None)
+        if cut is None:
+            continue
+        pod_path = "/".join(segments[: cut + 1])
+        try:
+            if hierarchy == "0" and controllers == "":
+                text = (cgroup_root / pod_path / "cpu.stat").read_text()
+                for stat_line in text.splitlines():
+                    if stat_line.startswith("usage_usec "):
+                        return int(stat_line.split()[1]) / 1e6
+            elif "cpuacct" in controllers.split(","):
+                usage = (cgroup_root / controllers / pod_path / "cpuacct.usage").read_text()
+                return int(usage.strip()) / 1e9
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def build_evidence(
+    view: LiveView,
+    history: History,
+    settings: ReapSettings,
+    now: float,
+    *,
+    host: str,
+    source: str = "history",
+    notes: Iterable[str] = (),
+) -> Evidence:
+    """Live sessions + their history samples + notices -> an evidence document."""
+    since = now - settings.retention_s
+    samples = history.samples([s.cluster for s in view.sessions], since)
+    sessions = []
+    for s in view.sessions:
+        gpu_rows, act_rows = samples.get(s.cluster, ([], []))
+        floor = s.created_at if s.created_at is not None else since
+        notice = history.notice(s.cluster, s.created_at)
+        sessions.append(
+            Session(
+                cluster=s.cluster,
+                owner=s.owner,
+                kind=s.kind,
+                created_at=s.created_at,
+                status=s.status,
+                labels=s.labels,
+                gpus=tuple(sorted(s.gpus)),
+                vram_mib=s.vram_mib,
+                jobs_running=s.jobs_running,
+                jobs_pending=s.jobs_pending,
+                ssh_attached=None if s.ssh_sessions is None else s.ssh_sessions > 0,
+                pod_present=s.pod_present,
+                warned_at=notice.warned_at if notice else None,
+                gpu_samples=tuple(g for g in gpu_rows if g.ts >= floor),
+                activity_samples=tuple(a for a in act_rows if a.ts >= floor),
+            )
+        )
+    return Evidence(
+        collected_at=now,
+        sessions=tuple(sessions),
+        unmanaged=tuple(view.unmanaged),
+        host=host,
+        source=source,
+        history_since=history.since(),
+        notes=tuple(list(view.notes) + list(notes)),
+    )
+
+
+def check_jobs(
+    evidence: Evidence,
+    settings: ReapSettings,
+    query: Callable[[str], tuple[int, int]],
+) -> Evidence:
+    """Ask SkyPilot for the job queue of each interactive session that would otherwise be a
+    zombie (one request each: only candidates pay). A failed query leaves the count unknown,
+    which keeps the session."""
+    sessions = []
+    notes = list(evidence.notes)
+    for s in evidence.sessions:
+        if s.kind == "interactive" and s.jobs_running is None:
+            assumed = replace(s, jobs_running=0, jobs_pending=0)
+            if decide_session(assumed, settings, evidence.collected_at).action.is_zombie:
+                try:
+                    running, pending = query(s.cluster)
+                    s = replace(s, jobs_running=running, jobs_pending=pending)
+                except OutsideError as exc:
+                    notes.append(str(exc))
+        sessions.append(s)
+    return replace(evidence, sessions=tuple(sessions), notes=tuple(notes))
