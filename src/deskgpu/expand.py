@@ -1,36 +1,59 @@
-"""House rules: a job spec + the host config + a user -> a complete SkyPilot task dict.
+"""Expansion: a job spec + the host config + a user -> a complete SkyPilot task dict.
 
-Pure: no I/O, no SkyPilot import. `submit --dry-run` prints exactly this dict, `submit`
-hands it to SkyPilot, and the admin policy applies the same rules server-side.
+Pure: no I/O, no SkyPilot import. The spec gives a base task (what the researcher asked
+for); `house_rules.apply_house_rules` adds the rest. The admin policy applies that same
+function server-side to every request, so `submit --dry-run` prints what the box runs.
 """
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from deskgpu.config import HostConfig, is_box_infra
-from deskgpu.identity import cluster_name, safe_user
+from deskgpu.config import HostConfig
+from deskgpu.house_rules import (
+    CHECKPOINT_MOUNT,
+    CHECKPOINT_VOLUME,
+    DATA_MOUNT,
+    DATA_VOLUME,
+    LABEL_JOB,
+    LABEL_KEEP,
+    LABEL_KIND,
+    LABEL_PREFIX,
+    LABEL_USER,
+    apply_house_rules,
+    checkpoint_dir,
+    host_mounts_pod_config,
+    idle_minutes_of,
+    is_secret_name,
+    on_box,
+)
+from deskgpu.identity import cluster_name
 from deskgpu.spec import GpuRequest, JobSpec
 from deskgpu.units import parse_duration_s
 
-LABEL_PREFIX = "deskgpu.io"
-LABEL_USER = f"{LABEL_PREFIX}/user"
-LABEL_JOB = f"{LABEL_PREFIX}/job"
-LABEL_KIND = f"{LABEL_PREFIX}/kind"
-LABEL_KEEP = f"{LABEL_PREFIX}/keep"
+__all__ = [
+    "CHECKPOINT_MOUNT",
+    "CHECKPOINT_VOLUME",
+    "DATA_MOUNT",
+    "DATA_VOLUME",
+    "LABEL_JOB",
+    "LABEL_KEEP",
+    "LABEL_KIND",
+    "LABEL_PREFIX",
+    "LABEL_USER",
+    "REDACTED",
+    "Expansion",
+    "base_task",
+    "checkpoint_dir",
+    "expand",
+    "gpu_accelerators",
+    "host_mounts_pod_config",
+    "is_secret_name",
+    "redacted",
+]
 
-DATA_MOUNT = "/data"
-CHECKPOINT_MOUNT = "/checkpoints"
-DATA_VOLUME = "deskgpu-data"
-CHECKPOINT_VOLUME = "deskgpu-checkpoints"
-
-# Env names whose values SkyPilot should treat as secrets (redacted in its dashboard and logs).
-_SECRET_NAME = re.compile(
-    r"(TOKEN|SECRET|PASSW(OR)?D|API_?KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY)", re.I
-)
 REDACTED = "<redacted>"
 
 
@@ -45,10 +68,6 @@ class Expansion:
     notes: list[str] = field(default_factory=list)
 
 
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name))
-
-
 def gpu_accelerators(request: GpuRequest, config: HostConfig) -> str | list[str] | None:
     """SkyPilot's `accelerators`: one `TYPE:N`, or any-of the box's models for a bare count."""
     if not request.count:
@@ -60,50 +79,6 @@ def gpu_accelerators(request: GpuRequest, config: HostConfig) -> str | list[str]
     if len(models) == 1:
         return f"{models[0]}:{request.count}"
     return [f"{m}:{request.count}" for m in models]
-
-
-def checkpoint_dir(user: str, job: str) -> str:
-    return f"{CHECKPOINT_MOUNT}/{safe_user(user)}/{job}"
-
-
-def _config_section(infra: str) -> str:
-    """Task-level config key for the box's infra: `ssh` for SSH node pools, else `kubernetes`."""
-    return "ssh" if infra.split("/", 1)[0] == "ssh" else "kubernetes"
-
-
-def host_mounts_pod_config(config: HostConfig, user: str) -> dict[str, Any]:
-    """hostPath volumes: `/data` read-only, `/checkpoints/<user>` read-write.
-
-    `file_mounts` would copy files into the pod and lose them with it; a hostPath
-    volume writes straight to the host's disk (DESIGN.md, SkyPilot facts).
-    """
-    who = safe_user(user)
-    user_ckpt = f"{CHECKPOINT_MOUNT}/{who}"
-    return {
-        "spec": {
-            "containers": [
-                {
-                    "volumeMounts": [
-                        {"name": DATA_VOLUME, "mountPath": DATA_MOUNT, "readOnly": True},
-                        {"name": CHECKPOINT_VOLUME, "mountPath": user_ckpt},
-                    ]
-                }
-            ],
-            "volumes": [
-                {
-                    "name": DATA_VOLUME,
-                    "hostPath": {"path": config.data_root, "type": "Directory"},
-                },
-                {
-                    "name": CHECKPOINT_VOLUME,
-                    "hostPath": {
-                        "path": f"{config.checkpoint_root.rstrip('/')}/{who}",
-                        "type": "DirectoryOrCreate",
-                    },
-                },
-            ],
-        }
-    }
 
 
 def _setup_script(spec: JobSpec, ckpt: str) -> str:
@@ -127,69 +102,38 @@ def _run_script(spec: JobSpec) -> str | None:
     return spec.run
 
 
-def expand(spec: JobSpec, config: HostConfig, user: str) -> Expansion:
-    """Apply the house rules. `spec` is already valid for `config` (see `spec.load_spec`)."""
-    infra = spec.infra or config.infra
-    on_box = is_box_infra(infra)
-    name = cluster_name(user, spec.name)
-    who = safe_user(user)
-    ckpt = checkpoint_dir(user, spec.name)
-    notes: list[str] = []
-
-    resources: dict[str, Any] = {"infra": infra}
+def base_task(spec: JobSpec, config: HostConfig, user: str) -> dict[str, Any]:
+    """What the spec itself asks for, before the house rules (name not yet user-prefixed)."""
+    resources: dict[str, Any] = {}
+    if spec.infra:
+        resources["infra"] = spec.infra
     accelerators = gpu_accelerators(spec.gpus, config)
     if accelerators is not None:
         resources["accelerators"] = accelerators
-    image = spec.image or config.default_image
-    if image:
-        resources["image_id"] = f"docker:{image}"
-    labels = {LABEL_USER: who, LABEL_JOB: spec.name, LABEL_KIND: spec.kind}
+    if spec.image:
+        resources["image_id"] = f"docker:{spec.image}"
     if spec.keep:
-        labels[LABEL_KEEP] = "true"
-    resources["labels"] = labels
-
-    idle_minutes: int | None = None
+        resources["labels"] = {LABEL_KEEP: "true"}
     if spec.interactive:
         idle = spec.idle_timeout or config.idle_timeout
-        idle_minutes = max(1, parse_duration_s(idle) // 60)
-        # Kubernetes cannot stop a pod, only delete it: autostop there means down.
-        resources["autostop"] = {"idle_minutes": idle_minutes, "down": True}
-
-    envs: dict[str, str] = {}
-    secrets: dict[str, str] = {}
-    for key, value in spec.env.items():
-        (secrets if is_secret_name(key) else envs)[key] = value
-    envs.update(
-        {
-            "DESKGPU_USER": who,
-            "DESKGPU_JOB": spec.name,
-            "DESKGPU_CHECKPOINT_DIR": ckpt,
-            "DESKGPU_DATA_DIR": DATA_MOUNT,
-        }
-    )
-
-    task: dict[str, Any] = {"name": name, "resources": resources}
+        resources["autostop"] = {"idle_minutes": max(1, parse_duration_s(idle) // 60)}
+    task: dict[str, Any] = {"name": spec.name, "resources": resources}
     if spec.workdir is not None:
         task["workdir"] = spec.workdir
-    task["envs"] = envs
-    if secrets:
-        task["secrets"] = secrets
-    task["setup"] = _setup_script(spec, ckpt)
+    task["envs"] = dict(spec.env)
+    task["setup"] = _setup_script(spec, checkpoint_dir(user, spec.name))
     run = _run_script(spec)
     if run is not None:
         task["run"] = run
+    return task
 
-    if on_box:
-        section: dict[str, Any] = {
-            # -1: keep the pod Pending until GPUs free up, so a busy box queues the job
-            # instead of failing it after the default 10 s (sky/provision/kubernetes/instance.py).
-            "provision_timeout": -1,
-            "pod_config": host_mounts_pod_config(config, user),
-        }
-        if config.kueue_local_queue:
-            section["kueue"] = {"local_queue_name": config.kueue_local_queue}
-        task["config"] = {_config_section(infra): section}
-    else:
+
+def expand(spec: JobSpec, config: HostConfig, user: str) -> Expansion:
+    """Apply the house rules. `spec` is already valid for `config` (see `spec.load_spec`)."""
+    task = apply_house_rules(base_task(spec, config, user), config, user, spec.kind)
+    notes: list[str] = []
+    if not on_box(task, config):
+        infra = task["resources"].get("infra", config.infra)
         notes.append(
             f"infra {infra}: no host mounts there. /data and {CHECKPOINT_MOUNT} are the box's "
             "disks; use SkyPilot `file_mounts` with a bucket (mode: MOUNT) for data and "
@@ -197,9 +141,9 @@ def expand(spec: JobSpec, config: HostConfig, user: str) -> Expansion:
         )
     return Expansion(
         task=task,
-        cluster_name=name,
+        cluster_name=cluster_name(user, spec.name),
         managed=not spec.interactive,
-        idle_minutes=idle_minutes,
+        idle_minutes=idle_minutes_of(task) if spec.interactive else None,
         notes=notes,
     )
 
