@@ -1,0 +1,364 @@
+"""reap and observe end to end on a simulated box: recorded snapshots, a real /proc-like tree,
+a real SQLite history, real notify hooks and subprocesses; only time and `sky down` are fed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deskgpu.config import HostConfig
+from deskgpu.errors import ExitStatus, OutsideError
+from deskgpu.reap import audit, run
+from deskgpu.reap.act import Actor, kill_unmanaged
+from deskgpu.reap.history import open_history
+from deskgpu.reap.rule import Action, Decision
+from deskgpu.reap.settings import load_settings
+from deskgpu.snapshot import Snapshot
+
+T0 = 1_767_000_000.0
+POD = "0a1b2c3d-1111-2222-3333-444455556666"
+POD2 = "0a1b2c3d-1111-2222-3333-777788889999"
+STEP = 600.0
+
+
+class Box:
+    """A box whose sessions we script: GPU utilization per cluster, SSH, CPU, time."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.now = T0
+        self.proc = tmp / "proc"
+        self.cgroup = tmp / "cgroup"
+        self.util = {"alice-dbg": 0, "bob-nb": 0}
+        self.ssh = {"alice-dbg": 0, "bob-nb": 0}
+        self.cpu_s = {"alice-dbg": 0.0, "bob-nb": 0.0}
+        self.downs: list[str] = []
+        self.fail_down: set[str] = set()
+        self.jobs: dict[str, tuple[int, int]] = {}
+
+    def snapshot(self, _config: HostConfig) -> Snapshot:
+        self._write_proc()
+        gpus = []
+        for index, (cluster, pod, pid) in enumerate(
+            [("alice-dbg", POD, 1001), ("bob-nb", POD2, 2001)]
+        ):
+            gpus.append(
+                {
+                    "index": index,
+                    "utilization_gpu_pct": self.util[cluster],
+                    "memory_used_mib": 20000,
+                    "processes": [
+                        {
+                            "pid": pid,
+                            "used_memory_mib": 20000,
+                            "holder": {
+                                "kind": "skypilot",
+                                "user": cluster.split("-")[0],
+                                "cluster": cluster,
+                                "cluster_name_on_cloud": f"{cluster}-2ea4",
+                                "pod_uid": pod,
+                                "job_kind": "interactive",
+                            },
+                        }
+                    ],
+                }
+            )
+        clusters = [
+            {
+                "name": c,
+                "user": c.split("-")[0],
+                "state": "Running",
+                "sky_status": "UP",
+                "launched_at": T0 - 3600,
+                "interactive": True,
+                "cluster_name_on_cloud": f"{c}-2ea4",
+                "labels": {"deskgpu.io/user": c.split("-")[0], "deskgpu.io/kind": "interactive"},
+            }
+            for c in ("alice-dbg", "bob-nb")
+        ]
+        doc = {
+            "schema_version": 1,
+            "taken_at": self.now,
+            "nvml": {"available": True, "gpus": gpus},
+            "sky": {"available": True, "clusters": clusters, "jobs": []},
+        }
+        return Snapshot.from_dict(json.loads(json.dumps(doc)))  # as a recording would be read
+
+    def _write_proc(self) -> None:
+        for cluster, pod, pid in (("alice-dbg", POD, 1001), ("bob-nb", POD2, 2001)):
+            cg = f"0::/kubepods.slice/kubepods-pod{pod.replace('-', '_')}.slice/cri-containerd-ab12cd34ef56.scope\n"
+            procs = [(pid, "python -m ipykernel_launcher", "0")]
+            if self.ssh[cluster]:
+                procs.append((pid + 1, "sshd: sky@pts/0", "0"))
+            for p, cmd, tty in procs:
+                d = self.proc / str(p)
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "cgroup").write_text(cg)
+                (d / "cmdline").write_bytes(cmd.replace(" ", "\0").encode() + b"\0")
+                (d / "stat").write_text(f"{p} (x) S 1 {p} {p} {tty} -1 0\n")
+            if not self.ssh[cluster]:
+                stale = self.proc / str(pid + 1)
+                if stale.exists():
+                    for f in stale.iterdir():
+                        f.unlink()
+                    stale.rmdir()
+            slice_dir = (
+                self.cgroup / "kubepods.slice" / f"kubepods-pod{pod.replace('-', '_')}.slice"
+            )
+            slice_dir.mkdir(parents=True, exist_ok=True)
+            (slice_dir / "cpu.stat").write_text(f"usage_usec {int(self.cpu_s[cluster] * 1e6)}\n")
+
+    def down(self, name: str, _config: HostConfig) -> None:
+        if name in self.fail_down:
+            raise OutsideError(f"{name}: teardown failed: SkyPilot rejected the request")
+        self.downs.append(name)
+
+    def live(self) -> run.Live:
+        return run.Live(
+            snapshot=self.snapshot,
+            pods=lambda: None,
+            cluster_jobs=lambda name, _c: self.jobs.get(name, (0, 0)),
+            down=self.down,
+            proc_root=self.proc,
+            cgroup_root=self.cgroup,
+            clock=lambda: self.now,
+            sleep=self.advance,
+        )
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for k in self.cpu_s:
+            self.cpu_s[k] += 0.01 * seconds  # 1% of a core: idle
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Box:
+    return Box(tmp_path)
+
+
+def make_config(tmp: Path, **reap: Any) -> HostConfig:
+    hook = tmp / "hook.py"
+    hook.write_text(
+        "import json, sys\n"
+        f"open({str(tmp / 'notices.jsonl')!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    section = {
+        "min_age": "2h",
+        "idle_window": "1h",
+        "grace": "1h",
+        "notify_command": [sys.executable, str(hook), "{owner}", "{cluster}", "{message}"],
+        **reap,
+    }
+    return HostConfig(box_name="testbox", state_dir=str(tmp / "state"), reap=section)
+
+
+ROOT = Actor("root", 0, frozenset())
+
+
+def observe_for(box: Box, config: HostConfig, seconds: float) -> list[run.ObserveResult]:
+    settings = load_settings(config)
+    results = []
+    end = box.now + seconds
+    while box.now < end:
+        results.append(run.observe(config, settings, box.live()))
+        box.advance(STEP)
+    results.append(run.observe(config, settings, box.live()))
+    return results
+
+
+def test_week_of_idle_is_warned_by_observe_then_reaped_in_one_run(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    box.util["bob-nb"] = 60  # bob is working
+    results = observe_for(box, config, 2 * 3600)
+    warned = [r for r in results if r.warned]
+    # alice qualifies once she is 2h old (min_age) and idle 1h: observe warns her then.
+    assert [r.warned for r in warned] == [["alice-dbg"]]
+    assert warned[0].at == T0 + 3600  # launched_at T0-1h, so 2h old at T0+1h
+    notices = [json.loads(line) for line in (tmp_path / "notices.jsonl").read_text().splitlines()]
+    assert notices[0][:2] == ["alice", "alice-dbg"]
+    assert "/checkpoints/alice/" in notices[0][2] and "survive teardown" in notices[0][2]
+
+    result = run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+    assert [d.subject for d in result.decisions if d.action is Action.REAP] == ["alice-dbg"]
+    assert box.downs == ["alice-dbg"]
+    assert result.exit_status == ExitStatus.OK
+    lines = [json.loads(x) for x in settings.audit_file.read_text().splitlines()]
+    events = [
+        (x["event"], x.get("subject"), x.get("action")) for x in lines if x["actor"] == "root"
+    ]
+    assert ("decision", "alice-dbg", "reap") in events
+    assert ("decision", "bob-nb", "keep") in events
+    assert ("action", "alice-dbg", "reap") in events
+    # "why was my session killed?": the evidence file re-decides to the same answer
+    replayed = run.replay(Path(result.evidence_file or ""), settings)
+    assert {d.subject: d.action for d in replayed.decisions} == {
+        d.subject: d.action for d in result.decisions
+    }
+
+
+def test_owner_coming_back_clears_the_notice(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    observe_for(box, config, 3600)
+    with open_history(settings.history_file) as h:
+        assert h.notice("alice-dbg", T0 - 3600) is not None
+    box.ssh["alice-dbg"] = 1
+    results = observe_for(box, config, STEP)
+    assert any("alice-dbg" in r.cleared for r in results)
+    result = run.reap(config, settings, yes=False, actor=ROOT, live=box.live())
+    alice = next(d for d in result.decisions if d.subject == "alice-dbg")
+    assert alice.action is Action.KEEP and "SSH/IDE" in alice.summary
+
+
+def test_dry_run_touches_nothing_and_exits_3(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    result = run.reap(config, settings, yes=False, actor=ROOT, live=box.live())
+    assert result.zombies and box.downs == [] and result.outcomes == []
+    assert result.exit_status == ExitStatus.FOUND
+
+
+def test_running_job_found_by_the_queue_check_keeps_the_session(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path, warn_on_observe=False)
+    box.jobs["alice-dbg"] = (1, 0)
+    observe_for(box, config, 3 * 3600)
+    result = run.reap(config, load_settings(config), yes=True, actor=ROOT, live=box.live())
+    alice = next(d for d in result.decisions if d.subject == "alice-dbg")
+    assert alice.action is Action.KEEP and "1 running job(s)" in alice.summary
+    assert box.downs == []
+
+
+def test_one_failed_teardown_does_not_stop_the_others(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    box.fail_down.add("alice-dbg")
+    result = run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+    assert box.downs == ["bob-nb"]
+    assert [o.subject for o in result.failures] == ["alice-dbg"]
+    assert result.exit_status == ExitStatus.OUTSIDE_FAILURE
+
+
+def test_non_root_may_reap_only_their_own(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    bob = Actor("bob", 1002, frozenset({"bob"}))
+    result = run.reap(config, settings, yes=True, actor=bob, live=box.live())
+    assert box.downs == ["bob-nb"]
+    skipped = next(o for o in result.outcomes if o.subject == "alice-dbg")
+    assert skipped.did == "skipped" and "needs root or the admin group" in skipped.message
+    admin = Actor("carol", 1003, frozenset({"gpuadmin"}))
+    config2 = HostConfig(**{**config.__dict__, "admin_group": "gpuadmin"})
+    run.reap(config2, settings, yes=True, actor=admin, live=box.live())
+    assert "alice-dbg" in box.downs
+
+
+def test_no_history_samples_live_and_says_evidence_is_short(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path, live_window="30s", live_interval="10s")
+    result = run.reap(config, load_settings(config), yes=False, actor=ROOT, live=box.live())
+    assert result.evidence.source == "live"
+    assert any("evidence is short" in n for n in result.notes)
+    assert len({s.ts for s in result.evidence.sessions[0].gpu_samples}) == 4
+    assert not result.zombies and result.exit_status == ExitStatus.OK
+
+
+def test_concurrent_runs_serialize_on_the_lock(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path, lock_timeout="1s")
+    settings = load_settings(config)
+    with audit.run_lock(settings.lock_file, 1), pytest.raises(OutsideError, match="another reap"):
+        run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+    order: list[str] = []
+    release = threading.Event()
+
+    def holder() -> None:
+        with audit.run_lock(settings.lock_file, 5):
+            order.append("first")
+            release.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    while not order:
+        pass
+    threading.Timer(0.3, release.set).start()
+    with audit.run_lock(settings.lock_file, 5):
+        order.append("second")
+    t.join()
+    assert order == ["first", "second"]
+
+
+def test_notify_hook_gets_a_hostile_cluster_name_as_one_argument(tmp_path: Path) -> None:
+    from deskgpu.reap.act import notify
+
+    out = tmp_path / "args.json"
+    script = f"import json,sys; open({str(out)!r},'w').write(json.dumps(sys.argv[1:]))"
+    error = notify(
+        (sys.executable, "-c", script, "{cluster}"), {"cluster": "x; touch /tmp/pwned"}, 10
+    )
+    assert error is None
+    assert json.loads(out.read_text()) == ["x; touch /tmp/pwned"]
+
+
+def test_kill_unmanaged_sigterm_then_sigkill(tmp_path: Path) -> None:
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert stubborn.stdout is not None and stubborn.stdout.readline()
+    command = " ".join(stubborn.args)  # type: ignore[arg-type]
+    decision = Decision(
+        subject=f"pid:{stubborn.pid}",
+        action=Action.REPORT_UNMANAGED,
+        owner="x",
+        kind="unmanaged",
+        reasons=(),
+        pid=stubborn.pid,
+        command=command,
+    )
+    # a non-root caller is refused; the wrong command (PID reused) is refused
+    assert kill_unmanaged(decision, Actor("x", 1000, frozenset()), 1).did == "skipped"
+    other = Decision(**{**decision.__dict__, "command": "something else"})
+    assert "different process" in kill_unmanaged(other, ROOT, 1).message
+    reaped = threading.Thread(target=stubborn.wait)
+    reaped.start()  # reap the zombie so /proc/<pid>/cmdline empties
+    outcome = kill_unmanaged(decision, ROOT, 0.5, send=os.kill)
+    reaped.join(5)
+    assert outcome.did == "killed" and outcome.ok
+    assert stubborn.returncode == -9 or "SIGKILL" in outcome.message
+
+
+def test_reap_cli_live_path(box: Box, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real CLI over the simulated box: dry run exits 3, --json and --record agree."""
+    config = make_config(tmp_path)
+    observe_for(box, config, 3 * 3600)
+    cfg_file = tmp_path / "config.yaml"
+    import yaml
+
+    cfg_file.write_text(
+        yaml.safe_dump({"box_name": "testbox", "state_dir": config.state_dir, "reap": config.reap})
+    )
+    live = box.live()
+    monkeypatch.setattr(run, "Live", lambda: live)
+    rec = tmp_path / "evidence.json"
+    result = cli("reap", "--config", str(cfg_file), "--json", "--record", str(rec))
+    assert result.exit_code == 3, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["counts"] == {"reap": 2} and doc["dry_run"] is True
+    again = cli("reap", "--config", str(cfg_file), "--evidence", str(rec), "--quiet")
+    assert again.exit_code == 3
+    assert "alice-dbg" in again.stdout and "bob-nb" in again.stdout
+    observed = cli("observe", "--config", str(cfg_file), "--json")
+    assert observed.exit_code == 0, observed.stderr
+    assert json.loads(observed.stdout)["sessions"] == 2
