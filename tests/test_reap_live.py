@@ -92,7 +92,8 @@ class Box:
 
     def _write_proc(self) -> None:
         for cluster, pod, pid in (("alice-dbg", POD, 1001), ("bob-nb", POD2, 2001)):
-            cg = f"0::/kubepods.slice/kubepods-pod{pod.replace('-', '_')}.slice/cri-containerd-ab12cd34ef56.scope\n"
+            pod_slice = f"kubepods-pod{pod.replace('-', '_')}.slice"
+            cg = f"0::/kubepods.slice/{pod_slice}/cri-containerd-ab12cd34ef56.scope\n"
             procs = [(pid, "python -m ipykernel_launcher", "0")]
             if self.ssh[cluster]:
                 procs.append((pid + 1, "sshd: sky@pts/0", "0"))
@@ -312,7 +313,8 @@ def test_kill_unmanaged_sigterm_then_sigkill(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)",
+            "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('up', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
     )
