@@ -272,6 +272,9 @@ def attribute(
     for gpu in snapshot.nvml.gpus:
         kept = []
         for proc in gpu.processes:
+            if proc.holder is not None:  # already attributed (a replayed reading)
+                kept.append(proc)
+                continue
             info = cache.get(proc.pid) or cache.setdefault(proc.pid, read_proc(proc.pid, proc_root))
             if not info.exists:
                 if not contained:

@@ -213,7 +213,7 @@ _WAITING = re.compile(
     r"backoff|waiting for|pending|insufficient|unschedulable|queue admission|no resources",
     re.IGNORECASE,
 )
-_ACCEL = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)\s*['\"]?\s*:\s*(\d+(?:\.\d+)?)")
+_ACCEL = re.compile(r"([A-Za-z][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*)\s*['\"]?\s*:\s*(\d+(?:\.\d+)?)")
 
 
 def fetch_queue(config: HostConfig, timeout_s: float = 30.0) -> Any:
@@ -415,6 +415,8 @@ def gpus_text(value: Any) -> str | None:
         items = [(m.group(1), m.group(2)) for m in _ACCEL.finditer(str(value))]
     shown = []
     for model, count in items:
+        if model.upper() in ("CPU", "CPUS", "MEMORY"):
+            continue
         number = float(count)
         shown.append(f"{model}:{int(number) if number.is_integer() else number:g}")
     return ",".join(shown) or None

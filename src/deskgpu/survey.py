@@ -66,7 +66,7 @@ def take(
 
     snap = Snapshot(taken_at=time.time(), host=socket.gethostname())
     snap.nvml = (src.read_nvml or _live_nvml)()
-    if any(gpu.processes for gpu in snap.nvml.gpus):
+    if any(p.holder is None for gpu in snap.nvml.gpus for p in gpu.processes):
         attribute_gpus(snap, src)
     if on_gpus is not None:
         on_gpus(snap)
@@ -84,7 +84,7 @@ def take(
 
 
 def attribute_gpus(snap: Snapshot, src: Sources) -> None:
-    pids = {p.pid for gpu in snap.nvml.gpus for p in gpu.processes}
+    pids = {p.pid for gpu in snap.nvml.gpus for p in gpu.processes if p.holder is None}
     infos = [attribution.read_proc(pid, src.proc_root) for pid in pids]
     if any(info.pod_uid for info in infos):
         pods = (src.fetch_pods or attribution.pods_from_kube)()

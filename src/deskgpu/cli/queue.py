@@ -57,6 +57,10 @@ def queue_command(
             show_default=False,
         ),
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", min=0.1, help="Seconds to wait for the SkyPilot API server."),
+    ] = 30.0,
     show_all: Annotated[bool, typer.Option("--all", "-a", help="Also list finished jobs.")] = False,
     config_path: ConfigOption = None,
 ) -> None:
@@ -77,7 +81,7 @@ def queue_command(
         return
     config = get_config(config_path)
     if watch:
-        _watch(config, user, json_out, show_all, record, interval, out)
+        _watch(config, user, json_out, show_all, record, interval, out, timeout)
         return
     console = None if json_out else _console(out)
 
@@ -91,7 +95,7 @@ def queue_command(
             if table is not None:
                 console.print(table)
 
-    snap = survey.take(config, on_gpus=paint_gpus)
+    snap = survey.take(config, on_gpus=paint_gpus, sky_timeout_s=timeout)
     _finish(snap, user, json_out, show_all, record, out, painted_gpus=True, console=console)
 
 
@@ -141,6 +145,7 @@ def _watch(
     record: Path | None,
     interval: float,
     out: TextIO,
+    timeout: float,
 ) -> None:
     from rich.console import Group
     from rich.live import Live
@@ -160,7 +165,7 @@ def _watch(
     try:
         if json_out:
             while True:
-                snap = survey.take(config)
+                snap = survey.take(config, sky_timeout_s=timeout)
                 snap = survey.for_user(snap, user) if user else snap
                 doc = survey.document(snap)
                 out.write(json.dumps(doc) + "\n")
@@ -177,7 +182,7 @@ def _watch(
                     if show:
                         live.update(frame(partial, waiting=True), refresh=True)
 
-                snap = survey.take(config, on_gpus=early)
+                snap = survey.take(config, on_gpus=early, sky_timeout_s=timeout)
                 snap = survey.for_user(snap, user) if user else snap
                 live.update(frame(snap), refresh=True)
                 if record is not None:
