@@ -456,7 +456,7 @@ def _gpu_violations(
             Violation(
                 "max_gpus",
                 f"asks for {total:g}x {model}; the house rule is at most {limit} GPUs per request",
-                f"ask for at most {limit} (e.g. `--gpus {model}:{limit}`), or talk to the "
+                f"ask for at most {limit}, e.g. `--gpus {model}:{limit}`, or talk to the "
                 "box's admin",
             )
         )
@@ -476,8 +476,8 @@ def _gpu_violations(
                     "gpu_inventory",
                     f"asks for {wanted}, but this box has {config.describe_gpus()}: it would "
                     "wait in the queue forever",
-                    "ask for one of those models and at most that many "
-                    f"(e.g. `--gpus {next(iter(config.gpus))}:1`)",
+                    "ask for one of those models and at most that many, e.g. "
+                    f"`--gpus {next(iter(config.gpus))}:1`",
                 )
             )
     return found
@@ -552,7 +552,8 @@ def _host_path_violation(
         )
     return Violation(
         "host_mount",
-        f"{what} mounts {norm} from the host, outside the box's roots ({config.data_root}, {mine})",
+        f"{what} mounts {norm} from the host, outside the box's roots {config.data_root} "
+        f"and {mine}",
         f"remove it: {standard}; ask the admin to put shared data under {config.data_root}",
     )
 
@@ -687,6 +688,6 @@ def cluster_name_violation(name: str | None, user: str) -> Violation | None:
         "cluster_name",
         f"cluster name {name!r} does not start with {who}-; cluster names are shared by "
         "everyone on this box",
-        f"name it `{user_prefixed(name, user)}` (`sky launch -c {user_prefixed(name, user)} "
-        "...`), or use `deskgpu submit`",
+        f"name it {user_prefixed(name, user)}: `sky launch -c {user_prefixed(name, user)} "
+        "...`, or use `deskgpu submit`",
     )

@@ -8,8 +8,9 @@ from typing import Any
 
 from deskgpu import __version__
 from deskgpu.config import HostConfig
-from deskgpu.errors import ExitStatus
+from deskgpu.errors import ExitStatus, SpecError
 from deskgpu.expand import Expansion, expand, redacted
+from deskgpu.house_rules import check_house_rules
 from deskgpu.spec import JobSpec, load_spec
 from deskgpu.taskyaml import dump_task
 
@@ -24,7 +25,13 @@ class Plan:
 def plan(spec_path: Path, config: HostConfig, user: str) -> Plan:
     """Load, validate and expand a spec. Raises `SpecError` (exit 2) listing every problem."""
     spec = load_spec(spec_path, config, user)
-    return Plan(spec=spec, expansion=expand(spec, config, user), user=user)
+    expansion = expand(spec, config, user)
+    # The admin policy runs this same check server-side; failing here first keeps the
+    # dry run honest (what it prints is what the server accepts).
+    broken = check_house_rules(expansion.task, config, user)
+    if broken:
+        raise SpecError([f"{spec.source}: house rule {v}" for v in broken])
+    return Plan(spec=spec, expansion=expansion, user=user)
 
 
 def task_yaml(p: Plan, *, show_secrets: bool = False) -> str:
