@@ -1,0 +1,1 @@
+"""Setting up the box: the files it needs, generated from the host config (`deskgpu setup`)."""
