@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deskgpu.reap.evidence import Evidence, GpuSample, Session, UnmanagedProcess, iso
+from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess, iso
 from deskgpu.reap.settings import ReapSettings
 from deskgpu.units import format_duration, format_mib
 
@@ -119,47 +118,53 @@ def idle_run(session: Session, settings: ReapSettings, now: float, *, interactiv
     """Walk the observations back from `now` while each one proves the session idle.
 
     A batch job's stretch ignores SSH (a job may be watched over SSH and still be stalled).
+    Hot path of `bench/reap.py`: one pass over the rows, newest first, no per-row objects.
     """
     floor = session.created_at if session.created_at is not None else float("-inf")
-    by_ts: dict[float, list[GpuSample]] = defaultdict(list)
-    for g in session.gpu_samples:
-        if g.ts >= floor:
-            by_ts[g.ts].append(g)
+    rows = [g for g in session.gpu_samples if g.ts >= floor]
+    if any(rows[i].ts > rows[i + 1].ts for i in range(len(rows) - 1)):
+        rows.sort(key=lambda g: g.ts)
     activity = {a.ts: a for a in session.activity_samples if a.ts >= floor}
-    stamps = sorted(set(by_ts) | set(activity), reverse=True)
-    if not stamps:
+    # The newest observation with no GPU reading ends the stretch: it proves nothing.
+    newest_bare = max(set(activity).difference(g.ts for g in rows), default=float("-inf"))
+    newest = max(rows[-1].ts if rows else float("-inf"), newest_bare)
+    if newest == float("-inf"):
         return IdleRun(None, "no observations in the history")
     gap = settings.max_sample_gap_s
-    if now - stamps[0] > gap:
-        return IdleRun(None, f"no observation since {when(stamps[0])}")
+    if now - newest > gap:
+        return IdleRun(None, f"no observation since {when(newest)}")
+    threshold = settings.util_threshold_pct
+    busy = settings.cpu_busy_pct
     since: float | None = None
     peak = 0.0
     previous: float | None = None
-    for ts in stamps:
+    i = len(rows) - 1
+    while i >= 0:
+        ts = rows[i].ts
+        if newest_bare > ts:
+            return IdleRun(since, f"no GPU reading at {when(newest_bare)}", peak)
         if previous is not None and previous - ts > gap:
             return IdleRun(since, f"no observations from {when(ts)} to {when(previous)}", peak)
-        rows = by_ts.get(ts, [])
-        if not rows:
-            return IdleRun(since, f"no GPU reading at {when(ts)}", peak)
-        for row in rows:
-            if row.util_pct is None:
+        while i >= 0 and rows[i].ts == ts:
+            row = rows[i]
+            util = row.util_pct
+            if util is None:
                 return IdleRun(since, f"GPU {row.gpu} reading failed at {when(ts)}", peak)
-            if row.util_pct >= settings.util_threshold_pct:
-                return IdleRun(
-                    since, f"{row.util_pct:.0f}% GPU on GPU {row.gpu} at {when(ts)}", peak
-                )
+            if util >= threshold:
+                return IdleRun(since, f"{util:.0f}% GPU on GPU {row.gpu} at {when(ts)}", peak)
+            if util > peak:
+                peak = util
+            i -= 1
         seen = activity.get(ts)
         if interactive:
             if seen is None or seen.ssh_sessions is None:
                 return IdleRun(since, f"SSH state unknown at {when(ts)}", peak)
             if seen.ssh_sessions > 0:
                 return IdleRun(since, f"SSH/IDE attached at {when(ts)}", peak)
-        busy = settings.cpu_busy_pct
         cpu = seen.cpu_pct if seen is not None else None
         if busy is not None and cpu is not None and cpu >= busy:
             return IdleRun(since, f"CPU busy ({cpu:.0f}% of a core) at {when(ts)}", peak)
         since = ts
-        peak = max([peak] + [r.util_pct or 0.0 for r in rows])
         previous = ts
     return IdleRun(since, None, peak)
 
