@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +84,27 @@ def sky_api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield url
     finally:
-        subprocess.run([sky, "api", "stop"], env=env, capture_output=True, timeout=120)
+        # `sky api stop` only stops "the default local server": name it by port, not endpoint.
+        stop_env = {k: v for k, v in env.items() if k != "SKYPILOT_API_SERVER_ENDPOINT"}
+        stop_env["SKYPILOT_API_SERVER_LOCAL_PORT"] = str(port)
+        stopped = subprocess.run(
+            [sky, "api", "stop"], env=stop_env, capture_output=True, timeout=120
+        )
+        if stopped.returncode != 0:
+            _kill_servers_on_port(port)
+
+
+def _kill_servers_on_port(port: int) -> None:
+    import signal
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sky.server.server" in b" ".join(args) and f"--port={port}".encode() in args:
+            with contextlib.suppress(OSError):
+                os.kill(int(cmdline.parent.name), signal.SIGTERM)
 
 
 @pytest.fixture(scope="session")
