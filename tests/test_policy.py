@@ -430,6 +430,7 @@ def test_request_kinds() -> None:
     assert decide("exec", True).kind is None and decide("exec", True).check
     assert not decide("jobs.launch_controller", True).check
     assert decide("validate", True).kind == "interactive"
+    assert decide("validate", True).check_cluster_name  # `sky launch` validates first
     assert decide("validate", False).kind == "batch"
 
 

@@ -72,9 +72,11 @@ def decide(request_name: str, has_request_options: bool) -> Decision:
         return Decision(kind=INTERACTIVE, check_cluster_name=True)
     if request_name in _CHECK_ONLY_REQUESTS:
         return Decision(kind=None)
-    # `validate` / `optimize` ahead of a launch carry request options; ahead of a jobs launch
-    # or an exec they carry none.
-    return Decision(kind=INTERACTIVE if has_request_options else BATCH)
+    # `validate` / `optimize` ahead of a launch carry request options (and its cluster name);
+    # ahead of a jobs launch or an exec they carry none.
+    if has_request_options:
+        return Decision(kind=INTERACTIVE, check_cluster_name=True)
+    return Decision(kind=BATCH)
 
 
 def request_user(
