@@ -30,9 +30,19 @@ def recorded(name: str) -> Snapshot:
     return Snapshot.from_dict(json.loads((SNAPSHOTS / f"{name}.json").read_text()))
 
 
-def test_no_gpu_and_no_api_server_exits_1_with_two_clear_lines(cli) -> None:
-    result = cli("queue", env={"SKYPILOT_API_SERVER_ENDPOINT": CLOSED})
-    assert result.exit_code == 1
+def deskgpu(*args: str, endpoint: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI in its own process: the SkyPilot SDK caches its server URL in-process,
+    so an in-process call against a dead endpoint would poison later tests."""
+    import os
+
+    env = {**os.environ, "SKYPILOT_API_SERVER_ENDPOINT": endpoint, "COLUMNS": "120"}
+    exe = str(Path(sys.executable).with_name("deskgpu"))
+    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_no_gpu_and_no_api_server_exits_1_with_two_clear_lines() -> None:
+    result = deskgpu("queue", endpoint=CLOSED)
+    assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2, result.stderr
     assert "no NVIDIA driver" in lines[0]
@@ -40,20 +50,17 @@ def test_no_gpu_and_no_api_server_exits_1_with_two_clear_lines(cli) -> None:
     assert "GPUs unknown" in result.stdout
 
 
-def test_no_gpu_and_no_api_server_json_still_prints_the_document(cli) -> None:
-    result = cli("queue", "--json", env={"SKYPILOT_API_SERVER_ENDPOINT": CLOSED})
-    assert result.exit_code == 1
+def test_no_gpu_and_no_api_server_json_still_prints_the_document() -> None:
+    result = deskgpu("queue", "--json", endpoint=CLOSED)
+    assert result.returncode == 1
     doc = json.loads(result.stdout)
     assert doc["nvml"]["available"] is False and doc["sky"]["available"] is False
     assert doc["summary"]["gpus_total"] is None
 
 
 def test_gpu_table_appears_when_skypilot_is_unreachable(cli, monkeypatch) -> None:
-    from deskgpu import nvml
-
-    gpus = recorded("sky_unreachable").nvml  # a recorded NVML reading stands in for a GPU
-    monkeypatch.setattr(nvml, "read", lambda: gpus)
-    result = cli("queue", env={"SKYPILOT_API_SERVER_ENDPOINT": CLOSED})
+    _fake_live(monkeypatch, "sky_unreachable")  # recorded halves: GPUs yes, SkyPilot no
+    result = cli("queue")
     assert result.exit_code == 0
     assert "RTX A6000" in result.stdout and "1 of 2 GPUs free" in result.stdout
     assert result.stderr.count("\n") == 1 and "unreachable" in result.stderr
@@ -161,18 +168,10 @@ def test_help_and_core_imports_stay_light() -> None:
 @pytest.mark.apiserver
 def test_real_api_server_and_no_gpu(sky_api_server: str, tmp_path: Path) -> None:
     """The whole CLI in a subprocess against a real local API server (no infra, no jobs)."""
-    import os
-
-    env = {**os.environ, "SKYPILOT_API_SERVER_ENDPOINT": sky_api_server, "COLUMNS": "120"}
-    exe = str(Path(sys.executable).with_name("deskgpu"))
     record = tmp_path / "seen.json"
-    result = subprocess.run(
-        # A fresh server answers its first request slowly (a minute on a 2-core box).
-        [exe, "queue", "--json", "--record", str(record), "--timeout", "240"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    # A fresh server answers its first request slowly (a minute on a 2-core box).
+    result = deskgpu(
+        "queue", "--json", "--record", str(record), "--timeout", "240", endpoint=sky_api_server
     )
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -180,7 +179,7 @@ def test_real_api_server_and_no_gpu(sky_api_server: str, tmp_path: Path) -> None
     assert doc["sky"]["jobs"] == [] and doc["sky"]["endpoint"] == sky_api_server
     assert "no NVIDIA driver" in result.stderr and "Traceback" not in result.stderr
     assert json.loads(record.read_text()) == doc
-    tables = subprocess.run([exe, "queue"], env=env, capture_output=True, text=True, timeout=120)
+    tables = deskgpu("queue", endpoint=sky_api_server)
     assert tables.returncode == 0, tables.stderr
     assert "GPUs unknown · 0 queued · 0 zombie suspects" in tables.stdout
     assert "Jobs: none queued or running" in tables.stdout
