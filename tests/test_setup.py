@@ -126,9 +126,12 @@ def test_api_server_unit_is_one_deploy_server_on_loopback(rendered) -> None:
 
 def test_timers_and_services_parse_and_run_what_doctor_looks_for(rendered) -> None:
     out, _ = rendered
-    for name, calendar in (("reap", "Mon *-*-* 04:00:00"), ("observe", "*:0/5")):
+    for name, key, when in (
+        ("reap", "OnCalendar", "Sun *-*-* 03:00:00"),
+        ("observe", "OnUnitActiveSec", "5min"),
+    ):
         timer = _unit(out / f"etc/systemd/system/deskgpu-{name}.timer")
-        assert timer["Timer"]["OnCalendar"] == calendar
+        assert timer["Timer"][key] == when
         assert timer["Install"]["WantedBy"] == "timers.target"
         service = out / f"etc/systemd/system/deskgpu-{name}.service"
         assert _unit(service)["Service"]["Type"] == "oneshot"
@@ -280,3 +283,37 @@ def test_render_is_deterministic(cli, tmp_path) -> None:
         )
         texts.append({p.relative_to(out): p.read_text() for p in out.rglob("*") if p.is_file()})
     assert texts[0] == texts[1]
+
+
+EXAMPLE_SCHEDULES = {
+    "examples/cron/deskgpu.crontab": "cron/deskgpu",
+    "examples/systemd/deskgpu-observe.service": "etc/systemd/system/deskgpu-observe.service",
+    "examples/systemd/deskgpu-observe.timer": "etc/systemd/system/deskgpu-observe.timer",
+    "examples/systemd/deskgpu-reap.service": "etc/systemd/system/deskgpu-reap.service",
+    "examples/systemd/deskgpu-reap.timer": "etc/systemd/system/deskgpu-reap.timer",
+}
+
+
+def example_schedules() -> dict[str, str]:
+    """The schedule examples, as the generator renders them for the example host config."""
+    import dataclasses
+
+    config = dataclasses.replace(load_config(HOST_CONFIG), source="examples/host-config.yaml")
+    files = render(config, Tools("python3", "/usr/local/bin/deskgpu")).by_path()
+    return {example: files[path].text for example, path in EXAMPLE_SCHEDULES.items()}
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_SCHEDULES))
+def test_schedule_examples_are_the_generators_output(example: str) -> None:
+    """One source: regenerate with `python -m tests.test_setup` after changing the generator."""
+    from tests.conftest import ROOT
+
+    assert (ROOT / example).read_text() == example_schedules()[example]
+
+
+if __name__ == "__main__":
+    from tests.conftest import ROOT
+
+    for example, text in example_schedules().items():
+        (ROOT / example).write_text(text)
+        print(f"wrote {example}")

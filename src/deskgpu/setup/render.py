@@ -31,8 +31,9 @@ KUEUE_API = "kueue.x-k8s.io/v1beta1"
 KUEUE_NAMESPACE = "default"  # SkyPilot's pods land in the kube context's namespace
 KUEUE_FLAVOR = "default-flavor"
 GPU_RESOURCE = "nvidia.com/gpu"
-REAP_CALENDAR = "Mon *-*-* 04:00:00"
-REAP_CRON = "0 4 * * 1"
+REAP_CALENDAR = "Sun *-*-* 03:00:00"
+REAP_CRON = "0 3 * * 0"
+DOCS = "https://github.com/deskgpu/deskgpu"
 OBSERVE_EVERY_MIN = 5
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -134,12 +135,22 @@ def _k8s_name(text: str) -> str:
     return token[:63].rstrip("-") or "deskgpu"
 
 
-def _env_lines(config: HostConfig) -> list[str]:
-    lines = [f"Environment=SKYPILOT_API_SERVER_ENDPOINT={endpoint(config)}"]
-    lines.append("Environment=SKYPILOT_DISABLE_LOCAL_API_SERVER=1")
+def _environment(config: HostConfig, *first: str, client: bool = True) -> str:
+    """One `Environment=` line (strict INI readers reject a repeated key)."""
+    pairs = list(first)
+    if client:
+        pairs += [
+            f"SKYPILOT_API_SERVER_ENDPOINT={endpoint(config)}",
+            "SKYPILOT_DISABLE_LOCAL_API_SERVER=1",
+        ]
     if config_source(config) != str(SYSTEM_CONFIG):
-        lines.append(f"Environment=DESKGPU_CONFIG={config_source(config)}")
-    return lines
+        pairs.append(f"DESKGPU_CONFIG={config_source(config)}")
+    return "Environment=" + " ".join(shlex.quote(p) for p in pairs)
+
+
+def _cron_path(tools: Tools) -> str:
+    dirs = [str(Path(tools.deskgpu).parent), "/usr/local/bin", "/usr/bin", "/bin"]
+    return ":".join(dict.fromkeys(d for d in dirs if d not in ("", ".")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,12 +191,14 @@ def server_unit(config: HostConfig, tools: Tools) -> str:
         f"User={user}",
         f"Group={user}",
         f"WorkingDirectory={home}",
-        f"Environment=HOME={home}",
-        f"Environment=KUBECONFIG={home}/.kube/config",
-        "Environment=SKYPILOT_DISABLE_USAGE_COLLECTION=1",
+        _environment(
+            config,
+            f"HOME={home}",
+            f"KUBECONFIG={home}/.kube/config",
+            "SKYPILOT_DISABLE_USAGE_COLLECTION=1",
+            client=False,
+        ),
     ]
-    if config_source(config) != str(SYSTEM_CONFIG):
-        lines.append(f"Environment=DESKGPU_CONFIG={config_source(config)}")
     lines += [
         f"ExecStart={shlex.quote(tools.python)} -m sky.server.server --deploy "
         f"--host 127.0.0.1 --port {server_port(config)}",
@@ -284,31 +297,37 @@ def tmpfiles(config: HostConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _oneshot(config: HostConfig, tools: Tools, what: str, args: str) -> str:
+def _oneshot(
+    config: HostConfig, tools: Tools, what: str, args: str, extra: list[str], anchor: str
+) -> str:
     lines = [
         _header(config).rstrip("\n"),
         "[Unit]",
-        f"Description=deskgpu {what}",
-        f"After={SERVER_UNIT}",
+        f"Description=deskgpu: {what}",
+        f"Documentation={DOCS}#{anchor}",
+        f"After=network-online.target k3s.service {SERVER_UNIT}",
         "",
         "[Service]",
         "Type=oneshot",
-        *_env_lines(config),
         f"ExecStart={shlex.quote(tools.deskgpu)} {args}",
-        "",
+        "# root: reads every pod's processes in /proc and their cgroups; writes the state dir",
+        "User=root",
+        _environment(config),
     ]
+    if config.state_dir.rstrip("/") == "/var/lib/deskgpu":
+        lines.append("StateDirectory=deskgpu")
+    lines += [*extra, ""]
     return "\n".join(lines)
 
 
-def _timer(config: HostConfig, what: str, calendar: str) -> str:
+def _timer(config: HostConfig, what: str, timing: list[str]) -> str:
     lines = [
         _header(config).rstrip("\n"),
         "[Unit]",
         f"Description=deskgpu {what}",
         "",
         "[Timer]",
-        f"OnCalendar={calendar}",
-        "Persistent=true",
+        *timing,
         "",
         "[Install]",
         "WantedBy=timers.target",
@@ -319,19 +338,30 @@ def _timer(config: HostConfig, what: str, calendar: str) -> str:
 
 def crontab(config: HostConfig, tools: Tools) -> str:
     """The cron alternative to the timers (install one of the two, not both)."""
-    deskgpu = shlex.quote(tools.deskgpu)
+    deskgpu = "deskgpu" if Path(tools.deskgpu).name == "deskgpu" else shlex.quote(tools.deskgpu)
     lines = [
         _header(config).rstrip("\n"),
-        "# Alternative to the deskgpu-reap/deskgpu-observe timers: install one, not both.",
+        "# /etc/cron.d/deskgpu: deskgpu's observation and the weekly zombie reap (root).",
+        "# Prefer the systemd timers where systemd runs; use one or the other, not both.",
         "SHELL=/bin/sh",
+        f"PATH={_cron_path(tools)}",
+        "MAILTO=root",
         f"SKYPILOT_API_SERVER_ENDPOINT={endpoint(config)}",
         "SKYPILOT_DISABLE_LOCAL_API_SERVER=1",
     ]
     if config_source(config) != str(SYSTEM_CONFIG):
         lines.append(f"DESKGPU_CONFIG={config_source(config)}")
     lines += [
-        f"*/{OBSERVE_EVERY_MIN} * * * * root {deskgpu} observe",
-        f"{REAP_CRON} root {deskgpu} reap --yes",
+        "",
+        f"# Every {OBSERVE_EVERY_MIN} minutes: one cheap observation into the reap history in",
+        f"# {config.state_dir}; it also gives owners their first notice as soon as a session",
+        "# qualifies as a zombie (the grace clock).",
+        f"*/{OBSERVE_EVERY_MIN} * * * *  root  {deskgpu} observe --quiet",
+        "",
+        "# Sundays 03:00: tear down zombies whose notice is older than the grace period. Output",
+        "# (and so cron mail) only when something was reaped, warned or failed; exit 1 on a",
+        "# failed teardown.",
+        f"{REAP_CRON}    root  {deskgpu} reap --yes --quiet",
     ]
     return "\n".join(lines) + "\n"
 
@@ -416,27 +446,54 @@ def render(config: HostConfig, tools: Tools) -> Rendered:
         ),
         SetupFile(
             "etc/systemd/system/deskgpu-observe.service",
-            _oneshot(config, tools, "observe: record who holds which GPU", "observe"),
+            _oneshot(
+                config,
+                tools,
+                "one observation of GPU use per session (reap history)",
+                "observe --quiet",
+                ["Nice=10", "IOSchedulingClass=idle", "TimeoutStartSec=2min"],
+                "deskgpu-observe",
+            ),
             0o644,
             "one observation of the box for the zombie rule",
         ),
         SetupFile(
             "etc/systemd/system/deskgpu-observe.timer",
             _timer(
-                config, f"observe every {OBSERVE_EVERY_MIN} minutes", f"*:0/{OBSERVE_EVERY_MIN}"
+                config,
+                f"observe every {OBSERVE_EVERY_MIN} minutes",
+                [
+                    "OnBootSec=2min",
+                    f"OnUnitActiveSec={OBSERVE_EVERY_MIN}min",
+                    "AccuracySec=30s",
+                ],
             ),
             0o644,
             f"runs deskgpu observe every {OBSERVE_EVERY_MIN} minutes",
         ),
         SetupFile(
             "etc/systemd/system/deskgpu-reap.service",
-            _oneshot(config, tools, "reap: tear down zombie sessions", "reap --yes"),
+            _oneshot(
+                config,
+                tools,
+                "tear down zombie sessions (weekly)",
+                "reap --yes --quiet",
+                [
+                    "# Teardowns wait for SkyPilot; concurrent runs serialize on the reap lock.",
+                    "TimeoutStartSec=1h",
+                ],
+                "deskgpu-reap",
+            ),
             0o644,
             "tears down zombie sessions (alive, holding VRAM, idle for hours)",
         ),
         SetupFile(
             "etc/systemd/system/deskgpu-reap.timer",
-            _timer(config, "reap weekly", REAP_CALENDAR),
+            _timer(
+                config,
+                "reap every Sunday at 03:00",
+                [f"OnCalendar={REAP_CALENDAR}", "Persistent=true", "RandomizedDelaySec=5min"],
+            ),
             0o644,
             "runs deskgpu reap --yes weekly",
         ),
