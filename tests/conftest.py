@@ -31,6 +31,30 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _fresh_process_state() -> Iterator[None]:
+    """Each test starts from the same environment and SkyPilot client state.
+
+    deskgpu's CLI sets SkyPilot variables in os.environ (fine for a process that exits), and
+    the SkyPilot SDK caches its server URL for the life of the process.
+    """
+    saved = dict(os.environ)
+    _forget_skypilot_server_url()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    _forget_skypilot_server_url()
+
+
+def _forget_skypilot_server_url() -> None:
+    import sys
+
+    common = sys.modules.get("sky.server.common")
+    if common is not None:
+        for name in ("get_server_url", "is_api_server_local"):
+            getattr(common, name).cache_clear()
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
@@ -67,7 +91,7 @@ def sky_api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "SKYPILOT_DISABLE_LOCAL_API_SERVER"},
         "HOME": str(home),
         "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
         "SKYPILOT_API_SERVER_ENDPOINT": url,
