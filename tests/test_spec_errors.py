@@ -127,3 +127,15 @@ def test_the_spec_file_is_never_modified(cli) -> None:
     before = path.read_bytes()
     cli("submit", str(path), "--dry-run")
     assert path.read_bytes() == before
+
+
+def test_house_rule_violation_points_at_the_spec_field(tmp_path: Path, cli) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text('gpus: {A6000: 4}\nimages: {deny: ["*:latest"]}\n')
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: t\ngpus: A6000:1\nimage: pytorch/pytorch:latest\nrun: x\n")
+    result = cli("submit", str(spec), "--dry-run", "--config", str(config))
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"{spec}:3:8: image: house rule image_denied:")
+    assert "(use another image)" in line

@@ -56,6 +56,15 @@ class JobSpec:
     keep: bool = False
     infra: str | None = None
     source: str = "<spec>"
+    # Where each top-level field's value sits in the file, for errors found after loading.
+    field_marks: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+
+    def where(self, name: str) -> str:
+        """`file:LINE:COL: name: ` for a field the spec sets, else `file: `."""
+        if name in self.field_marks:
+            line, col = self.field_marks[name]
+            return f"{self.source}:{line}:{col}: {name}: "
+        return f"{self.source}: "
 
     @property
     def kind(self) -> str:
@@ -100,6 +109,7 @@ def spec_from_located(doc: Located, config: HostConfig, user: str) -> JobSpec:
         keep=bool(data.get("keep", False)),
         infra=data.get("infra"),
         source=doc.source,
+        field_marks={key: doc.mark_of((key,)) for key in data},
     )
 
 

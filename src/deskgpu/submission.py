@@ -14,6 +14,15 @@ from deskgpu.house_rules import check_house_rules
 from deskgpu.spec import JobSpec, load_spec
 from deskgpu.taskyaml import dump_task
 
+# The spec field behind each house rule a spec can break (it has no mounts of its own).
+_RULE_FIELD = {
+    "max_gpus": "gpus",
+    "gpu_inventory": "gpus",
+    "image_denied": "image",
+    "image_not_allowed": "image",
+    "cluster_name": "name",
+}
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -30,7 +39,8 @@ def plan(spec_path: Path, config: HostConfig, user: str) -> Plan:
     # dry run honest (what it prints is what the server accepts).
     broken = check_house_rules(expansion.task, config, user)
     if broken:
-        raise SpecError([f"{spec.source}: house rule {v}" for v in broken])
+        where = [spec.where(_RULE_FIELD.get(v.rule, "")) for v in broken]
+        raise SpecError([f"{at}house rule {v}" for at, v in zip(where, broken, strict=True)])
     return Plan(spec=spec, expansion=expansion, user=user)
 
 
