@@ -113,7 +113,10 @@ def test_configured_roots_are_the_host_paths_and_container_paths_stay_standard()
     exp = _expand("name: train\nrun: x\n", config)
     pod = exp.task["config"]["kubernetes"]["pod_config"]["spec"]
     paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
-    assert paths == {"deskgpu-data": "/mnt/nvme/data", "deskgpu-checkpoints": "/mnt/nvme/ckpt/alice"}
+    assert paths == {
+        "deskgpu-data": "/mnt/nvme/data",
+        "deskgpu-checkpoints": "/mnt/nvme/ckpt/alice",
+    }
     mounts = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
     assert mounts == ["/data", "/checkpoints/alice"]
 
