@@ -114,3 +114,22 @@ def test_real_api_server_without_infra_says_so(sky_api_server: str, tmp_path: Pa
     assert result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert "no infrastructure enabled" in line and "sky check" in line
+
+
+def test_no_api_server_configured_anywhere_says_where_to_set_it(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "deskgpu", "submit", str(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        "deskgpu: no SkyPilot API server is configured: set `api_server:` in the host "
+        "config (/etc/deskgpu/config.yaml) or export SKYPILOT_API_SERVER_ENDPOINT"
+    )

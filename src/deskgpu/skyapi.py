@@ -66,6 +66,11 @@ def explain(exc: BaseException, endpoint: str) -> OutsideError:
             f"SkyPilot API server at {endpoint} is unreachable: ask the box's admin to start it "
             "(`systemctl start skypilot-api`), or set api_server in the host config"
         )
+    if "No SkyPilot API server endpoint is configured" in message:
+        return OutsideError(
+            "no SkyPilot API server is configured: set `api_server:` in the host config "
+            "(/etc/deskgpu/config.yaml) or export SKYPILOT_API_SERVER_ENDPOINT"
+        )
     if name == "NoCloudAccessError":
         return OutsideError(
             "SkyPilot has no infrastructure enabled on the API server at "
