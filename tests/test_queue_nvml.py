@@ -4,6 +4,7 @@ a stand-in module that raises pynvml's own error classes (mocks only inject fail
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import pynvml
@@ -26,32 +27,56 @@ class _Proc:
         self.usedGpuMemory = used
 
 
-def fake_nvml(gpus: list[dict[str, Any]], init_error: type[Exception] | None = None) -> Any:
-    """A pynvml stand-in over a table of readings; a reading that is an exception class raises."""
+def fake_nvml(
+    gpus: list[dict[str, Any]],
+    init_error: type[Exception] | None = None,
+    system: dict[str, Any] | None = None,
+) -> Any:
+    """A pynvml stand-in over a table of readings.
+
+    A reading that is an exception class raises it; an iterator gives its next value on each
+    call (spaced samples, a GPU that goes mid-read); a dict is looked up by the call's extra
+    arguments (ECC counter, retirement cause, threshold). `system` adds system-wide readings
+    (an absent one is a binding that lacks the function). `queries` records (function, GPU).
+    """
     mod = types.ModuleType("fake_pynvml")
     for name in dir(pynvml):
-        if name.startswith("NVMLError"):
+        if name.startswith("NVML"):  # the error classes and the constants (NVML_VOLATILE_ECC, ...)
             setattr(mod, name, getattr(pynvml, name))
     calls: list[str] = []
+    queries: list[tuple[str, int]] = []
     mod.calls = calls  # type: ignore[attr-defined]
+    mod.queries = queries  # type: ignore[attr-defined]
 
     def init() -> None:
         calls.append("init")
         if init_error is not None:
             raise init_error()
 
-    def reading(key: str) -> Any:
-        def fn(handle: int, *_: Any) -> Any:
-            value = gpus[handle].get(key)
-            if isinstance(value, type) and issubclass(value, Exception):
-                raise value()
-            return value
+    def answer(value: Any, args: tuple[Any, ...] = ()) -> Any:
+        if isinstance(value, Iterator):
+            value = next(value)
+        if isinstance(value, dict):
+            value = value[args[0] if len(args) == 1 else args]
+        if isinstance(value, type) and issubclass(value, Exception):
+            raise value()
+        return value
+
+    def reading(attr: str, key: str) -> Any:
+        def fn(handle: int, *args: Any) -> Any:
+            queries.append((attr, handle))
+            return answer(gpus[handle].get(key), args)
 
         return fn
+
+    def system_reading(value: Any) -> Any:
+        return lambda: answer(value)
 
     mod.nvmlInit = init  # type: ignore[attr-defined]
     mod.nvmlShutdown = lambda: calls.append("shutdown")  # type: ignore[attr-defined]
     mod.nvmlSystemGetDriverVersion = lambda: "550.127.05"  # type: ignore[attr-defined]
+    for attr, value in (system or {}).items():
+        setattr(mod, attr, system_reading(value))
     mod.nvmlDeviceGetCount = lambda: len(gpus)  # type: ignore[attr-defined]
     mod.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
     for attr, key in [
@@ -63,12 +88,21 @@ def fake_nvml(gpus: list[dict[str, Any]], init_error: type[Exception] | None = N
         ("nvmlDeviceGetPowerUsage", "power_mw"),
         ("nvmlDeviceGetEnforcedPowerLimit", "limit_mw"),
         ("nvmlDeviceGetCurrentClocksEventReasons", "throttle"),
+        ("nvmlDeviceGetCurrentClocksThrottleReasons", "throttle"),
         ("nvmlDeviceGetPersistenceMode", "persistence"),
         ("nvmlDeviceGetMigMode", "mig"),
         ("nvmlDeviceGetComputeRunningProcesses", "compute"),
         ("nvmlDeviceGetGraphicsRunningProcesses", "graphics"),
+        # What doctor's health read adds.
+        ("nvmlDeviceGetPciInfo", "pci"),
+        ("nvmlDeviceGetEccMode", "ecc_mode"),
+        ("nvmlDeviceGetTotalEccErrors", "ecc_errors"),
+        ("nvmlDeviceGetRetiredPages", "retired_pages"),
+        ("nvmlDeviceGetRetiredPagesPendingStatus", "retired_pending"),
+        ("nvmlDeviceGetRemappedRows", "remapped_rows"),
+        ("nvmlDeviceGetTemperatureThreshold", "thresholds"),
     ]:
-        setattr(mod, attr, reading(key))
+        setattr(mod, attr, reading(attr, key))
     return mod
 
 

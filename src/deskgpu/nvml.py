@@ -5,12 +5,17 @@
 or a long `--watch` never inherits a stale NVML handle. Every reading goes through
 `_reading()`, which turns "not supported" / "no permission" into `None`; a lost GPU
 becomes a row that says so (gpustat and nvitop learned both the hard way).
+
+`read_health()` is doctor's second, slower look: ECC, retired pages, remapped rows,
+slowdown thresholds and a few spaced thermal samples per GPU, as plain `Health` data.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -169,3 +174,206 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Health: doctor's second look. Readings are named like `nvidia-smi --query-gpu=` fields.
+
+
+@dataclass
+class HealthSample:
+    """One look at a GPU's thermals."""
+
+    at_s: float  # seconds since the first sample
+    temperature_c: int | None = None  # temperature.gpu
+    clocks_event_reasons: int | None = None  # clocks_event_reasons.active (raw NVML bitmask)
+    power_draw_w: float | None = None  # power.draw
+
+
+@dataclass
+class GpuHealth:
+    """One GPU's health readings; `None` is "this GPU cannot say"."""
+
+    index: int
+    lost: bool = False  # stopped answering mid-read: readings after that point are missing
+    pci_bus_id: str | None = None  # pci.bus_id
+    ecc_mode_current: bool | None = None  # ecc.mode.current
+    ecc_errors_uncorrected_volatile: int | None = None  # ecc.errors.uncorrected.volatile.total
+    ecc_errors_uncorrected_aggregate: int | None = None  # ecc.errors.uncorrected.aggregate.total
+    retired_pages_sbe: int | None = None  # retired_pages.sbe
+    retired_pages_dbe: int | None = None  # retired_pages.dbe
+    retired_pages_pending: bool | None = None  # retired_pages.pending
+    remapped_rows_correctable: int | None = None  # remapped_rows.correctable
+    remapped_rows_uncorrectable: int | None = None  # remapped_rows.uncorrectable
+    remapped_rows_pending: bool | None = None  # remapped_rows.pending
+    remapped_rows_failure: bool | None = None  # remapped_rows.failure
+    temperature_slowdown_c: int | None = None  # the slowdown threshold
+    temperature_shutdown_c: int | None = None  # the shutdown threshold
+    samples: list[HealthSample] = field(default_factory=list)
+
+
+@dataclass
+class Health:
+    """What `read_health()` saw; `available` is False (with `error`) when NVML did not start."""
+
+    available: bool = False
+    error: str | None = None
+    nvml_version: str | None = None
+    cuda_driver_version: str | None = None  # the CUDA version the driver supports, "12.4"
+    gpus: list[GpuHealth] = field(default_factory=list)
+
+
+def read_health(
+    samples: int = 3,
+    interval_s: float = 0.5,
+    indices: Collection[int] | None = None,
+    lib: ModuleType | None = None,
+) -> Health:
+    """ECC, retirement, thresholds and `samples` thermal looks `interval_s` apart, per GPU.
+
+    `indices` limits the read to those GPUs (doctor passes the ones `read()` found healthy);
+    `None` reads every GPU. `lib` replaces `pynvml` only to inject failures. Never raises.
+    """
+    if lib is None:
+        try:
+            import pynvml as real
+        except ImportError:  # pragma: no cover - nvidia-ml-py is a hard dependency
+            return Health(error="nvidia-ml-py is not installed")
+        lib = real
+    pynvml: ModuleType = lib
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return Health(error=str(exc))
+    try:
+        return _read_health(pynvml, samples, interval_s, indices)
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def _read_health(
+    pynvml: ModuleType, samples: int, interval_s: float, indices: Collection[int] | None
+) -> Health:
+    health = Health(available=True)
+    health.nvml_version = _text(_optional(pynvml, "nvmlSystemGetNVMLVersion"))
+    cuda = _optional(pynvml, "nvmlSystemGetCudaDriverVersion_v2") or _optional(
+        pynvml, "nvmlSystemGetCudaDriverVersion"
+    )
+    if isinstance(cuda, int) and cuda > 0:
+        health.cuda_driver_version = f"{cuda // 1000}.{(cuda % 1000) // 10}"
+    if indices is None:
+        indices = range(int(_optional(pynvml, "nvmlDeviceGetCount") or 0))
+    handles: list[tuple[GpuHealth, Any]] = []
+    for index in indices:
+        gpu = GpuHealth(index=index)
+        health.gpus.append(gpu)
+        try:
+            handle = _optional(pynvml, "nvmlDeviceGetHandleByIndex", index)
+            if handle is None:
+                continue
+            _read_gpu_health(pynvml, gpu, handle)
+        except _Lost:
+            gpu.lost = True
+            continue
+        handles.append((gpu, handle))
+    start = time.monotonic()
+    for n in range(max(1, samples)):
+        if n:
+            time.sleep(interval_s)
+        at = round(time.monotonic() - start, 2)
+        for gpu, handle in handles:
+            if gpu.lost:
+                continue
+            try:
+                gpu.samples.append(_sample(pynvml, handle, at))
+            except _Lost:
+                gpu.lost = True
+    return health
+
+
+def _read_gpu_health(pynvml: ModuleType, gpu: GpuHealth, handle: Any) -> None:
+    pci = _optional(pynvml, "nvmlDeviceGetPciInfo", handle)
+    gpu.pci_bus_id = _text(getattr(pci, "busId", None))
+    ecc = _optional(pynvml, "nvmlDeviceGetEccMode", handle)  # (current, pending)
+    gpu.ecc_mode_current = None if ecc is None else bool(ecc[0])
+    if gpu.ecc_mode_current:
+        unc = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+        gpu.ecc_errors_uncorrected_volatile = _int(
+            _optional(pynvml, "nvmlDeviceGetTotalEccErrors", handle, unc, pynvml.NVML_VOLATILE_ECC)
+        )
+        gpu.ecc_errors_uncorrected_aggregate = _int(
+            _optional(pynvml, "nvmlDeviceGetTotalEccErrors", handle, unc, pynvml.NVML_AGGREGATE_ECC)
+        )
+    sbe = _optional(
+        pynvml,
+        "nvmlDeviceGetRetiredPages",
+        handle,
+        pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
+    )
+    dbe = _optional(
+        pynvml,
+        "nvmlDeviceGetRetiredPages",
+        handle,
+        pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
+    )
+    gpu.retired_pages_sbe = None if sbe is None else len(sbe)
+    gpu.retired_pages_dbe = None if dbe is None else len(dbe)
+    pending = _optional(pynvml, "nvmlDeviceGetRetiredPagesPendingStatus", handle)
+    gpu.retired_pages_pending = None if pending is None else bool(pending)
+    rows = _optional(pynvml, "nvmlDeviceGetRemappedRows", handle)
+    if rows is not None:
+        corr, unc_rows, is_pending, failure = rows
+        gpu.remapped_rows_correctable = int(corr)
+        gpu.remapped_rows_uncorrectable = int(unc_rows)
+        gpu.remapped_rows_pending = bool(is_pending)
+        gpu.remapped_rows_failure = bool(failure)
+    gpu.temperature_slowdown_c = _int(
+        _optional(
+            pynvml,
+            "nvmlDeviceGetTemperatureThreshold",
+            handle,
+            pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN,
+        )
+    )
+    gpu.temperature_shutdown_c = _int(
+        _optional(
+            pynvml,
+            "nvmlDeviceGetTemperatureThreshold",
+            handle,
+            pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN,
+        )
+    )
+
+
+def _sample(pynvml: ModuleType, handle: Any, at: float) -> HealthSample:
+    reasons = _optional(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", handle)
+    if reasons is None:  # nvidia-ml-py < 12.535 names it "throttle reasons"
+        reasons = _optional(pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", handle)
+    temp = _optional(pynvml, "nvmlDeviceGetTemperature", handle, pynvml.NVML_TEMPERATURE_GPU)
+    power = _optional(pynvml, "nvmlDeviceGetPowerUsage", handle)
+    return HealthSample(
+        at_s=at,
+        temperature_c=_int(temp),
+        clocks_event_reasons=_int(reasons),
+        power_draw_w=None if power is None else round(power / 1000, 1),
+    )
+
+
+def _optional(pynvml: ModuleType, name: str, *args: Any) -> Any:
+    """A health reading through `_reading()`; one this binding or GPU lacks is `None`.
+
+    Unlike `read()`'s table, any other NVML error is also `None` here: these readings are
+    extras, and one odd answer must not cost doctor the rest. A lost GPU still raises `_Lost`.
+    """
+    fn = getattr(pynvml, name, None)
+    if fn is None:
+        return None
+    try:
+        return _reading(pynvml, fn, *args)  # a lost GPU raises `_Lost` through here
+    except pynvml.NVMLError:
+        return None
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from deskgpu.config import HostConfig
 from deskgpu.doctor import checks
@@ -50,6 +51,9 @@ from deskgpu.doctor.facts import (
     SitePackages,
     SkyFacts,
 )
+
+if TYPE_CHECKING:
+    from deskgpu.nvml import GpuHealth
 
 DEFAULT_TIMEOUT_S = 4.0
 HTTP_TIMEOUT_S = 3.0
@@ -231,30 +235,33 @@ def _reason(reason: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# NVML. The base readings (driver, GPUs, lost GPUs, why NVML is unavailable) come from
-# `deskgpu.nvml.read()`, the module that owns pynvml. What doctor needs beyond it (CUDA
-# driver version, ECC, retired pages, remapped rows, slowdown thresholds, spaced thermal
-# samples with the raw event-reason mask) is in `_read_nvml_health` below.
-# TODO(nvml owner): move `_read_nvml_health` into deskgpu/nvml.py (e.g. `nvml.read_health`)
-# so pynvml is imported in exactly one module again (DESIGN.md).
+# NVML, through `deskgpu.nvml`, the one module that imports pynvml: `read()` gives the base
+# readings (driver, GPUs, lost GPUs, why NVML is unavailable), `read_health()` what doctor
+# needs beyond them (CUDA driver version, ECC, retired pages, remapped rows, slowdown
+# thresholds, spaced thermal samples with the raw event-reason mask).
 
 _THERMAL_SAMPLES = 3
 _THERMAL_INTERVAL_S = 0.5
 
 
 def read_nvml(
-    samples: int = _THERMAL_SAMPLES, interval_s: float = _THERMAL_INTERVAL_S
+    samples: int = _THERMAL_SAMPLES,
+    interval_s: float = _THERMAL_INTERVAL_S,
+    lib: ModuleType | None = None,
 ) -> NvmlFacts:
-    """Driver, GPUs and a few spaced thermal samples per GPU, via NVML. Never raises."""
+    """Driver, GPUs and a few spaced thermal samples per GPU, via NVML. Never raises.
+
+    `lib` replaces the `pynvml` module only to inject failures (see `deskgpu.nvml`).
+    """
     from deskgpu import nvml
 
-    view = nvml.read()
+    view = nvml.read(lib)
     facts = NvmlFacts(
         available=view.available, error=view.error, driver_version=view.driver_version
     )
     if not view.available:
         return facts
-    for gpu in view.gpus:  # pragma: no cover - needs a GPU
+    for gpu in view.gpus:
         facts.gpus.append(
             GpuReading(
                 index=gpu.index,
@@ -266,117 +273,45 @@ def read_nvml(
                 power_limit_w=gpu.power_limit_w,
             )
         )
-    _read_nvml_health(facts, samples, interval_s)  # pragma: no cover - needs a GPU
-    return facts  # pragma: no cover - needs a GPU
+    readable = {gpu.index: gpu for gpu in facts.gpus if not gpu.error}
+    health = nvml.read_health(samples, interval_s, indices=list(readable), lib=lib)
+    if not health.available:
+        facts.error = f"NVML failed on the second look: {health.error}"
+        return facts
+    facts.nvml_version = health.nvml_version
+    facts.cuda_driver_version = health.cuda_driver_version
+    for seen in health.gpus:
+        reading = readable[seen.index]
+        if seen.lost:  # answered the first look, gone by the second
+            reading.error = nvml.GPU_LOST
+        _add_health(reading, seen)
+    return facts
 
 
-def _read_nvml_health(
-    facts: NvmlFacts, samples: int, interval_s: float
-) -> None:  # pragma: no cover - needs a GPU
-    """ECC, retirement, thresholds and thermal samples for the GPUs in `facts` (in place)."""
-    try:
-        import pynvml as nv
-    except ImportError:
-        return
-    try:
-        nv.nvmlInit()
-    except nv.NVMLError as exc:
-        facts.error = f"NVML failed on the second look: {exc}"
-        return
-    try:
-
-        def q(fn_name: str, *args: Any) -> Any:
-            """One NVML query; NotSupported and friends become None (a missing reading)."""
-            fn = getattr(nv, fn_name, None)
-            if fn is None:
-                return None
-            try:
-                return fn(*args)
-            except nv.NVMLError:
-                return None
-
-        facts.nvml_version = _text(q("nvmlSystemGetNVMLVersion"))
-        cuda = q("nvmlSystemGetCudaDriverVersion_v2") or q("nvmlSystemGetCudaDriverVersion")
-        if isinstance(cuda, int) and cuda > 0:
-            facts.cuda_driver_version = f"{cuda // 1000}.{(cuda % 1000) // 10}"
-        handles: list[tuple[GpuReading, Any]] = []
-        for gpu in facts.gpus:
-            if gpu.error:
-                continue
-            handle = q("nvmlDeviceGetHandleByIndex", gpu.index)
-            if handle is None:
-                continue
-            pci = q("nvmlDeviceGetPciInfo", handle)
-            gpu.pci_bus_id = _text(getattr(pci, "busId", None))
-            ecc = q("nvmlDeviceGetEccMode", handle)
-            gpu.ecc_mode_current = None if ecc is None else bool(ecc[0])
-            if gpu.ecc_mode_current:
-                unc = nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
-                gpu.ecc_errors_uncorrected_volatile = q(
-                    "nvmlDeviceGetTotalEccErrors", handle, unc, nv.NVML_VOLATILE_ECC
-                )
-                gpu.ecc_errors_uncorrected_aggregate = q(
-                    "nvmlDeviceGetTotalEccErrors", handle, unc, nv.NVML_AGGREGATE_ECC
-                )
-            sbe = q(
-                "nvmlDeviceGetRetiredPages",
-                handle,
-                nv.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
-            )
-            dbe = q(
-                "nvmlDeviceGetRetiredPages",
-                handle,
-                nv.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
-            )
-            gpu.retired_pages_sbe = None if sbe is None else len(sbe)
-            gpu.retired_pages_dbe = None if dbe is None else len(dbe)
-            pending = q("nvmlDeviceGetRetiredPagesPendingStatus", handle)
-            gpu.retired_pages_pending = None if pending is None else bool(pending)
-            rows = q("nvmlDeviceGetRemappedRows", handle)
-            if rows is not None:
-                corr, unc_rows, is_pending, failure = rows
-                gpu.remapped_rows_correctable = int(corr)
-                gpu.remapped_rows_uncorrectable = int(unc_rows)
-                gpu.remapped_rows_pending = bool(is_pending)
-                gpu.remapped_rows_failure = bool(failure)
-            gpu.temperature_slowdown_c = q(
-                "nvmlDeviceGetTemperatureThreshold", handle, nv.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
-            )
-            gpu.temperature_shutdown_c = q(
-                "nvmlDeviceGetTemperatureThreshold", handle, nv.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN
-            )
-            handles.append((gpu, handle))
-        start = time.monotonic()
-        for n in range(max(1, samples)):
-            if n:
-                time.sleep(interval_s)
-            at = round(time.monotonic() - start, 2)
-            for gpu, handle in handles:
-                reasons = q("nvmlDeviceGetCurrentClocksEventReasons", handle)
-                if reasons is None:
-                    reasons = q("nvmlDeviceGetCurrentClocksThrottleReasons", handle)
-                power = q("nvmlDeviceGetPowerUsage", handle)
-                gpu.samples.append(
-                    GpuSample(
-                        at_s=at,
-                        temperature_c=q(
-                            "nvmlDeviceGetTemperature", handle, nv.NVML_TEMPERATURE_GPU
-                        ),
-                        clocks_event_reasons=reasons,
-                        power_draw_w=None if power is None else round(power / 1000, 1),
-                    )
-                )
-    finally:
-        with contextlib.suppress(Exception):
-            nv.nvmlShutdown()
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
+def _add_health(gpu: GpuReading, seen: GpuHealth) -> None:
+    """Copy one GPU's `read_health()` readings onto its `GpuReading`."""
+    gpu.pci_bus_id = seen.pci_bus_id
+    gpu.ecc_mode_current = seen.ecc_mode_current
+    gpu.ecc_errors_uncorrected_volatile = seen.ecc_errors_uncorrected_volatile
+    gpu.ecc_errors_uncorrected_aggregate = seen.ecc_errors_uncorrected_aggregate
+    gpu.retired_pages_sbe = seen.retired_pages_sbe
+    gpu.retired_pages_dbe = seen.retired_pages_dbe
+    gpu.retired_pages_pending = seen.retired_pages_pending
+    gpu.remapped_rows_correctable = seen.remapped_rows_correctable
+    gpu.remapped_rows_uncorrectable = seen.remapped_rows_uncorrectable
+    gpu.remapped_rows_pending = seen.remapped_rows_pending
+    gpu.remapped_rows_failure = seen.remapped_rows_failure
+    gpu.temperature_slowdown_c = seen.temperature_slowdown_c
+    gpu.temperature_shutdown_c = seen.temperature_shutdown_c
+    gpu.samples = [
+        GpuSample(
+            at_s=s.at_s,
+            temperature_c=s.temperature_c,
+            clocks_event_reasons=s.clocks_event_reasons,
+            power_draw_w=s.power_draw_w,
+        )
+        for s in seen.samples
+    ]
 
 
 # ---------------------------------------------------------------------------------------
