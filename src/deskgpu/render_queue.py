@@ -6,6 +6,8 @@ screen tomorrow as today.
 
 from __future__ import annotations
 
+import datetime as dt
+
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -21,7 +23,9 @@ from deskgpu.snapshot import (
     STARTING,
     Gpu,
     Job,
+    ReapNotice,
     Snapshot,
+    current_notices,
 )
 from deskgpu.units import format_duration
 
@@ -173,6 +177,7 @@ def session_table(snap: Snapshot) -> Table:
     table = Table(title="Sessions", title_justify="left")
     for name in ("Name", "User", "GPUs", "State", "Age", "Autostop", "VRAM held", "Util", ""):
         table.add_column(name)
+    notices = {n.cluster: n for n in current_notices(snap)}
     for row in survey.sessions(snap):
         c, use = row.cluster, row.use
         gpus = ",".join(str(i) for i in use.gpu_indexes) if use.gpu_indexes else (c.gpus or "-")
@@ -191,9 +196,36 @@ def session_table(snap: Snapshot) -> Table:
             autostop,
             _mib(use.used_memory_mib) if use.gpu_indexes else "-",
             _pct(use.max_utilization_gpu_pct) if use.gpu_indexes else "-",
-            Text("zombie suspect", style="bold red") if row.zombie_suspect else "",
+            _flags(row.zombie_suspect, notices.get(c.name), snap.taken_at),
         )
     return table
+
+
+def _flags(zombie_suspect: bool, notice: ReapNotice | None, now: float) -> Text:
+    text = Text("zombie suspect", style="bold red") if zombie_suspect else Text()
+    if notice is not None:
+        text.append(("\n" if zombie_suspect else "") + notice_text(notice, now), style="red")
+    return text
+
+
+def notice_text(notice: ReapNotice, now: float) -> str:
+    """`reap notice: torn down after Nov 30 09:00 UTC` (`(due)` once that is past)."""
+    when = dt.datetime.fromtimestamp(notice.reap_after, tz=dt.timezone.utc)
+    due = " (due)" if notice.reap_after <= now else ""
+    return f"reap notice: torn down after {when:%b %d %H:%M} UTC{due}"
+
+
+def notice_lines(snap: Snapshot) -> RenderableType | None:
+    """Notices of sessions the Sessions table does not show (managed jobs, or no SkyPilot)."""
+    shown = {c.name for c in snap.sky.clusters} if snap.sky.available else set()
+    rest = [n for n in current_notices(snap) if n.cluster not in shown]
+    if not rest:
+        return None
+    text = Text()
+    for i, n in enumerate(rest):
+        text.append(("\n" if i else "") + f"{n.cluster} ({n.owner}): ", style="bold")
+        text.append(notice_text(n, snap.taken_at), style="red")
+    return text
 
 
 def _mib(mib: float) -> str:
@@ -229,5 +261,8 @@ def screen(snap: Snapshot, show_finished: bool = False) -> Group:
     if gpus is not None:
         parts.append(gpus)
     parts.extend(sky_half(snap, show_finished))
+    notices = notice_lines(snap)
+    if notices is not None:
+        parts.append(notices)
     parts.append(summary(snap))
     return Group(*parts)

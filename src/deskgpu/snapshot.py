@@ -181,6 +181,18 @@ class SkyView:
 
 
 @dataclass
+class ReapNotice:
+    """A notice `deskgpu reap`/`observe` gave a session's owner (from the reap history)."""
+
+    cluster: str  # the session as reap names it: a cluster, or a managed job's name on cloud
+    owner: str
+    warned_at: float  # unix seconds; the grace period runs from here
+    reap_after: float  # torn down after this if still idle
+    message: str = ""  # what the owner was told
+    created_at: float | None = None  # the session it was given to (a reborn name has none)
+
+
+@dataclass
 class Snapshot:
     """One look at the box."""
 
@@ -189,6 +201,9 @@ class Snapshot:
     nvml: NvmlView = field(default_factory=lambda: NvmlView(available=False))
     sky: SkyView = field(default_factory=lambda: SkyView(available=False))
     schema_version: int = SCHEMA_VERSION
+    # Added in schema 1 without a bump: older recordings read back with no notices.
+    notices: list[ReapNotice] = field(default_factory=list)
+    notices_error: str | None = None  # why the reap history could not be read
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"kind": DOCUMENT_KIND, "schema_version": self.schema_version}
@@ -214,6 +229,8 @@ class Snapshot:
                 host=doc.get("host"),
                 nvml=_nvml_from(doc.get("nvml") or {"available": False}),
                 sky=_sky_from(doc.get("sky") or {"available": False}),
+                notices=[ReapNotice(**_pick(ReapNotice, n)) for n in doc.get("notices") or []],
+                notices_error=doc.get("notices_error"),
             )
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise SnapshotFormatError(f"malformed snapshot: {exc}") from None
@@ -326,3 +343,38 @@ def is_zombie_suspect(
         return False
     since = cluster.idle_since if cluster.idle_since is not None else cluster.launched_at
     return since is not None and now - since >= min_idle_s
+
+
+def session_name(job: Job) -> str:
+    """What `deskgpu reap` calls a managed job's session (its notices carry this name)."""
+    return job.cluster_name_on_cloud or f"managed-job-{job.id}"
+
+
+def current_notices(snapshot: Snapshot) -> list[ReapNotice]:
+    """The notices that still concern a session this snapshot shows.
+
+    Without a SkyPilot view every notice stands. With one, a notice whose session is gone
+    (torn down, ended; `observe` clears it next time) or was relaunched under the same name
+    (another `launched_at`) is left out, as reap itself would.
+    """
+    if not snapshot.sky.available:
+        return list(snapshot.notices)
+    launched = {c.name: c.launched_at for c in snapshot.sky.clusters}
+    launched.update(
+        (session_name(j), j.started_at or j.submitted_at)
+        for j in snapshot.sky.jobs
+        if j.state in (RUNNING, STARTING)
+    )
+    kept = []
+    for notice in snapshot.notices:
+        if notice.cluster not in launched:
+            continue
+        since = launched[notice.cluster]
+        reborn = (
+            since is not None
+            and notice.created_at is not None
+            and abs(since - notice.created_at) > 1  # the slack of `History.notice`
+        )
+        if not reborn:
+            kept.append(notice)
+    return kept

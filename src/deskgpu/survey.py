@@ -19,16 +19,18 @@ from typing import Any
 
 from deskgpu import attribution
 from deskgpu.config import HostConfig
-from deskgpu.errors import UsageError
+from deskgpu.errors import DeskgpuError, UsageError
 from deskgpu.snapshot import (
     ACTIVE_STATES,
     QUEUED,
     Cluster,
     NvmlView,
+    ReapNotice,
     SessionUse,
     SkyView,
     Snapshot,
     SnapshotFormatError,
+    current_notices,
     is_zombie_suspect,
     session_use,
 )
@@ -43,6 +45,7 @@ class Sources:
     read_nvml: Callable[[], NvmlView] | None = None
     fetch_sky: Callable[[HostConfig], SkyView] | None = None
     fetch_pods: Callable[[], attribution.PodIndex] | None = None
+    read_notices: Callable[[HostConfig], list[ReapNotice]] | None = None
     proc_root: Path = attribution.PROC
     kubelet_root: Path = attribution.KUBELET
 
@@ -52,8 +55,14 @@ def take(
     sources: Sources | None = None,
     on_gpus: Callable[[Snapshot], None] | None = None,
     sky_timeout_s: float = SKY_TIMEOUT_S,
+    require_gpus: bool = False,
 ) -> Snapshot:
-    """Look at the box once. Never raises for an outside failure: it becomes data."""
+    """Look at the box once. Never raises for an outside failure: it becomes data.
+
+    `require_gpus` (reap, observe: useless without GPU readings) reads the GPUs before
+    SkyPilot is asked, and without them does not ask it at all: a host without a driver
+    fails in a second, not after an `import sky` and an API server's timeout.
+    """
     src = sources or Sources()
     fetch_sky = src.fetch_sky or _live_sky
     sky_result: list[SkyView] = []
@@ -62,14 +71,20 @@ def take(
         name="deskgpu-sky",
         daemon=True,  # a hung API server must not keep the process alive
     )
-    worker.start()
-
     snap = Snapshot(taken_at=time.time(), host=socket.gethostname())
+    if not require_gpus:
+        worker.start()
     snap.nvml = (src.read_nvml or _live_nvml)()
+    if require_gpus:
+        if not snap.nvml.available:
+            snap.sky = SkyView(available=False, error="not asked: no GPU readings")
+            return snap
+        worker.start()
     if any(p.holder is None for gpu in snap.nvml.gpus for p in gpu.processes):
         attribute_gpus(snap, src)
     if on_gpus is not None:
         on_gpus(snap)
+    snap.notices, snap.notices_error = _safe_notices(src.read_notices or _live_notices, config)
 
     worker.join(sky_timeout_s)
     if sky_result:
@@ -106,6 +121,41 @@ def _live_sky(config: HostConfig) -> SkyView:
     return view
 
 
+def _live_notices(config: HostConfig) -> list[ReapNotice]:
+    """The reap history's pending notices (stdlib sqlite3, read-only; no SkyPilot)."""
+    from deskgpu.reap.history import read_notices
+    from deskgpu.reap.settings import load_settings
+
+    return [
+        ReapNotice(
+            cluster=n.cluster,
+            owner=n.owner,
+            warned_at=n.warned_at,
+            reap_after=n.reap_after,
+            message=n.message,
+            created_at=n.created_at,
+        )
+        for n in read_notices(load_settings(config).history_file)
+    ]
+
+
+def _safe_notices(
+    read: Callable[[HostConfig], list[ReapNotice]], config: HostConfig
+) -> tuple[list[ReapNotice], str | None]:
+    """Notices are an extra: no history, or one this user may not read, is none (silently);
+    a broken one, or a bad `reap:` config section, is none plus a note."""
+    from deskgpu.reap.history import HistoryDenied
+
+    try:
+        return read(config), None
+    except HistoryDenied:
+        return [], None
+    except DeskgpuError as exc:
+        return [], " ".join(exc.lines())
+    except Exception as exc:  # an extra must never take the GPU and job tables down with it
+        return [], f"{type(exc).__name__}: {exc}"
+
+
 def _safe_sky(fetch: Callable[[HostConfig], SkyView], config: HostConfig) -> SkyView:
     try:
         return fetch(config)
@@ -134,7 +184,7 @@ def for_user(snap: Snapshot, user: str) -> Snapshot:
         jobs=[j for j in snap.sky.jobs if j.user == user],
         clusters=[c for c in snap.sky.clusters if c.user == user],
     )
-    return replace(snap, sky=sky)
+    return replace(snap, sky=sky, notices=[n for n in snap.notices if n.owner == user])
 
 
 @dataclass(frozen=True)
@@ -154,6 +204,7 @@ class Summary:
     queued: int
     running: int
     zombie_suspects: list[str] = field(default_factory=list)
+    reap_notices: list[str] = field(default_factory=list)  # sessions warned by reap
 
     def line(self) -> str:
         parts = []
@@ -166,6 +217,9 @@ class Summary:
         parts.append(f"{self.queued} queued")
         n = len(self.zombie_suspects)
         parts.append(f"{n} zombie suspect{'' if n == 1 else 's'}")
+        if self.reap_notices:
+            n = len(self.reap_notices)
+            parts.append(f"{n} reap notice{'' if n == 1 else 's'}")
         return " · ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -176,6 +230,7 @@ class Summary:
             "queued": self.queued,
             "running": self.running,
             "zombie_suspects": list(self.zombie_suspects),
+            "reap_notices": list(self.reap_notices),
             "line": self.line(),
         }
 
@@ -202,6 +257,7 @@ def summarize(snap: Snapshot) -> Summary:
         running=sum(1 for j in snap.sky.jobs if j.state in going)
         + sum(1 for c in snap.sky.clusters if c.state in going),
         zombie_suspects=[row.cluster.name for row in sessions(snap) if row.zombie_suspect],
+        reap_notices=[n.cluster for n in current_notices(snap)],
     )
 
 
@@ -223,8 +279,12 @@ def sky_problems(snap: Snapshot) -> list[str]:
     return lines + [f"SkyPilot: {note}" for note in snap.sky.notes]
 
 
+def notice_problems(snap: Snapshot) -> list[str]:
+    return [f"reap notices: {snap.notices_error}"] if snap.notices_error else []
+
+
 def problems(snap: Snapshot) -> list[str]:
-    return gpu_problems(snap) + sky_problems(snap)
+    return gpu_problems(snap) + sky_problems(snap) + notice_problems(snap)
 
 
 def both_missing(snap: Snapshot) -> bool:

@@ -64,7 +64,8 @@ def queue_command(
     show_all: Annotated[bool, typer.Option("--all", "-a", help="Also list finished jobs.")] = False,
     config_path: ConfigOption = None,
 ) -> None:
-    """Show GPUs (VRAM, util, temperature, holder), queued and running jobs, and sessions.
+    """Show GPUs (VRAM, util, temperature, holder), queued and running jobs, and sessions,
+    with any reap notice their owners were given.
 
     Exit 0 when at least one half (GPUs or SkyPilot) could be read; the missing half is a
     warning on stderr. Exit 1 when neither could.
@@ -115,7 +116,11 @@ def _finish(
     if user:
         snap = survey.for_user(snap, user)
     # Problems of the GPU half were printed as soon as it was known.
-    lines = survey.sky_problems(snap) if painted_gpus else survey.problems(snap)
+    lines = (
+        survey.sky_problems(snap) + survey.notice_problems(snap)
+        if painted_gpus
+        else survey.problems(snap)
+    )
     for line in lines:
         warn(line)
     doc = survey.document(snap)
@@ -127,6 +132,7 @@ def _finish(
         console = console or _console(out)
         parts = [] if painted_gpus else [render_queue.gpu_half(snap)]
         parts.extend(render_queue.sky_half(snap, show_all))
+        parts.append(render_queue.notice_lines(snap))
         for part in parts:
             if part is not None:
                 console.print(part)

@@ -9,6 +9,7 @@ The same store keeps the notices given to owners (the grace period's clock), whi
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -38,6 +39,10 @@ CREATE TABLE IF NOT EXISTS notices (
 );
 """
 FORMAT = "1"
+
+
+class HistoryDenied(OutsideError):
+    """The history exists but this user may not read it."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,41 @@ def open_history(path: Path | str, *, create: bool = True) -> Iterator[History]:
         yield History(db, where)
     except sqlite3.Error as exc:
         raise OutsideError(f"observation history {where}: {exc}") from None
+    finally:
+        db.close()
+
+
+def read_notices(path: Path | str, timeout_s: float = 1.0) -> list[Notice]:
+    """The pending notices, for `deskgpu queue`: read-only, never creating or waiting long.
+
+    No history (observe never ran) is no notices; one this user may not read (the state
+    directory is root's) is `HistoryDenied`; any other failure is an `OutsideError`.
+    """
+    p = Path(path)
+    try:
+        p.stat()
+    except FileNotFoundError:
+        return []
+    except PermissionError:
+        raise HistoryDenied(f"the observation history {p} is not readable by this user") from None
+    except OSError as exc:
+        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
+    if not os.access(p, os.R_OK):
+        raise HistoryDenied(f"the observation history {p} is not readable by this user")
+    uri = f"{p.resolve().as_uri()}?mode=ro"  # `mode=ro`: a file gone meanwhile is not re-created
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=timeout_s)
+    except sqlite3.Error as exc:
+        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
+    try:
+        found = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'notices'"
+        ).fetchone()
+        if found is None:
+            return []
+        return History(db, str(p)).notices()
+    except sqlite3.Error as exc:
+        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
     finally:
         db.close()
 

@@ -46,7 +46,9 @@ class Live:
             return self.snapshot(config)
         from deskgpu import survey
 
-        return survey.take(config)
+        # GPUs first: without a driver there is nothing to decide, so SkyPilot is not asked
+        # (no `import sky`, no API server timeout) and `gather.live_view` says so at once.
+        return survey.take(config, require_gpus=True)
 
     def pod_index(self) -> Any:
         if self.pods is not None:
