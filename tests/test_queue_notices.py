@@ -199,7 +199,7 @@ def test_bad_reap_config_is_one_note_not_a_usage_error(cli, monkeypatch, tmp_pat
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_history_this_user_may_not_read_is_silently_none(cli, monkeypatch, config_file) -> None:
-    """`deskgpu setup` makes the state directory root's (0750): researchers see no notices."""
+    """A history behind a directory this user may not enter: no notices, and no noise."""
     give(config_file, bob_notice())
     state = history_file(config_file).parent
     state.chmod(0o000)

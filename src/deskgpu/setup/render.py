@@ -289,10 +289,12 @@ def tmpfiles(config: HostConfig) -> str:
         _header(config).rstrip("\n"),
         "# /data: read-only in every job; researchers read it, the admin fills it.",
         "# /checkpoints: each job writes <root>/<user>; survives every container.",
+        "# state dir: readable, so `deskgpu queue` shows everyone the reap notices in its history;",
+        "# the audit log inside is created 0640.",
         "# Type Path Mode User Group Age",
         f"d {config.data_root} 0755 root root -",
         f"d {config.checkpoint_root} {ckpt_mode} root {ckpt_group} -",
-        f"d {config.state_dir} 0750 root root -",
+        f"d {config.state_dir} 0755 root root -",
     ]
     return "\n".join(lines) + "\n"
 
