@@ -108,7 +108,7 @@ def test_unreadable_facts_file_is_one_clean_line(cli, tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
-def test_record_to_an_unwritable_place_exits_1(cli, tmp_path: Path) -> None:
+def test_record_to_an_unwritable_place_is_a_usage_error(cli, tmp_path: Path) -> None:
     result = cli(
         "doctor",
         "--facts",
@@ -118,7 +118,7 @@ def test_record_to_an_unwritable_place_exits_1(cli, tmp_path: Path) -> None:
         "--record",
         str(tmp_path / "no" / "such" / "dir.json"),
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "cannot write the facts" in result.stderr
 
 

@@ -8,7 +8,6 @@ that does not answer in time becomes a one-line error, never a hang or a crash.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import Any
 from deskgpu import attribution
 from deskgpu.config import HostConfig
 from deskgpu.errors import DeskgpuError, UsageError
+from deskgpu.recorded import read_document
 from deskgpu.snapshot import (
     ACTIVE_STATES,
     QUEUED,
@@ -166,13 +166,7 @@ def _safe_sky(fetch: Callable[[HostConfig], SkyView], config: HostConfig) -> Sky
 def load(path: Path) -> Snapshot:
     """A recorded snapshot (`--record` or `--json` output); a bad file is a usage error."""
     try:
-        doc = json.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read snapshot ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise UsageError(f"{path}: not JSON ({exc})") from None
-    try:
-        return Snapshot.from_dict(doc)
+        return Snapshot.from_dict(read_document(path, "snapshot"))
     except SnapshotFormatError as exc:
         raise UsageError(f"{path}: {exc}") from None
 

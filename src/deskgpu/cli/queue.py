@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -206,13 +205,6 @@ def _console(out: TextIO) -> Console:
 
 
 def _write(path: Path, doc: dict[str, Any]) -> None:
-    """Atomically, so a `--watch --record` reader never sees half a file."""
-    from deskgpu.errors import UsageError
+    from deskgpu.recorded import write_document
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"--record {path}: cannot write ({exc.strerror or exc})") from None
+    write_document(path, doc, "the snapshot")

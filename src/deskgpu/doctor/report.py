@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,8 @@ from typing import Any
 from deskgpu.config import HostConfig
 from deskgpu.doctor.checks import FAIL, STATUSES, Check, Settings, run_checks
 from deskgpu.doctor.facts import FactsFormatError, HostFacts
-from deskgpu.errors import ExitStatus, OutsideError, UsageError
+from deskgpu.errors import ExitStatus, UsageError
+from deskgpu.recorded import read_document, write_document
 
 REPORT_VERSION = 1
 REPORT_KIND = "deskgpu.doctor/report"
@@ -68,22 +68,13 @@ class DoctorResult:
 def load_facts(path: Path) -> HostFacts:
     """Recorded facts (`--facts FILE`); a bad file is a usage error with one clear line."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read recorded facts ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise UsageError(f"{path}: not JSON ({exc})") from None
-    try:
-        return HostFacts.from_dict(doc)
+        return HostFacts.from_dict(read_document(path, "recorded facts"))
     except FactsFormatError as exc:
         raise UsageError(f"{path}: {exc}") from None
 
 
 def save_facts(facts: HostFacts, path: Path) -> None:
-    try:
-        path.write_text(json.dumps(facts.to_dict(), indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise OutsideError(f"{path}: cannot write the facts ({exc.strerror or exc})") from None
+    write_document(path, facts.to_dict(), "the facts")
 
 
 def run_doctor(

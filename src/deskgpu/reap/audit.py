@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import gzip
 import json
 import os
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 from deskgpu.errors import OutsideError, UsageError
 from deskgpu.reap.evidence import Evidence, EvidenceError
+from deskgpu.recorded import read_document, write_document
 
 EVIDENCE_KEEP = 200  # evidence files kept; older ones are deleted
 
@@ -86,8 +86,7 @@ def save_evidence(directory: Path, run_id: str, evidence: Evidence) -> Path:
     """Write the run's whole evidence document (gzipped JSON); keep the newest files only."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{run_id}.json.gz"
-    with gzip.open(path, "wt", encoding="utf-8") as fh:
-        json.dump(evidence.to_dict(), fh, separators=(",", ":"))
+    write_document(path, evidence.to_dict(), "the evidence", indent=None, failure=OutsideError)
     old = sorted(directory.glob("*.json.gz"))[:-EVIDENCE_KEEP]
     for stale in old:
         stale.unlink(missing_ok=True)
@@ -96,29 +95,12 @@ def save_evidence(directory: Path, run_id: str, evidence: Evidence) -> Path:
 
 def write_evidence(path: Path, evidence: Evidence) -> None:
     """`--record FILE`: plain JSON, or gzipped when the name ends in `.gz`."""
-    text = json.dumps(evidence.to_dict(), indent=1)
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "wt", encoding="utf-8") as fh:
-                fh.write(text)
-        else:
-            path.write_text(text + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write the evidence ({exc.strerror or exc})") from None
+    write_document(path, evidence.to_dict(), "the evidence", indent=1)
 
 
 def read_evidence(path: Path) -> Evidence:
     """A recorded evidence document (plain or gzipped JSON); problems are usage errors."""
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the evidence ({exc.strerror or exc})") from None
-    try:
-        text = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-        doc = json.loads(text)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: not a JSON evidence document ({exc})") from None
-    try:
-        return Evidence.from_dict(doc)
+        return Evidence.from_dict(read_document(path, "the evidence"))
     except EvidenceError as exc:
         raise UsageError(f"{path}: {exc}") from None
