@@ -1,4 +1,4 @@
-"""Recorded documents: the one reader/writer behind every --record, --snapshot, --facts, --evidence."""
+"""Recorded documents: one reader/writer for --record, --snapshot, --facts and --evidence."""
 
 from __future__ import annotations
 
