@@ -167,6 +167,12 @@ def test_gpu_half_without_skypilot_is_data(cli) -> None:
     assert "alice/bert-finetune" in result.stdout
     assert result.stderr.count("\n") == 1 and "SkyPilot: " in result.stderr
     assert "unreachable" in result.stderr
+    # An unknown queue is not an empty one.
+    assert "1 of 2 GPUs free · queue unknown" in result.stdout and "0 queued" not in result.stdout
+    doc = json.loads(
+        cli("queue", "--snapshot", str(SNAPSHOTS / "sky_unreachable.json"), "--json").stdout
+    )
+    assert doc["summary"]["queued"] is None and doc["summary"]["running"] is None
 
 
 def test_skypilot_half_without_gpus_is_data(cli) -> None:

@@ -195,8 +195,8 @@ class Summary:
     gpus_total: int | None
     gpus_free: int | None
     gpus_lost: int
-    queued: int
-    running: int
+    queued: int | None  # None: SkyPilot did not answer, so the queue is unknown
+    running: int | None
     zombie_suspects: list[str] = field(default_factory=list)
     reap_notices: list[str] = field(default_factory=list)  # sessions warned by reap
 
@@ -208,9 +208,12 @@ class Summary:
             parts.append(f"{self.gpus_free} of {self.gpus_total} GPUs free")
             if self.gpus_lost:
                 parts.append(f"{self.gpus_lost} lost")
-        parts.append(f"{self.queued} queued")
-        n = len(self.zombie_suspects)
-        parts.append(f"{n} zombie suspect{'' if n == 1 else 's'}")
+        if self.queued is None:
+            parts.append("queue unknown")
+        else:
+            parts.append(f"{self.queued} queued")
+            n = len(self.zombie_suspects)
+            parts.append(f"{n} zombie suspect{'' if n == 1 else 's'}")
         if self.reap_notices:
             n = len(self.reap_notices)
             parts.append(f"{n} reap notice{'' if n == 1 else 's'}")
@@ -247,9 +250,11 @@ def summarize(snap: Snapshot) -> Summary:
         gpus_total=len(gpus) if known else None,
         gpus_free=sum(1 for g in gpus if g.is_free) if known else None,
         gpus_lost=sum(1 for g in gpus if g.lost),
-        queued=len(queued) + len(queued_clusters),
+        queued=len(queued) + len(queued_clusters) if snap.sky.available else None,
         running=sum(1 for j in snap.sky.jobs if j.state in going)
-        + sum(1 for c in snap.sky.clusters if c.state in going),
+        + sum(1 for c in snap.sky.clusters if c.state in going)
+        if snap.sky.available
+        else None,
         zombie_suspects=[row.cluster.name for row in sessions(snap) if row.zombie_suspect],
         reap_notices=[n.cluster for n in current_notices(snap)],
     )
