@@ -74,3 +74,19 @@ def test_bad_host_config_is_exit_2_for_every_command_that_reads_it(tmp_path: Pat
     result = cli("submit", str(EXAMPLES / "cpu-only.yaml"), "--dry-run", "--config", str(path))
     assert result.exit_code == 2
     assert result.stderr.startswith(f"{path}:1:7: gpus:")
+
+
+def test_overlapping_roots_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("data_root: /srv\ncheckpoint_root: /srv/ckpt\n")
+    with pytest.raises(SpecError) as info:
+        load_config(path)
+    (line,) = info.value.lines()
+    assert line.startswith(f"{path}:2:18: checkpoint_root:") and "overlap" in line
+
+
+def test_api_server_needs_a_host(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text('api_server: "http://"\n')
+    with pytest.raises(SpecError):
+        load_config(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -139,3 +140,49 @@ def test_house_rule_violation_points_at_the_spec_field(tmp_path: Path, cli) -> N
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"{spec}:3:8: image: house rule image_denied:")
     assert "(use another image)" in line
+
+
+def test_nesting_deeper_than_the_yaml_parser_can_go(tmp_path: Path) -> None:
+    line = _reject(tmp_path, b"name: x\nrun: " + b"[" * 5000 + b"\n")
+    assert "nested too deeply" in line
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_special_files_are_refused_without_reading(tmp_path: Path, special: str, cli) -> None:
+    path = Path(special)
+    if special == "fifo":
+        path = tmp_path / "job.yaml"
+        os.mkfifo(path)  # opening it to read would block forever
+    result = cli("submit", str(path), "--dry-run")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"{path}: not a regular file (pass the YAML file itself)"
+
+
+def test_workdir_symlink_loop_is_located(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to("loop")
+    line = _reject(tmp_path, b"name: w\nworkdir: loop\nrun: x\n")
+    assert line.startswith(f"{tmp_path / 'job.yaml'}:2:10: workdir: cannot use 'loop'")
+
+
+def test_uv_needs_a_workdir_with_a_pyproject(tmp_path: Path) -> None:
+    line = _reject(tmp_path, b"name: u\nuv: true\nrun: x\n")
+    assert line.startswith(f"{tmp_path / 'job.yaml'}:2:5: uv:") and "add `workdir: .`" in line
+    (tmp_path / "proj").mkdir()
+    line = _reject(tmp_path, b"name: u\nuv: true\nworkdir: proj\nrun: x\n")
+    assert "needs a pyproject.toml" in line and "uv init" in line
+
+
+def test_name_that_already_carries_the_user_prefix(tmp_path: Path) -> None:
+    """Otherwise `exp` and `alice-exp` would share a checkpoint directory."""
+    path = tmp_path / "job.yaml"
+    path.write_text("name: alice-exp\nrun: x\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path, load_config(HOST_CONFIG), "alice")
+    (line,) = info.value.lines()
+    assert line.startswith(f"{path}:1:7: name: already starts with your user prefix `alice-`")
+    assert "(write `name: exp`)" in line
+
+
+def test_wait_must_be_a_finite_number(cli) -> None:
+    result = cli("submit", str(CASES[0]), "--wait", "nan")
+    assert result.exit_code == 2 and "--wait" in result.stderr

@@ -129,7 +129,29 @@ def test_no_api_server_configured_anywhere_says_where_to_set_it(tmp_path: Path) 
     )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
-    assert line == (
-        "deskgpu: no SkyPilot API server is configured: set `api_server:` in the host "
-        "config (/etc/deskgpu/config.yaml) or export SKYPILOT_API_SERVER_ENDPOINT"
+    assert line.startswith("deskgpu: no SkyPilot API server is configured: set `api_server:`")
+    assert "SKYPILOT_API_SERVER_ENDPOINT" in line
+
+
+def test_configured_default_local_server_that_is_down_is_unreachable(tmp_path: Path) -> None:
+    """The SDK calls a down default-port server "not configured"; deskgpu knows it is."""
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
+    config = tmp_path / "config.yaml"
+    config.write_text("api_server: http://127.0.0.1:46580\n")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+        "SKYPILOT_DISABLE_LOCAL_API_SERVER": "0",
+    }  # a user's `=0` must not re-enable it
+    result = subprocess.run(
+        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
     )
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "SkyPilot API server at http://127.0.0.1:46580 is unreachable" in line

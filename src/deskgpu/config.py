@@ -103,6 +103,19 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
         images_deny=tuple(images.get("deny", ())),
         source=str(path),
     )
+    data_root = Path(config.data_root)
+    ckpt_root = Path(config.checkpoint_root)
+    if data_root == ckpt_root or data_root in ckpt_root.parents or ckpt_root in data_root.parents:
+        raise SpecError(
+            [
+                doc.problem(
+                    ("checkpoint_root",) if "checkpoint_root" in data else ("data_root",),
+                    f"checkpoint_root {config.checkpoint_root} and data_root {config.data_root} "
+                    "overlap: every job could read everyone's checkpoints through /data",
+                    "give them separate directories, e.g. /data and /checkpoints",
+                )
+            ]
+        )
     if config.idle_timeout_s > config.max_idle_timeout_s:
         raise SpecError(
             [

@@ -33,7 +33,7 @@ def prepare_environment(config: HostConfig, environ: dict[str, str] | None = Non
     jobs (DESIGN.md); deskgpu would rather fail loudly. Returns the endpoint used.
     """
     env = os.environ if environ is None else environ
-    env.setdefault("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
+    env["SKYPILOT_DISABLE_LOCAL_API_SERVER"] = "1"  # not setdefault: `=0` must not re-enable it
     env.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
     if config.api_server and not env.get("SKYPILOT_API_SERVER_ENDPOINT"):
         env["SKYPILOT_API_SERVER_ENDPOINT"] = config.api_server
@@ -61,15 +61,21 @@ def explain(exc: BaseException, endpoint: str) -> OutsideError:
     """Turn any SkyPilot failure into one line a researcher can act on."""
     name = type(exc).__name__
     message = clean_message(exc)
+    unreachable = OutsideError(
+        f"SkyPilot API server at {endpoint} is unreachable: ask the box's admin to start it "
+        "(`systemctl start skypilot-api`), or set api_server in the host config"
+    )
     if name in ("ApiServerConnectionError", "ConnectionError", "ConnectTimeout"):
-        return OutsideError(
-            f"SkyPilot API server at {endpoint} is unreachable: ask the box's admin to start it "
-            "(`systemctl start skypilot-api`), or set api_server in the host config"
-        )
+        return unreachable
     if "No SkyPilot API server endpoint is configured" in message:
+        # The SDK says this when the endpoint is the default local one and it may not start
+        # a private server there: with an endpoint configured, that server is simply down.
+        if os.environ.get("SKYPILOT_API_SERVER_ENDPOINT"):
+            return unreachable
         return OutsideError(
             "no SkyPilot API server is configured: set `api_server:` in the host config "
-            "(/etc/deskgpu/config.yaml) or export SKYPILOT_API_SERVER_ENDPOINT"
+            "(/etc/deskgpu/config.yaml, or the file in $DESKGPU_CONFIG / --config) or export "
+            "SKYPILOT_API_SERVER_ENDPOINT"
         )
     if name == "NoCloudAccessError":
         return OutsideError(

@@ -8,13 +8,19 @@ from typing import Any
 
 from deskgpu.config import HostConfig, is_box_infra
 from deskgpu.errors import SpecError
-from deskgpu.identity import MAX_CLUSTER_NAME, cluster_name
+from deskgpu.identity import MAX_CLUSTER_NAME, cluster_name, safe_user
 from deskgpu.units import parse_duration_s
 from deskgpu.validate import invalid_fields, load_schema, located_schema_problems
 from deskgpu.yamlio import Located, read_located
 
 SCHEMA = "jobspec-v1.json"
 RESERVED_ENV_PREFIX = "DESKGPU_"
+# GPUs are handed out by Kubernetes; these would route around the queue and the limits.
+GPU_VISIBILITY_ENV = (
+    "NVIDIA_VISIBLE_DEVICES",
+    "NVIDIA_DRIVER_CAPABILITIES",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 @dataclass(frozen=True)
@@ -75,14 +81,42 @@ def load_spec(path: Path, config: HostConfig, user: str) -> JobSpec:
     """Read `path` and return a valid spec, or raise `SpecError` listing every problem."""
     doc = read_located(path)
     spec = spec_from_located(doc, config, user)
-    if spec.workdir is not None:
-        workdir = (path.parent / spec.workdir).resolve()
-        if not workdir.is_dir():
+    if spec.workdir is None:
+        if spec.uv:
             raise SpecError(
-                [doc.problem(("workdir",), f"{workdir} is not a directory", "fix the path")]
+                [
+                    doc.problem(
+                        ("uv",),
+                        "builds the env from the workdir's pyproject.toml, and there is no workdir",
+                        "add `workdir: .` next to your pyproject.toml",
+                    )
+                ]
             )
-        spec = replace(spec, workdir=str(workdir))
-    return spec
+        return spec
+    try:
+        workdir = (path.parent / spec.workdir).resolve(strict=True)
+        is_dir = workdir.is_dir()
+        has_project = (workdir / "pyproject.toml").is_file()
+    except (OSError, RuntimeError, ValueError) as exc:  # missing, symlink loop, NUL byte
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise SpecError(
+            [doc.problem(("workdir",), f"cannot use {spec.workdir!r}: {reason}", "fix the path")]
+        ) from None
+    if not is_dir:
+        raise SpecError(
+            [doc.problem(("workdir",), f"{workdir} is not a directory", "fix the path")]
+        )
+    if spec.uv and not has_project:
+        raise SpecError(
+            [
+                doc.problem(
+                    ("uv",),
+                    f"uv needs a pyproject.toml in the workdir {workdir}",
+                    "run `uv init` there, or set `uv: false`",
+                )
+            ]
+        )
+    return replace(spec, workdir=str(workdir))
 
 
 def spec_from_located(doc: Located, config: HostConfig, user: str) -> JobSpec:
@@ -175,7 +209,16 @@ def semantic_problems(
         cloud = "infra" in data and not is_box_infra(data["infra"])
         problems += _gpu_problems(doc, config, GpuRequest.parse(data["gpus"]), cloud)
     for key in data.get("env") or {}:
-        if str(key).upper().startswith(RESERVED_ENV_PREFIX):
+        if str(key).upper() in GPU_VISIBILITY_ENV:
+            problems.append(
+                doc.located(
+                    ("env", key),
+                    f"`{key}` would pick GPUs behind the scheduler's back",
+                    "remove it and ask for GPUs with `gpus:`; the job sees exactly those",
+                    key=True,
+                )
+            )
+        elif str(key).upper().startswith(RESERVED_ENV_PREFIX):
             problems.append(
                 doc.located(
                     ("env", key),
@@ -185,7 +228,15 @@ def semantic_problems(
                     key=True,
                 )
             )
-    if "name" in data:
+    if "name" in data and data["name"].startswith(f"{safe_user(user)}-"):
+        problems.append(
+            doc.located(
+                ("name",),
+                f"already starts with your user prefix `{safe_user(user)}-`, which deskgpu adds",
+                f"write `name: {data['name'][len(safe_user(user)) + 1 :]}`",
+            )
+        )
+    elif "name" in data:
         full = cluster_name(user, data["name"])
         if len(full) > MAX_CLUSTER_NAME:
             room = MAX_CLUSTER_NAME - (len(full) - len(data["name"]))

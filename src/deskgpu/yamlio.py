@@ -19,6 +19,7 @@ from deskgpu.errors import SpecError
 
 MAX_BYTES = 256 * 1024  # a job spec is a few hundred bytes; a host config a few KiB
 MAX_NODES = 20_000  # after alias expansion; stops "billion laughs" documents early
+MAX_DEPTH = 50  # a spec is three levels deep; a self-referencing alias is infinitely deep
 
 PathKey = tuple[str | int, ...]
 
@@ -86,6 +87,14 @@ class _Builder:
         self.problems: list[tuple[tuple[int, int], str]] = []
 
     def build(self, node: yaml.Node, path: PathKey) -> Any:
+        if len(path) > MAX_DEPTH:
+            line, col = _mark(node)
+            raise SpecError(
+                [
+                    f"{self.loc.source}:{line}:{col}: nested more than {MAX_DEPTH} levels deep "
+                    "(does a YAML alias refer to itself? write the values out)"
+                ]
+            )
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise SpecError(
@@ -109,8 +118,18 @@ class _Builder:
                         )
                     )
                     continue
-                key = self.loader.construct_object(key_node)
-                key = key if isinstance(key, str) else str(key)
+                key = self._scalar(key_node)
+                if not isinstance(key, str):
+                    line, col = _mark(key_node)
+                    self.problems.append(
+                        (
+                            (line, col),
+                            f"{self.loc.source}:{line}:{col}: {dotted_path(path) or 'top level'}: "
+                            f"key `{key_node.value or '~'}` is not text (quote it: "
+                            f'`"{key_node.value}": ...`)',
+                        )
+                    )
+                    continue
                 child = (*path, key)
                 if key in out:
                     line, col = _mark(key_node)
@@ -128,8 +147,17 @@ class _Builder:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
-        value = self.loader.construct_object(node)
-        return value
+        return self._scalar(node)
+
+    def _scalar(self, node: yaml.Node) -> Any:
+        try:
+            return self.loader.construct_object(node)
+        except (ValueError, TypeError, OverflowError, yaml.constructor.ConstructorError) as exc:
+            # e.g. a timestamp out of range, or an unknown `!!tag`
+            line, col = _mark(node)
+            raise SpecError(
+                [f"{self.loc.source}:{line}:{col}: value cannot be read: {exc} (quote it)"]
+            ) from None
 
 
 def load_located(text_or_bytes: bytes | str, source: str) -> Located:
@@ -178,9 +206,11 @@ def load_located(text_or_bytes: bytes | str, source: str) -> Located:
         raise SpecError([_describe_reader_error(exc, text, source)]) from None
     except yaml.YAMLError as exc:  # pragma: no cover - PyYAML marks nearly everything
         raise SpecError([f"{source}:1:1: not valid YAML: {exc}"]) from None
-    except (ValueError, TypeError, OverflowError) as exc:
-        # The safe constructor raises these for values like a timestamp out of range.
-        raise SpecError([f"{source}:1:1: value cannot be read: {exc} (quote it)"]) from None
+    except RecursionError:
+        # PyYAML composes recursively: thousands of `[` exhaust the stack before our guard.
+        raise SpecError(
+            [f"{source}:1:1: nested too deeply to read (flatten the structure)"]
+        ) from None
     finally:
         loader.dispose()
     loc.problems = builder.problems
@@ -222,6 +252,9 @@ def read_located(path: Path, source: str | None = None) -> Located:
     try:
         if path.is_dir():
             raise SpecError([f"{label}: is a directory (pass the YAML file itself)"])
+        if path.exists() and not path.is_file():
+            # A FIFO would block forever and /dev/zero never ends.
+            raise SpecError([f"{label}: not a regular file (pass the YAML file itself)"])
         with path.open("rb") as handle:
             raw = handle.read(MAX_BYTES + 1)
             if len(raw) > MAX_BYTES:

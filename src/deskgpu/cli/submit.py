@@ -34,13 +34,20 @@ def submit_command(
         typer.Option(
             "--wait",
             min=0,
+            max=3600,
             help="Seconds to wait for the API server's first verdict before returning.",
         ),
     ] = 30.0,
     config_path: ConfigOption = None,
 ) -> None:
     """Submit a job spec. Batch jobs queue when the GPUs are busy; sessions print how to connect."""
+    import math
+
     from deskgpu import submission
+    from deskgpu.errors import UsageError
+
+    if not math.isfinite(wait):
+        raise UsageError("--wait: give a number of seconds between 0 and 3600")
     from deskgpu.identity import current_user
 
     config = get_config(config_path)
