@@ -63,9 +63,10 @@ def test_on_box_examples_mount_data_read_only_and_checkpoints_read_write() -> No
         mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
         assert mounts[DATA_VOLUME] == {"name": DATA_VOLUME, "mountPath": "/data", "readOnly": True}
         assert mounts[CHECKPOINT_VOLUME]["mountPath"] == "/checkpoints/alice"
+        assert mounts[CHECKPOINT_VOLUME]["subPath"] == "alice"
         assert "readOnly" not in mounts[CHECKPOINT_VOLUME]
         volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
-        assert volumes == {DATA_VOLUME: "/data", CHECKPOINT_VOLUME: "/checkpoints/alice"}
+        assert volumes == {DATA_VOLUME: "/data", CHECKPOINT_VOLUME: "/checkpoints"}
         assert task["config"]["kubernetes"]["provision_timeout"] == -1
 
 

@@ -115,10 +115,10 @@ def test_configured_roots_are_the_host_paths_and_container_paths_stay_standard()
     paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
     assert paths == {
         "deskgpu-data": "/mnt/nvme/data",
-        "deskgpu-checkpoints": "/mnt/nvme/ckpt/alice",
+        "deskgpu-checkpoints": "/mnt/nvme/ckpt",
     }
-    mounts = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
-    assert mounts == ["/data", "/checkpoints/alice"]
+    mounts = [(m["mountPath"], m.get("subPath")) for m in pod["containers"][0]["volumeMounts"]]
+    assert mounts == [("/data", None), ("/checkpoints/alice", "alice")]
 
 
 @pytest.mark.parametrize("user", ["../../etc", "Alice.Smith", "root", "9lives", "a/b", "__"])
@@ -126,7 +126,9 @@ def test_user_names_cannot_escape_the_checkpoint_root(user: str) -> None:
     exp = _expand("name: train\nrun: x\n", user=user)
     pod = exp.task["config"]["kubernetes"]["pod_config"]["spec"]
     ckpt = next(v for v in pod["volumes"] if v["name"] == "deskgpu-checkpoints")
-    path = Path(ckpt["hostPath"]["path"])
+    assert ckpt["hostPath"] == {"path": "/checkpoints", "type": "Directory"}
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == ckpt["name"])
+    path = Path(ckpt["hostPath"]["path"]) / mount["subPath"]
     assert path.parent == Path("/checkpoints")
     assert ".." not in path.parts and path.name == safe_user(user)
     assert exp.cluster_name == f"{safe_user(user)}-train"

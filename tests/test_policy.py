@@ -26,6 +26,7 @@ from deskgpu.house_rules import (
     apply_house_rules,
     check_house_rules,
 )
+from deskgpu.identity import safe_user
 from deskgpu.policy import decide, request_user, shape_task_config
 from deskgpu.spec import spec_from_located
 from deskgpu.yamlio import load_located
@@ -98,6 +99,11 @@ def _pod_spec(cfg: dict[str, Any]) -> dict[str, Any]:
     return overrides["kubernetes"]["pod_config"]["spec"]
 
 
+def _checkpoint_mount(cfg: dict[str, Any]) -> dict[str, Any]:
+    mounts = _pod_spec(cfg)["containers"][0]["volumeMounts"]
+    return next(m for m in mounts if m["name"] == CHECKPOINT_VOLUME)
+
+
 def _rejected(task: Any, request: Req, options: Any = None) -> str:
     with pytest.raises(exceptions.UserRequestRejectedByPolicy) as info:
         admin_policy_utils.apply(task, request_name=request, request_options=options)
@@ -128,7 +134,12 @@ def test_plain_sky_launch_gets_the_house_rules(policy_server) -> None:
     overrides = res["_cluster_config_overrides"]["kubernetes"]
     assert overrides["provision_timeout"] == -1
     volumes = {v["name"]: v["hostPath"]["path"] for v in _pod_spec(cfg)["volumes"]}
-    assert volumes == {DATA_VOLUME: "/data", CHECKPOINT_VOLUME: "/checkpoints/alice"}
+    assert volumes == {DATA_VOLUME: "/data", CHECKPOINT_VOLUME: "/checkpoints"}
+    assert _checkpoint_mount(cfg) == {
+        "name": CHECKPOINT_VOLUME,
+        "mountPath": "/checkpoints/alice",
+        "subPath": "alice",
+    }
     assert cfg["envs"]["DESKGPU_CHECKPOINT_DIR"] == "/checkpoints/alice/exp"
 
 
@@ -189,8 +200,7 @@ def test_identity_comes_from_the_api_server_not_the_task_labels(policy_server) -
     )
     cfg = through_policy(task, Req.JOBS_LAUNCH)
     assert cfg["resources"]["labels"][LABEL_USER] == "alice"
-    volumes = {v["name"]: v["hostPath"]["path"] for v in _pod_spec(cfg)["volumes"]}
-    assert volumes[CHECKPOINT_VOLUME] == "/checkpoints/alice"
+    assert _checkpoint_mount(cfg)["subPath"] == "alice"
 
 
 def test_controller_relaunch_keeps_the_recorded_owner(policy_server, monkeypatch) -> None:
@@ -344,7 +354,7 @@ def _pod_task(volumes: list[dict[str, Any]], mounts: list[dict[str, Any]], **ext
         ("/etc", True, "host_mount"),
         ("/data/../etc", True, "host_mount"),
         ("/checkpoints/bob", False, "host_mount"),
-        ("/data/imagenet", False, "data_read_only"),
+        ("/data/imagenet", False, "host_mount"),
     ],
 )
 def test_host_paths_outside_the_roots_are_rejected(policy_server, path, read_only, rule) -> None:
@@ -356,13 +366,30 @@ def test_host_paths_outside_the_roots_are_rejected(policy_server, path, read_onl
     assert f"{rule}:" in message
 
 
-@pytest.mark.parametrize("path", ["/data/imagenet", "/checkpoints/alice/old-run"])
-def test_host_paths_inside_the_roots_are_fine(policy_server, path) -> None:
+@pytest.mark.parametrize("path", ["/data/imagenet", "/checkpoints/alice/old-run", "/checkpoints"])
+def test_host_paths_are_refused_even_inside_the_roots(policy_server, path) -> None:
+    """A hostPath follows symlinks on the host: `ln -s / /checkpoints/alice/old-run` would
+    make a lexically fine path mount the host's `/` (review C3). Only the standard volumes."""
     task = _pod_task(
         [{"name": "h", "hostPath": {"path": path}}],
         [{"name": "h", "mountPath": "/mnt/h", "readOnly": True}],
     )
-    through_policy(task, Req.JOBS_LAUNCH)
+    assert "host_mount:" in _rejected(task, Req.JOBS_LAUNCH)
+
+
+def test_part_of_data_is_mounted_with_a_read_only_subpath(policy_server) -> None:
+    task = _pod_task(
+        [],
+        [{"name": DATA_VOLUME, "mountPath": "/imagenet", "subPath": "imagenet", "readOnly": True}],
+    )
+    cfg = through_policy(task, Req.JOBS_LAUNCH)
+    mounts = _pod_spec(cfg)["containers"][0]["volumeMounts"]
+    assert mounts[0] == {
+        "name": DATA_VOLUME,
+        "mountPath": "/imagenet",
+        "subPath": "imagenet",
+        "readOnly": True,
+    }
 
 
 def test_a_volume_named_like_ours_cannot_point_elsewhere(policy_server) -> None:
@@ -371,8 +398,9 @@ def test_a_volume_named_like_ours_cannot_point_elsewhere(policy_server) -> None:
         [{"name": CHECKPOINT_VOLUME, "mountPath": "/checkpoints/alice"}],
     )
     cfg = through_policy(task, Req.JOBS_LAUNCH)
-    volumes = {v["name"]: v["hostPath"]["path"] for v in _pod_spec(cfg)["volumes"]}
-    assert volumes[CHECKPOINT_VOLUME] == "/checkpoints/alice"
+    volumes = {v["name"]: v["hostPath"] for v in _pod_spec(cfg)["volumes"]}
+    assert volumes[CHECKPOINT_VOLUME] == {"path": "/checkpoints", "type": "Directory"}
+    assert _checkpoint_mount(cfg)["subPath"] == "alice"
 
 
 def test_privileged_pods_are_rejected(policy_server) -> None:
@@ -415,8 +443,10 @@ def test_policy_survives_the_restful_encoding() -> None:
     from deskgpu.policy import mutate
 
     out = mutate(decoded, config).task.to_yaml_config()
-    assert out["resources"]["labels"][LABEL_USER] == "carol-smith"
-    assert out["name"] == "carol-smith-j"
+    who = safe_user("Carol.Smith")
+    assert who.startswith("carol-smith")
+    assert out["resources"]["labels"][LABEL_USER] == who
+    assert out["name"] == f"{who}-j"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,14 +223,17 @@ def test_the_gpu_count_appears_once_in_the_host_config_only(tmp_path) -> None:
     assert quota == {"name": "nvidia.com/gpu", "nominalQuota": 10}
 
 
-def test_layout_gives_checkpoints_to_the_research_group(tmp_path) -> None:
+def test_layout_keeps_the_checkpoint_root_root_owned(tmp_path) -> None:
+    """Nobody but root may create entries in the checkpoint root: a researcher who could
+    would plant `<root>/<user>` as a symlink to `/` (review C3). Jobs enter it by subPath."""
     config = HostConfig(
         data_root="/srv/data", checkpoint_root="/srv/ckpt", doctor={"research_group": "research"}
     )
     text = render(config, Tools("/p", "/d")).by_path()["etc/tmpfiles.d/deskgpu.conf"].text
     lines = [line.split() for line in text.splitlines() if line.startswith("d ")]
     assert ["d", "/srv/data", "0755", "root", "root", "-"] in lines
-    assert ["d", "/srv/ckpt", "2775", "root", "research", "-"] in lines
+    assert ["d", "/srv/ckpt", "0755", "root", "root", "-"] in lines
+    assert not any("research" in line for line in lines)
 
 
 def test_a_non_default_config_path_travels_to_every_service(cli, tmp_path) -> None:

@@ -17,7 +17,7 @@ import copy
 import fnmatch
 import posixpath
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +43,27 @@ KINDS = (BATCH, INTERACTIVE)
 
 RESERVED_ENV_PREFIX = "DESKGPU_"
 UNNAMED = "unnamed"
+# GPUs are handed out by Kubernetes' device plugin; these would route around the queue and
+# the limits (the same names the job spec loader refuses).
+GPU_VISIBILITY_ENV = (
+    "NVIDIA_VISIBLE_DEVICES",
+    "NVIDIA_DRIVER_CAPABILITIES",
+    "CUDA_VISIBLE_DEVICES",
+)
+# SkyPilot's main container in its Kubernetes pod template (sky/templates/kubernetes-ray.yml.j2):
+# a pod_config container without a name, or with this one, is merged into it.
+MAIN_CONTAINER = "ray-node"
+# `remote_identity` values that upload no credentials into the pod (SkyPilot 0.14 also takes
+# LOCAL_CREDENTIALS, the server's kubeconfig, or a service account name).
+SAFE_REMOTE_IDENTITIES = ("SERVICE_ACCOUNT", "NO_UPLOAD")
 
 # Env names whose values SkyPilot should treat as secrets (redacted in its dashboard and logs).
 _SECRET_NAME = re.compile(
     r"(TOKEN|SECRET|PASSW(OR)?D|API_?KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY)", re.I
 )
-# Names SkyPilot's client generates for `sky launch` without `-c` (cluster_utils).
-_GENERATED_CLUSTER = re.compile(r"^sky-[0-9a-f]{4}-")
+# Names SkyPilot's client generates for `sky launch` without `-c`: `sky-<4 hex>-<user>`
+# (sky/utils/common_utils.py make_cluster_name_on_cloud / generate_cluster_name).
+_GENERATED_CLUSTER = re.compile(r"^sky-[0-9a-f]{4}-(?P<user>.+)$")
 _TASK_ORDER = (
     "name",
     "resources",
@@ -100,7 +114,11 @@ def checkpoint_dir(user: str, job: str) -> str:
 
 def user_checkpoint_root(config: HostConfig, user: str) -> str:
     """The host directory mounted read-write at `/checkpoints/<user>`."""
-    return f"{config.checkpoint_root.rstrip('/')}/{safe_user(user)}"
+    return f"{_checkpoint_root(config)}/{safe_user(user)}"
+
+
+def _checkpoint_root(config: HostConfig) -> str:
+    return posixpath.normpath(config.checkpoint_root) if config.checkpoint_root else "/"
 
 
 def label_value(text: str | None) -> str:
@@ -224,6 +242,14 @@ def _lift_config_overrides(task: dict[str, Any]) -> None:
         task["config"] = _deep_merge(lifted, task.get("config") or {})
 
 
+def lifted_config(task: Mapping[str, Any]) -> dict[str, Any]:
+    """A task's `config` in deskgpu's form (SkyPilot's per-resource overrides lifted)."""
+    t: dict[str, Any] = copy.deepcopy(dict(task))
+    _lift_config_overrides(t)
+    cfg = t.get("config")
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
@@ -244,11 +270,23 @@ def _config_section(infra: str) -> str:
     return "ssh" if infra.split("/", 1)[0] == "ssh" else "kubernetes"
 
 
+def _may_reach_box(infra: str) -> bool:
+    """The box's infra, or a wildcard (`*`, `*/...`) SkyPilot's optimizer may resolve to it."""
+    head = infra.strip().lower().split("/", 1)[0]
+    return head in ("", "*") or is_box_infra(head)
+
+
+def _box_candidates(res: dict[str, Any], config: HostConfig) -> list[dict[str, Any]]:
+    return [r for r in _effective(res) if _may_reach_box(_infra_of(r) or config.infra)]
+
+
 def on_box(task: dict[str, Any], config: HostConfig) -> bool:
-    """Every candidate resource runs on the box (its k3s or SSH node pool)."""
-    return all(
-        is_box_infra(_infra_of(r) or config.infra) for r in _effective(task.get("resources") or {})
-    )
+    """Some candidate resource may run on the box (its k3s or SSH node pool).
+
+    Any, not all: `any_of: [{infra: aws}, {infra: k8s}]` may land on the box, so it gets the
+    box's mounts and checks (the config sections are ignored by a cloud candidate).
+    """
+    return bool(_box_candidates(task.get("resources") or {}, config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +297,10 @@ def host_mounts_pod_config(config: HostConfig, user: str) -> dict[str, Any]:
     """hostPath volumes: `/data` read-only, `/checkpoints/<user>` read-write.
 
     `file_mounts` would copy files into the pod and lose them with it; a hostPath
-    volume writes straight to the host's disk (DESIGN.md, SkyPilot facts).
+    volume writes straight to the host's disk (DESIGN.md, SkyPilot facts). The checkpoint
+    volume is the root-owned `checkpoint_root` itself, entered with `subPath: <user>`: the
+    kubelet resolves a subPath inside its volume and refuses one that a symlink leads out of,
+    where a hostPath of `<root>/<user>` would follow a symlink the user planted anywhere.
     """
     spec: dict[str, Any] = {}
     _merge_host_mounts(spec, config, user)
@@ -267,15 +308,16 @@ def host_mounts_pod_config(config: HostConfig, user: str) -> dict[str, Any]:
 
 
 def _our_mounts(config: HostConfig, user: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    who = safe_user(user)
     mounts: list[dict[str, Any]] = [
         {"name": DATA_VOLUME, "mountPath": DATA_MOUNT, "readOnly": True},
-        {"name": CHECKPOINT_VOLUME, "mountPath": f"{CHECKPOINT_MOUNT}/{safe_user(user)}"},
+        {"name": CHECKPOINT_VOLUME, "mountPath": f"{CHECKPOINT_MOUNT}/{who}", "subPath": who},
     ]
     volumes: list[dict[str, Any]] = [
         {"name": DATA_VOLUME, "hostPath": {"path": config.data_root, "type": "Directory"}},
         {
             "name": CHECKPOINT_VOLUME,
-            "hostPath": {"path": user_checkpoint_root(config, user), "type": "DirectoryOrCreate"},
+            "hostPath": {"path": _checkpoint_root(config), "type": "Directory"},
         },
     ]
     return mounts, volumes
@@ -289,7 +331,15 @@ def _merge_host_mounts(spec: dict[str, Any], config: HostConfig, user: str) -> N
         containers = [{}]
     spec["containers"] = containers
     first = containers[0]
-    theirs = [m for m in first.get("volumeMounts") or [] if m.get("name") not in _OUR_VOLUMES]
+    # SkyPilot merges volumeMounts by mountPath: ours replace whatever sits at our paths. The
+    # user's other mounts of our volumes stay, for `check_house_rules` to judge (read-only
+    # data, their own checkpoint subPath).
+    paths = {m["mountPath"] for m in mounts}
+    theirs = [
+        m
+        for m in first.get("volumeMounts") or []
+        if not (isinstance(m, dict) and m.get("mountPath") in paths)
+    ]
     first["volumeMounts"] = theirs + mounts
     theirs = [v for v in spec.get("volumes") or [] if v.get("name") not in _OUR_VOLUMES]
     spec["volumes"] = theirs + volumes
@@ -344,8 +394,9 @@ def apply_house_rules(
 
     _apply_env_rules(out, who, job)
 
-    infra = _infra_of(_effective(out["resources"])[0]) or config.infra
-    if on_box(out, config):
+    box = _box_candidates(out["resources"], config)
+    if box:
+        infra = _infra_of(box[0]) or config.infra
         cfg = out.get("config")
         cfg = cfg if isinstance(cfg, dict) else {}
         out["config"] = cfg
@@ -363,10 +414,20 @@ def apply_house_rules(
         pod_config["spec"] = spec
         _merge_host_mounts(spec, config, user)
         if config.kueue_local_queue:
-            kueue = section.get("kueue")
+            # Always under `kubernetes`: SkyPilot reads Kueue from there for SSH node pools
+            # too (clouds/kubernetes.py), and `ssh.kueue` is not a task-overridable key.
+            k8s = cfg.get("kubernetes")
+            k8s = k8s if isinstance(k8s, dict) else {}
+            cfg["kubernetes"] = k8s
+            kueue = k8s.get("kueue")
             kueue = kueue if isinstance(kueue, dict) else {}
             kueue["local_queue_name"] = config.kueue_local_queue
-            section["kueue"] = kueue
+            k8s["kueue"] = kueue
+            stray = section.get("kueue") if section is not k8s else None
+            if isinstance(stray, dict):
+                stray.pop("local_queue_name", None)
+                if not stray:
+                    section.pop("kueue")
     return _reorder(out, _TASK_ORDER)
 
 
@@ -420,19 +481,28 @@ def check_house_rules(
 
     `volume_host_paths` maps registered SkyPilot volume names to their host path (None for
     volumes that are not host paths), so a `k8s-hostpath` volume cannot smuggle in `/`.
+
+    The Kubernetes/SSH sections of `config` (pod_config, remote_identity, custom_metadata,
+    enable_docker) are checked whatever the infra: they only ever act on Kubernetes, and the
+    box is the Kubernetes SkyPilot reaches. GPU and mount rules apply when any candidate
+    resource may land on the box.
     """
     t: dict[str, Any] = copy.deepcopy(dict(task))
     _lift_config_overrides(t)
     found: list[Violation] = []
-    effective = _effective(t.get("resources") or {})
-    box = on_box(t, config)
+    res = t.get("resources") or {}
+    effective = _effective(res)
+    box = _box_candidates(res, config)
     if box:
-        found += _gpu_violations(effective, int(t.get("num_nodes") or 1), config)
+        found += _gpu_violations(box, int(t.get("num_nodes") or 1), config)
     found += _image_violations(effective, config)
+    found += _task_env_violations(t)
+    cfg = t.get("config")
+    if isinstance(cfg, Mapping):
+        found += sky_config_violations(cfg, config, user, where="config")
     if box:
-        found += _pod_violations(t, config, user)
         found += _file_mount_violations(t)
-        found += _volume_violations(t, config, user, volume_host_paths or {})
+    found += _volume_violations(t, config, user, volume_host_paths or {})
     return found
 
 
@@ -441,21 +511,24 @@ def _norm_model(model: str) -> str:
 
 
 def _gpu_violations(
-    effective: list[dict[str, Any]], nodes: int, config: HostConfig
+    candidates: list[dict[str, Any]], nodes: int, config: HostConfig
 ) -> list[Violation]:
-    asks = [_accelerators(r.get("accelerators")) for r in effective]
-    asks = [a for a in asks if a]
-    if not asks:
+    """`max_gpus` holds for every option SkyPilot might pick; the inventory needs one option
+    that fits. Options: each candidate's accelerators, and each entry of an accelerator list
+    or set (SkyPilot reads `[A6000:2, L40S:2]` as any of them, not all)."""
+    options = [pair for r in candidates for pair in _accelerators(r.get("accelerators"))]
+    if not options:
         return []
     found = []
     limit = config.max_gpus_per_job
-    over = [(m, c * nodes) for a in asks for m, c in a if limit is not None and c * nodes > limit]
+    over = [(m, c * nodes) for m, c in options if limit is not None and c * nodes > limit]
     if over and limit is not None:
         model, total = over[0]
         found.append(
             Violation(
                 "max_gpus",
-                f"asks for {total:g}x {model}; the house rule is at most {limit} GPUs per request",
+                f"asks for {total:g}x {model}; the house rule is at most {limit} GPUs per request "
+                "(for every alternative it lists)",
                 f"ask for at most {limit}, e.g. `--gpus {model}:{limit}`, or talk to the "
                 "box's admin",
             )
@@ -467,8 +540,8 @@ def _gpu_violations(
             have = inventory.get(_norm_model(model))
             return have is not None and count * nodes <= have
 
-        if not any(all(fits(m, c) for m, c in a) for a in asks):
-            wanted = " or ".join(",".join(f"{m}:{c:g}" for m, c in a) for a in asks)
+        if not any(fits(m, c) for m, c in options):
+            wanted = " or ".join(f"{m}:{c:g}" for m, c in options)
             if nodes > 1:
                 wanted += f" on each of {nodes} nodes"
             found.append(
@@ -523,28 +596,32 @@ def _within(path: str, root: str) -> bool:
 
 def _host_path_violation(
     path: str, writable: bool, what: str, config: HostConfig, user: str
-) -> Violation | None:
-    """A host path may be (inside) the data root read-only, or the user's own checkpoints."""
+) -> Violation:
+    """Any host path but the standard volumes is refused.
+
+    A hostPath follows symlinks on the host, and the checks here can only read the path's
+    text: a path inside a directory a user can write (their own checkpoints, a group-writable
+    data folder) may lead anywhere. Parts of the standard volumes are reachable safely with
+    `subPath` (the kubelet keeps a subPath inside its volume).
+    """
     norm = posixpath.normpath("/" + path.lstrip("/")) if path.startswith("/") else path
-    mine = user_checkpoint_root(config, user)
+    who = safe_user(user)
     standard = (
-        f"every job already gets {config.data_root} read-only at {DATA_MOUNT} and {mine} "
-        f"read-write at {CHECKPOINT_MOUNT}/{safe_user(user)}"
+        f"every job already gets {config.data_root} read-only at {DATA_MOUNT} and its own "
+        f"checkpoints read-write at {CHECKPOINT_MOUNT}/{who}; for a part of {config.data_root}, "
+        f"mount volume {DATA_VOLUME} with `subPath: <dir>` and `readOnly: true`"
     )
     if not norm.startswith("/"):
         return Violation("host_mount", f"{what} mounts a relative host path {path!r}", standard)
-    if _within(norm, mine):
-        return None
-    if _within(norm, config.data_root):
-        if writable:
-            return Violation(
-                "data_read_only",
-                f"{what} mounts {norm} read-write; {config.data_root} is read-only in jobs",
-                f"mount it with `readOnly: true`, or write to {CHECKPOINT_MOUNT}/"
-                f"{safe_user(user)} instead",
-            )
-        return None
-    if _within(norm, config.checkpoint_root):
+    if _within(norm, config.data_root) and writable:
+        return Violation(
+            "data_read_only",
+            f"{what} mounts {norm} read-write; {config.data_root} is read-only in jobs",
+            f"write to {CHECKPOINT_MOUNT}/{who} instead; {standard}",
+        )
+    if _within(norm, _checkpoint_root(config)) and not _within(
+        norm, user_checkpoint_root(config, user)
+    ):
         return Violation(
             "host_mount",
             f"{what} mounts {norm}: another user's checkpoints",
@@ -552,73 +629,449 @@ def _host_path_violation(
         )
     return Violation(
         "host_mount",
-        f"{what} mounts {norm} from the host, outside the box's roots {config.data_root} "
-        f"and {mine}",
+        f"{what} mounts host path {norm}; only the box's standard volumes may reach the host "
+        "(a host path follows symlinks, so any other could lead anywhere)",
         f"remove it: {standard}; ask the admin to put shared data under {config.data_root}",
     )
 
 
-def _pod_specs(task: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    cfg = task.get("config") or {}
-    for section in ("kubernetes", "ssh"):
-        pod = (cfg.get(section) or {}).get("pod_config") or {}
-        spec = pod.get("spec") if isinstance(pod, dict) else None
-        if isinstance(spec, dict):
-            yield section, spec
+# ---------------------------------------------------------------------------------------------
+# Kubernetes / SSH sections of a task's `config` or of the request's SkyPilot config
 
 
-def _pod_violations(task: dict[str, Any], config: HostConfig, user: str) -> list[Violation]:
+# Pod spec keys a request may set; every other key is refused (hostNetwork, hostPID,
+# serviceAccountName, runtimeClassName, nodeName, priorityClassName, schedulerName,
+# initContainers, ephemeralContainers, resourceClaims, ...).
+POD_SPEC_KEYS = frozenset(
+    {
+        "containers",
+        "volumes",
+        "securityContext",
+        "tolerations",
+        "nodeSelector",
+        "affinity",
+        "imagePullSecrets",
+        "terminationGracePeriodSeconds",
+        "dnsConfig",
+        "enableServiceLinks",
+    }
+)
+# Keys allowed only with these values (what Kubernetes does without them).
+_POD_SPEC_DEFAULTS: dict[str, Any] = {
+    "hostNetwork": False,
+    "hostPID": False,
+    "hostIPC": False,
+    "shareProcessNamespace": False,
+    "automountServiceAccountToken": False,
+}
+CONTAINER_KEYS = frozenset(
+    {"name", "env", "volumeMounts", "resources", "securityContext", "workingDir", "ports"}
+)
+_POD_SECURITY_KEYS = frozenset(
+    {
+        "runAsUser",
+        "runAsGroup",
+        "runAsNonRoot",
+        "fsGroup",
+        "fsGroupChangePolicy",
+        "supplementalGroups",
+        "supplementalGroupsPolicy",
+        "seccompProfile",
+        "appArmorProfile",
+    }
+)
+_CONTAINER_SECURITY_KEYS = frozenset(
+    {
+        "runAsUser",
+        "runAsGroup",
+        "runAsNonRoot",
+        "readOnlyRootFilesystem",
+        "allowPrivilegeEscalation",
+        "privileged",
+        "capabilities",
+        "seccompProfile",
+        "appArmorProfile",
+        "procMount",
+    }
+)
+_MOUNT_KEYS = frozenset({"name", "mountPath", "readOnly", "subPath", "recursiveReadOnly"})
+# Label/annotation key prefixes a request may not set: deskgpu's owner labels, Kueue's queue
+# and priority, SkyPilot's own; and annotations that switch off AppArmor or seccomp.
+_RESERVED_META = re.compile(
+    r"^(deskgpu\.io/|kueue\.x-k8s\.io/|skypilot|.*apparmor|.*seccomp)", re.IGNORECASE
+)
+_SECTIONS = ("kubernetes", "ssh")
+
+
+def sky_config_violations(
+    cfg: Mapping[str, Any], config: HostConfig, user: str, *, where: str
+) -> list[Violation]:
+    """Violations in the `kubernetes` / `ssh` sections of a SkyPilot config mapping.
+
+    Used for a task's `config` and for the request's whole SkyPilot config (the client's
+    `~/.sky/config.yaml` / `--config` is merged into the server's and its `pod_config` into
+    every pod): `pod_config` (also per context), `remote_identity`, `custom_metadata`,
+    `enable_docker`.
+    """
     found: list[Violation] = []
-    ours = {v["name"]: v for v in _our_mounts(config, user)[1]}
-    for section, spec in _pod_specs(task):
-        where = f"config.{section}.pod_config"
-        containers = [
-            c
-            for key in ("containers", "initContainers")
-            for c in spec.get(key) or []
-            if isinstance(c, dict)
-        ]
-        writable: dict[str, bool] = {}
-        for c in containers:
-            for m in c.get("volumeMounts") or []:
-                name = str(m.get("name"))
-                writable[name] = writable.get(name, False) or not m.get("readOnly", False)
-                mount_path = str(m.get("mountPath") or "")
-                if name not in _OUR_VOLUMES and _reserved(mount_path):
-                    found.append(_reserved_violation(f"{where} volumeMount {name}", mount_path))
-            security = c.get("securityContext") or {}
-            adds = {str(x).upper() for x in (security.get("capabilities") or {}).get("add") or []}
-            if security.get("privileged") or adds & {"SYS_ADMIN", "ALL"}:
-                found.append(
-                    Violation(
-                        "privileged",
-                        f"{where}: container {c.get('name') or '[0]'} asks to be privileged "
-                        "(it could mount any disk of the host)",
-                        "remove securityContext.privileged and capabilities; the GPUs come "
-                        "through the NVIDIA device plugin without them",
-                    )
-                )
-        for key in ("hostPID", "hostIPC"):
-            if spec.get(key):
-                found.append(
-                    Violation(
-                        "privileged",
-                        f"{where}: {key}: true shares the host's processes with the job",
-                        f"remove {key}",
-                    )
-                )
-        for v in spec.get("volumes") or []:
-            if not isinstance(v, dict) or not isinstance(v.get("hostPath"), dict):
+    emptydirs: set[str] = set()
+    pods: list[tuple[str, Mapping[str, Any]]] = []
+    for section in _SECTIONS:
+        body = cfg.get(section)
+        if not isinstance(body, Mapping):
+            continue
+        scopes: list[tuple[str, Mapping[str, Any]]] = [(f"{where}.{section}", body)]
+        contexts = body.get("context_configs")
+        if isinstance(contexts, Mapping):
+            scopes += [
+                (f"{where}.{section}.context_configs.{ctx}", sub)
+                for ctx, sub in contexts.items()
+                if isinstance(sub, Mapping)
+            ]
+        for here, scope in scopes:
+            found += _identity_violations(scope, here)
+            meta = scope.get("custom_metadata")
+            if meta is not None:
+                found += _metadata_violations(meta, f"{here}.custom_metadata")
+            pod = scope.get("pod_config")
+            if pod is None:
                 continue
-            name = str(v.get("name"))
-            if name in ours and v == ours[name]:
+            if not isinstance(pod, Mapping):
+                found.append(_pod_key_violation(f"{here}.pod_config", "is not a mapping"))
                 continue
-            path = str(v["hostPath"].get("path") or "")
-            bad = _host_path_violation(
-                path, writable.get(name, True), f"{where} hostPath volume {name}", config, user
+            pods.append((f"{here}.pod_config", pod))
+            spec = pod.get("spec")
+            for v in (spec.get("volumes") if isinstance(spec, Mapping) else None) or []:
+                if isinstance(v, Mapping) and set(v) == {"name", "emptyDir"}:
+                    emptydirs.add(str(v["name"]))
+    for here, pod in pods:
+        found += _pod_config_violations(pod, here, config, user, emptydirs)
+    return found
+
+
+def _pod_key_violation(what: str, problem: str, fix: str | None = None) -> Violation:
+    return Violation(
+        "pod_config",
+        f"{what} {problem}",
+        fix
+        or "remove it; a pod_config may set only "
+        + ", ".join(sorted(POD_SPEC_KEYS))
+        + " (see `deskgpu` README, House rules)",
+    )
+
+
+def _identity_violations(scope: Mapping[str, Any], where: str) -> list[Violation]:
+    found: list[Violation] = []
+    identity = scope.get("remote_identity")
+    values = list(identity.values()) if isinstance(identity, Mapping) else [identity]
+    bad = [v for v in values if v is not None and str(v) not in SAFE_REMOTE_IDENTITIES]
+    if bad:
+        found.append(
+            Violation(
+                "remote_identity",
+                f"{where}.remote_identity {bad[0]!r} would put the API server's Kubernetes "
+                "credentials (LOCAL_CREDENTIALS) or another service account into the job",
+                "remove it; jobs run with SERVICE_ACCOUNT (the default) or NO_UPLOAD",
             )
-            if bad:
-                found.append(bad)
+        )
+    docker = scope.get("enable_docker")
+    if docker not in (None, False):
+        found.append(
+            Violation(
+                "privileged",
+                f"{where}.enable_docker adds a privileged Docker-in-Docker sidecar (it could "
+                "mount any disk of the host)",
+                "remove it; build images elsewhere and run them with `image`",
+            )
+        )
+    return found
+
+
+def _metadata_violations(meta: Any, where: str) -> list[Violation]:
+    if not isinstance(meta, Mapping):
+        return [_pod_key_violation(where, "is not a mapping")]
+    found: list[Violation] = []
+    for key, value in meta.items():
+        if key not in ("labels", "annotations"):
+            found.append(
+                _pod_key_violation(
+                    f"{where}.{key}", "is not allowed", "set only labels/annotations"
+                )
+            )
+            continue
+        if not isinstance(value, Mapping):
+            found.append(_pod_key_violation(f"{where}.{key}", "is not a mapping"))
+            continue
+        for name in value:
+            if _RESERVED_META.match(str(name)):
+                found.append(
+                    Violation(
+                        "pod_metadata",
+                        f"{where}.{key} sets {name!r}: reserved for the box (owner, queue, "
+                        "SkyPilot, AppArmor/seccomp)",
+                        "remove it; deskgpu sets the owner and queue labels itself",
+                    )
+                )
+    return found
+
+
+def _pod_config_violations(
+    pod: Mapping[str, Any], where: str, config: HostConfig, user: str, emptydirs: set[str]
+) -> list[Violation]:
+    found: list[Violation] = []
+    for key in pod:
+        if key not in ("apiVersion", "kind", "metadata", "spec"):
+            found.append(_pod_key_violation(f"{where}.{key}", "is not allowed"))
+    if pod.get("metadata") is not None:
+        found += _metadata_violations(pod["metadata"], f"{where}.metadata")
+    spec = pod.get("spec")
+    if spec is None:
+        return found
+    if not isinstance(spec, Mapping):
+        return [*found, _pod_key_violation(f"{where}.spec", "is not a mapping")]
+    where = f"{where}.spec"
+    for key, value in spec.items():
+        if key in POD_SPEC_KEYS:
+            continue
+        if key in _POD_SPEC_DEFAULTS and value == _POD_SPEC_DEFAULTS[key]:
+            continue
+        if key in ("hostNetwork", "hostPID", "hostIPC", "shareProcessNamespace"):
+            found.append(
+                Violation(
+                    "privileged",
+                    f"{where}.{key} set to {value!r} shares the host's network or processes with "
+                    "the job",
+                    f"remove {key}",
+                )
+            )
+        elif key in ("serviceAccountName", "serviceAccount", "automountServiceAccountToken"):
+            found.append(
+                Violation(
+                    "service_account",
+                    f"{where}.{key}: {value!r} would give the job other Kubernetes credentials",
+                    f"remove {key}; SkyPilot picks the pod's service account",
+                )
+            )
+        else:
+            found.append(_pod_key_violation(f"{where}.{key}", "is not allowed"))
+    found += _security_violations(spec.get("securityContext"), where, _POD_SECURITY_KEYS)
+    ours = {v["name"]: v for v in _our_mounts(config, user)[1]}
+    volumes = spec.get("volumes")
+    for i, v in enumerate(volumes if isinstance(volumes, list) else []):
+        name = str(v.get("name")) if isinstance(v, Mapping) else f"[{i}]"
+        what = f"{where}.volumes {name}"
+        if not isinstance(v, Mapping):
+            found.append(_pod_key_violation(what, "is not a mapping"))
+        elif name in ours:
+            if dict(v) != ours[name]:
+                found.append(
+                    Violation(
+                        "host_mount",
+                        f"{what} is named like the box's standard volume but is not it",
+                        f"remove it; deskgpu adds {name} itself",
+                    )
+                )
+        elif isinstance(v.get("hostPath"), Mapping):
+            path = str(v["hostPath"].get("path") or "")
+            found.append(_host_path_violation(path, False, f"{what} (hostPath)", config, user))
+        elif set(v) != {"name", "emptyDir"}:
+            found.append(
+                _pod_key_violation(
+                    what,
+                    "is not an emptyDir",
+                    "only emptyDir volumes may be added; data and checkpoints come from the "
+                    f"standard volumes {DATA_VOLUME} and {CHECKPOINT_VOLUME}",
+                )
+            )
+    if volumes is not None and not isinstance(volumes, list):
+        found.append(_pod_key_violation(f"{where}.volumes", "is not a list"))
+    containers = spec.get("containers")
+    if containers is not None and not isinstance(containers, list):
+        found.append(_pod_key_violation(f"{where}.containers", "is not a list"))
+        containers = []
+    for i, c in enumerate(containers or []):
+        found += _container_violations(
+            c, f"{where}.containers[{i}]", i, config, user, set(ours) | emptydirs
+        )
+    return found
+
+
+def _security_violations(sc: Any, where: str, allowed: frozenset[str]) -> list[Violation]:
+    if sc is None:
+        return []
+    where = f"{where}.securityContext"
+    if not isinstance(sc, Mapping):
+        return [_pod_key_violation(where, "is not a mapping")]
+    found: list[Violation] = []
+    fix = (
+        "remove it; the GPUs come through the NVIDIA device plugin without privileges, and a "
+        "securityContext may only restrict (runAsUser, runAsNonRoot, capabilities.drop, ...)"
+    )
+    for key, value in sc.items():
+        problem: str | None = None
+        if key not in allowed:
+            problem = f"{key} is not allowed"
+        elif key in ("privileged", "allowPrivilegeEscalation") and value is not False:
+            problem = f"{key} set to {value!r}"
+        elif key == "capabilities":
+            adds = value.get("add") if isinstance(value, Mapping) else None
+            if not isinstance(value, Mapping) or set(value) - {"add", "drop"}:
+                problem = "capabilities may only drop"
+            elif adds:
+                problem = f"capabilities.add {list(adds)} (no capability may be added)"
+        elif key in ("seccompProfile", "appArmorProfile"):
+            kind = value.get("type") if isinstance(value, Mapping) else None
+            if str(kind) not in ("RuntimeDefault", "Localhost") or set(value) - {
+                "type",
+                "localhostProfile",
+            }:
+                problem = f"{key} {value!r} (only RuntimeDefault or Localhost)"
+        elif key == "procMount" and value != "Default":
+            problem = f"procMount {value!r}"
+        if problem:
+            found.append(Violation("privileged", f"{where}: {problem}", fix))
+    return found
+
+
+def _container_violations(
+    c: Any,
+    where: str,
+    index: int,
+    config: HostConfig,
+    user: str,
+    known_volumes: set[str],
+) -> list[Violation]:
+    if not isinstance(c, Mapping):
+        return [_pod_key_violation(where, "is not a mapping")]
+    found: list[Violation] = []
+    name = c.get("name")
+    if index > 0 or (name is not None and name != MAIN_CONTAINER):
+        found.append(
+            _pod_key_violation(
+                where,
+                f"adds a container {name or ''} beside SkyPilot's {MAIN_CONTAINER}",
+                "use one container entry without a name (it is merged into the job's "
+                "container); sidecars would run unchecked images",
+            )
+        )
+    for key in c:
+        if key not in CONTAINER_KEYS:
+            fix = (
+                "use resources.image_id (checked against the box's image rules)"
+                if key == "image"
+                else "remove it"
+            )
+            found.append(_pod_key_violation(f"{where}.{key}", "is not allowed", fix))
+    found += _security_violations(c.get("securityContext"), where, _CONTAINER_SECURITY_KEYS)
+    found += _container_resource_violations(c.get("resources"), where)
+    for e in c.get("env") or [] if isinstance(c.get("env"), list) else []:
+        if not isinstance(e, Mapping):
+            continue
+        env_name = str(e.get("name") or "")
+        if env_name.upper() in GPU_VISIBILITY_ENV:
+            found.append(_gpu_env_violation(f"{where}.env {env_name}"))
+        source = e.get("valueFrom")
+        if isinstance(source, Mapping) and set(source) - {"fieldRef", "resourceFieldRef"}:
+            found.append(
+                _pod_key_violation(
+                    f"{where}.env {env_name}.valueFrom",
+                    "reads a Kubernetes Secret or ConfigMap",
+                    "put secrets in SkyPilot `secrets:` (redacted) instead",
+                )
+            )
+    mounts = c.get("volumeMounts")
+    for m in mounts if isinstance(mounts, list) else []:
+        found += _mount_violations(m, where, config, user, known_volumes)
+    return found
+
+
+def _container_resource_violations(resources: Any, where: str) -> list[Violation]:
+    if resources is None:
+        return []
+    if not isinstance(resources, Mapping):
+        return [_pod_key_violation(f"{where}.resources", "is not a mapping")]
+    found: list[Violation] = []
+    for part in ("limits", "requests"):
+        amounts = resources.get(part)
+        for key in amounts if isinstance(amounts, Mapping) else []:
+            if not re.fullmatch(r"cpu|memory|ephemeral-storage|hugepages-.*", str(key)):
+                found.append(
+                    Violation(
+                        "gpu_outside_queue",
+                        f"{where}.resources.{part} asks for {key}; GPUs and devices come only "
+                        "through `resources.accelerators`, where the queue and the limits see "
+                        "them",
+                        "remove it and ask with `accelerators:` / `--gpus`",
+                    )
+                )
+    for key in resources:
+        if key not in ("limits", "requests"):
+            found.append(_pod_key_violation(f"{where}.resources.{key}", "is not allowed"))
+    return found
+
+
+def _mount_violations(
+    m: Any, where: str, config: HostConfig, user: str, known_volumes: set[str]
+) -> list[Violation]:
+    if not isinstance(m, Mapping):
+        return [_pod_key_violation(f"{where}.volumeMounts", "has an entry that is not a mapping")]
+    found: list[Violation] = []
+    name = str(m.get("name"))
+    what = f"{where}.volumeMounts {name}"
+    path = str(m.get("mountPath") or "")
+    for key in m:
+        if key not in _MOUNT_KEYS:
+            found.append(_pod_key_violation(f"{what}.{key}", "is not allowed"))
+    if name not in known_volumes:
+        found.append(
+            _pod_key_violation(
+                what,
+                "mounts a volume this request does not define",
+                f"mount {DATA_VOLUME}, {CHECKPOINT_VOLUME} or an emptyDir you add",
+            )
+        )
+    who = safe_user(user)
+    if name == DATA_VOLUME and m.get("readOnly") is not True:
+        found.append(
+            Violation(
+                "data_read_only",
+                f"{what} mounts {config.data_root} without `readOnly: true`",
+                f"add `readOnly: true`; write to {CHECKPOINT_MOUNT}/{who} instead",
+            )
+        )
+    elif name == CHECKPOINT_VOLUME:
+        sub = str(m.get("subPath") or "")
+        parts = sub.split("/")
+        if parts[0] != who or ".." in parts or sub.startswith("/"):
+            found.append(
+                Violation(
+                    "host_mount",
+                    f"{what} uses subPath {sub!r}; only {who!r} (your own checkpoints) may be "
+                    "mounted",
+                    f"use `subPath: {who}`, or drop the mount: deskgpu mounts it at "
+                    f"{CHECKPOINT_MOUNT}/{who}",
+                )
+            )
+    elif name not in _OUR_VOLUMES and _reserved(path):
+        found.append(_reserved_violation(what, path))
+    return found
+
+
+def _gpu_env_violation(what: str) -> Violation:
+    return Violation(
+        "gpu_env",
+        f"{what} sets which GPUs the job sees; Kubernetes hands out GPUs through the queue",
+        "remove it and ask for GPUs with `accelerators:` / `--gpus`",
+    )
+
+
+def _task_env_violations(task: dict[str, Any]) -> list[Violation]:
+    found: list[Violation] = []
+    for key in ("envs", "secrets"):
+        values = task.get(key)
+        for name in values if isinstance(values, Mapping) else []:
+            if str(name).upper() in GPU_VISIBILITY_ENV:
+                found.append(_gpu_env_violation(f"{key} {name}"))
     return found
 
 
@@ -648,8 +1101,9 @@ def _volume_violations(
     task: dict[str, Any], config: HostConfig, user: str, host_paths: Mapping[str, str | None]
 ) -> list[Violation]:
     found: list[Violation] = []
+    box = on_box(task, config)
     for dst, vol in (task.get("volumes") or {}).items():
-        if _reserved(str(dst)):
+        if box and _reserved(str(dst)):
             found.append(_reserved_violation(f"volumes {dst}", str(dst)))
         path: str | None
         if isinstance(vol, dict) and vol.get("host_path"):
@@ -660,29 +1114,38 @@ def _volume_violations(
             path = host_paths.get(str(name)) if name else None
             writable, what = True, f"volumes {dst} (volume {name})"
         if path:
-            bad = _host_path_violation(path, writable, what, config, user)
-            if bad:
-                found.append(bad)
+            found.append(_host_path_violation(path, writable, what, config, user))
     for mount in task.get("volume_mounts") or []:
         vc = (mount or {}).get("volume_config") or {}
         host_path = (vc.get("config") or {}).get("host_path")
         if vc.get("type") == "k8s-hostpath" and not host_path:
             host_path = vc.get("name_on_cloud")
         if host_path:
-            bad = _host_path_violation(
-                str(host_path), True, f"volume {mount.get('volume_name')}", config, user
+            found.append(
+                _host_path_violation(
+                    str(host_path), True, f"volume {mount.get('volume_name')}", config, user
+                )
             )
-            if bad:
-                found.append(bad)
     return found
 
 
+def sky_cleaned_username(user: str) -> str:
+    """SkyPilot's `common_utils.get_cleaned_username` (the tail of its generated names)."""
+    name = re.sub(r"[^a-z0-9-_]", "", user.lower())
+    name = re.sub(r"^[0-9-]+", "", name)
+    return re.sub(r"-$", "", name)[:63]
+
+
 def cluster_name_violation(name: str | None, user: str) -> Violation | None:
-    """A `sky launch -c NAME` cluster must carry its owner's prefix (names are global)."""
-    if not name or _GENERATED_CLUSTER.match(name):
+    """A cluster name (`sky launch -c NAME`, `sky exec NAME`) must carry its owner's prefix
+    (names are global), or be the name SkyPilot generated for this user (`sky-1a2b-<user>`)."""
+    if not name:
         return None
     who = safe_user(user)
     if name.startswith(f"{who}-"):
+        return None
+    generated = _GENERATED_CLUSTER.match(name)
+    if generated and generated.group("user") in (sky_cleaned_username(user), who):
         return None
     return Violation(
         "cluster_name",

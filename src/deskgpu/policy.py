@@ -33,6 +33,8 @@ from deskgpu.house_rules import (
     apply_house_rules,
     check_house_rules,
     cluster_name_violation,
+    lifted_config,
+    sky_config_violations,
 )
 
 # What each SkyPilot request is, for the house rules (sky/server/requests/request_names.py).
@@ -46,7 +48,9 @@ _BATCH_REQUESTS = {
 }
 _SESSION_REQUESTS = {"launch"}
 _CHECK_ONLY_REQUESTS = {"exec"}  # runs on an existing cluster: its resources are fixed
-_PASS_REQUESTS = {"jobs.launch_controller", "serve.launch_controller"}  # SkyPilot's own
+# SkyPilot's own controllers: not shaped, and only their Kubernetes config is checked (a
+# user's pod_config must not ride along on a controller pod).
+_PASS_REQUESTS = {"jobs.launch_controller", "serve.launch_controller"}
 # Relaunches by SkyPilot's controllers of a task this policy already shaped: the owner is the
 # one recorded then, not the controller's account.
 _RELAUNCH_REQUESTS = {"jobs.launch_cluster", "serve.launch_replica"}
@@ -71,7 +75,8 @@ def decide(request_name: str, has_request_options: bool) -> Decision:
     if request_name in _SESSION_REQUESTS:
         return Decision(kind=INTERACTIVE, check_cluster_name=True)
     if request_name in _CHECK_ONLY_REQUESTS:
-        return Decision(kind=None)
+        # `sky exec NAME`: NAME must be the user's own cluster too.
+        return Decision(kind=None, check_cluster_name=True)
     # `validate` / `optimize` ahead of a launch carry request options (and its cluster name);
     # ahead of a jobs launch or an exec they carry none.
     if has_request_options:
@@ -113,6 +118,8 @@ def shape_task_config(
     found: list[Violation] = []
     if decision.check:
         found = check_house_rules(shaped, config, user, volume_host_paths=volume_host_paths)
+    else:
+        found = sky_config_violations(lifted_config(shaped), config, user, where="config")
     if decision.check_cluster_name:
         bad = cluster_name_violation(cluster_name, user)
         if bad:
@@ -186,6 +193,11 @@ def mutate(user_request: Any, config: HostConfig) -> Any:
         cluster_name=getattr(options, "cluster_name", None) if options else None,
         has_request_options=options is not None,
         volume_host_paths=_volume_host_paths(original),
+    )
+    # The request's SkyPilot config: the server's merged with the client's `~/.sky/config.yaml`
+    # / `--config`, whose `kubernetes.pod_config` SkyPilot folds into every pod it creates.
+    violations += sky_config_violations(
+        dict(user_request.skypilot_config or {}), config, user, where="SkyPilot config"
     )
     if violations:
         raise _reject(rejection_text(violations, config))

@@ -282,18 +282,25 @@ def kueue_manifest(config: HostConfig) -> str:
 
 
 def tmpfiles(config: HostConfig) -> str:
-    """systemd-tmpfiles lines creating the roots with the modes `deskgpu doctor` expects."""
-    group = research_group(config)
-    ckpt_mode, ckpt_group = ("2775", group) if group else ("1777", "root")
+    """systemd-tmpfiles lines creating the roots with the modes the house rules rely on.
+
+    The checkpoint root is root-owned 0755: no researcher may create or replace an entry in
+    it, so nobody can plant `<root>/<user>` as a symlink. Jobs mount the root itself with
+    `subPath: <user>`; the kubelet creates a missing `<user>` directory (root-owned) and
+    refuses a subPath that resolves outside the root.
+    """
     lines = [
         _header(config).rstrip("\n"),
         "# /data: read-only in every job; researchers read it, the admin fills it.",
-        "# /checkpoints: each job writes <root>/<user>; survives every container.",
+        "# /checkpoints: root-owned and not group-writable, so no one can plant a symlink in it;",
+        "# each job writes <root>/<user> (mounted with subPath: <user>). The kubelet creates a",
+        "# user's directory on first use, root-owned; `install -d -o <user>` it beforehand to",
+        "# let the researcher manage the files from the host.",
         "# state dir: readable, so `deskgpu queue` shows everyone the reap notices in its history;",
         "# the audit log inside is created 0640.",
         "# Type Path Mode User Group Age",
         f"d {config.data_root} 0755 root root -",
-        f"d {config.checkpoint_root} {ckpt_mode} root {ckpt_group} -",
+        f"d {config.checkpoint_root} 0755 root root -",
         f"d {config.state_dir} 0755 root root -",
     ]
     return "\n".join(lines) + "\n"
