@@ -12,11 +12,13 @@ for 8 GPUs is 16,000 rows).
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 1
 KINDS = ("interactive", "batch")
+MAX_TS = 253402300799.0  # 9999-12-31T23:59:59Z: the last second `datetime` can print
 
 
 class EvidenceError(ValueError):
@@ -41,24 +43,56 @@ def parse_ts(value: Any, where: str) -> float | None:
     if isinstance(value, bool):
         raise EvidenceError(f"{where}: expected a time, got {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        ts = _finite(value, where)
+    elif isinstance(value, str):
         try:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.timezone.utc)
+            ts = parsed.timestamp()
+        except (ValueError, OverflowError):
             raise EvidenceError(f"{where}: not an ISO 8601 time: {value!r}") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=dt.timezone.utc)
-        return parsed.timestamp()
-    raise EvidenceError(f"{where}: expected a time, got {value!r}")
+    else:
+        raise EvidenceError(f"{where}: expected a time, got {value!r}")
+    if not 0 <= ts <= MAX_TS:  # before 1970 or past year 9999: no reading was taken then
+        raise EvidenceError(f"{where}: time out of range: {value!r}")
+    return ts
 
 
-def _num(value: Any, where: str) -> float | None:
+def _finite(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too big for a float
+        raise EvidenceError(f"{where}: number out of range: {value!r}") from None
+    if not math.isfinite(number):  # NaN compares false with every threshold: it would look idle
+        raise EvidenceError(f"{where}: expected a finite number, got {value!r}")
+    return number
+
+
+def _num(value: Any, where: str, *, negative: bool = False) -> float | None:
+    """A reading: a finite number (>= 0 unless `negative`), or null for "unknown"."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise EvidenceError(f"{where}: expected a number or null, got {value!r}")
-    return float(value)
+    number = _finite(value, where)
+    if number < 0 and not negative:
+        raise EvidenceError(f"{where}: expected a number >= 0 or null, got {value!r}")
+    return number
+
+
+def _row_ts(value: Any, row: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EvidenceError(f"{where}: ts is required Unix seconds, got {row!r}")
+    ts = parse_ts(value, where)
+    assert ts is not None  # a number, checked above
+    return ts
+
+
+def _index(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EvidenceError(f"{where}: expected an index >= 0, got {value!r}")
+    return value
 
 
 def _compact(value: float | None) -> float | int | None:
@@ -88,10 +122,8 @@ class GpuSample:
     def from_row(cls, row: Any, where: str) -> GpuSample:
         if not isinstance(row, list) or len(row) != 4:
             raise EvidenceError(f"{where}: expected [ts, gpu, util_pct, vram_mib], got {row!r}")
-        ts = _num(row[0], where)
-        gpu = row[1]
-        if ts is None or isinstance(gpu, bool) or not isinstance(gpu, int):
-            raise EvidenceError(f"{where}: ts and gpu are required numbers, got {row!r}")
+        ts = _row_ts(row[0], row, where)
+        gpu = _index(row[1], where)
         return cls(ts, gpu, _num(row[2], where), _num(row[3], where))
 
 
@@ -114,9 +146,7 @@ class ActivitySample:
     def from_row(cls, row: Any, where: str) -> ActivitySample:
         if not isinstance(row, list) or len(row) != 3:
             raise EvidenceError(f"{where}: expected [ts, ssh_sessions, cpu_pct], got {row!r}")
-        ts = _num(row[0], where)
-        if ts is None:
-            raise EvidenceError(f"{where}: ts is required, got {row!r}")
+        ts = _row_ts(row[0], row, where)
         ssh = _num(row[1], where)
         return cls(ts, None if ssh is None else int(ssh), _num(row[2], where))
 
@@ -187,9 +217,12 @@ class Session:
             counts[key] = value
         gpus = data.get("gpus") or []
         if not isinstance(gpus, list) or not all(
-            isinstance(g, int) and not isinstance(g, bool) for g in gpus
+            isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus
         ):
             raise EvidenceError(f"{where}.gpus: a list of GPU indices")
+        present = data.get("pod_present", True)
+        if not isinstance(present, bool):
+            raise EvidenceError(f"{where}.pod_present: true or false")
         gpu_rows = data.get("gpu_samples") or []
         act_rows = data.get("activity_samples") or []
         if not isinstance(gpu_rows, list) or not isinstance(act_rows, list):
@@ -207,7 +240,7 @@ class Session:
             jobs_pending=counts["jobs_pending"],
             ssh_attached=ssh,
             last_activity_at=parse_ts(data.get("last_activity_at"), f"{where}.last_activity_at"),
-            pod_present=bool(data.get("pod_present", True)),
+            pod_present=present,
             warned_at=parse_ts(data.get("warned_at"), f"{where}.warned_at"),
             gpu_samples=tuple(
                 GpuSample.from_row(r, f"{where}.gpu_samples[{i}]") for i, r in enumerate(gpu_rows)
@@ -221,7 +254,11 @@ class Session:
 
 @dataclass(frozen=True)
 class UnmanagedProcess:
-    """A host process holding VRAM outside any SkyPilot pod."""
+    """A host process holding VRAM outside any SkyPilot pod.
+
+    `uid` and `start_time` (/proc/<pid>/stat field 22, clock ticks after boot) identify the
+    process itself, not just its PID: a PID reused by another process has another start time.
+    """
 
     pid: int
     user: str
@@ -229,6 +266,10 @@ class UnmanagedProcess:
     gpu: int
     vram_mib: float | None = None
     util_pct: float | None = None  # its GPU's utilization when seen
+    process_type: str = "compute"  # NVML's: "compute" or "graphics" (a display server)
+    uid: int | None = None
+    start_time: int | None = None
+    kernel_thread: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -238,23 +279,37 @@ class UnmanagedProcess:
             "gpu": self.gpu,
             "vram_mib": _compact(self.vram_mib),
             "util_pct": _compact(self.util_pct),
+            "process_type": self.process_type,
+            "uid": self.uid,
+            "start_time": self.start_time,
+            "kernel_thread": self.kernel_thread,
         }
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> UnmanagedProcess:
         if not isinstance(data, dict):
             raise EvidenceError(f"{where}: expected a mapping")
-        pid, gpu = data.get("pid"), data.get("gpu")
-        for key, value in (("pid", pid), ("gpu", gpu)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise EvidenceError(f"{where}.{key}: required integer")
+        kind = data.get("process_type", "compute")
+        if kind not in ("compute", "graphics"):
+            raise EvidenceError(f"{where}.process_type: compute or graphics, got {kind!r}")
+        kthread = data.get("kernel_thread", False)
+        if not isinstance(kthread, bool):
+            raise EvidenceError(f"{where}.kernel_thread: true or false")
+        optional = {
+            key: None if data.get(key) is None else _index(data[key], f"{where}.{key}")
+            for key in ("uid", "start_time")
+        }
         return cls(
-            pid=int(pid),  # type: ignore[arg-type]  # checked just above
+            pid=_index(data.get("pid"), f"{where}.pid"),
             user=str(data.get("user") or "?"),
             command=str(data.get("command") or "?"),
-            gpu=int(gpu),  # type: ignore[arg-type]  # checked just above
+            gpu=_index(data.get("gpu"), f"{where}.gpu"),
             vram_mib=_num(data.get("vram_mib"), f"{where}.vram_mib"),
             util_pct=_num(data.get("util_pct"), f"{where}.util_pct"),
+            process_type=kind,
+            uid=optional["uid"],
+            start_time=optional["start_time"],
+            kernel_thread=kthread,
         )
 
 
@@ -301,6 +356,8 @@ class Evidence:
         notes = data.get("notes") or []
         if not isinstance(sessions, list) or not isinstance(unmanaged, list):
             raise EvidenceError("evidence: sessions and unmanaged must be lists")
+        if not isinstance(notes, list):
+            raise EvidenceError("evidence.notes: expected a list of lines")
         return cls(
             collected_at=collected,
             sessions=tuple(Session.from_dict(s, f"sessions[{i}]") for i, s in enumerate(sessions)),
