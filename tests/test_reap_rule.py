@@ -35,6 +35,14 @@ def test_corpus_has_every_scenario_the_issue_names() -> None:
         "protected_session",
         "unmanaged_host_process",
         "pod_vanished_mid_run",
+        # review findings: each a way the rule once reaped what it must not
+        "stale_warning_history_pruned",
+        "warning_before_relaunch",
+        "cpu_unknown_after_first_look",
+        "cpu_unknown_only_at_first_look",
+        "ssh_state_unknown_now",
+        "gpu_missing_from_observations",
+        "unmanaged_not_kill_candidates",
     } <= set(SCENARIOS)
 
 
@@ -79,6 +87,25 @@ def test_host_config_allowlist_protects_by_cluster_and_by_user() -> None:
     for entry in ("alice-debug", "user:alice"):
         (decision,) = decide(evidence, ReapSettings(protected=(entry,)))
         assert decision.action is Action.PROTECTED, decision.summary
+
+
+def test_protected_user_with_a_dot_matches_its_safe_user_label() -> None:
+    """`user:john.smith` must protect the sessions labelled `safe_user("john.smith")`."""
+    from deskgpu.identity import safe_user
+    from deskgpu.reap.rule import unmatched_protected
+
+    _, evidence = load("long_idle_debug_session")
+    session = Session(**{**evidence.sessions[0].__dict__, "owner": safe_user("john.smith")})
+    dotted = Evidence(**{**evidence.__dict__, "sessions": (session,)})
+    (decision,) = decide(dotted, ReapSettings(protected=("user:john.smith",)))
+    assert decision.action is Action.PROTECTED, decision.summary
+    (decision,) = decide(dotted, ReapSettings(protected=("user:John_Smith",)))
+    assert decision.action is Action.REAP  # another account: no match
+    notes = unmatched_protected(dotted, ("user:john.smith", "user:nobody", "old-cluster"))
+    assert notes == [
+        "protected entry 'user:nobody' matches no session or process seen now",
+        "protected entry 'old-cluster' matches no session or process seen now",
+    ]
 
 
 def test_grace_not_over_yet_stays_a_warning() -> None:
@@ -127,16 +154,24 @@ def idle_looking_sessions(draw: st.DrawFn) -> Session:
     gpus = draw(st.lists(st.integers(0, 7), min_size=1, max_size=3, unique=True))
     busy_at = draw(st.sets(st.integers(0, max(0, n - 1)), max_size=draw(st.sampled_from([0, 3]))))
     ssh_at = draw(st.sets(st.integers(0, max(0, n - 1)), max_size=draw(st.sampled_from([0, 2]))))
+    cpu_unknown_at = draw(
+        st.sets(st.integers(0, max(0, n - 1)), max_size=draw(st.sampled_from([0, 2])))
+    )
+    gpu_missing_at = draw(
+        st.sets(st.integers(0, max(0, n - 1)), max_size=draw(st.sampled_from([0, 2])))
+    )
     util_hi = draw(st.floats(min_value=0, max_value=100))
     util_lo = draw(st.sampled_from([0.0, 1.0, 4.9]))
     g: list[GpuSample] = []
     a: list[ActivitySample] = []
     for i in range(n):
         ts = NOW - i * STEP
-        for gpu in gpus:
+        for k, gpu in enumerate(gpus):
+            if i in gpu_missing_at and k == len(gpus) - 1:
+                continue  # this observation did not read the session's last GPU
             util = util_hi if i in busy_at else util_lo
             g.append(GpuSample(ts, gpu, util, 20000.0))
-        a.append(ActivitySample(ts, 1 if i in ssh_at else 0, 0.0))
+        a.append(ActivitySample(ts, 1 if i in ssh_at else 0, None if i in cpu_unknown_at else 0.0))
     return Session(
         cluster="u-s",
         owner="u",
@@ -146,7 +181,7 @@ def idle_looking_sessions(draw: st.DrawFn) -> Session:
         vram_mib=20000.0 * len(gpus),
         jobs_running=draw(st.sampled_from([0, 0, 0, 1, 2])),
         jobs_pending=draw(st.sampled_from([0, 0, 0, 1])),
-        ssh_attached=draw(st.sampled_from([False, False, False, True])),
+        ssh_attached=draw(st.sampled_from([False, False, False, True, None])),
         warned_at=draw(st.one_of(st.none(), st.floats(NOW - 10 * 86400, NOW))),
         gpu_samples=tuple(g),
         activity_samples=tuple(a),
@@ -193,6 +228,29 @@ def test_never_reaps_after_a_busy_sample_in_the_window(session: Session, th: Rea
 
 @settings(max_examples=200, deadline=None)
 @given(idle_looking_sessions(), thresholds)
+def test_never_reaps_on_unknown_signals(session: Session, th: ReapSettings) -> None:
+    """Unknown never counts as idle: SSH now, a GPU missing from an observation, or CPU
+    unknown after the session's first look, anywhere in the idle window."""
+    window_start = NOW - th.idle_window_s
+    first = min(a.ts for a in session.activity_samples)
+    unknown = session.ssh_attached is None or any(
+        a.cpu_pct is None and a.ts != first and a.ts >= window_start
+        for a in session.activity_samples
+    )
+    seen: dict[float, set[int]] = {}
+    for g in session.gpu_samples:
+        seen.setdefault(g.ts, set()).add(g.gpu)
+    unknown |= any(
+        not set(session.gpus) <= seen.get(a.ts, set())
+        for a in session.activity_samples
+        if a.ts >= window_start
+    )
+    if unknown:
+        assert not decide_session(session, th, NOW).action.is_zombie
+
+
+@settings(max_examples=200, deadline=None)
+@given(idle_looking_sessions(), thresholds)
 def test_never_reaps_a_young_session(session: Session, th: ReapSettings) -> None:
     assert session.created_at is not None
     if NOW - session.created_at < th.min_age_s:
@@ -207,7 +265,10 @@ def test_chosen_means_every_signal_agrees(session: Session, th: ReapSettings) ->
     if decision.action is Action.REAP:
         assert decision.warned_at is not None and NOW - decision.warned_at >= th.grace_s
         assert decision.idle_since is not None and NOW - decision.idle_since >= th.idle_window_s
-        assert not session.jobs_running and not session.ssh_attached
+        assert not session.jobs_running and session.ssh_attached is False
+        # the warning was given within the idle stretch the evidence shows, to this session
+        assert decision.warned_at >= decision.idle_since
+        assert session.created_at is not None and decision.warned_at >= session.created_at
 
 
 @settings(max_examples=200, deadline=None)
@@ -219,7 +280,7 @@ def test_batch_sessions_are_never_zombies(session: Session) -> None:
 
 def test_properties_do_reach_reap() -> None:
     """Guard against vacuous properties: the generator can produce a reapable session."""
-    n = int(8 * 3600 // STEP) + 1
+    n = int(3 * 86400 // STEP) + 1  # the history reaches back past the warning
     session = Session(
         cluster="u-s",
         owner="u",

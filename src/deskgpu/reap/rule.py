@@ -19,11 +19,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from deskgpu.identity import safe_user
 from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess, iso
 from deskgpu.reap.settings import ReapSettings
 from deskgpu.units import format_duration, format_mib
 
 KEEP_LABEL = "deskgpu.io/keep"  # == deskgpu.expand.LABEL_KEEP (not imported: expand is heavy)
+# Display servers and compositors: they hold VRAM for the screen, and killing one logs
+# everyone at the console out. NVML reports most as "graphics" processes; these names
+# catch the ones it reports as compute (or when the type was not recorded).
+GRAPHICS_COMMANDS = frozenset(
+    {
+        "Xorg", "X", "Xwayland", "gnome-shell", "kwin_x11", "kwin_wayland", "plasmashell",
+        "sddm-greeter", "gdm-x-session", "mutter", "weston", "sway", "cinnamon", "compiz",
+    }
+)  # fmt: skip
 
 
 class Action(str, enum.Enum):
@@ -55,6 +65,8 @@ class Decision:
     reap_after: float | None = None  # when the grace period ends
     pid: int | None = None
     command: str | None = None
+    proc_uid: int | None = None  # the process's identity when seen (see UnmanagedProcess)
+    proc_start_time: int | None = None
 
     @property
     def summary(self) -> str:
@@ -77,6 +89,8 @@ class Decision:
         if self.pid is not None:
             out["pid"] = self.pid
             out["command"] = self.command
+            out["uid"] = self.proc_uid
+            out["start_time"] = self.proc_start_time
         return out
 
 
@@ -102,6 +116,17 @@ def decide(evidence: Evidence, settings: ReapSettings, now: float | None = None)
     return decisions
 
 
+def protected_users(allow: tuple[str, ...]) -> dict[str, str]:
+    """`user:<name>` entries: each name and its `safe_user` form (what owner labels carry)."""
+    out: dict[str, str] = {}
+    for entry in allow:
+        if entry.startswith("user:") and entry[5:]:
+            name = entry[5:]
+            out[name] = entry
+            out[safe_user(name)] = entry
+    return out
+
+
 def protected_by(
     owner: str, cluster: str | None, labels: dict[str, str], allow: tuple[str, ...]
 ) -> str | None:
@@ -109,9 +134,26 @@ def protected_by(
         return f"`keep: true` in its job spec (label {KEEP_LABEL})"
     if cluster is not None and cluster in allow:
         return "listed in the host config's `protected`"
-    if f"user:{owner}" in allow:
-        return f"user {owner} is listed in the host config's `protected`"
+    entry = protected_users(allow).get(owner)
+    if entry is not None:
+        return f"user {owner} is listed in the host config's `protected` ({entry})"
     return None
+
+
+def unmatched_protected(evidence: Evidence, allow: tuple[str, ...]) -> list[str]:
+    """Notes for `protected` entries that match no session or process seen: likely a typo."""
+    clusters = {s.cluster for s in evidence.sessions}
+    owners = {s.owner for s in evidence.sessions} | {p.user for p in evidence.unmanaged}
+    notes = []
+    for entry in allow:
+        if entry.startswith("user:"):
+            name = entry[5:]
+            hit = bool({name, safe_user(name)} & owners)
+        else:
+            hit = entry in clusters
+        if not hit:
+            notes.append(f"protected entry {entry!r} matches no session or process seen now")
+    return notes
 
 
 def idle_run(session: Session, settings: ReapSettings, now: float, *, interactive: bool) -> IdleRun:
@@ -135,6 +177,10 @@ def idle_run(session: Session, settings: ReapSettings, now: float, *, interactiv
         return IdleRun(None, f"no observation since {when(newest)}")
     threshold = settings.util_threshold_pct
     busy = settings.cpu_busy_pct
+    held = set(session.gpus)
+    # CPU % is a rate: the session's first observation has no earlier reading to compare
+    # with, so its unknown CPU is forgiven. Any later unknown CPU ends the stretch.
+    first_look = min(activity, default=float("-inf"))
     since: float | None = None
     peak = 0.0
     previous: float | None = None
@@ -145,6 +191,7 @@ def idle_run(session: Session, settings: ReapSettings, now: float, *, interactiv
             return IdleRun(since, f"no GPU reading at {when(newest_bare)}", peak)
         if previous is not None and previous - ts > gap:
             return IdleRun(since, f"no observations from {when(ts)} to {when(previous)}", peak)
+        seen_gpus: set[int] = set()
         while i >= 0 and rows[i].ts == ts:
             row = rows[i]
             util = row.util_pct
@@ -154,7 +201,12 @@ def idle_run(session: Session, settings: ReapSettings, now: float, *, interactiv
                 return IdleRun(since, f"{util:.0f}% GPU on GPU {row.gpu} at {when(ts)}", peak)
             if util > peak:
                 peak = util
+            seen_gpus.add(row.gpu)
             i -= 1
+        missing = held - seen_gpus
+        if missing:
+            which = ",".join(map(str, sorted(missing)))
+            return IdleRun(since, f"no reading of GPU {which} at {when(ts)}", peak)
         seen = activity.get(ts)
         if interactive:
             if seen is None or seen.ssh_sessions is None:
@@ -162,8 +214,11 @@ def idle_run(session: Session, settings: ReapSettings, now: float, *, interactiv
             if seen.ssh_sessions > 0:
                 return IdleRun(since, f"SSH/IDE attached at {when(ts)}", peak)
         cpu = seen.cpu_pct if seen is not None else None
-        if busy is not None and cpu is not None and cpu >= busy:
-            return IdleRun(since, f"CPU busy ({cpu:.0f}% of a core) at {when(ts)}", peak)
+        if busy is not None:
+            if cpu is None and ts != first_look:
+                return IdleRun(since, f"CPU use unknown at {when(ts)}", peak)
+            if cpu is not None and cpu >= busy:
+                return IdleRun(since, f"CPU busy ({cpu:.0f}% of a core) at {when(ts)}", peak)
         since = ts
         previous = ts
     return IdleRun(since, None, peak)
@@ -220,6 +275,8 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
         blockers.append(f"{session.jobs_pending} pending job(s)")
     if session.ssh_attached:
         blockers.append("an SSH/IDE session is attached now")
+    elif session.ssh_attached is None:
+        blockers.append("SSH/IDE state unknown now")
     if session.created_at is None:
         blockers.append("age unknown")
     elif now - session.created_at < settings.min_age_s:
@@ -265,11 +322,15 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
         ssh,
         "no running job",
     ]
-    # A warning counts only if it was given during this idle stretch; one from an earlier
-    # stretch (the owner came back in between) is stale. If the stretch reaches back to
-    # the start of the history, nothing contradicts an older warning.
+    # A warning counts only if the evidence shows the session idle ever since it was given.
+    # One older than the idle stretch is stale: the owner came back in between, or the
+    # history no longer reaches back to it (pruned: nobody can say what happened since), or
+    # it was given to an earlier session of the same name. Stale means a fresh notice.
     warned = session.warned_at
-    if warned is not None and run.stopped_by is not None and warned < since:
+    if warned is not None and (
+        warned < since or (session.created_at is not None and warned < session.created_at)
+    ):
+        facts.append(f"the notice of {when(warned)} predates this idle stretch")
         warned = None
     grace = settings.grace_s
     if warned is None:
@@ -331,15 +392,33 @@ def _decide_batch(
     return make(Action.KEEP, reasons, idle_since=since)
 
 
+def _not_a_target(proc: UnmanagedProcess, settings: ReapSettings) -> str | None:
+    """Why an unmanaged process is never a kill candidate, if it is not."""
+    if proc.pid <= 1:
+        return f"PID {proc.pid} is init: never killed"
+    program = proc.command.split(" ", 1)[0].rsplit("/", 1)[-1] if proc.command else ""
+    if proc.kernel_thread or program in ("", "?") or proc.command.startswith("["):
+        return "a kernel thread or a process with no command line: never killed"
+    if proc.process_type == "graphics" or program in GRAPHICS_COMMANDS:
+        return f"a graphics process ({program or proc.process_type}): never killed"
+    if proc.vram_mib is None:
+        return "VRAM held unknown"
+    if proc.vram_mib < settings.min_vram_mib:
+        return f"holds only {format_mib(proc.vram_mib)} (under {format_mib(settings.min_vram_mib)})"
+    return None
+
+
 def decide_unmanaged(proc: UnmanagedProcess, settings: ReapSettings) -> Decision:
     held = f"PID {proc.pid} of {proc.user} holds {format_mib(proc.vram_mib)} on GPU {proc.gpu}"
     shield = protected_by(proc.user, None, {}, settings.protected)
-    action = Action.PROTECTED if shield else Action.REPORT_UNMANAGED
-    reasons = (
-        (f"protected: {shield}", held)
-        if shield
-        else (held, f"command: {proc.command}", "outside any SkyPilot pod")
-    )
+    spared = None if shield else _not_a_target(proc, settings)
+    action = Action.PROTECTED if shield else Action.KEEP if spared else Action.REPORT_UNMANAGED
+    if shield:
+        reasons: tuple[str, ...] = (f"protected: {shield}", held)
+    elif spared:
+        reasons = (held, f"command: {proc.command}", spared)
+    else:
+        reasons = (held, f"command: {proc.command}", "outside any SkyPilot pod")
     return Decision(
         subject=f"pid:{proc.pid}",
         action=action,
@@ -350,4 +429,6 @@ def decide_unmanaged(proc: UnmanagedProcess, settings: ReapSettings) -> Decision
         gpus=(proc.gpu,),
         pid=proc.pid,
         command=proc.command,
+        proc_uid=proc.uid,
+        proc_start_time=proc.start_time,
     )
