@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ class Box:
         self.downs.append(name)
 
     def live(self) -> run.Live:
-        return run.Live(
+        return run.Live(  # utilization() reads the scripted snapshot
             snapshot=self.snapshot,
             pods=lambda: None,
             cluster_jobs=lambda name, _c: self.jobs.get(name, (0, 0)),
@@ -257,10 +258,54 @@ def test_non_root_may_reap_only_their_own(box: Box, tmp_path: Path) -> None:
     assert box.downs == ["bob-nb"]
     skipped = next(o for o in result.outcomes if o.subject == "alice-dbg")
     assert skipped.did == "skipped" and "needs root or the admin group" in skipped.message
-    admin = Actor("carol", 1003, frozenset({"gpuadmin"}))
-    config2 = HostConfig(**{**config.__dict__, "admin_group": "gpuadmin"})
-    run.reap(config2, settings, yes=True, actor=admin, live=box.live())
-    assert "alice-dbg" in box.downs
+
+
+def test_admin_group_counts_only_from_the_root_owned_system_config(
+    box: Box, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-root user picks their own config: naming their own group as `admin_group`
+    (with tiny thresholds) must not let them reap others' sessions."""
+    from deskgpu.reap import act
+
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    system = tmp_path / "etc-config.yaml"
+    system.write_text("admin_group: gpuadmin\n")
+    carol = Actor("carol", 1003, frozenset({"gpuadmin"}))
+    monkeypatch.setattr(act, "SYSTEM_CONFIG", system)
+    mine = tmp_path / "carol.yaml"
+    mine.write_text("admin_group: gpuadmin\n")
+    # her own config file: the group does not count, whoever owns the file
+    monkeypatch.setattr(act, "root_owned", lambda _p: True)
+    untrusted = HostConfig(**{**config.__dict__, "admin_group": "gpuadmin", "source": str(mine)})
+    result = run.reap(untrusted, settings, yes=True, actor=carol, live=box.live())
+    assert box.downs == []
+    assert all(o.did == "skipped" for o in result.outcomes)
+    assert "counts only from the root-owned" in result.outcomes[0].message
+    # the system config, but writable by her (not root-owned): does not count either
+    monkeypatch.setattr(act, "root_owned", lambda _p: False)
+    trusted = HostConfig(**{**config.__dict__, "admin_group": "gpuadmin", "source": str(system)})
+    run.reap(trusted, settings, yes=True, actor=carol, live=box.live())
+    assert box.downs == []
+    # the root-owned system config: she is an admin
+    monkeypatch.setattr(act, "root_owned", lambda _p: True)
+    run.reap(trusted, settings, yes=True, actor=carol, live=box.live())
+    assert box.downs == ["alice-dbg", "bob-nb"]
+
+
+def test_owner_name_shared_by_two_accounts_is_refused() -> None:
+    from deskgpu.identity import safe_user
+    from deskgpu.reap.act import may_act_on
+
+    john = Actor("john.smith", 1010, frozenset())
+    label = safe_user("john.smith")
+    assert may_act_on(john, label, None, ["john.smith", "john_smith", "alice"]) is None
+    other = Actor("john_smith", 1011, frozenset())
+    assert may_act_on(other, label, None, ["john.smith", "john_smith"]) is not None
+    # an account literally named like another's label: ambiguous, refused
+    refused = may_act_on(john, label, None, ["john.smith", label])
+    assert refused is not None and "also matches account" in refused
 
 
 def test_no_history_samples_live_and_says_evidence_is_short(box: Box, tmp_path: Path) -> None:
@@ -364,3 +409,210 @@ def test_reap_cli_live_path(box: Box, tmp_path: Path, cli, monkeypatch: pytest.M
     observed = cli("observe", "--config", str(cfg_file), "--json")
     assert observed.exit_code == 0, observed.stderr
     assert json.loads(observed.stdout)["sessions"] == 2
+
+
+def _history_rows(path: Path) -> tuple[int, int]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        gpu = db.execute("SELECT COUNT(*) FROM gpu_samples").fetchone()[0]
+        act = db.execute("SELECT COUNT(*) FROM activity_samples").fetchone()[0]
+        return gpu, act
+    finally:
+        db.close()
+
+
+def test_dry_run_writes_no_shared_state(box: Box, tmp_path: Path) -> None:
+    """A dry run (any user, any time) adds no history rows, audit lines, evidence files or
+    notices, and so cannot rotate away the evidence of real runs."""
+    config = make_config(tmp_path, warn_on_observe=False)
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    box.advance(60)
+    before = _history_rows(settings.history_file)
+    audit_before = settings.audit_file.read_text() if settings.audit_file.exists() else ""
+    result = run.reap(config, settings, yes=False, actor=ROOT, live=box.live())
+    assert result.zombies and result.exit_status == ExitStatus.FOUND
+    assert result.evidence_file is None
+    assert _history_rows(settings.history_file) == before
+    assert not settings.evidence_dir.exists()
+    assert (settings.audit_file.read_text() if settings.audit_file.exists() else "") == audit_before
+    with open_history(settings.history_file) as h:
+        assert h.notices() == []
+    # ... yet it decided from this moment's readings too, like a --yes run would
+    newest = max(g.ts for g in result.evidence.sessions[0].gpu_samples)
+    assert newest == box.now
+
+
+def test_failing_action_is_audited_and_the_others_continue(
+    box: Box, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history failing inside one action (a locked database) once made the context
+    manager yield twice: an internal error, the remaining actions abandoned, no audit line."""
+    import sqlite3
+
+    from deskgpu.reap import history
+
+    config = make_config(tmp_path, warn_on_observe=False)
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    calls: list[str] = []
+
+    def locked(self: history.History, notice: history.Notice) -> None:
+        calls.append(notice.cluster)
+        if notice.cluster == "alice-dbg":
+            raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(history.History, "record_notice", locked)
+    result = run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+    assert calls == ["alice-dbg", "bob-nb"]
+    assert [(o.subject, o.did) for o in result.outcomes] == [
+        ("alice-dbg", "failed"),
+        ("bob-nb", "warned"),
+    ]
+    assert result.exit_status == ExitStatus.OUTSIDE_FAILURE
+    lines = [json.loads(x) for x in settings.audit_file.read_text().splitlines()]
+    actions = [(x["subject"], x["did"]) for x in lines if x["event"] == "action"]
+    assert ("alice-dbg", "failed") in actions and ("bob-nb", "warned") in actions
+
+
+def test_owner_back_just_before_teardown_is_skipped(box: Box, tmp_path: Path) -> None:
+    """The evidence is minutes old by the second `sky down`: bob attached meanwhile."""
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    real_down = box.down
+
+    def slow_down(name: str, cfg: HostConfig) -> None:
+        real_down(name, cfg)
+        box.ssh["bob-nb"] = 1  # bob logs in while alice's session goes down
+        box._write_proc()
+
+    box.down = slow_down  # type: ignore[method-assign]
+    result = run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+    assert box.downs == ["alice-dbg"]
+    bob = next(o for o in result.outcomes if o.subject == "bob-nb")
+    assert bob.did == "skipped" and "SSH/IDE session attached just now" in bob.message
+    assert result.exit_status == ExitStatus.OK
+    # GPU work started just before the teardown keeps it too (one NVML read per teardown)
+    box.ssh["bob-nb"] = 0
+    live = box.live()
+    live.gpu_util = lambda: {0: 0.0, 1: 90.0}
+    result = run.reap(config, settings, yes=True, actor=ROOT, live=live)
+    bob = next(o for o in result.outcomes if o.subject == "bob-nb")
+    assert bob.did == "skipped" and "90% GPU on GPU 1 just now" in bob.message
+    assert box.downs == ["alice-dbg"]
+
+
+def test_failed_notify_hook_starts_no_grace_period(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path, warn_on_observe=False)
+    config.reap["notify_command"] = [sys.executable, "-c", "raise SystemExit(4)"]
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    result = run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+    assert {o.did for o in result.outcomes} == {"failed"}
+    assert "grace not started" in result.outcomes[0].message
+    assert result.exit_status == ExitStatus.OUTSIDE_FAILURE
+    with open_history(settings.history_file) as h:
+        assert h.notices() == []
+
+
+def test_observe_gives_no_notice_it_cannot_audit(box: Box, tmp_path: Path) -> None:
+    audit_dir = tmp_path / "audit-is-a-dir"
+    audit_dir.mkdir()
+    config = make_config(tmp_path, audit_log=str(audit_dir))
+    settings = load_settings(config)
+    results = observe_for(box, config, 2 * 3600)
+    assert not any(r.warned for r in results)
+    assert any("no notice given" in n for r in results for n in r.notes)
+    assert not (tmp_path / "notices.jsonl").exists()  # the hook never ran
+    with open_history(settings.history_file) as h:
+        assert h.notices() == []
+
+
+def test_stale_notice_is_not_counted_when_the_history_no_longer_covers_it(
+    box: Box, tmp_path: Path
+) -> None:
+    """probe A, part B: warned in week 1; the owner worked, then idled; retention pruned the
+    work. The week-1 notice must not count (before: reaped at once), and observe clears it
+    even with warn_on_observe off."""
+    config = make_config(tmp_path, warn_on_observe=False, retention="3h")
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    first = run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+    assert {o.did for o in first.outcomes} == {"warned"}
+    box.advance(STEP)
+    box.ssh["alice-dbg"] = 1
+    box.util["alice-dbg"] = 80
+    results = observe_for(box, config, 2 * 3600)  # alice works for 2h
+    assert any("alice-dbg" in r.cleared for r in results)
+    box.ssh["alice-dbg"] = 0
+    box.util["alice-dbg"] = 0
+    box.advance(STEP)
+    observe_for(box, config, 4 * 3600)  # idle 4h; the 3h retention prunes her work
+    second = run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+    alice = next(d for d in second.decisions if d.subject == "alice-dbg")
+    assert alice.action is Action.WARN, alice.summary
+    assert "alice-dbg" not in box.downs
+
+
+def test_unreadable_pod_cpu_is_a_note_and_never_idle(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    scripted = box.live
+
+    def unreadable_cgroups() -> run.Live:
+        return replace(scripted(), cgroup_root=tmp_path / "no-cgroup")
+
+    box.live = unreadable_cgroups  # type: ignore[method-assign]
+    results = observe_for(box, config, 3 * 3600)
+    assert any("CPU use is unreadable" in n for r in results for n in r.notes)
+    assert not any(r.warned for r in results)
+    result = run.reap(config, settings, yes=False, actor=ROOT, live=box.live())
+    assert not result.zombies
+    alice = next(d for d in result.decisions if d.subject == "alice-dbg")
+    assert "CPU use unknown" in alice.summary
+
+
+def test_kill_never_signals_a_process_that_took_the_pid_over(tmp_path: Path) -> None:
+    """probe F: the PID is reused during the SIGTERM wait by a process with the same
+    command line; it must not get the SIGKILL."""
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    (proc / "4242" / "cmdline").write_bytes(b"python\0train.py\0")
+
+    def start(ticks: int) -> None:
+        (proc / "4242" / "stat").write_text(
+            f"4242 (python) S 1 4242 4242 0 -1 4194304 {' '.join(['0'] * 12)} {ticks} 0 0\n"
+        )
+
+    start(1000)
+    sent: list[tuple[int, int]] = []
+
+    def send(pid: int, sig: int) -> None:
+        sent.append((pid, sig))
+        start(2000)  # the process exits; a new one with the same command takes the PID
+
+    decision = Decision(
+        subject="pid:4242",
+        action=Action.REPORT_UNMANAGED,
+        owner="ivan",
+        kind="unmanaged",
+        reasons=(),
+        pid=4242,
+        command="python train.py",
+        proc_start_time=1000,
+    )
+    outcome = kill_unmanaged(decision, ROOT, 0.3, proc, send=send)
+    assert sent == [(4242, 15)]  # SIGTERM only
+    assert outcome.did == "killed" and "exited after SIGTERM" in outcome.message
+    # seen with another start time: the PID is someone else's by now; nothing is sent
+    sent.clear()
+    outcome = kill_unmanaged(decision, ROOT, 0.3, proc, send=send)
+    assert sent == [] and outcome.did == "skipped" and "different process" in outcome.message
+    # no command line known: cannot tell it is the same process
+    blind = Decision(**{**decision.__dict__, "command": None, "proc_start_time": None})
+    assert kill_unmanaged(blind, ROOT, 0.3, proc, send=send).did == "skipped"
+    init = Decision(**{**decision.__dict__, "pid": 1, "subject": "pid:1"})
+    assert kill_unmanaged(init, ROOT, 0.3, proc, send=send).did == "skipped" and sent == []

@@ -1,7 +1,10 @@
 """The only place reap changes anything: notices, `sky down`, and killing unmanaged PIDs.
 
-Who may act: root or a member of the host config's `admin_group` on any session; anyone
-else only on sessions they own. Unmanaged processes: root only, and only on request.
+Who may act: root or a member of the `admin_group` on any session; anyone else only on
+sessions they own. A non-root user chooses their config (`--config`, `DESKGPU_CONFIG`), so
+`admin_group` counts only when it comes from the root-owned system config: otherwise a user
+could name their own group, and tiny thresholds, and reap everyone. Unmanaged processes:
+root only, and only on request.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import pwd
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from deskgpu.config import HostConfig
+from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.errors import OutsideError
 from deskgpu.identity import safe_user
 from deskgpu.reap.rule import Decision, when
@@ -53,10 +56,54 @@ def current_actor() -> Actor:
     return Actor(user, uid, frozenset(names))
 
 
-def may_act_on(actor: Actor, owner: str, admin_group: str | None) -> bool:
+def root_owned(path: Path) -> bool:
+    """The file and its directory belong to root and only root may write them."""
+    try:
+        for p in (path, path.parent):
+            st = p.stat()
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def trusted_admin_group(config: HostConfig, system: Path | None = None) -> str | None:
+    """`admin_group`, if this config is the root-owned system config; else None."""
+    system = SYSTEM_CONFIG if system is None else system
+    if config.admin_group is None or config.source == "built-in defaults":
+        return None
+    try:
+        same = Path(config.source).resolve() == system.resolve()
+    except (OSError, RuntimeError):
+        return None
+    return config.admin_group if same and root_owned(system) else None
+
+
+def passwd_names() -> list[str]:
+    try:
+        return [p.pw_name for p in pwd.getpwall()]
+    except OSError:  # pragma: no cover - an unreadable passwd database
+        return []
+
+
+def may_act_on(
+    actor: Actor, owner: str, admin_group: str | None, users: Iterable[str] = ()
+) -> str | None:
+    """None if `actor` may warn or tear down `owner`'s session, else why not.
+
+    `admin_group` must be a trusted one (`trusted_admin_group`). Owners are labelled with
+    `safe_user(<unix user>)`; an owner name that another account (in `users`) also
+    matches is refused rather than guessed.
+    """
     if actor.is_root or (admin_group is not None and admin_group in actor.groups):
-        return True
-    return owner in (actor.user, safe_user(actor.user))
+        return None
+    if owner not in (actor.user, safe_user(actor.user)):
+        return f"owned by {owner}: needs root or the admin group"
+    others = sorted(u for u in users if u != actor.user and owner in (u, safe_user(u)))
+    if others:
+        return f"owner name {owner} also matches account {others[0]}: needs root or the admin group"
+    return None
 
 
 @dataclass(frozen=True)
@@ -140,42 +187,105 @@ def kill_unmanaged(
     actor: Actor,
     timeout_s: float,
     proc_root: Path = PROC,
-    send: Callable[[int, int], None] = os.kill,
+    send: Callable[[int, int], None] | None = None,
 ) -> Outcome:
-    """SIGTERM, then SIGKILL after `timeout_s`; root only; checks the PID is the same process."""
+    """SIGTERM, then SIGKILL after `timeout_s`; root only; only ever the very process seen.
+
+    A PID is a name that the kernel reuses: before each signal the process must still have
+    the command line, owner and start time (/proc/<pid>/stat field 22) it had when seen.
+    Where the kernel has pidfds (Linux 5.3+), the signals go through one, so they cannot
+    reach a process that took the PID over in between. `send` replaces `os.kill` in tests.
+    """
     pid = decision.pid
     subject = decision.subject
     if pid is None:
         return Outcome(subject, "skipped", True, "no PID")
     if not actor.is_root:
         return Outcome(subject, "skipped", False, "killing unmanaged processes needs root")
-    now_cmd = _cmdline(proc_root, pid)
-    if now_cmd is None:
-        return Outcome(subject, "skipped", True, "already exited")
-    if decision.command and now_cmd[:200] != decision.command[:200]:  # snapshots cut at 200
+    if pid <= 1:
+        return Outcome(subject, "skipped", False, f"PID {pid} is never killed")
+    if not decision.command or decision.command == "?":
         return Outcome(
-            subject, "skipped", False, f"PID {pid} is now a different process ({now_cmd[:60]})"
+            subject, "skipped", False, "command line unknown: cannot tell it is the same process"
         )
+    seen = identity(proc_root, pid)
+    if seen is None:
+        return Outcome(subject, "skipped", True, "already exited")
+    command, uid, started = seen
+    if command[:200] != decision.command[:200]:  # snapshots cut at 200
+        return Outcome(
+            subject, "skipped", False, f"PID {pid} is now a different process ({command[:60]})"
+        )
+    if (decision.proc_uid is not None and uid != decision.proc_uid) or (
+        decision.proc_start_time is not None and started != decision.proc_start_time
+    ):
+        return Outcome(
+            subject,
+            "skipped",
+            False,
+            f"PID {pid} is now a different process (owner or start time changed)",
+        )
+    pidfd: int | None = None
+    if send is None and hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return Outcome(subject, "skipped", True, "already exited")
+        except OSError:
+            pidfd = None  # e.g. a kernel without pidfds: fall back to checked kill()
     try:
-        send(pid, signal.SIGTERM)
+        if not _signal(proc_root, pid, seen, signal.SIGTERM, pidfd, send):
+            return Outcome(subject, "skipped", True, "already exited")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if _cmdline(proc_root, pid) is None:
+            if identity(proc_root, pid) != seen:
                 return Outcome(subject, "killed", True, "exited after SIGTERM")
             time.sleep(0.1)
-        send(pid, signal.SIGKILL)
+        if not _signal(proc_root, pid, seen, signal.SIGKILL, pidfd, send):
+            return Outcome(subject, "killed", True, "exited after SIGTERM")
     except ProcessLookupError:
         return Outcome(subject, "killed", True, "exited after SIGTERM")
     except PermissionError as exc:
         return Outcome(subject, "failed", False, f"cannot signal PID {pid}: {exc.strerror}")
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     return Outcome(subject, "killed", True, f"SIGKILL after {timeout_s:g} s")
 
 
-def _cmdline(proc_root: Path, pid: int) -> str | None:
-    """The process's command line; None when gone (or a zombie with an empty cmdline)."""
+def _signal(
+    proc_root: Path,
+    pid: int,
+    seen: tuple[str, int, int],
+    sig: int,
+    pidfd: int | None,
+    send: Callable[[int, int], None] | None,
+) -> bool:
+    """Send `sig` if `pid` is still the process `seen`; False when it is not (it exited)."""
+    if identity(proc_root, pid) != seen:
+        return False
+    if pidfd is not None:
+        signal.pidfd_send_signal(pidfd, sig)
+    else:
+        (send or os.kill)(pid, sig)
+    return True
+
+
+def identity(proc_root: Path, pid: int) -> tuple[str, int, int] | None:
+    """(command line, owner uid, start time in clock ticks); None when gone or a zombie."""
+    base = proc_root / str(pid)
     try:
-        raw = (proc_root / str(pid) / "cmdline").read_bytes()
+        uid = base.stat().st_uid
+        raw = (base / "cmdline").read_bytes()
+        stat = (base / "stat").read_text()
     except OSError:
         return None
+    fields = stat.rsplit(")", 1)[-1].split()  # fields[0] is field 3 (state)
+    try:
+        started = int(fields[19])  # field 22: starttime
+    except (IndexError, ValueError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
     text = " ".join(part for part in raw.decode(errors="replace").split("\0") if part)
-    return text or None
+    return (text, uid, started) if text else None

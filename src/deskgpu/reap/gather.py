@@ -116,6 +116,7 @@ def live_view(
             if h is None:
                 continue
             if h.kind == HOLDER_UNMANAGED:
+                uid, started, kthread = _proc_identity(proc_root, proc.pid)
                 unmanaged.append(
                     UnmanagedProcess(
                         pid=proc.pid,
@@ -124,6 +125,10 @@ def live_view(
                         gpu=gpu.index,
                         vram_mib=proc.used_memory_mib,
                         util_pct=gpu.utilization_gpu_pct,
+                        process_type="graphics" if proc.type == "graphics" else "compute",
+                        uid=uid,
+                        start_time=started,
+                        kernel_thread=kthread,
                     )
                 )
                 continue
@@ -145,23 +150,53 @@ def live_view(
             }
             s.pod_uids |= found
             s.pod_present = bool(s.pod_uids) or s.on_cloud is None
-    _read_activity(sessions, proc_root, cgroup_root)
+    notes += _read_activity(sessions, proc_root, cgroup_root)
     return LiveView(sessions, unmanaged, notes)
 
 
-def _read_activity(sessions: list[LiveSession], proc_root: Path, cgroup_root: Path) -> None:
-    """SSH connections and cumulative CPU per pod, from one pass over /proc."""
+PF_KTHREAD = 0x00200000  # /proc/<pid>/stat `flags`: a kernel thread
+
+
+def _proc_identity(proc_root: Path, pid: int) -> tuple[int | None, int | None, bool]:
+    """(owner uid, start time in clock ticks, kernel thread?) of a host PID; None: unreadable."""
+    base = proc_root / str(pid)
+    try:
+        uid: int | None = base.stat().st_uid
+    except OSError:
+        uid = None
+    try:
+        fields = (base / "stat").read_text().rsplit(")", 1)[-1].split()
+        return uid, int(fields[19]), bool(int(fields[6]) & PF_KTHREAD)
+    except (OSError, IndexError, ValueError):
+        return uid, None, False
+
+
+def attached_now(pod_uids: Iterable[str], proc_root: Path = PROC) -> int | None:
+    """SSH/IDE connections into these pods right now (the check just before a teardown).
+
+    The same reading as an observation's; None when no process of the pods is readable.
+    """
+    probe = LiveSession("", "", "interactive", None, "", {}, None, pod_uids=set(pod_uids))
+    _read_activity([probe], proc_root, CGROUP, cpu=False)
+    return probe.ssh_sessions
+
+
+def _read_activity(
+    sessions: list[LiveSession], proc_root: Path, cgroup_root: Path, *, cpu: bool = True
+) -> list[str]:
+    """SSH connections and cumulative CPU per pod, from one pass over /proc; notes on gaps."""
     wanted = {uid: s for s in sessions for uid in s.pod_uids}
+    notes: list[str] = []
     if not wanted:
-        return
+        return notes
     ssh: dict[str, int] = dict.fromkeys(wanted, 0)
     tty: set[str] = set()
     cgroup_of: dict[str, str] = {}
     readable: set[str] = set()
     try:
         entries = [p for p in proc_root.iterdir() if p.name.isdigit()]
-    except OSError:
-        return
+    except OSError as exc:
+        return [f"cannot list {proc_root} ({exc.strerror or exc}): SSH and CPU use unknown"]
     for entry in entries:
         try:
             text = (entry / "cgroup").read_text()
@@ -185,11 +220,21 @@ def _read_activity(sessions: list[LiveSession], proc_root: Path, cgroup_root: Pa
     for s in sessions:
         uids = [u for u in s.pod_uids if u in readable]
         if not uids:
+            if s.pod_uids and cpu:
+                notes.append(f"{s.cluster}: no process of its pod is readable: SSH and CPU unknown")
             continue
         count = sum(ssh[u] for u in uids)
         s.ssh_sessions = count if count or not any(u in tty for u in uids) else 1
+        if not cpu:
+            continue
         totals = [_pod_cpu_s(cgroup_of[u], u, cgroup_root) for u in uids if u in cgroup_of]
         s.cpu_total_s = None if not totals or None in totals else sum(t or 0.0 for t in totals)
+        if s.cpu_total_s is None:
+            notes.append(
+                f"{s.cluster}: the pod's CPU use is unreadable under {cgroup_root}: "
+                "CPU unknown (it never counts as idle; `reap.cpu_busy_pct: null` ignores CPU)"
+            )
+    return notes
 
 
 def _pod_cpu_s(cgroup_text: str, uid: str, cgroup_root: Path) -> float | None:

@@ -214,6 +214,33 @@ def open_history(path: Path | str, *, create: bool = True) -> Iterator[History]:
         db.close()
 
 
+@contextmanager
+def history_copy(path: Path | str) -> Iterator[History]:
+    """A private in-memory copy of the history, read without writing to the file.
+
+    A dry run adds this moment's readings to the copy, so it decides exactly what a `--yes`
+    run would, and leaves the shared history as it was.
+    """
+    p = Path(path)
+    try:
+        source = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+    except (OSError, sqlite3.Error) as exc:
+        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
+    copy = sqlite3.connect(":memory:")
+    try:
+        try:
+            source.backup(copy)
+        except sqlite3.Error as exc:
+            raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
+        finally:
+            source.close()
+        yield History(copy, str(p))
+    except sqlite3.Error as exc:
+        raise OutsideError(f"observation history {p}: {exc}") from None
+    finally:
+        copy.close()
+
+
 def read_notices(path: Path | str, timeout_s: float = 1.0) -> list[Notice]:
     """The pending notices, for `deskgpu queue`: read-only, never creating or waiting long.
 

@@ -1,8 +1,10 @@
 """`deskgpu reap` and `deskgpu observe` as library calls returning result objects.
 
 reap:    [lock] -> evidence (recorded file | live snapshot + history | live sampling)
-         -> decide -> audit every decision -> (--yes) notices, teardowns, kills -> result
-observe: snapshot -> append to the history -> (warn_on_observe) give first notices
+         -> decide -> (--yes) audit every decision -> notices, teardowns, kills -> result
+         A dry run writes nothing: no history rows, no audit lines, no evidence files.
+observe: snapshot -> append to the history -> clear notices of sessions in use again
+         -> (warn_on_observe) give first notices, each audited before it is given
 """
 
 from __future__ import annotations
@@ -11,18 +13,19 @@ import contextlib
 import datetime as dt
 import os
 import socket
+import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deskgpu.config import HostConfig
-from deskgpu.errors import ExitStatus, OutsideError
+from deskgpu.config import SYSTEM_CONFIG, HostConfig
+from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError
 from deskgpu.reap import act, audit, gather
 from deskgpu.reap.evidence import Evidence, Session, iso
-from deskgpu.reap.history import History, Notice, open_history
-from deskgpu.reap.rule import Action, Decision, decide
+from deskgpu.reap.history import History, Notice, history_copy, open_history
+from deskgpu.reap.rule import Action, Decision, decide, unmatched_protected
 from deskgpu.reap.settings import ReapSettings
 from deskgpu.snapshot import Snapshot
 from deskgpu.units import format_duration
@@ -36,6 +39,7 @@ class Live:
     pods: Callable[[], Any] | None = None
     cluster_jobs: Callable[[str, HostConfig], tuple[int, int]] | None = None
     down: Callable[[str, HostConfig], None] | None = None
+    gpu_util: Callable[[], dict[int, float | None]] | None = None  # GPU index -> util %
     proc_root: Path = gather.PROC
     cgroup_root: Path = gather.CGROUP
     clock: Callable[[], float] = time.time
@@ -49,6 +53,21 @@ class Live:
         # GPUs first: without a driver there is nothing to decide, so SkyPilot is not asked
         # (no `import sky`, no API server timeout) and `gather.live_view` says so at once.
         return survey.take(config, require_gpus=True)
+
+    def utilization(self, config: HostConfig) -> dict[int, float | None]:
+        """Each GPU's utilization now: one NVML read (the check just before a teardown)."""
+        if self.gpu_util is not None:
+            return self.gpu_util()
+        if self.snapshot is not None:
+            gpus = self.snapshot(config).nvml.gpus
+        else:
+            from deskgpu import nvml
+
+            gpus = nvml.read().gpus
+        return {
+            g.index: None if g.utilization_gpu_pct is None else float(g.utilization_gpu_pct)
+            for g in gpus
+        }
 
     def pod_index(self) -> Any:
         if self.pods is not None:
@@ -122,11 +141,19 @@ def replay(path: Path, settings: ReapSettings) -> ReapResult:
     """Re-decide a recorded evidence document as of when it was collected; no live calls."""
     evidence = audit.read_evidence(path)
     decisions = decide(evidence, settings)
-    return ReapResult(new_run_id(time.time()), True, evidence, decisions)
+    notes = unmatched_protected(evidence, settings.protected)
+    return ReapResult(new_run_id(time.time()), True, evidence, decisions, notes=notes)
 
 
-def collect(config: HostConfig, settings: ReapSettings, live: Live, notes: list[str]) -> Evidence:
-    """Live evidence: the history when `observe` keeps it fresh, else a short live sampling."""
+def collect(
+    config: HostConfig, settings: ReapSettings, live: Live, notes: list[str], *, write: bool
+) -> tuple[Evidence, gather.LiveView]:
+    """Live evidence: the history when `observe` keeps it fresh, else a short live sampling.
+
+    The readings of this very moment count too: with `write` (a `--yes` run) they are
+    appended to the history, else to a private copy of it. Returns the live view as well
+    (its pods are checked again just before each teardown).
+    """
     snap = live.take(config)
     view = gather.live_view(snap, live.pod_index(), live.proc_root, live.cgroup_root)
     now = snap.taken_at
@@ -134,20 +161,22 @@ def collect(config: HostConfig, settings: ReapSettings, live: Live, notes: list[
     fresh = False
     path = settings.history_file
     if path.exists():
-        with open_history(path, create=False) as history:
+        opened = (
+            open_history(path, create=False) if write and _writable(path) else history_copy(path)
+        )
+        with opened as history:
             latest = history.latest()
             fresh = latest is not None and now - latest <= settings.max_sample_gap_s
             if fresh:
-                if _writable(path):  # the readings of this very moment count too
-                    history.append(now, [s.sample() for s in view.sessions])
+                history.append(now, [s.sample() for s in view.sessions])
                 evidence = gather.build_evidence(view, history, settings, now, host=host)
             elif latest is not None:
                 notes.append(
                     f"the history's last observation is {format_duration(now - latest)} old"
                 )
     if not fresh:
-        evidence = _sample_live(config, settings, live, view, snap, host, notes)
-    return gather.check_jobs(evidence, settings, live.jobs(config))
+        evidence, view = _sample_live(config, settings, live, view, snap, host, notes)
+    return gather.check_jobs(evidence, settings, live.jobs(config)), view
 
 
 def _sample_live(
@@ -158,7 +187,7 @@ def _sample_live(
     first: Snapshot,
     host: str,
     notes: list[str],
-) -> Evidence:
+) -> tuple[Evidence, gather.LiveView]:
     """No usable history: sample the GPUs for `live_window` (SkyPilot asked only once)."""
     window = format_duration(settings.live_window_s)
     note = (
@@ -176,9 +205,10 @@ def _sample_live(
             view = gather.live_view(snap, live.pod_index(), live.proc_root, live.cgroup_root)
             history.append(snap.taken_at, [s.sample() for s in view.sessions])
         now = live.clock()
-        return gather.build_evidence(
+        evidence = gather.build_evidence(
             view, history, settings, now, host=host, source="live", notes=[note]
         )
+        return evidence, view
 
 
 def _writable(path: Path) -> bool:
@@ -208,53 +238,42 @@ def reap(
     )
     with guard:
         notes: list[str] = []
-        evidence = collect(config, settings, live, notes)
+        evidence, view = collect(config, settings, live, notes, write=yes)
         if record is not None:
             audit.write_evidence(record, evidence)
         decisions = decide(evidence, settings)
+        notes += unmatched_protected(evidence, settings.protected)
         result = ReapResult(
             new_run_id(evidence.collected_at), not yes, evidence, decisions, notes=notes
         )
-        auditing = _audit_start(result, log, settings, actor, required=yes)
-        if yes:
-            _act(result, config, settings, actor, kill_unmanaged, live, log if auditing else None)
+        if yes:  # a dry run writes nothing: no audit lines, no evidence file
+            _audit_start(result, log, settings, actor)
+            pods = {s.cluster: set(s.pod_uids) for s in view.sessions}
+            _act(result, config, settings, actor, kill_unmanaged, live, log, pods)
         return result
 
 
 def _audit_start(
-    result: ReapResult,
-    log: audit.AuditLog,
-    settings: ReapSettings,
-    actor: act.Actor,
-    required: bool,
-) -> bool:
-    try:
-        if not required:
-            log.check_writable()
-        if any(d.action is not Action.KEEP for d in result.decisions) or not result.dry_run:
-            result.evidence_file = str(
-                audit.save_evidence(settings.evidence_dir, result.run_id, result.evidence)
-            )
-        sessions = {s.cluster: s for s in result.evidence.sessions}
-        for d in result.decisions:
-            log.append(
-                {
-                    "ts": iso(result.evidence.collected_at),
-                    "run_id": result.run_id,
-                    "event": "decision",
-                    "actor": actor.user,
-                    "dry_run": result.dry_run,
-                    **d.to_dict(),
-                    "evidence": _evidence_summary(sessions.get(d.subject)),
-                    "evidence_file": result.evidence_file,
-                }
-            )
-    except OutsideError as exc:
-        if required:
-            raise
-        result.notes.append(f"dry run not audited: {exc}")
-        return False
-    return True
+    result: ReapResult, log: audit.AuditLog, settings: ReapSettings, actor: act.Actor
+) -> None:
+    """Save the evidence and one line per decision, before anything is done."""
+    result.evidence_file = str(
+        audit.save_evidence(settings.evidence_dir, result.run_id, result.evidence)
+    )
+    sessions = {s.cluster: s for s in result.evidence.sessions}
+    for d in result.decisions:
+        log.append(
+            {
+                "ts": iso(result.evidence.collected_at),
+                "run_id": result.run_id,
+                "event": "decision",
+                "actor": actor.user,
+                "dry_run": result.dry_run,
+                **d.to_dict(),
+                "evidence": _evidence_summary(sessions.get(d.subject)),
+                "evidence_file": result.evidence_file,
+            }
+        )
 
 
 def _evidence_summary(session: Session | None) -> dict[str, Any] | None:
@@ -273,15 +292,6 @@ def _evidence_summary(session: Session | None) -> dict[str, Any] | None:
     return d
 
 
-@contextlib.contextmanager
-def _history_or_none(path: Path) -> Iterator[History | None]:
-    try:
-        with open_history(path) as history:
-            yield history
-    except OutsideError:
-        yield None
-
-
 def _act(
     result: ReapResult,
     config: HostConfig,
@@ -289,54 +299,110 @@ def _act(
     actor: act.Actor,
     kill_unmanaged: bool,
     live: Live,
-    log: audit.AuditLog | None,
+    log: audit.AuditLog,
+    pods: dict[str, set[str]],
 ) -> None:
+    """Every action; one that fails is audited as `failed` and the others still run."""
     sessions = {s.cluster: s for s in result.evidence.sessions}
-    with _history_or_none(settings.history_file) as history:
+    admin = None if actor.is_root else act.trusted_admin_group(config)
+    users = [] if actor.is_root else act.passwd_names()
+    with contextlib.ExitStack() as stack:
+        history: History | None = None
+        try:
+            history = stack.enter_context(open_history(settings.history_file))
+        except OutsideError as exc:
+            result.notes.append(f"notices cannot be recorded: {exc}")
         for d in result.decisions:
-            outcome: act.Outcome | None = None
-            if d.action is Action.REPORT_UNMANAGED:
-                if kill_unmanaged:
-                    outcome = act.kill_unmanaged(d, actor, settings.kill_timeout_s, live.proc_root)
-            elif d.action in (Action.WARN, Action.REAP) and not act.may_act_on(
-                actor, d.owner, config.admin_group
-            ):
-                outcome = act.Outcome(
-                    d.subject, "skipped", True, f"owned by {d.owner}: needs root or the admin group"
-                )
-            elif d.action is Action.WARN:
-                if d.warned_at is None:
-                    session = sessions.get(d.subject)
-                    created = session.created_at if session else None
-                    outcome = give_notice(
-                        d,
-                        config,
-                        settings,
-                        history,
-                        created,
-                        result.evidence.collected_at,
-                        result.evidence.host,
-                    )
-            elif d.action is Action.REAP:
-                outcome = act.teardown(d, config, live.down)
-                if outcome.ok and history is not None:
-                    history.clear_notice(d.subject)
+            try:
+                outcome = _act_one(
+                    d, result, config, settings, actor, kill_unmanaged, live, history,
+                    sessions.get(d.subject), pods.get(d.subject, set()), admin, users,
+                )  # fmt: skip
+            except (DeskgpuError, OSError, sqlite3.Error) as exc:
+                outcome = act.Outcome(d.subject, "failed", False, f"{d.action.value}: {exc}")
             if outcome is None:
                 continue
             result.outcomes.append(outcome)
-            if log is not None:
-                log.append(
-                    {
-                        "ts": iso(live.clock()),
-                        "run_id": result.run_id,
-                        "event": "action",
-                        "actor": actor.user,
-                        "action": d.action.value,
-                        "owner": d.owner,
-                        **outcome.to_dict(),
-                        "evidence_file": result.evidence_file,
-                    }
-                )
+            log.append(  # a failure here ends the run: reap never acts without a record
+                {
+                    "ts": iso(live.clock()),
+                    "run_id": result.run_id,
+                    "event": "action",
+                    "actor": actor.user,
+                    "action": d.action.value,
+                    "owner": d.owner,
+                    **outcome.to_dict(),
+                    "evidence_file": result.evidence_file,
+                }
+            )
+
+
+def _act_one(
+    d: Decision,
+    result: ReapResult,
+    config: HostConfig,
+    settings: ReapSettings,
+    actor: act.Actor,
+    kill_unmanaged: bool,
+    live: Live,
+    history: History | None,
+    session: Session | None,
+    pod_uids: set[str],
+    admin: str | None,
+    users: list[str],
+) -> act.Outcome | None:
+    if d.action is Action.REPORT_UNMANAGED:
+        if kill_unmanaged:
+            return act.kill_unmanaged(d, actor, settings.kill_timeout_s, live.proc_root)
+        return None
+    if d.action not in (Action.WARN, Action.REAP):
+        return None
+    refused = act.may_act_on(actor, d.owner, admin, users)
+    if refused is not None:
+        if config.admin_group and admin is None and config.admin_group in actor.groups:
+            refused += (
+                f" (admin_group counts only from the root-owned {SYSTEM_CONFIG}, "
+                f"not {config.source})"
+            )
+        return act.Outcome(d.subject, "skipped", True, refused)
+    if d.action is Action.WARN:
+        if d.warned_at is not None:
+            return None  # warned before; its grace period is still running
+        created = session.created_at if session else None
+        return give_notice(
+            d, config, settings, history, created, result.evidence.collected_at,
+            result.evidence.host,
+        )  # fmt: skip
+    back = owner_back(d, config, settings, live, pod_uids)
+    if back is not None:
+        return act.Outcome(d.subject, "skipped", True, f"not torn down: {back}")
+    outcome = act.teardown(d, config, live.down)
+    if outcome.ok and history is not None:
+        history.clear_notice(d.subject)
+    return outcome
+
+
+def owner_back(
+    d: Decision, config: HostConfig, settings: ReapSettings, live: Live, pod_uids: set[str]
+) -> str | None:
+    """Read the session's live signals once more, just before `sky down`.
+
+    The evidence can be minutes old by the third teardown of a run: an owner who attached
+    or started GPU work meanwhile keeps the session. Unknown counts as back.
+    """
+    ssh = gather.attached_now(pod_uids, live.proc_root)
+    if ssh is None:
+        return "its SSH/IDE state cannot be read now"
+    if ssh > 0:
+        return "an SSH/IDE session attached just now"
+    util = live.utilization(config)
+    for gpu in d.gpus:
+        now = util.get(gpu)
+        if now is None:
+            return f"GPU {gpu} cannot be read now"
+        if now >= settings.util_threshold_pct:
+            return f"{now:.0f}% GPU on GPU {gpu} just now"
+    return None
 
 
 def give_notice(
@@ -348,7 +414,11 @@ def give_notice(
     now: float,
     host: str,
 ) -> act.Outcome:
-    """Record the first notice (the grace clock starts) and run the notify hook."""
+    """Run the notify hook, then record the first notice (the grace clock starts).
+
+    A hook that fails or times out records nothing: the owner may not have been told, so
+    the grace period does not start; the outcome is `failed` and the next run tries again.
+    """
     if history is None:
         return act.Outcome(
             decision.subject, "failed", False, "cannot record the notice: no history"
@@ -356,7 +426,6 @@ def give_notice(
     after = now + settings.grace_s
     warned = replace(decision, reap_after=after)
     message = act.notice_text(warned, host, config.checkpoint_root)
-    history.record_notice(Notice(decision.subject, decision.owner, created_at, now, after, message))
     error = act.notify(
         settings.notify_command,
         {
@@ -368,9 +437,12 @@ def give_notice(
         },
         settings.notify_timeout_s,
     )
-    text = f"notice recorded; torn down after {iso(after)} if still idle"
     if error:
-        return act.Outcome(decision.subject, "warned", True, f"{text} ({error})")
+        return act.Outcome(
+            decision.subject, "failed", False, f"{error}; no notice recorded, grace not started"
+        )
+    history.record_notice(Notice(decision.subject, decision.owner, created_at, now, after, message))
+    text = f"notice recorded; torn down after {iso(after)} if still idle"
     return act.Outcome(decision.subject, "warned", True, text)
 
 
@@ -411,8 +483,6 @@ def observe(config: HostConfig, settings: ReapSettings, live: Live | None = None
         for n in history.notices():
             if n.cluster not in live_names:
                 history.clear_notice(n.cluster)  # gone: torn down, or ended on its own
-        if not settings.warn_on_observe:
-            return result
         try:
             with audit.run_lock(settings.lock_file, 0):
                 _observe_notices(config, settings, live, view, history, now, result)
@@ -430,28 +500,24 @@ def _observe_notices(
     now: float,
     result: ObserveResult,
 ) -> None:
+    """Clear the notices of sessions in use again; give first notices (warn_on_observe).
+
+    Clearing does not depend on warn_on_observe: a notice whose session was used again
+    must never be what a later reap counts. Each notice is audited before it is given; no
+    audit record, no notice.
+    """
     host = config.box_name or socket.gethostname()
     evidence = gather.build_evidence(view, history, settings, now, host=host)
     evidence = gather.check_jobs(evidence, settings, live.jobs(config))
     log = audit.AuditLog(settings.audit_file)
+    run_id = f"observe-{new_run_id(now)}"
     sessions = {s.cluster: s for s in evidence.sessions}
-    for d in decide(evidence, settings):
-        session = sessions.get(d.subject)
-        if session is None:
-            continue
-        if d.action is Action.WARN and d.warned_at is None:
-            outcome = give_notice(d, config, settings, history, session.created_at, now, host)
-            result.warned.append(d.subject)
-        elif not d.action.is_zombie and session.warned_at is not None:
-            history.clear_notice(d.subject)  # in use again: the next idle stretch starts over
-            result.cleared.append(d.subject)
-            outcome = act.Outcome(d.subject, "notice-cleared", True, d.summary)
-        else:
-            continue
+
+    def record(d: Decision, outcome: act.Outcome, session: Session) -> None:
         log.append(
             {
                 "ts": iso(now),
-                "run_id": f"observe-{new_run_id(now)}",
+                "run_id": run_id,
                 "event": "action",
                 "actor": "observe",
                 "action": d.action.value,
@@ -461,3 +527,35 @@ def _observe_notices(
                 "evidence": _evidence_summary(session),
             }
         )
+
+    for d in decide(evidence, settings):
+        session = sessions.get(d.subject)
+        if session is None or not (d.action is Action.WARN and d.warned_at is None):
+            if session is not None and session.warned_at is not None and not d.action.is_zombie:
+                history.clear_notice(d.subject)  # in use again: the next stretch starts over
+                result.cleared.append(d.subject)
+                with contextlib.suppress(OutsideError):
+                    record(d, act.Outcome(d.subject, "notice-cleared", True, d.summary), session)
+            continue
+        if not settings.warn_on_observe:
+            if session.warned_at is not None:  # stale: it predates the current idle stretch
+                history.clear_notice(d.subject)
+                result.cleared.append(d.subject)
+                with contextlib.suppress(OutsideError):
+                    record(d, act.Outcome(d.subject, "notice-cleared", True, d.summary), session)
+            continue
+        try:
+            record(d, act.Outcome(d.subject, "warned", True, "giving the first notice"), session)
+        except OutsideError as exc:
+            result.notes.append(f"{d.subject}: no notice given: {exc}")
+            continue
+        try:
+            outcome = give_notice(d, config, settings, history, session.created_at, now, host)
+        except (DeskgpuError, OSError, sqlite3.Error) as exc:
+            outcome = act.Outcome(d.subject, "failed", False, f"notice: {exc}")
+        if outcome.ok:
+            result.warned.append(d.subject)
+        else:
+            result.notes.append(f"{d.subject}: {outcome.message}")
+            with contextlib.suppress(OutsideError):
+                record(d, outcome, session)
