@@ -616,3 +616,35 @@ def test_kill_never_signals_a_process_that_took_the_pid_over(tmp_path: Path) -> 
     assert kill_unmanaged(blind, ROOT, 0.3, proc, send=send).did == "skipped"
     init = Decision(**{**decision.__dict__, "pid": 1, "subject": "pid:1"})
     assert kill_unmanaged(init, ROOT, 0.3, proc, send=send).did == "skipped" and sent == []
+
+
+def test_kill_through_a_pidfd_checks_the_start_time(tmp_path: Path) -> None:
+    """The default path (no `send`): signals go through a pidfd, after the identity check."""
+    from deskgpu.reap.act import identity
+
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
+    assert victim.stdout is not None and victim.stdout.readline()
+    seen = identity(Path("/proc"), victim.pid)
+    assert seen is not None
+    decision = Decision(
+        subject=f"pid:{victim.pid}",
+        action=Action.REPORT_UNMANAGED,
+        owner="x",
+        kind="unmanaged",
+        reasons=(),
+        pid=victim.pid,
+        command=seen[0],
+        proc_uid=seen[1],
+        proc_start_time=seen[2] + 1,  # seen earlier as another process: refused
+    )
+    assert kill_unmanaged(decision, ROOT, 1).did == "skipped"
+    assert victim.poll() is None
+    exact = Decision(**{**decision.__dict__, "proc_start_time": seen[2]})
+    reaped = threading.Thread(target=victim.wait)
+    reaped.start()
+    outcome = kill_unmanaged(exact, ROOT, 2)
+    reaped.join(5)
+    assert outcome.did == "killed" and victim.returncode == -15, outcome.message
