@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -221,7 +222,7 @@ def test_low_disk_space_thresholds() -> None:
     assert "/checkpoints" in (check.fix or "")
 
 
-def test_checkpoints_on_nfs_and_not_group_writable() -> None:
+def test_checkpoints_on_nfs_and_root_owned() -> None:
     recorded = facts("healthy-4x-a6000.json")
     recorded.storage["checkpoints"] = PathFact(
         path="/checkpoints",
@@ -239,9 +240,23 @@ def test_checkpoints_on_nfs_and_not_group_writable() -> None:
     found = by_id(run_checks(recorded, box_config()))
     assert found["storage.local_disk"].status == WARN
     assert "nas:/export/ckpt (nfs4)" in found["storage.local_disk"].detail
-    assert found["storage.checkpoints"].status == FAIL
-    assert found["storage.checkpoints"].fix == (
-        "`sudo chgrp research /checkpoints && sudo chmod 2775 /checkpoints`"
+    assert found["storage.checkpoints"].status == OK
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "who"),
+    [(0o2775, "root", "group research"), (0o1777, "root", "everyone"), (0o755, "alice", "alice")],
+)
+def test_checkpoint_root_anyone_but_root_can_write_fails(mode: int, owner: str, who: str) -> None:
+    """A writable root lets a user plant `ln -s / /checkpoints/<user>` (review finding C3)."""
+    recorded = facts("healthy-4x-a6000.json")
+    old = recorded.storage["checkpoints"]
+    recorded.storage["checkpoints"] = replace(old, mode=mode, owner=owner, group="research")
+    check = by_id(run_checks(recorded, box_config()))["storage.checkpoints"]
+    assert check.status == FAIL
+    assert who in check.detail and "symlink" in check.detail
+    assert check.fix.startswith(
+        "`sudo chown root:root /checkpoints && sudo chmod 0755 /checkpoints`"
     )
 
 

@@ -1189,23 +1189,26 @@ def check_storage(facts: HostFacts, config: HostConfig, s: Settings) -> list[Che
 
 
 def _check_root(name: str, fact: PathFact, key: str, s: Settings, writable: bool) -> Check:
-    group = s.research_group
+    """`writable` is the checkpoint root: jobs write `<root>/<user>` through a kubelet subPath.
+
+    The root itself must be root's alone: anyone who can write it can plant
+    `ln -s / <root>/<user>` and turn that user's read-write mount into the host's `/`.
+    """
     if not fact.exists:
         why = f" ({fact.error})" if fact.error else ""
-        perms = "2775" if writable else "755"
-        chgrp = f" && sudo chgrp {group} {fact.path}" if group and writable else ""
         return _storage(
             name,
             FAIL,
             f"{fact.path} does not exist{why}",
-            f"`sudo mkdir -p {fact.path}{chgrp} && sudo chmod {perms} {fact.path}` on a local "
-            f"disk (or set {key} in the host config)",
+            f"`sudo install -d -o root -g root -m 0755 {fact.path}` on a local disk "
+            f"(or set {key} in the host config)",
         )
     if not fact.is_dir:
         return _storage(name, FAIL, f"{fact.path} is not a directory", f"set {key} to a directory")
     mode = fact.mode or 0
     shown = f"{fact.path} {oct(mode)[2:]:>04} {fact.owner}:{fact.group}"
     if not writable:
+        group = s.research_group
         if not mode & 0o005 and not (group and fact.group == group and mode & 0o050):
             return _storage(
                 name,
@@ -1214,31 +1217,21 @@ def _check_root(name: str, fact: PathFact, key: str, s: Settings, writable: bool
                 f"`sudo chmod o+rx {fact.path}`",
             )
         return _storage(name, OK, shown)
-    group_ok = bool(mode & 0o030 == 0o030) and (group is None or fact.group == group)
-    others_ok = mode & 0o003 == 0o003
-    if others_ok and not mode & 0o1000:
-        return _storage(
-            name,
-            WARN,
-            f"{shown}: world-writable without the sticky bit, anyone can delete anyone's "
-            "checkpoints",
-            f"`sudo chmod +t {fact.path}`",
+    if mode & 0o022 or fact.owner not in ("root", None):
+        who = (
+            "everyone"
+            if mode & 0o002
+            else (f"group {fact.group}" if mode & 0o020 else f"its owner {fact.owner}")
         )
-    if group_ok or others_ok:
-        return _storage(name, OK, f"{shown}: the research group can write")
-    if group:
         return _storage(
             name,
             FAIL,
-            f"{shown}: group {group} cannot write checkpoints",
-            f"`sudo chgrp {group} {fact.path} && sudo chmod 2775 {fact.path}`",
+            f"{shown}: {who} can write it, so a symlink planted as <root>/<user> would give that "
+            "user's jobs the host's files",
+            f"`sudo chown root:root {fact.path} && sudo chmod 0755 {fact.path}`; give each "
+            f"researcher `sudo install -d -o <user> -m 0755 {fact.path.rstrip('/')}/<user>`",
         )
-    return _storage(
-        name,
-        WARN,
-        f"{shown}: only {fact.owner} can write (set doctor.research_group to check a group)",
-        f"`sudo chgrp <research-group> {fact.path} && sudo chmod 2775 {fact.path}`",
-    )
+    return _storage(name, OK, f"{shown}: root's alone; jobs write <root>/<user> through a subPath")
 
 
 def _check_free_space(roots: list[PathFact], s: Settings) -> Check:
