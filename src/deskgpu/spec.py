@@ -8,19 +8,13 @@ from typing import Any
 
 from deskgpu.config import HostConfig, is_box_infra
 from deskgpu.errors import SpecError
+from deskgpu.house_rules import GPU_VISIBILITY_ENV, RESERVED_ENV_PREFIX
 from deskgpu.identity import MAX_CLUSTER_NAME, cluster_name, safe_user
 from deskgpu.units import parse_duration_s
 from deskgpu.validate import invalid_fields, load_schema, located_schema_problems
 from deskgpu.yamlio import Located, read_located
 
 SCHEMA = "jobspec-v1.json"
-RESERVED_ENV_PREFIX = "DESKGPU_"
-# GPUs are handed out by Kubernetes; these would route around the queue and the limits.
-GPU_VISIBILITY_ENV = (
-    "NVIDIA_VISIBLE_DEVICES",
-    "NVIDIA_DRIVER_CAPABILITIES",
-    "CUDA_VISIBLE_DEVICES",
-)
 
 
 @dataclass(frozen=True)
