@@ -39,3 +39,10 @@ def test_unreadable_and_malformed_files_name_the_file(tmp_path: Path) -> None:
     truncated.write_bytes(b"\x1f\x8b\x08\x00")
     with pytest.raises(UsageError, match=r"cut.json.gz: not JSON"):
         read_document(truncated, "snapshot")
+
+
+def test_absurdly_nested_json_is_a_usage_error(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UsageError, match="nested too deeply"):
+        read_document(deep, "snapshot")

@@ -25,6 +25,8 @@ def read_document(path: Path, what: str) -> Any:
         return json.loads(gzip.decompress(raw) if raw[:2] == _GZIP_MAGIC else raw)
     except (OSError, EOFError, ValueError) as exc:
         raise UsageError(f"{path}: not JSON ({exc})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: not a recorded document (nested too deeply)") from None
 
 
 def write_document(
