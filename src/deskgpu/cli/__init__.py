@@ -40,10 +40,11 @@ def _root(
     """deskgpu: submit, queue, reap, doctor."""
 
 
+# In the order a researcher meets them, then the admin's.
 app.command("submit")(submit.submit_command)
+app.command("queue")(queue.queue_command)
 app.command("reap")(reap.reap_command)
 app.command("observe")(observe.observe_command)
-app.command("queue")(queue.queue_command)
 app.command("doctor")(doctor.doctor_command)
 app.add_typer(setup.app, name="setup")
 
