@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deskgpu.expand import LABEL_JOB, LABEL_KIND, LABEL_USER
+from deskgpu.labels import LABEL_JOB, LABEL_KIND, LABEL_USER
 from deskgpu.snapshot import (
     HOLDER_HIDDEN,
     HOLDER_SKYPILOT,

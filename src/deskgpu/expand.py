@@ -17,19 +17,13 @@ from deskgpu.house_rules import (
     CHECKPOINT_VOLUME,
     DATA_MOUNT,
     DATA_VOLUME,
-    LABEL_JOB,
-    LABEL_KEEP,
-    LABEL_KIND,
-    LABEL_PREFIX,
-    LABEL_USER,
     apply_house_rules,
     checkpoint_dir,
-    host_mounts_pod_config,
     idle_minutes_of,
-    is_secret_name,
     on_box,
 )
 from deskgpu.identity import cluster_name
+from deskgpu.labels import LABEL_JOB, LABEL_KEEP, LABEL_KIND, LABEL_PREFIX, LABEL_USER
 from deskgpu.spec import GpuRequest, JobSpec
 from deskgpu.units import parse_duration_s
 
@@ -49,8 +43,6 @@ __all__ = [
     "checkpoint_dir",
     "expand",
     "gpu_accelerators",
-    "host_mounts_pod_config",
-    "is_secret_name",
     "redacted",
 ]
 

@@ -23,13 +23,8 @@ from typing import Any
 
 from deskgpu.config import HostConfig, is_box_infra
 from deskgpu.identity import safe_user
+from deskgpu.labels import LABEL_JOB, LABEL_KIND, LABEL_USER
 from deskgpu.units import parse_duration_s
-
-LABEL_PREFIX = "deskgpu.io"
-LABEL_USER = f"{LABEL_PREFIX}/user"
-LABEL_JOB = f"{LABEL_PREFIX}/job"
-LABEL_KIND = f"{LABEL_PREFIX}/kind"
-LABEL_KEEP = f"{LABEL_PREFIX}/keep"
 
 DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"

@@ -28,7 +28,6 @@ from deskgpu.errors import DeskgpuError
 from deskgpu.house_rules import (
     BATCH,
     INTERACTIVE,
-    LABEL_USER,
     Violation,
     apply_house_rules,
     check_house_rules,
@@ -36,6 +35,7 @@ from deskgpu.house_rules import (
     lifted_config,
     sky_config_violations,
 )
+from deskgpu.labels import LABEL_USER
 
 # What each SkyPilot request is, for the house rules (sky/server/requests/request_names.py).
 _BATCH_REQUESTS = {

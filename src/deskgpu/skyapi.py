@@ -291,7 +291,7 @@ def _plain(value: Any) -> Any:
 
 def parse_clusters(records: list[dict[str, Any]]) -> list[Any]:
     """`sky status -u` records -> deskgpu `Cluster`s (managed jobs' and controllers' left out)."""
-    from deskgpu.expand import LABEL_KIND
+    from deskgpu.labels import LABEL_KIND
     from deskgpu.snapshot import Cluster
 
     clusters = []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from deskgpu.attribution import LABEL_SKY_CLUSTER, PodIndex, pod_uid_from_cgroup
 from deskgpu.errors import OutsideError
+from deskgpu.labels import LABEL_USER
 from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess
 from deskgpu.reap.history import History, SessionSample
 from deskgpu.reap.rule import decide_session
@@ -24,7 +25,6 @@ from deskgpu.snapshot import HOLDER_SKYPILOT, HOLDER_UNMANAGED, RUNNING, STARTIN
 
 PROC = Path("/proc")
 CGROUP = Path("/sys/fs/cgroup")
-LABEL_USER = "deskgpu.io/user"  # == deskgpu.expand.LABEL_USER
 _SSHD_CONN = re.compile(r"^sshd(?:-session)?: \S+@(?:pts/\d+|notty)")
 
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from deskgpu.identity import safe_user
+from deskgpu.labels import LABEL_KEEP
 from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess, iso
 from deskgpu.reap.settings import ReapSettings
 from deskgpu.units import format_duration, format_mib
 
-KEEP_LABEL = "deskgpu.io/keep"  # == deskgpu.expand.LABEL_KEEP (not imported: expand is heavy)
 # Display servers and compositors: they hold VRAM for the screen, and killing one logs
 # everyone at the console out. NVML reports most as "graphics" processes; these names
 # catch the ones it reports as compute (or when the type was not recorded).
@@ -130,8 +130,8 @@ def protected_users(allow: tuple[str, ...]) -> dict[str, str]:
 def protected_by(
     owner: str, cluster: str | None, labels: dict[str, str], allow: tuple[str, ...]
 ) -> str | None:
-    if labels.get(KEEP_LABEL, "").lower() in ("true", "1", "yes"):
-        return f"`keep: true` in its job spec (label {KEEP_LABEL})"
+    if labels.get(LABEL_KEEP, "").lower() in ("true", "1", "yes"):
+        return f"`keep: true` in its job spec (label {LABEL_KEEP})"
     if cluster is not None and cluster in allow:
         return "listed in the host config's `protected`"
     entry = protected_users(allow).get(owner)
