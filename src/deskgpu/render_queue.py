@@ -27,7 +27,7 @@ from deskgpu.snapshot import (
     Snapshot,
     current_notices,
 )
-from deskgpu.units import format_duration
+from deskgpu.units import format_duration, format_mib
 
 BAR_WIDTH = 10
 HOT_C = 85  # a temperature worth a colour even without a throttle flag
@@ -194,7 +194,7 @@ def session_table(snap: Snapshot) -> Table:
             state,
             format_duration(snap.taken_at - c.launched_at) if c.launched_at else "?",
             autostop,
-            _mib(use.used_memory_mib) if use.gpu_indexes else "-",
+            format_mib(use.used_memory_mib) if use.gpu_indexes else "-",
             _pct(use.max_utilization_gpu_pct) if use.gpu_indexes else "-",
             _flags(row.zombie_suspect, notices.get(c.name), snap.taken_at),
         )
@@ -226,10 +226,6 @@ def notice_lines(snap: Snapshot) -> RenderableType | None:
         text.append(("\n" if i else "") + f"{n.cluster} ({n.owner}): ", style="bold")
         text.append(notice_text(n, snap.taken_at), style="red")
     return text
-
-
-def _mib(mib: float) -> str:
-    return f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
 
 
 def gpu_half(snap: Snapshot) -> RenderableType | None:

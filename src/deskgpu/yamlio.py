@@ -160,15 +160,19 @@ class _Builder:
             ) from None
 
 
+def _too_big(source: str, size: int) -> SpecError:
+    return SpecError(
+        [
+            f"{source}:1:1: file is {size / 1024 / 1024:.1f} MB; a job spec or host config "
+            "is a few KB at most (is this the right file?)"
+        ]
+    )
+
+
 def load_located(text_or_bytes: bytes | str, source: str) -> Located:
     """Parse one YAML document; every problem becomes a located `SpecError`."""
     if len(text_or_bytes) > MAX_BYTES:
-        raise SpecError(
-            [
-                f"{source}:1:1: file is {len(text_or_bytes) / 1024 / 1024:.1f} MB; a job spec or "
-                f"host config is a few KB at most (is this the right file?)"
-            ]
-        )
+        raise _too_big(source, len(text_or_bytes))
     if isinstance(text_or_bytes, bytes):
         try:
             text = text_or_bytes.decode("utf-8")
@@ -258,13 +262,7 @@ def read_located(path: Path, source: str | None = None) -> Located:
         with path.open("rb") as handle:
             raw = handle.read(MAX_BYTES + 1)
             if len(raw) > MAX_BYTES:
-                size = path.stat().st_size
-                raise SpecError(
-                    [
-                        f"{label}:1:1: file is {size / 1024 / 1024:.1f} MB; a job spec or host "
-                        "config is a few KB at most (is this the right file?)"
-                    ]
-                )
+                raise _too_big(label, path.stat().st_size)
     except FileNotFoundError:
         raise SpecError([f"{label}: no such file (check the path)"]) from None
     except PermissionError:
