@@ -203,7 +203,15 @@ def test_identity_comes_from_the_api_server_not_the_task_labels(policy_server) -
     assert _checkpoint_mount(cfg)["subPath"] == "alice"
 
 
-def test_controller_relaunch_keeps_the_recorded_owner(policy_server, monkeypatch) -> None:
+@pytest.fixture
+def guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process runs with the server plugin (as every process of the box's server does)."""
+    from deskgpu import policy
+
+    monkeypatch.setattr(policy.GUARD, "active", True)
+
+
+def test_controller_relaunch_keeps_the_recorded_owner(policy_server, guarded, monkeypatch) -> None:
     """The jobs controller relaunches alice's job as its own account: still alice's."""
     first = through_policy(
         _task("name: t\nresources: {accelerators: A6000:1}\nrun: x\n"), Req.JOBS_LAUNCH
@@ -214,6 +222,48 @@ def test_controller_relaunch_keeps_the_recorded_owner(policy_server, monkeypatch
     )
     assert again["resources"]["labels"][LABEL_USER] == "alice"
     assert again == first
+
+
+def test_controller_relaunch_with_its_annotations_passes(policy_server, guarded) -> None:
+    """What SkyPilot's jobs controller adds (sky/jobs/controller.py `_add_k8s_annotations`)
+    is reserved on a client's request but expected on the controller's own."""
+    first = through_policy(
+        _task("name: t\nresources: {accelerators: A6000:1}\nrun: x\n"), Req.JOBS_LAUNCH
+    )
+    relaunched = sky.Task.from_yaml_config(copy.deepcopy(first))
+    note = {"skypilot-managed-job-id": "6", "skypilot-managed-job-name": "alice-t"}
+    relaunched.set_resources(
+        [
+            r.copy(
+                _cluster_config_overrides={
+                    "kubernetes": {"pod_config": {"metadata": {"annotations": note}}}
+                }
+            )
+            for r in relaunched.resources
+        ]
+    )
+    again = through_policy(relaunched, Req.JOBS_LAUNCH_CLUSTER, _options("t-6", 5, True))
+    overrides = again["resources"]["_cluster_config_overrides"]["kubernetes"]["pod_config"]
+    assert overrides["metadata"]["annotations"] == note
+    assert again["resources"]["labels"][LABEL_USER] == "alice"
+    # The same annotations from a client are refused.
+    assert "pod_metadata:" in _rejected(relaunched, Req.JOBS_LAUNCH)
+
+
+def test_relaunch_without_the_guard_is_refused(policy_server) -> None:
+    """Without the server plugin, `is_launched_by_jobs_controller` is whatever a client sent."""
+    first = through_policy(
+        _task("name: t\nresources: {accelerators: A6000:1}\nrun: x\n"), Req.JOBS_LAUNCH
+    )
+    message = _rejected(
+        sky.Task.from_yaml_config(copy.deepcopy(first)), Req.JOBS_LAUNCH_CLUSTER, _options("t-1")
+    )
+    assert "without deskgpu's guard" in message
+
+
+def test_relaunch_of_a_task_never_shaped_is_refused(policy_server, guarded) -> None:
+    task = _task("name: t\nresources: {accelerators: A6000:1}\nrun: x\n")
+    assert "owner label" in _rejected(task, Req.JOBS_LAUNCH_CLUSTER, _options("t-1"))
 
 
 def test_skypilot_own_controller_launch_is_left_alone(policy_server) -> None:
@@ -462,6 +512,10 @@ def test_request_kinds() -> None:
     assert decide("validate", True).kind == "interactive"
     assert decide("validate", True).check_cluster_name  # `sky launch` validates first
     assert decide("validate", False).kind == "batch"
+    # A controller's own validate (told by the guard from the connection) is its relaunch.
+    internal = decide("validate", True, internal=True)
+    assert internal.relaunch and not internal.check_cluster_name and internal.kind == "batch"
+    assert decide("exec", True, internal=True).check_cluster_name
 
 
 def test_request_user_prefers_the_server_user_except_on_relaunch() -> None:

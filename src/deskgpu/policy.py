@@ -7,8 +7,13 @@ prints, then `check_house_rules`; a broken rule rejects the request with the rul
 and how to comply.
 
 This module runs inside the API server and imports `sky` at the top, which is why nothing
-in deskgpu's CLI imports it. It reads the host config per request (`$DESKGPU_CONFIG`, else
-`/etc/deskgpu/config.yaml`), so an edited config applies without a server restart.
+in deskgpu's CLI imports it. It reads the host config per request, so an edited config
+applies without a server restart; which file is decided by the server's start-up
+environment (`$DESKGPU_CONFIG` when the server started, else `/etc/deskgpu/config.yaml`),
+never by a request, and the file must belong to root or the server's account.
+
+`Guard` is the server plugin (`~/.sky/plugins.yaml` of the server's account, written by
+`deskgpu setup render`) that makes the policy a boundary: see `deskgpu.hardening`.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ from __future__ import annotations
 import copy
 import getpass
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sky
 from sky import exceptions as sky_exceptions
+from sky.server import plugins as sky_plugins
 
-from deskgpu.config import HostConfig, load_config
+from deskgpu import hardening
+from deskgpu.config import HostConfig, config_path, load_config
 from deskgpu.errors import DeskgpuError
 from deskgpu.house_rules import (
     BATCH,
@@ -56,6 +65,11 @@ _PASS_REQUESTS = {"jobs.launch_controller", "serve.launch_controller"}
 _RELAUNCH_REQUESTS = {"jobs.launch_cluster", "serve.launch_replica"}
 
 
+# What SkyPilot's jobs controller adds to a task it relaunches (sky/jobs/controller.py
+# `_add_k8s_annotations`): reserved for the box on a client's request, expected on its own.
+CONTROLLER_ANNOTATIONS = ("skypilot-managed-job-id", "skypilot-managed-job-name")
+
+
 @dataclass(frozen=True)
 class Decision:
     """How a request is treated: mutate as `kind`, only check, or leave alone."""
@@ -63,13 +77,20 @@ class Decision:
     kind: str | None  # BATCH or INTERACTIVE when the task is shaped
     check: bool = True
     check_cluster_name: bool = False
+    relaunch: bool = False  # a controller's own request for a task the policy shaped before
 
 
-def decide(request_name: str, has_request_options: bool) -> Decision:
+def decide(request_name: str, has_request_options: bool, internal: bool = False) -> Decision:
     """`sky jobs launch` is batch; every `sky launch` cluster is a session (it holds its GPUs
-    until torn down, run or no run); `sky exec` is only checked."""
+    until torn down, run or no run); `sky exec` is only checked.
+
+    `internal`: the request comes from a SkyPilot controller of this server (told by the guard
+    from the connection, never from the request): its validate and relaunch of a job.
+    """
     if request_name in _PASS_REQUESTS:
         return Decision(kind=None, check=False)
+    if request_name in _RELAUNCH_REQUESTS or (internal and request_name != "exec"):
+        return Decision(kind=BATCH, relaunch=True)
     if request_name in _BATCH_REQUESTS:
         return Decision(kind=BATCH)
     if request_name in _SESSION_REQUESTS:
@@ -85,17 +106,40 @@ def decide(request_name: str, has_request_options: bool) -> Decision:
 
 
 def request_user(
-    request_name: str, user_name: str | None, task_labels: Mapping[str, Any] | None
+    request_name: str,
+    user_name: str | None,
+    task_labels: Mapping[str, Any] | None,
+    *,
+    relaunch: bool = False,
 ) -> str:
     """Whose request this is: the API server's user, or the recorded owner on a relaunch."""
     recorded = (task_labels or {}).get(LABEL_USER)
-    if request_name in _RELAUNCH_REQUESTS and recorded:
+    if (relaunch or request_name in _RELAUNCH_REQUESTS) and recorded:
         return str(recorded)
     if user_name:
         return user_name
     if recorded:
         return str(recorded)
     return os.environ.get("SKYPILOT_USER") or getpass.getuser()
+
+
+def without_controller_annotations(task: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `task` without the annotations SkyPilot's jobs controller adds."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            out = {}
+            for key, value in node.items():
+                if key == "annotations" and isinstance(value, Mapping):
+                    value = {k: v for k, v in value.items() if k not in CONTROLLER_ANNOTATIONS}
+                out[key] = strip(value)
+            return out
+        if isinstance(node, list):
+            return [strip(x) for x in node]
+        return copy.deepcopy(node)
+
+    stripped: dict[str, Any] = strip(task)
+    return stripped
 
 
 def shape_task_config(
@@ -107,9 +151,10 @@ def shape_task_config(
     cluster_name: str | None = None,
     has_request_options: bool = False,
     volume_host_paths: Mapping[str, str | None] | None = None,
+    internal: bool = False,
 ) -> tuple[dict[str, Any], list[Violation]]:
     """The policy without SkyPilot objects: a task dict in, the shaped dict and violations out."""
-    decision = decide(request_name, has_request_options)
+    decision = decide(request_name, has_request_options, internal)
     shaped = dict(task_config)
     if decision.kind is not None:
         if not shaped.get("name") and cluster_name:
@@ -117,7 +162,8 @@ def shape_task_config(
         shaped = apply_house_rules(shaped, config, user, decision.kind)
     found: list[Violation] = []
     if decision.check:
-        found = check_house_rules(shaped, config, user, volume_host_paths=volume_host_paths)
+        judged = without_controller_annotations(shaped) if decision.relaunch else shaped
+        found = check_house_rules(judged, config, user, volume_host_paths=volume_host_paths)
     else:
         found = sky_config_violations(lifted_config(shaped), config, user, where="config")
     if decision.check_cluster_name:
@@ -174,16 +220,40 @@ def _reject(text: str) -> Exception:
     return sky_exceptions.UserRequestRejectedByPolicy(text)
 
 
-def mutate(user_request: Any, config: HostConfig) -> Any:
-    """`validate_and_mutate` with the host config given (tests pass their own)."""
+def mutate(user_request: Any, config: HostConfig, *, internal: bool | None = None) -> Any:
+    """`validate_and_mutate` with the host config given (tests pass their own).
+
+    `internal` defaults to what the guard found out about the connection (`hardening`).
+    """
     name = getattr(user_request.request_name, "value", str(user_request.request_name))
     options = user_request.request_options
+    if internal is None:
+        # A SkyPilot controller process applies the policy to its own relaunches before it
+        # sends them (client side); over HTTP the guard tells the server who is connecting.
+        internal = GUARD.in_controller or hardening.INTERNAL_REQUEST.get()
+    decision = decide(name, options is not None, internal)
     task = user_request.task
     original = task.to_yaml_config()
+    labels = _labels(original)
+    if decision.relaunch:
+        if not GUARD.active:
+            # Without the guard the controller flag is whatever a client sent.
+            raise _reject(
+                f"rejected by the house rules of {config.box_name}: this API server runs "
+                "without deskgpu's guard, so a controller's relaunch cannot be told from a "
+                "client's (ask the admin to install the server plugin from "
+                "`deskgpu setup render` and run `deskgpu doctor`)"
+            )
+        if not labels.get(LABEL_USER):
+            raise _reject(
+                f"rejected by the house rules of {config.box_name}: a controller relaunch of "
+                "a task without an owner label, which the house rules never shaped"
+            )
     user = request_user(
         name,
         getattr(user_request.user, "name", None) if user_request.user else None,
-        _labels(original),
+        labels,
+        relaunch=decision.relaunch,
     )
     shaped, violations = shape_task_config(
         original,
@@ -193,15 +263,17 @@ def mutate(user_request: Any, config: HostConfig) -> Any:
         cluster_name=getattr(options, "cluster_name", None) if options else None,
         has_request_options=options is not None,
         volume_host_paths=_volume_host_paths(original),
+        internal=internal,
     )
     # The request's SkyPilot config: the server's merged with the client's `~/.sky/config.yaml`
     # / `--config`, whose `kubernetes.pod_config` SkyPilot folds into every pod it creates.
-    violations += sky_config_violations(
-        dict(user_request.skypilot_config or {}), config, user, where="SkyPilot config"
-    )
+    request_config = dict(user_request.skypilot_config or {})
+    if decision.relaunch:
+        request_config = without_controller_annotations(request_config)
+    violations += sky_config_violations(request_config, config, user, where="SkyPilot config")
     if violations:
         raise _reject(rejection_text(violations, config))
-    if decide(name, options is not None).kind is None:
+    if decision.kind is None:
         return sky.MutatedUserRequest(task=task, skypilot_config=user_request.skypilot_config)
     new_task = sky.Task.from_yaml_config(copy.deepcopy(shaped))
     # Not serialized by to_yaml_config; restored the way SkyPilot's RESTful policy does.
@@ -210,17 +282,143 @@ def mutate(user_request: Any, config: HostConfig) -> Any:
     return sky.MutatedUserRequest(task=new_task, skypilot_config=user_request.skypilot_config)
 
 
+def server_config_path() -> Path | None:
+    """The host config file this server enforces (None: built-in defaults).
+
+    Decided by the server's start-up environment (the guard's capture, else SkyPilot's clean
+    snapshot of it), never by what a request put into `os.environ`.
+    """
+    if GUARD.active:
+        return GUARD.config_path
+    startup: Mapping[str, str] | None = None
+    try:
+        from sky.server import clean_env
+
+        startup = clean_env.get_clean_server_env()
+    except ImportError:  # pragma: no cover - part of every SkyPilot 0.14 install
+        startup = None
+    return config_path(None, dict(startup if startup is not None else os.environ))
+
+
+def untrusted_config_reason(path: Path | None) -> str | None:
+    """Why the server must not take its rules from `path` (another user could write it)."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # missing or unreadable: load_config says so, located
+    if st.st_uid not in (0, os.geteuid()):
+        return f"{path} belongs to uid {st.st_uid}, not root or the server's account"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def load_server_config() -> HostConfig:
+    path = server_config_path()
+    reason = untrusted_config_reason(path)
+    if reason:
+        raise _reject(
+            "the box's deskgpu host config is not trusted, so no request can be checked: "
+            f"{reason} (ask the admin to run `deskgpu doctor`)"
+        )
+    try:
+        return load_config(path, environ={})
+    except DeskgpuError as exc:
+        raise _reject(
+            "the box's deskgpu host config is broken, so no request can be checked: "
+            + "; ".join(exc.lines())
+            + " (ask the admin to run `deskgpu doctor`)"
+        ) from None
+
+
 class HouseRules(sky.AdminPolicy):
     """deskgpu's house rules for every SkyPilot request on the box."""
 
     @classmethod
     def validate_and_mutate(cls, user_request: Any) -> Any:
-        try:
-            config = load_config()
-        except DeskgpuError as exc:
-            raise _reject(
-                "the box's deskgpu host config is broken, so no request can be checked: "
-                + "; ".join(exc.lines())
-                + " (ask the admin to run `deskgpu doctor`)"
-            ) from None
-        return mutate(user_request, config)
+        return mutate(user_request, load_server_config())
+
+
+class _GuardState:
+    """What the guard captured in this process when the server started."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.in_controller = False  # this process is a jobs/serve controller of the server
+        self.admin_policy = POLICY_CLASS
+        self.config_path: Path | None = None
+
+
+POLICY_CLASS = f"{__name__}.HouseRules"
+GUARD = _GuardState()
+GUARD_ROUTE = "/plugins/api/deskgpu/guard"
+
+
+class Guard(sky_plugins.BasePlugin):
+    """The server plugin that keeps clients from changing what the server enforces.
+
+    In every server process (main, HTTP workers, request executors, controllers):
+    - the admin policy is the one named here, whatever config a request swapped in
+      (`SKYPILOT_CONFIG` in its env, `admin_policy` in its client config);
+    - the host config is the one the server started with.
+    In the HTTP workers, `hardening.GuardMiddleware` scrubs each client request body and
+    tells SkyPilot's controllers from clients, and `GET /plugins/api/deskgpu/guard` says
+    what is enforced (what `deskgpu doctor` checks).
+    """
+
+    def __init__(self, admin_policy: str = POLICY_CLASS) -> None:
+        self.admin_policy = admin_policy
+
+    @property
+    def name(self) -> str:
+        return "deskgpu-guard"
+
+    @property
+    def hidden_from_display(self) -> bool:
+        return True
+
+    def install(self, extension_context: Any) -> None:
+        if not GUARD.active:
+            GUARD.config_path = config_path(None, dict(os.environ))
+            GUARD.admin_policy = self.admin_policy
+            _pin_admin_policy(self.admin_policy)
+            GUARD.active = True
+        context = getattr(extension_context, "context", None)
+        if context == sky_plugins.PluginContext.CONTROLLER:
+            GUARD.in_controller = True
+        app = getattr(extension_context, "app", None)
+        if app is not None and not getattr(app.state, "deskgpu_guard", False):
+            app.state.deskgpu_guard = True
+            app.add_middleware(hardening.GuardMiddleware)
+            app.add_api_route(GUARD_ROUTE, _guard_status, methods=["GET"])
+
+
+def guard_status() -> dict[str, Any]:
+    return {
+        "guard": "active" if GUARD.active else "inactive",
+        "admin_policy": GUARD.admin_policy,
+        "host_config": str(GUARD.config_path) if GUARD.config_path else None,
+        "request_env_allowed": sorted(hardening.ALLOWED_REQUEST_ENV),
+    }
+
+
+async def _guard_status() -> dict[str, Any]:
+    return guard_status()
+
+
+def _pin_admin_policy(location: str) -> None:
+    """Whatever `admin_policy` the loaded config names, apply `location` on this server."""
+    from sky.utils import admin_policy_utils
+
+    original = admin_policy_utils._get_policy_impl
+    if getattr(original, "deskgpu_pinned", False):
+        return
+
+    def pinned(policy_location: str | None) -> Any:
+        del policy_location  # a request may have swapped the loaded config: not its choice
+        return original(location)
+
+    pinned.deskgpu_pinned = True  # type: ignore[attr-defined]
+    admin_policy_utils._get_policy_impl = pinned

@@ -22,6 +22,7 @@ import yaml
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
+GUARD_CLASS = "deskgpu.policy.Guard"  # the server plugin that makes the policy a boundary
 DEFAULT_ENDPOINT = "http://127.0.0.1:46580"  # == skyapi.DEFAULT_ENDPOINT (no sky import here)
 SERVER_UNIT = "skypilot-api.service"
 SERVER_USER = "skypilot"
@@ -112,6 +113,11 @@ def server_config_path(config: HostConfig) -> str:
     return str(explicit) if explicit else f"{SERVER_HOME}/.sky/config.yaml"
 
 
+def server_plugins_path(config: HostConfig) -> str:
+    """The API server's plugin list (SkyPilot reads `~/.sky/plugins.yaml` of its account)."""
+    return f"{server_home(config)}/.sky/plugins.yaml"
+
+
 def server_home(config: HostConfig) -> str:
     path = server_config_path(config)
     return (
@@ -173,6 +179,12 @@ def skypilot_server_config(config: HostConfig) -> dict[str, Any]:
     return doc
 
 
+def server_plugins(config: HostConfig) -> dict[str, Any]:
+    """SkyPilot's server plugin list: deskgpu's guard, loaded in every server process."""
+    del config  # one guard for every box; the policy it pins is deskgpu's
+    return {"plugins": [{"class": GUARD_CLASS, "parameters": {"admin_policy": POLICY_CLASS}}]}
+
+
 def server_unit(config: HostConfig, tools: Tools) -> str:
     user = server_user(config)
     home = server_home(config)
@@ -196,6 +208,9 @@ def server_unit(config: HostConfig, tools: Tools) -> str:
             f"HOME={home}",
             f"KUBECONFIG={home}/.kube/config",
             "SKYPILOT_DISABLE_USAGE_COLLECTION=1",
+            # The jobs controller reaches its own server at the *local* port (it clears the
+            # endpoint variables: sky/jobs/recovery_strategy.py), 46580 unless told.
+            f"SKYPILOT_API_SERVER_LOCAL_PORT={server_port(config)}",
             client=False,
         ),
     ]
@@ -440,6 +455,13 @@ def render(config: HostConfig, tools: Tools) -> Rendered:
             0o600,
             f"the API server's SkyPilot config: admin_policy {POLICY_CLASS}",
             owner=server_user(config),
+        ),
+        SetupFile(
+            server_plugins_path(config).lstrip("/"),
+            _header(config) + _yaml(server_plugins(config)),
+            0o644,
+            f"the API server's plugins: {GUARD_CLASS}, so no request can switch the house "
+            "rules off",
         ),
         SetupFile(
             f"etc/systemd/system/{SERVER_UNIT}",

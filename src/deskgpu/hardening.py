@@ -1,0 +1,392 @@
+"""What no client request may change on the shared API server, and who is asking.
+
+SkyPilot 0.14 applies a request's `env_vars` to the server worker that runs it
+(`sky/server/requests/executor.py` `override_request_env_and_config`) and merges the client's
+config over the server's (`skypilot_config.override_skypilot_config`, where `admin_policy` is
+not among `SKIPPED_CLIENT_OVERRIDE_KEYS`). A researcher with the stock CLI or a raw HTTP
+request could so point the server at their own config (no policy), their own host config,
+their own `PATH`, or their own RESTful policy. The jobs controller's flag
+`is_launched_by_jobs_controller` is likewise taken from the request body.
+
+`GuardMiddleware` rewrites every JSON request body at the HTTP boundary before SkyPilot parses
+it: it keeps only the request environment variables SkyPilot's own client needs (identity,
+logging), drops `admin_policy` from the client's config, and drops the controller flags,
+unless the connection comes from a SkyPilot controller process of the server's own account
+(a server-side fact read from /proc, not from anything the client sends). For those, the
+`INTERNAL_REQUEST` context variable is set so the policy can tell the controller's own
+`/validate` from a client's.
+
+Pure Python: no `import sky` (the plugin that installs this lives in `deskgpu.policy`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("deskgpu.hardening")
+
+# The request environment SkyPilot's own client sends that the server may apply: who is
+# asking (SkyPilot records it; the box's trust model says it is asserted, not proven), the
+# usage run id, and logging switches (sky/server/requests/payloads.py
+# `request_body_env_vars`, sky/utils/env_options.py). Everything else a client could put
+# there changes how the server itself behaves: SKYPILOT_CONFIG, SKYPILOT_GLOBAL_CONFIG,
+# SKYPILOT_PROJECT_CONFIG, SKYPILOT_SERVER_*, DESKGPU_*, HOME, PATH, PYTHONPATH, LD_*,
+# KUBECONFIG, cloud credentials, SKYPILOT_DEV, SKYPILOT_ALLOW_ALL_KUBERNETES_CONTEXTS, ...
+ALLOWED_REQUEST_ENV = frozenset(
+    {
+        "SKYPILOT_USER_ID",
+        "SKYPILOT_USER",
+        "SKYPILOT_USAGE_RUN_ID",
+        "SKYPILOT_CLIENT_USER_HASH",
+        "SKYPILOT_DEBUG",
+        "SKYPILOT_DISABLE_USAGE_COLLECTION",
+        "SKYPILOT_MINIMIZE_LOGGING",
+        "SKYPILOT_SUPPRESS_SENSITIVE_LOG",
+    }
+)
+# Keys of the client's SkyPilot config that only the server's own config may set.
+SERVER_ONLY_CONFIG_KEYS = ("admin_policy",)
+# Request-body flags that SkyPilot's controllers set for their own relaunches.
+CONTROLLER_FLAGS = ("is_launched_by_jobs_controller", "is_launched_by_sky_serve_controller")
+# How SkyPilot starts its controllers (sky/jobs/scheduler.py `start_controller`,
+# sky/serve/serve_utils.py): the process, or one it forked, runs one of these modules.
+CONTROLLER_MODULES = ("sky.jobs.controller", "sky.serve.service")
+
+# True while the current HTTP request comes from a SkyPilot controller of this server.
+INTERNAL_REQUEST: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "deskgpu_internal_request", default=False
+)
+
+
+@dataclass(frozen=True)
+class Scrubbed:
+    """What `scrub_request_body` removed from one request."""
+
+    env: tuple[str, ...] = ()
+    config: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.env or self.config or self.flags)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.env:
+            parts.append("env_vars " + ", ".join(self.env))
+        if self.config:
+            parts.append("config " + ", ".join(self.config))
+        if self.flags:
+            parts.append("flags " + ", ".join(self.flags))
+        return "; ".join(parts)
+
+
+def scrub_request_body(body: MutableMapping[str, Any]) -> Scrubbed:
+    """Remove from a client's request body (in place) what only the server may decide."""
+    env_dropped: list[str] = []
+    env = body.get("env_vars")
+    if isinstance(env, dict):
+        for key in list(env):
+            if key not in ALLOWED_REQUEST_ENV:
+                env_dropped.append(str(key))
+                del env[key]
+    elif "env_vars" in body:
+        # Not a mapping: SkyPilot would refuse it; make sure nothing odd reaches it.
+        env_dropped.append("<not a mapping>")
+        body["env_vars"] = {}
+    config_dropped: list[str] = []
+    override = body.get("override_skypilot_config")
+    if isinstance(override, dict):
+        for key in SERVER_ONLY_CONFIG_KEYS:
+            if key in override:
+                config_dropped.append(key)
+                del override[key]
+    flags: list[str] = []
+    for flag in CONTROLLER_FLAGS:
+        if body.get(flag):
+            flags.append(flag)
+        body.pop(flag, None)
+    return Scrubbed(tuple(env_dropped), tuple(config_dropped), tuple(flags))
+
+
+# ---------------------------------------------------------------------------------------------
+# Who is on the other end of a loopback connection (/proc, as identd would)
+
+
+def _hex_addr(host: str, port: int) -> set[str]:
+    """The forms /proc/net/tcp{,6} use for host:port (IPv4, and IPv4-mapped IPv6)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return set()
+    forms: set[str] = set()
+    if isinstance(ip, ipaddress.IPv4Address):
+        v4 = ip.packed[::-1].hex().upper()
+        forms.add(f"{v4}:{port:04X}")
+        mapped = ipaddress.IPv6Address(f"::ffff:{ip}").packed
+    else:
+        mapped = ip.packed
+    # /proc/net/tcp6 prints each 32-bit word in host (little-endian) order.
+    words = [mapped[i : i + 4][::-1].hex().upper() for i in range(0, 16, 4)]
+    forms.add(f"{''.join(words)}:{port:04X}")
+    return forms
+
+
+@dataclass(frozen=True)
+class Peer:
+    uid: int
+    inode: int
+
+
+def socket_owner(
+    client: tuple[str, int], server: tuple[str, int], proc: Path = Path("/proc")
+) -> Peer | None:
+    """The uid and socket inode of the client end of the TCP connection client -> server."""
+    local = _hex_addr(*client)
+    remote = _hex_addr(*server)
+    if not local or not remote:
+        return None
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10:
+                continue
+            if fields[1] in local and fields[2] in remote:
+                try:
+                    return Peer(uid=int(fields[7]), inode=int(fields[9]))
+                except ValueError:
+                    return None
+    return None
+
+
+def _pids_of_uid(uid: int, proc: Path) -> Iterable[int]:
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    yield int(entry.name)
+            except OSError:
+                continue
+
+
+def pid_holding_socket(inode: int, uid: int, proc: Path = Path("/proc")) -> int | None:
+    """The process (of `uid`) that has socket `inode` open."""
+    target = f"socket:[{inode}]"
+    try:
+        pids = list(_pids_of_uid(uid, proc))
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            fds = list((proc / str(pid) / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if str(fd.readlink()) == target:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def _cmdline(pid: int, proc: Path) -> list[str]:
+    try:
+        raw = (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+
+
+def _parent(pid: int, proc: Path) -> int | None:
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after its closing paren.
+    rest = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(rest[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def runs_controller_module(args: list[str]) -> bool:
+    """`python -u -msky.jobs.controller UUID`, `python -m sky.serve.service ...`."""
+    for i, arg in enumerate(args):
+        if arg in ("-m", "-um", "-mu") and i + 1 < len(args) and args[i + 1] in CONTROLLER_MODULES:
+            return True
+        if arg.startswith("-") and not arg.startswith("--"):
+            flags, _, module = arg.partition("m")
+            if module in CONTROLLER_MODULES and set(flags[1:]) <= set("uBOsIE"):
+                return True
+    return False
+
+
+def is_controller_process(pid: int, uid: int, proc: Path = Path("/proc"), depth: int = 4) -> bool:
+    """`pid`, or one of its nearest ancestors of the same uid, is a SkyPilot controller."""
+    current: int | None = pid
+    for _ in range(depth):
+        if current is None or current <= 1:
+            return False
+        try:
+            if (proc / str(current)).stat().st_uid != uid:
+                return False
+        except OSError:
+            return False
+        if runs_controller_module(_cmdline(current, proc)):
+            return True
+        current = _parent(current, proc)
+    return False
+
+
+def is_internal_peer(
+    client: tuple[str, int] | None,
+    server: tuple[str, int] | None,
+    *,
+    server_uid: int | None = None,
+    proc: Path = Path("/proc"),
+) -> bool:
+    """Whether the connection comes from a SkyPilot controller run by this server's account.
+
+    Users of the box never run as the server's account, so their connections fail at the uid;
+    a process of that account counts only if it (or a parent) runs a controller module.
+    """
+    if not client or not server:
+        return False
+    peer = socket_owner((str(client[0]), int(client[1])), (str(server[0]), int(server[1])), proc)
+    uid = os.geteuid() if server_uid is None else server_uid
+    if peer is None or peer.uid != uid:
+        return False
+    pid = pid_holding_socket(peer.inode, uid, proc)
+    return pid is not None and is_controller_process(pid, uid, proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ASGI middleware
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MAX_BODY = 64 * 1024 * 1024  # a request SkyPilot parses as JSON in memory anyway
+
+
+def _is_form(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            kind = value.split(b";", 1)[0].strip().lower()
+            return kind in (b"multipart/form-data", b"application/x-www-form-urlencoded")
+    return False
+
+
+class GuardMiddleware:
+    """Scrubs every JSON request body of a client (see the module docstring)."""
+
+    def __init__(
+        self, app: ASGIApp, is_internal: Callable[[Mapping[str, Any]], bool] | None = None
+    ) -> None:
+        self.app = app
+        self.is_internal = is_internal or (
+            lambda scope: is_internal_peer(scope.get("client"), scope.get("server"))
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        internal = False
+        try:
+            internal = self.is_internal(scope)
+        except Exception:  # a /proc oddity must fail closed (as a client), never open
+            logger.exception("deskgpu guard: could not tell who is connecting")
+        if internal:
+            token = INTERNAL_REQUEST.set(True)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                INTERNAL_REQUEST.reset(token)
+            return
+        if scope.get("method") not in ("POST", "PUT", "PATCH") or _is_form(
+            scope.get("headers") or []
+        ):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message.get("type") != "http.request":
+                # The client went away before sending its body: nothing to run.
+                return
+            chunk = message.get("body", b"") or b""
+            size += len(chunk)
+            if size > MAX_BODY:
+                await _refuse(send, 413, "request body too large for the deskgpu guard")
+                return
+            chunks.append(chunk)
+            more = bool(message.get("more_body"))
+        body = b"".join(chunks)
+        body = self._scrubbed(scope, body)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        headers = [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.app({**scope, "headers": headers}, replay, send)
+
+    @staticmethod
+    def _scrubbed(scope: Scope, body: bytes) -> bytes:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return body  # not JSON: SkyPilot cannot parse it into a request either
+        if not isinstance(doc, dict):
+            return body
+        removed = scrub_request_body(doc)
+        if removed:
+            logger.warning(
+                "deskgpu guard: %s %s from %s: removed %s (set by the server, not clients)",
+                scope.get("method"),
+                scope.get("path"),
+                (scope.get("client") or ("?",))[0],
+                removed,
+            )
+        # Always re-serialized: SkyPilot parses exactly what was checked (duplicate keys,
+        # odd encodings and the like cannot differ between this parser and its).
+        return json.dumps(doc).encode()
+
+
+async def _refuse(send: Send, status: int, text: str) -> None:
+    payload = json.dumps({"detail": text}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
