@@ -223,14 +223,28 @@ def _parent(pid: int, proc: Path) -> int | None:
 
 
 def runs_controller_module(args: list[str]) -> bool:
-    """`python -u -msky.jobs.controller UUID`, `python -m sky.serve.service ...`."""
-    for i, arg in enumerate(args):
-        if arg in ("-m", "-um", "-mu") and i + 1 < len(args) and args[i + 1] in CONTROLLER_MODULES:
-            return True
-        if arg.startswith("-") and not arg.startswith("--"):
-            flags, _, module = arg.partition("m")
-            if module in CONTROLLER_MODULES and set(flags[1:]) <= set("uBOsIE"):
-                return True
+    """`python -u -msky.jobs.controller UUID`, `python -m sky.serve.service ...`.
+
+    Python's own options are read up to the first argument that is not one (a script, `-c`
+    code): a module named after that is only an argument of someone else's program.
+    """
+    rest = iter(args[1:])
+    for arg in rest:
+        if not arg.startswith("-") or arg in ("-", "--"):
+            return False
+        letters = arg[1:]
+        for i, letter in enumerate(letters):
+            if letter == "m":
+                module = letters[i + 1 :] or next(rest, "")
+                return module in CONTROLLER_MODULES
+            if letter == "c":
+                return False
+            if letter in "XW":  # takes a value: attached, or the next argument
+                if i + 1 == len(letters):
+                    next(rest, None)
+                break
+            if letter not in "bBdEhiIOPqsSuvVR":
+                return False
     return False
 
 
