@@ -398,3 +398,83 @@ def test_every_check_has_a_fix_when_not_ok() -> None:
             if check.status in (WARN, FAIL):
                 assert check.fix, check.id
             assert "\n" not in check.detail, check.id
+
+
+# ---------------------------------------------------------------------------------------------
+# skypilot.hardening: the running server has deskgpu's guard (tests/test_hardening_server.py
+# runs the same check against a real server with and without it)
+
+GUARD_URL = "http://127.0.0.1:46580/plugins/api/deskgpu/guard"
+
+
+def _with_guard(status: int | None, body: object = None, error: str | None = None) -> HostFacts:
+    from deskgpu.doctor.facts import HttpFact
+
+    recorded = facts("healthy-4x-a6000.json")
+    text = body if isinstance(body, str) or body is None else json.dumps(body)
+    recorded.sky.guard = HttpFact(GUARD_URL, status_code=status, body=text, error=error)
+    return recorded
+
+
+def _active(**changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "guard": "active",
+        "admin_policy": "deskgpu.policy.HouseRules",
+        "host_config": str(BOX_CONFIG),
+    }
+    doc.update(changes)
+    return doc
+
+
+def _hardening(recorded: HostFacts, config: HostConfig | None = None) -> Check:
+    return by_id(run_checks(recorded, config or box_config()))["skypilot.hardening"]
+
+
+def test_a_server_without_the_guard_fails_hardening() -> None:
+    check = _hardening(_with_guard(404, '{"detail":"Not Found"}', "HTTP 404 Not Found"))
+    assert check.status == FAIL
+    assert "switch the house rules off" in check.detail
+    assert "plugins.yaml" in check.fix and "systemctl restart skypilot-api" in check.fix
+
+
+def test_the_guard_is_not_required_without_the_policy() -> None:
+    relaxed = box_config(doctor={"require_admin_policy": False})
+    assert _hardening(_with_guard(404, "{}"), relaxed).status == SKIP
+
+
+def test_an_active_guard_is_ok_and_says_what_it_pins() -> None:
+    check = _hardening(_with_guard(200, _active()))
+    assert check.status == OK
+    assert "deskgpu.policy.HouseRules" in check.detail and str(BOX_CONFIG) in check.detail
+
+
+def test_a_guard_pinning_another_policy_fails() -> None:
+    check = _hardening(_with_guard(200, _active(admin_policy="lab.Permissive")))
+    assert check.status == FAIL and "lab.Permissive" in check.detail
+
+
+def test_a_guard_enforcing_another_host_config_warns() -> None:
+    check = _hardening(_with_guard(200, _active(host_config="/srv/other.yaml")))
+    assert check.status == WARN
+    assert "/srv/other.yaml" in check.detail and "--config /srv/other.yaml" in check.fix
+
+
+@pytest.mark.parametrize("body", ["not json", '{"guard": "inactive"}', "[]"])
+def test_a_guard_answer_that_is_not_active_fails(body: str) -> None:
+    assert _hardening(_with_guard(200, body)).status == FAIL
+
+
+def test_no_server_no_hardening_verdict() -> None:
+    recorded = facts("dev-vm-no-gpu.json")
+    assert _hardening(recorded).status == SKIP
+
+
+def test_doctor_and_the_plugin_name_the_same_route() -> None:
+    pytest.importorskip("sky")
+    from deskgpu import policy
+    from deskgpu.doctor import probes
+    from deskgpu.setup import render
+
+    assert probes.GUARD_ROUTE == policy.GUARD_ROUTE
+    assert render.GUARD_CLASS == f"{policy.Guard.__module__}.{policy.Guard.__qualname__}"
+    assert render.POLICY_CLASS == policy.POLICY_CLASS

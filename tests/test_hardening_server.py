@@ -144,7 +144,7 @@ def _rendered(tmp: Path, port: int, *, guard: bool) -> tuple[Path, dict[str, str
     """Render the box's files for a host config on `port`; returns HOME, env and the config."""
     host_config = tmp / "host-config.yaml"
     text = HOST_CONFIG.read_text().replace("127.0.0.1:46580", f"127.0.0.1:{port}")
-    host_config.write_text(text)
+    host_config.write_text(text + "doctor:\n  require_admin_policy: true\n")
     config = load_config(host_config)
     out = tmp / "rendered"
     write(render(config, Tools(python=sys.executable, deskgpu="deskgpu")), out)
@@ -215,6 +215,28 @@ def test_the_rendered_server_runs_the_guard(box: Box) -> None:
     assert status["guard"] == "active"
     assert status["admin_policy"] == "deskgpu.policy.HouseRules"
     assert status["host_config"] == str(box.host_config)
+
+
+def _doctor_check(box: Box, check_id: str) -> dict[str, Any]:
+    ran = subprocess.run(
+        [str(Path(sys.executable).with_name("deskgpu")), "doctor", "--json"],
+        env={**box.client_env(box.home.parent), "DESKGPU_CONFIG": str(box.host_config)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report = json.loads(ran.stdout)
+    found: dict[str, Any] = next(c for c in report["checks"] if c["id"] == check_id)
+    return found
+
+
+def test_doctor_proves_the_guard_on_the_running_server(box: Box, open_box: Box) -> None:
+    guarded = _doctor_check(box, "skypilot.hardening")
+    assert guarded["status"] == "ok", guarded
+    assert str(box.host_config) in guarded["detail"]
+    unguarded = _doctor_check(open_box, "skypilot.hardening")
+    assert unguarded["status"] == "fail", unguarded
+    assert "plugins.yaml" in unguarded["fix"]
 
 
 # ---------------------------------------------------------------------------------------------

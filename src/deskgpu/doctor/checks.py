@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -789,6 +790,7 @@ def check_skypilot(facts: HostFacts, config: HostConfig, s: Settings) -> list[Ch
     out.append(_check_shared(facts, config, s, endpoint))
     out.append(_check_infra(facts, config))
     out.append(_check_policy(facts, s))
+    out.append(_check_hardening(facts, config, s))
     out.append(_check_kueue(facts, config))
     return out
 
@@ -1030,6 +1032,66 @@ def _check_policy(facts: HostFacts, s: Settings) -> Check:
         + (f": {', '.join(hidden)}" if hidden else " (not found)"),
         "set doctor.skypilot_server_config to its config.yaml, or rerun as root",
     )
+
+
+GUARD_FIX = (
+    "install the server plugin `deskgpu setup render` writes ({path}: "
+    "`plugins: [{{class: deskgpu.policy.Guard}}]`), then `sudo systemctl restart skypilot-api`"
+)
+
+
+def _check_hardening(facts: HostFacts, config: HostConfig, s: Settings) -> Check:
+    """The running server has deskgpu's guard: no request can switch the house rules off."""
+    health = facts.sky.health
+    guard = facts.sky.guard
+    path = s.skypilot_server_config or "/var/lib/skypilot/.sky/config.yaml"
+    plugins = str(Path(path).with_name("plugins.yaml"))
+    fix = GUARD_FIX.format(path=plugins)
+    if health is None or health.status_code != 200 or guard is None:
+        return _sky("hardening", SKIP, "the API server did not answer (skypilot.api_server)")
+    if guard.status_code == 404:
+        if not s.require_admin_policy:
+            return _sky(
+                "hardening",
+                SKIP,
+                "the server runs without deskgpu's guard; not required by the host config "
+                "(doctor.require_admin_policy)",
+            )
+        return _sky(
+            "hardening",
+            FAIL,
+            "the server runs without deskgpu's guard: any client can switch the house rules "
+            "off (SKYPILOT_CONFIG in its environment, admin_policy in its config) and claim "
+            "to be the jobs controller",
+            fix,
+        )
+    body = _json(guard.body) if guard.status_code == 200 and guard.body else None
+    if not isinstance(body, dict) or body.get("guard") != "active":
+        why = guard.error or f"HTTP {guard.status_code}"
+        return _sky("hardening", FAIL, f"the guard did not say it is active ({why})", fix)
+    policy = str(body.get("admin_policy") or "")
+    enforced = body.get("host_config")
+    if not policy.startswith("deskgpu."):
+        return _sky(
+            "hardening",
+            FAIL,
+            f"the guard pins admin policy {policy or '(none)'}, not deskgpu's",
+            fix,
+        )
+    detail = (
+        f"guard active: {policy} whatever a request sends; host config "
+        f"{enforced or '(built-in defaults)'}"
+    )
+    mine = config.source if config.source.startswith("/") else None
+    if mine and enforced and str(enforced) != mine:
+        return _sky(
+            "hardening",
+            WARN,
+            f"{detail}, but this doctor run read {mine}: the server enforces other rules",
+            f"start the server with DESKGPU_CONFIG={mine} (`deskgpu setup render --config "
+            f"{mine}`), or run doctor with --config {enforced}",
+        )
+    return _sky("hardening", OK, detail)
 
 
 def _check_kueue(facts: HostFacts, config: HostConfig) -> Check:

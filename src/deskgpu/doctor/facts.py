@@ -186,6 +186,7 @@ class SkyFacts:
     endpoint: str | None = None  # the endpoint deskgpu uses
     endpoint_source: str | None = None  # "env", "host config", "sky config", "default"
     health: HttpFact | None = None  # GET <endpoint>/api/health
+    guard: HttpFact | None = None  # GET <endpoint>/plugins/api/deskgpu/guard (the plugin)
     enabled_infra: list[str] | None = None  # server's cached `sky check` result
     enabled_infra_error: str | None = None
     processes: list[ServerProcess] = field(default_factory=list)
@@ -268,6 +269,7 @@ class HostFacts:
                             SkyFacts,
                             sky,
                             health=_http(sky.get("health")),
+                            guard=_http(sky.get("guard")),
                             processes=[
                                 ServerProcess(**_pick(ServerProcess, p))
                                 for p in sky.get("processes", [])

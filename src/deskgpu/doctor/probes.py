@@ -55,6 +55,8 @@ from deskgpu.doctor.facts import (
 if TYPE_CHECKING:
     from deskgpu.nvml import GpuHealth
 
+# The route deskgpu's server plugin answers (deskgpu.policy.GUARD_ROUTE; no sky import here).
+GUARD_ROUTE = "/plugins/api/deskgpu/guard"
 DEFAULT_TIMEOUT_S = 4.0
 HTTP_TIMEOUT_S = 3.0
 MAX_TEXT = 64 * 1024
@@ -410,6 +412,7 @@ def probe_skypilot(config: HostConfig, paths: ProbePaths, env: dict[str, str]) -
     sky.health, _ = http_get(sky.endpoint.rstrip("/") + "/api/health")
     if sky.health.status_code == 200:
         sky.enabled_infra, sky.enabled_infra_error = read_enabled_infra(sky.endpoint)
+        sky.guard, _ = http_get(sky.endpoint.rstrip("/") + GUARD_ROUTE)
     return sky
 
 
