@@ -476,5 +476,5 @@ def test_doctor_and_the_plugin_name_the_same_route() -> None:
     from deskgpu.setup import render
 
     assert probes.GUARD_ROUTE == policy.GUARD_ROUTE
-    assert render.GUARD_CLASS == f"{policy.Guard.__module__}.{policy.Guard.__qualname__}"
+    assert f"{policy.Guard.__module__}.{policy.Guard.__qualname__}" == render.GUARD_CLASS
     assert render.POLICY_CLASS == policy.POLICY_CLASS

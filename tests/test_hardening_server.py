@@ -336,9 +336,7 @@ def test_request_env_cannot_choose_the_host_config(box: Box, tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="SkyPilot's jobs launch needs rsync")
-def test_request_path_cannot_run_the_users_programs_on_the_server(
-    box: Box, tmp_path: Path
-) -> None:
+def test_request_path_cannot_run_the_users_programs_on_the_server(box: Box, tmp_path: Path) -> None:
     """The unguarded server runs `rsync` for a jobs launch from the request's PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -347,9 +345,7 @@ def test_request_path_cannot_run_the_users_programs_on_the_server(
     real = shutil.which("rsync") or "rsync"
     fake.write_text(f'#!/bin/sh\ntouch {shlex.quote(str(marker))}\nexec {real} "$@"\n')
     fake.chmod(0o755)
-    result = box.raw(
-        "/jobs/launch", CLEAN, env={"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    )
+    result = box.raw("/jobs/launch", CLEAN, env={"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"})
     assert result["status"] == "SUCCEEDED", result
     assert not marker.exists()
 
