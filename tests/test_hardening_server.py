@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -417,11 +418,25 @@ def test_validate_is_as_strict_as_launch(box: Box, tmp_path: Path) -> None:
     assert "cluster_name:" in other["error"], other
 
 
-def test_rejected_requests_leave_no_cluster_behind(box: Box, tmp_path: Path) -> None:
-    box.raw("/launch", HOSTPATH, cluster="alice-evil", env={"SKYPILOT_CONFIG": "/dev/null"})
+def _managed_jobs(box: Box) -> int:
+    """Managed jobs the server has recorded (its own database, read-only)."""
+    db = box.home / ".sky" / "spot_jobs.db"
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        (count,) = conn.execute("SELECT COUNT(*) FROM job_info").fetchone()
+    return int(count)
+
+
+def test_rejected_requests_leave_nothing_behind(box: Box, tmp_path: Path) -> None:
+    jobs_before = _managed_jobs(box)
+    for path in ("/launch", "/jobs/launch"):
+        rejected = box.raw(path, HOSTPATH, cluster="alice-evil", env={"SKYPILOT_CONFIG": "x"})
+        assert rejected["error_type"] == "UserRequestRejectedByPolicy", rejected
     box.raw("/launch", CLEAN, cluster="bob-x", fields={"is_launched_by_jobs_controller": True})
     names = box.cluster_names()
     assert "alice-evil" not in names and "bob-x" not in names, names
+    assert _managed_jobs(box) == jobs_before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -246,6 +246,7 @@ def test_controller_relaunch_with_its_annotations_passes(policy_server, guarded)
     overrides = again["resources"]["_cluster_config_overrides"]["kubernetes"]["pod_config"]
     assert overrides["metadata"]["annotations"] == note
     assert again["resources"]["labels"][LABEL_USER] == "alice"
+    assert _checkpoint_mount(again)["subPath"] == "alice"  # the mounts are the owner's
     # The same annotations from a client are refused.
     assert "pod_metadata:" in _rejected(relaunched, Req.JOBS_LAUNCH)
 
