@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
+from tests.apiserver import running_api_server
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -73,62 +74,12 @@ def cli(runner: CliRunner, monkeypatch: pytest.MonkeyPatch):
     return run
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def sky_api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real SkyPilot API server on 127.0.0.1 (no infra enabled); yields its URL."""
-    import subprocess
-    import sys
-
-    home = tmp_path_factory.mktemp("sky-server-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "SKYPILOT_DISABLE_LOCAL_API_SERVER"},
-        "HOME": str(home),
-        "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
-        "SKYPILOT_API_SERVER_ENDPOINT": url,
-    }
-    sky = str(Path(sys.executable).with_name("sky"))
-    started = subprocess.run(
-        [sky, "api", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert started.returncode == 0, f"sky api start failed:\n{started.stdout}\n{started.stderr}"
-    try:
+    """A real SkyPilot API server on 127.0.0.1 (no infra enabled), one for the whole session,
+    on a free port with a private HOME (tests/apiserver.py); yields its URL."""
+    with running_api_server(tmp_path_factory.mktemp("sky-server-home")) as url:
         yield url
-    finally:
-        # `sky api stop` only stops "the default local server": name it by port, not endpoint.
-        stop_env = {k: v for k, v in env.items() if k != "SKYPILOT_API_SERVER_ENDPOINT"}
-        stop_env["SKYPILOT_API_SERVER_LOCAL_PORT"] = str(port)
-        stopped = subprocess.run(
-            [sky, "api", "stop"], env=stop_env, capture_output=True, timeout=120
-        )
-        if stopped.returncode != 0:
-            _kill_servers_on_port(port)
-
-
-def _kill_servers_on_port(port: int) -> None:
-    import signal
-
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"sky.server.server" in b" ".join(args) and f"--port={port}".encode() in args:
-            with contextlib.suppress(OSError):
-                os.kill(int(cmdline.parent.name), signal.SIGTERM)
 
 
 @pytest.fixture(scope="session")
