@@ -1,9 +1,18 @@
-"""Shared fixtures: a private HOME for SkyPilot, the example host config, the real CLI."""
+"""Shared fixtures and the suite's hermetic guarantees.
+
+Every test gets its own HOME, a host config of its own and a SkyPilot API server endpoint on
+a dead loopback port (bound for the session, never listening: connections are refused at
+once), unless it asks for `sky_api_server`, a real server this session started on a free
+port. Nothing in the suite names a server it did not start.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,33 +24,126 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 HOST_CONFIG = EXAMPLES / "host-config.yaml"
 
+# The developer's own settings must not reach the suite: an endpoint or SkyPilot config in
+# the shell would point tests at a real server, a KUBECONFIG at a real cluster.
+_SCRUBBED_PREFIXES = ("SKYPILOT_", "SKY_", "DESKGPU_")
+_SCRUBBED = ("KUBECONFIG", "IS_SKYPILOT_SERVER")
 
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """SkyPilot writes under $HOME and may phone home: neither in tests."""
-    home = tmp_path_factory.mktemp("home")
-    saved = {k: os.environ.get(k) for k in ("HOME", "SKYPILOT_DISABLE_USAGE_COLLECTION")}
-    os.environ["HOME"] = str(home)
+
+def _scrub(environ: os._Environ[str]) -> None:
+    for key in list(environ):
+        if key.startswith(_SCRUBBED_PREFIXES) or key in _SCRUBBED:
+            del environ[key]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _scrub(os.environ)
     os.environ["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"
-    os.environ.pop("DESKGPU_CONFIG", None)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    # A SIGTERM (a CI timeout, `kill`) tears down like Ctrl-C: fixtures' finally blocks run,
+    # so the API server started for the session does not outlive pytest.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Imports during collection (SkyPilot reads HOME) already see a private HOME.
+    factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+    os.environ["HOME"] = str(factory.mktemp("collection-home"))
+
+
+@dataclass(frozen=True)
+class DeadPorts:
+    """Two loopback ports bound for the session (nobody else can take them), never listening.
+
+    `url` is the endpoint every test is pointed at: a configured server that is down.
+    `local_port` stands in for SkyPilot's default local server port (46580 on the box) via
+    SKYPILOT_API_SERVER_LOCAL_PORT, so "the default local server" is dead too.
+    """
+
+    port: int
+    local_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def local_url(self) -> str:
+        return f"http://127.0.0.1:{self.local_port}"
+
+
+@pytest.fixture(scope="session")
+def dead_ports() -> Iterator[DeadPorts]:
+    with socket.socket() as endpoint, socket.socket() as local:
+        endpoint.bind(("127.0.0.1", 0))
+        local.bind(("127.0.0.1", 0))
+        yield DeadPorts(int(endpoint.getsockname()[1]), int(local.getsockname()[1]))
+
+
+@dataclass(frozen=True)
+class Hermetic:
+    """What the autouse fixture set for this test."""
+
+    home: Path
+    host_config: Path
+    endpoint: str
+    dead: DeadPorts
+
+    def subprocess_env(self, **extra: str) -> dict[str, str]:
+        """A minimal environment for a child process that keeps the test's isolation: this
+        test's HOME and host config (never /etc/deskgpu/config.yaml), no endpoint unless
+        `extra` names one, and SkyPilot's default local port on a dead one."""
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.home),
+            "DESKGPU_CONFIG": str(self.host_config),
+            "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+            "SKYPILOT_API_SERVER_LOCAL_PORT": str(self.dead.local_port),
+        }
+        env.update(extra)
+        return env
 
 
 @pytest.fixture(autouse=True)
-def _fresh_process_state() -> Iterator[None]:
-    """Each test starts from the same environment and SkyPilot client state.
+def hermetic(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    dead_ports: DeadPorts,
+) -> Iterator[Hermetic]:
+    """Own HOME, own host config, endpoint on the dead port (or on `sky_api_server`).
 
-    deskgpu's CLI sets SkyPilot variables in os.environ (fine for a process that exits), and
-    the SkyPilot SDK caches its server URL for the life of the process.
+    SKYPILOT_API_SERVER_LOCAL_PORT moves SkyPilot's idea of "the default local server" off
+    46580 too, so even a child started with a bare environment built from `subprocess_env`
+    has nothing real to fall back on. Each test also starts from the same environment and
+    SkyPilot client state: deskgpu's CLI sets SkyPilot variables in os.environ (fine for a
+    process that exits), and the SkyPilot SDK caches its server URL for the life of the process.
     """
+    if "sky_api_server" in request.fixturenames:
+        endpoint = str(request.getfixturevalue("sky_api_server"))
+    else:
+        endpoint = dead_ports.url
+    home = tmp_path_factory.mktemp("home")
+    host_config = home / "deskgpu-host-config.yaml"
+    host_config.write_text(
+        "# Written by tests/conftest.py for one test: its only SkyPilot API server.\n"
+        f"api_server: {endpoint}\n"
+    )
     saved = dict(os.environ)
+    os.environ.update(
+        {
+            "HOME": str(home),
+            "DESKGPU_CONFIG": str(host_config),
+            "SKYPILOT_API_SERVER_ENDPOINT": endpoint,
+            "SKYPILOT_API_SERVER_LOCAL_PORT": str(dead_ports.local_port),
+            "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1",
+        }
+    )
     _forget_skypilot_server_url()
-    yield
+    yield Hermetic(home, host_config, endpoint, dead_ports)
     os.environ.clear()
     os.environ.update(saved)
     _forget_skypilot_server_url()

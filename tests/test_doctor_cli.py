@@ -130,7 +130,7 @@ def test_invalid_doctor_section_is_a_usage_error(cli, tmp_path: Path) -> None:
     assert "did you mean `min_free_pct`" in result.stderr
 
 
-def test_example_host_config_is_accepted(cli) -> None:
+def test_example_host_config_is_accepted(cli, hermetic) -> None:
     example = Path(__file__).parent.parent / "examples" / "host-config.yaml"
     result = cli(
         "doctor",
@@ -141,7 +141,7 @@ def test_example_host_config_is_accepted(cli) -> None:
         str(example),
     )
     assert result.exit_code in (0, 3), result.stderr
-    assert os.environ.get("DESKGPU_CONFIG") is None
+    assert os.environ.get("DESKGPU_CONFIG") == str(hermetic.host_config)  # --config leaks nowhere
 
 
 def test_replay_of_facts_recorded_on_the_dev_vm(cli) -> None:

@@ -16,14 +16,6 @@ from deskgpu.config import HostConfig
 from deskgpu.snapshot import NvmlView, SkyView, Snapshot
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "snapshots"
-CLOSED = "http://127.0.0.1:9"  # discard port: nothing listens
-
-
-@pytest.fixture(autouse=True)
-def _skypilot_env_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`skyapi.prepare_environment` sets SKYPILOT_* in os.environ for the in-process CLI;
-    undo it after each test so a later `sky api start` (the server fixture) is not forbidden."""
-    monkeypatch.setenv("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
 
 
 def recorded(name: str) -> Snapshot:
@@ -40,8 +32,8 @@ def deskgpu(*args: str, endpoint: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_no_gpu_and_no_api_server_exits_1_with_two_clear_lines() -> None:
-    result = deskgpu("queue", endpoint=CLOSED)
+def test_no_gpu_and_no_api_server_exits_1_with_two_clear_lines(hermetic) -> None:
+    result = deskgpu("queue", endpoint=hermetic.dead.url)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2, result.stderr
@@ -50,8 +42,8 @@ def test_no_gpu_and_no_api_server_exits_1_with_two_clear_lines() -> None:
     assert "GPUs unknown" in result.stdout
 
 
-def test_no_gpu_and_no_api_server_json_still_prints_the_document() -> None:
-    result = deskgpu("queue", "--json", endpoint=CLOSED)
+def test_no_gpu_and_no_api_server_json_still_prints_the_document(hermetic) -> None:
+    result = deskgpu("queue", "--json", endpoint=hermetic.dead.url)
     assert result.returncode == 1
     doc = json.loads(result.stdout)
     assert doc["nvml"]["available"] is False and doc["sky"]["available"] is False
