@@ -3,7 +3,10 @@
 Every test gets its own HOME, a host config of its own and a SkyPilot API server endpoint on
 a dead loopback port (bound for the session, never listening: connections are refused at
 once), unless it asks for `sky_api_server`, a real server this session started on a free
-port. Nothing in the suite names a server it did not start.
+port. Nothing reaches a server the suite did not start: at the end of the run the session
+fails if anything connected to the box's production port (127.0.0.1:46580), or if a process
+the suite started (anything with a HOME under the session's temporary directory) is still
+running.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.apiserver import running_api_server
+from tests.guards import PortRecorder, leftover_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -28,6 +32,9 @@ HOST_CONFIG = EXAMPLES / "host-config.yaml"
 # the shell would point tests at a real server, a KUBECONFIG at a real cluster.
 _SCRUBBED_PREFIXES = ("SKYPILOT_", "SKY_", "DESKGPU_")
 _SCRUBBED = ("KUBECONFIG", "IS_SKYPILOT_SERVER")
+
+_recorder = pytest.StashKey[PortRecorder]()
+_findings = pytest.StashKey[list[str]]()
 
 
 def _scrub(environ: os._Environ[str]) -> None:
@@ -53,6 +60,49 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # Imports during collection (SkyPilot reads HOME) already see a private HOME.
     factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
     os.environ["HOME"] = str(factory.mktemp("collection-home"))
+    recorder = PortRecorder()
+    recorder.start()
+    session.config.stash[_recorder] = recorder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_guards(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Set up before any other fixture, so torn down after all of them (the API server too):
+    then nothing may have touched the production port, and nothing may be left running."""
+    yield
+    config = request.config
+    findings: list[str] = []
+    recorder = config.stash.get(_recorder, None)
+    if recorder is not None:
+        recorder.stop()
+        findings += [
+            f"connection to the production API server port: {c}" for c in recorder.connections
+        ]
+    factory: pytest.TempPathFactory = config._tmp_path_factory  # type: ignore[attr-defined]
+    findings += [
+        f"left running, now killed: {p}" for p in leftover_processes(factory.getbasetemp())
+    ]
+    config.stash[_findings] = findings
+    if findings:
+        pytest.fail("the suite was not hermetic:\n" + "\n".join(findings), pytrace=False)
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    recorder = config.stash.get(_recorder, None)
+    findings = config.stash.get(_findings, [])
+    if recorder is None:
+        return
+    terminalreporter.section("hermetic suite")
+    for note in recorder.notes:
+        terminalreporter.write_line(f"note: {note}")
+    for finding in findings:
+        terminalreporter.write_line(f"FAIL: {finding}", red=True)
+    if not findings:
+        port = recorder.port
+        held = f"held {port} and saw no connection" if recorder.holding else f"{port} not held"
+        terminalreporter.write_line(f"ok: {held}; no process of this session left running")
 
 
 @dataclass(frozen=True)
