@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from deskgpu import survey
+from deskgpu import nvml, survey
 from deskgpu.config import HostConfig
 from deskgpu.snapshot import NvmlView, SkyView, Snapshot
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "snapshots"
+HAS_DRIVER = nvml.read().available
+no_driver = pytest.mark.skipif(HAS_DRIVER, reason="describes a host with no NVIDIA driver")
 
 
 def recorded(name: str) -> Snapshot:
@@ -32,6 +34,7 @@ def deskgpu(*args: str, endpoint: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
+@no_driver
 def test_no_gpu_and_no_api_server_exits_1_with_two_clear_lines(hermetic) -> None:
     result = deskgpu("queue", endpoint=hermetic.dead.url)
     assert result.returncode == 1
@@ -42,6 +45,7 @@ def test_no_gpu_and_no_api_server_exits_1_with_two_clear_lines(hermetic) -> None
     assert "GPUs unknown" in result.stdout
 
 
+@no_driver
 def test_no_gpu_and_no_api_server_json_still_prints_the_document(hermetic) -> None:
     result = deskgpu("queue", "--json", endpoint=hermetic.dead.url)
     assert result.returncode == 1
@@ -77,14 +81,21 @@ def test_gpu_half_is_painted_before_waiting_on_skypilot() -> None:
 
 
 def test_skypilot_that_never_answers_is_a_line_not_a_hang() -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
     def hang(_config: HostConfig) -> SkyView:
-        time.sleep(30)
-        raise AssertionError("unreachable")
+        entered.set()
+        release.wait(60)  # answers only once the test has its snapshot
+        raise AssertionError("too late")
 
     sources = survey.Sources(read_nvml=lambda: NvmlView(available=True), fetch_sky=hang)
-    started = time.monotonic()
-    snap = survey.take(HostConfig(), sources, sky_timeout_s=0.2)
-    assert time.monotonic() - started < 5
+    try:
+        snap = survey.take(HostConfig(), sources, sky_timeout_s=0.2)
+        # take() returned while SkyPilot was still asked and had not answered: no hang.
+        assert entered.is_set() and not release.is_set()
+    finally:
+        release.set()
     assert not snap.sky.available and "did not answer within 0.2 s" in (snap.sky.error or "")
 
 
@@ -169,9 +180,12 @@ def test_real_api_server_and_no_gpu(sky_api_server: str, tmp_path: Path) -> None
     doc = json.loads(result.stdout)
     assert doc["sky"]["available"] is True, doc["sky"]
     assert doc["sky"]["jobs"] == [] and doc["sky"]["endpoint"] == sky_api_server
-    assert "no NVIDIA driver" in result.stderr and "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr
     assert json.loads(record.read_text()) == doc
     tables = deskgpu("queue", endpoint=sky_api_server)
     assert tables.returncode == 0, tables.stderr
-    assert "GPUs unknown · 0 queued · 0 zombie suspects" in tables.stdout
+    assert "0 queued · 0 zombie suspects" in tables.stdout
     assert "Jobs: none queued or running" in tables.stdout
+    if not HAS_DRIVER:
+        assert "no NVIDIA driver" in result.stderr
+        assert "GPUs unknown · 0 queued" in tables.stdout
