@@ -66,8 +66,9 @@ class PortRecorder:
             except OSError:
                 return
             who = _connecting_process(peer[1], self.port)
+            said = _first_line(conn)
             self.connections.append(
-                f"{time.strftime('%H:%M:%S')} from {_addr(peer[0], peer[1])}: {who}"
+                f"{time.strftime('%H:%M:%S')} from {_addr(peer[0], peer[1])}: {who}; sent {said}"
             )
             conn.close()
 
@@ -76,6 +77,17 @@ class PortRecorder:
         time.sleep(0.3)  # let the accept loops see the flag (they wake every 0.2 s)
         for sock in self._socks:
             sock.close()
+
+
+def _first_line(conn: socket.socket) -> str:
+    """What the client sent first (an HTTP request line names the call), if anything."""
+    conn.settimeout(0.5)
+    try:
+        data = conn.recv(200)
+    except OSError:
+        return "nothing"
+    line = data.split(b"\r\n", 1)[0].decode("latin-1")
+    return repr(line) if line else "nothing"
 
 
 def _addr(host: str, port: int) -> str:
