@@ -23,12 +23,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 PRODUCTION_PORT = 46580  # the box's shared API server (skyapi.DEFAULT_ENDPOINT): never ours
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME")
@@ -107,6 +108,7 @@ def running_api_server(
     deploy: bool = False,
     port: int | None = None,
     start_timeout: float = 240,
+    warm_up: bool = False,
     python: str = sys.executable,
 ) -> Iterator[str]:
     """Run a SkyPilot API server with `home` as its HOME; yield its URL (`http://127.0.0.1:P`).
@@ -117,8 +119,11 @@ def running_api_server(
     extra_env: variables for the server on top of `server_env`'s; None removes one.
     deploy: pass `--deploy` (as the box's rendered unit does; consolidation mode).
     port: default a free one; the production port 46580 is refused.
-    start_timeout: seconds for /api/health to answer; a cold start on a 2-core machine takes
-        30-60 s, so the default leaves room for a loaded one.
+    start_timeout: seconds for /api/health to answer (and for the warm-up); a cold start on
+        a 2-core machine takes 10-30 s, so the default leaves room for a loaded one.
+    warm_up: before yielding, run one `sky.status` request to completion. The server says
+        healthy before its request workers have started (each imports SkyPilot: 15-45 s of
+        CPU on 2 cores), and the first request would otherwise pay for them.
 
     The server runs in its own session (process group) and, on Linux, gets SIGTERM if the
     thread that started it dies. Its output goes to HOME/api-server.log.
@@ -147,7 +152,10 @@ def running_api_server(
         )
     _running[proc.pid] = home  # start_new_session: its PGID is its PID
     try:
+        deadline = time.monotonic() + start_timeout
         _wait_healthy(proc, url, log_path, start_timeout)
+        if warm_up:
+            _warm_up(url, log_path, max(1.0, deadline - time.monotonic()))
         yield url
     finally:
         stop_group(proc.pid, home, proc)
@@ -186,6 +194,69 @@ def _healthy(url: str) -> bool:
     except (OSError, urllib.error.URLError, ValueError):
         return False
     return isinstance(body, dict) and body.get("status") == "healthy"
+
+
+def _warm_up(url: str, log: Path, timeout: float) -> None:
+    """POST /status, then wait on /api/get: the plain-HTTP form of `sky.get(sky.status())`."""
+    post = urllib.request.Request(
+        f"{url}/status", data=b"{}", headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(post, timeout=30) as response:
+            request_id = response.headers.get("X-Skypilot-Request-ID")
+        with urllib.request.urlopen(f"{url}/api/get?request_id={request_id}", timeout=timeout):
+            pass
+    except (OSError, urllib.error.URLError) as exc:
+        message = f"the API server at {url} failed its warm-up ({exc}):\n" + _tail(log)
+        raise ApiServerError(message) from exc
+
+
+class BackgroundApiServer:
+    """`running_api_server` (warmed up) in a thread of its own, so a cold start overlaps with
+    whatever runs meanwhile; `url()` waits for it, `stop()` ends it (also mid-start).
+
+    The thread lives until `stop()`: the server's PR_SET_PDEATHSIG is tied to it.
+    """
+
+    def __init__(self, home: Path, **options: Any) -> None:
+        self.home = home
+        self._options = {"warm_up": True, **options}
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._url: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sky-api-server", daemon=True)
+
+    def start(self) -> BackgroundApiServer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with running_api_server(self.home, **self._options) as url:
+                self._url = url
+                self._ready.set()
+                self._stop.wait()
+        except BaseException as exc:  # handed to whoever waits in url()
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def url(self) -> str:
+        self._ready.wait()
+        if self._error is not None:
+            raise ApiServerError(f"the session's API server did not start: {self._error}")
+        assert self._url is not None
+        return self._url
+
+    def stop(self) -> None:
+        self._stop.set()
+        if not self._ready.is_set():  # still starting: kill it so the start fails at once
+            for pgid, home in list(_running.items()):
+                if home == self.home:
+                    with contextlib.suppress(ApiServerError):
+                        stop_group(pgid, home)
+        self._thread.join()
 
 
 def _tail(log: Path, lines: int = 40) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.apiserver import running_api_server
+from tests.apiserver import BackgroundApiServer
 from tests.guards import PortRecorder, leftover_processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,7 @@ _SCRUBBED_PREFIXES = ("SKYPILOT_", "SKY_", "DESKGPU_")
 _SCRUBBED = ("KUBECONFIG", "IS_SKYPILOT_SERVER")
 
 _recorder = pytest.StashKey[PortRecorder]()
+_server = pytest.StashKey[BackgroundApiServer]()
 _findings = pytest.StashKey[list[str]]()
 
 
@@ -65,12 +66,31 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_recorder] = recorder
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the real API server run last, so its start overlaps with all the others."""
+    items.sort(key=lambda item: "sky_api_server" in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the session's API server now, in the background, if a selected test needs it:
+    its cold start (a minute of CPU on 2 cores) then overlaps with the tests before it."""
+    if session.config.option.collectonly:
+        return
+    if any("sky_api_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+        home = factory.mktemp("sky-server-home")
+        session.config.stash[_server] = BackgroundApiServer(home).start()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _session_guards(request: pytest.FixtureRequest) -> Iterator[None]:
     """Set up before any other fixture, so torn down after all of them (the API server too):
     then nothing may have touched the production port, and nothing may be left running."""
     yield
     config = request.config
+    server = config.stash.get(_server, None)
+    if server is not None:  # started, even if the tests that wanted it never ran (-x)
+        server.stop()
     findings: list[str] = []
     recorder = config.stash.get(_recorder, None)
     if recorder is not None:
@@ -227,11 +247,21 @@ def cli(runner: CliRunner, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture(scope="session")
-def sky_api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def sky_api_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """A real SkyPilot API server on 127.0.0.1 (no infra enabled), one for the whole session,
-    on a free port with a private HOME (tests/apiserver.py); yields its URL."""
-    with running_api_server(tmp_path_factory.mktemp("sky-server-home")) as url:
-        yield url
+    on a free port with a private HOME (tests/apiserver.py), warmed up; yields its URL.
+
+    Started in the background at the end of collection (`pytest_collection_finish`).
+    """
+    server = request.config.stash.get(_server, None)
+    if server is None:  # asked for without being seen at collection: start it now
+        factory: pytest.TempPathFactory = request.config._tmp_path_factory  # type: ignore[attr-defined]
+        server = BackgroundApiServer(factory.mktemp("sky-server-home")).start()
+        request.config.stash[_server] = server
+    try:
+        yield server.url()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
