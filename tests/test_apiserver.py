@@ -1,7 +1,7 @@
 """tests/apiserver.py: a test API server never takes the production port and leaves nothing
 running on any way out of its block (the session's own server is checked at every run's end,
-tests/guards.py). A real `python -m sky.server.server` is started each time; the health check
-is cut short where waiting for a full start would prove nothing more."""
+tests/guards.py). The `apiserver` tests start a real `python -m sky.server.server` each; the
+health check is cut short where waiting for a full start would prove nothing more."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def test_the_server_sees_none_of_the_callers_settings(monkeypatch: pytest.Monkey
     assert env["SKYPILOT_API_SERVER_LOCAL_PORT"] == "4711"
 
 
+@pytest.mark.apiserver
 def test_a_start_that_times_out_leaves_nothing_running(tmp_path: Path) -> None:
     home = tmp_path / "server-home"
     with (
@@ -72,6 +73,7 @@ def test_a_start_that_times_out_leaves_nothing_running(tmp_path: Path) -> None:
     assert home not in apiserver._running.values()
 
 
+@pytest.mark.apiserver
 def test_ctrl_c_while_starting_leaves_nothing_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -86,6 +88,7 @@ def test_ctrl_c_while_starting_leaves_nothing_running(
     assert _running_with_home(home) == []
 
 
+@pytest.mark.apiserver
 def test_a_failed_assertion_in_the_block_leaves_nothing_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
