@@ -38,8 +38,8 @@ _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LO
 _STOP_GRACE_S = 5.0
 _KILL_WAIT_S = 10.0
 
-# Process groups started here and not yet stopped: an atexit hook (and the session-end check
-# in conftest) kill what a `finally` could not reach.
+# Process groups started here and not yet stopped: an atexit hook kills what a `finally`
+# could not reach.
 _running: dict[int, Path] = {}
 
 
@@ -305,11 +305,14 @@ def _signal_all(pgid: int, home: Path, sig: signal.Signals) -> None:
 
 
 def _members(pgid: int, home: Path) -> set[int]:
-    """Live processes in the group, or anywhere with HOME set to the server's home."""
+    """Live processes in the group, or anywhere with the server's home as HOME or working
+    directory (SkyPilot's executors rewrite their argv and environ with setproctitle, so
+    /proc shows no HOME for them; they keep the server's cwd)."""
     found = {
         stat.pid
         for stat in proc_stats()
-        if stat.state != "Z" and (stat.pgrp == pgid or process_home(stat.pid) == str(home))
+        if stat.state != "Z"
+        and (stat.pgrp == pgid or str(home) in (process_home(stat.pid), process_cwd(stat.pid)))
     }
     found.discard(os.getpid())
     return found
@@ -344,6 +347,13 @@ def process_home(pid: int) -> str | None:
         if item.startswith(b"HOME="):
             return item[5:].decode(errors="replace")
     return None
+
+
+def process_cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
 
 
 def process_cmdline(pid: int) -> str:

@@ -5,9 +5,12 @@
   suite points everything at ports of its own; a connection here means a test reached for the
   shared server it must never touch. When something else already holds the port (the real
   box), the recorder says so and records nothing.
-- `leftover_processes` finds processes still running with a HOME under the session's temporary
-  directory: every HOME the suite hands out lives there, so these are processes the suite
-  started (a SkyPilot API server and its workers, a test's child) that outlived it.
+- `leftover_processes` finds processes still running with a HOME or working directory under
+  the session's temporary directory: every HOME the suite hands out lives there, and the API
+  server runs in its own (its executors, whose environ setproctitle overwrites, keep its
+  cwd). These are processes the suite started (a SkyPilot API server and its workers, a
+  test's child) that outlived it. A process group alone is not evidence: its number may
+  belong to someone else's process by the end of the run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.apiserver import PRODUCTION_PORT, proc_stats, process_cmdline, process_home
+from tests.apiserver import PRODUCTION_PORT, proc_stats, process_cmdline, process_cwd, process_home
 
 
 class PortRecorder:
@@ -148,11 +151,11 @@ def _listener_of(port: int) -> str:
 
 
 def leftover_processes(basetemp: Path, wait_s: float = 10.0) -> list[str]:
-    """Processes with a HOME under `basetemp`, after giving them `wait_s` to exit; those
-    still running are SIGKILLed (they are this session's own) and described."""
+    """This session's processes still running after `wait_s` (see the module docstring);
+    they are SIGKILLed and described."""
     deadline = time.monotonic() + wait_s
     while True:
-        found = _with_home_under(basetemp)
+        found = _ours(basetemp)
         if not found or time.monotonic() > deadline:
             break
         time.sleep(0.25)
@@ -163,14 +166,14 @@ def leftover_processes(basetemp: Path, wait_s: float = 10.0) -> list[str]:
     return described
 
 
-def _with_home_under(basetemp: Path) -> list[int]:
+def _ours(basetemp: Path) -> list[int]:
     root = str(basetemp)
     me = os.getpid()
     found = []
     for stat in proc_stats():
         if stat.pid == me or stat.state == "Z":
             continue
-        home = process_home(stat.pid)
-        if home is not None and (home == root or home.startswith(root + os.sep)):
+        places = [p for p in (process_home(stat.pid), process_cwd(stat.pid)) if p is not None]
+        if any(p == root or p.startswith(root + os.sep) for p in places):
             found.append(stat.pid)
     return sorted(found)
