@@ -1,4 +1,9 @@
-"""Doctor's checks over facts recorded from real boxes (tests/fixtures/doctor/*.json)."""
+"""Doctor's checks over the host facts in tests/fixtures/doctor/*.json.
+
+One file was recorded live (`deskgpu doctor --record` on the no-GPU dev VM); the others were
+built by hand in the format `--record` writes, to stand for boxes not at hand. Each file's
+`_provenance` says which, and from what.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ def not_ok(checks: list[Check]) -> dict[str, str]:
 @pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*.json")))
 def test_recorded_facts_round_trip(name: str) -> None:
     doc = json.loads((FIXTURES / name).read_text())
+    assert doc.pop("_provenance")  # the fixture's own note, not a fact: every file has one
     assert HostFacts.from_dict(doc).to_dict() == doc
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,14 @@ HAS_GPU = Path("/dev/nvidiactl").exists()
 
 
 @pytest.mark.skipif(HAS_GPU, reason="this test describes a machine without GPUs")
-def test_doctor_on_this_machine_runs_to_completion_and_reports_failures(cli) -> None:
-    """No GPU, no Docker engine, no k3s: failures with fixes, exit 3, in seconds."""
-    start = time.monotonic()
-    result = cli("doctor", "--json")
-    assert time.monotonic() - start < 20
+def test_doctor_on_this_machine_runs_to_completion_and_reports_failures(
+    cli, tmp_path: Path
+) -> None:
+    """No GPU and none of the host tools (docker, nvidia-ctk, kubectl: an empty PATH, so what
+    this machine has installed does not matter): failures with fixes, exit 3."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    result = cli("doctor", "--json", env={"PATH": str(empty)})
     assert result.exit_code == 3, result.stderr
     doc = json.loads(result.stdout)
     assert (doc["kind"], doc["version"], doc["exit_status"]) == ("deskgpu.doctor/report", 1, 3)
@@ -130,7 +132,7 @@ def test_invalid_doctor_section_is_a_usage_error(cli, tmp_path: Path) -> None:
     assert "did you mean `min_free_pct`" in result.stderr
 
 
-def test_example_host_config_is_accepted(cli) -> None:
+def test_example_host_config_is_accepted(cli, hermetic) -> None:
     example = Path(__file__).parent.parent / "examples" / "host-config.yaml"
     result = cli(
         "doctor",
@@ -141,7 +143,7 @@ def test_example_host_config_is_accepted(cli) -> None:
         str(example),
     )
     assert result.exit_code in (0, 3), result.stderr
-    assert os.environ.get("DESKGPU_CONFIG") is None
+    assert os.environ.get("DESKGPU_CONFIG") == str(hermetic.host_config)  # --config leaks nowhere
 
 
 def test_replay_of_facts_recorded_on_the_dev_vm(cli) -> None:

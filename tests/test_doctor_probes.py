@@ -34,8 +34,7 @@ def test_docker_info_without_a_daemon_fails_fast() -> None:
     result = probes.run_command(["docker", "info", "--format", probes.DOCKER_INFO_FORMAT], 4.0)
     if result.ok:
         pytest.skip("a Docker daemon is running here")
-    assert not result.timed_out
-    assert result.elapsed_s < 3
+    assert not result.timed_out  # it failed on its own, well inside the 4 s timeout
     assert "docker" in result.first_error_line().lower()
 
 
@@ -48,9 +47,7 @@ def test_a_hung_tool_costs_the_timeout_and_its_children_die(tmp_path: Path) -> N
     fake.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {pid_file}\nwait\n")
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
-    start = time.monotonic()
-    result = probes.run_command(["docker", "info"], timeout_s=1.0, env=env)
-    assert time.monotonic() - start < 3
+    result = probes.run_command(["docker", "info"], timeout_s=1.0, env=env)  # not 300 s
     assert result.timed_out and result.returncode is None
     assert "did not answer within" in result.first_error_line()
     child = int(pid_file.read_text())
@@ -256,22 +253,20 @@ def test_health_and_enabled_infra_over_plain_http(sky_server: str) -> None:
     assert probes.read_enabled_infra(sky_server) == (["kubernetes"], None)
 
 
-def test_connection_refused_is_quick() -> None:
+def test_connection_refused_is_named() -> None:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", 0))  # bound, never listening: refused for as long as it is held
         port = s.getsockname()[1]
-    fact, _ = probes.http_get(f"http://127.0.0.1:{port}/api/health")
-    assert fact.error == "connection refused" and fact.elapsed_s < 1
+        fact, _ = probes.http_get(f"http://127.0.0.1:{port}/api/health")
+    assert fact.error == "connection refused" and fact.status_code is None
 
 
 def test_a_server_that_never_answers_costs_the_timeout() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)  # the kernel accepts the connection; nobody ever reads or replies
-        start = time.monotonic()
         fact, _ = probes.http_get(f"http://127.0.0.1:{s.getsockname()[1]}/api/health", 0.5)
-    assert fact.error and fact.status_code is None
-    assert time.monotonic() - start < 2
+    assert fact.error in ("timed out", "no answer within 0.5 s") and fact.status_code is None
 
 
 def test_kubernetes_probe_on_this_machine_stops_at_the_context() -> None:
@@ -282,10 +277,8 @@ def test_kubernetes_probe_on_this_machine_stops_at_the_context() -> None:
     assert "kube_nodes" not in commands  # no context: the API is not asked at all
 
 
-def test_gather_on_this_machine_round_trips_and_is_quick(tmp_path: Path) -> None:
-    start = time.monotonic()
+def test_gather_on_this_machine_round_trips(tmp_path: Path) -> None:
     facts = probes.gather(HostConfig(data_root=str(tmp_path)), timeout_s=3.0)
-    assert time.monotonic() - start < 15
     assert facts.storage["data"].exists
     again = HostFacts.from_dict(json.loads(json.dumps(facts.to_dict())))
     assert again.to_dict() == facts.to_dict()

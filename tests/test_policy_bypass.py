@@ -84,13 +84,28 @@ def _client_config(cfg: dict[str, Any] | None) -> Iterator[None]:
         yield
 
 
-def _apply(task: Any, request: Req, options: Any = None, client: dict[str, Any] | None = None):
+def _apply_with_config(
+    task: Any, request: Req, options: Any = None, client: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], Any]:
+    """The mutated task (as YAML config) and the mutated SkyPilot config."""
     with _client_config(client):
-        dag, _ = admin_policy_utils.apply(task, request_name=request, request_options=options)
+        dag, config = admin_policy_utils.apply(task, request_name=request, request_options=options)
     (out,) = dag.tasks
     cfg = out.to_yaml_config()
     cfg.pop("_user_specified_yaml", None)
-    return cfg
+    return cfg, config
+
+
+def _apply(task: Any, request: Req, options: Any = None, client: dict[str, Any] | None = None):
+    return _apply_with_config(task, request, options, client)[0]
+
+
+def _pod_spec(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec the policy leaves in a mutated single-candidate task."""
+    spec: dict[str, Any] = cfg["resources"]["_cluster_config_overrides"]["kubernetes"][
+        "pod_config"
+    ]["spec"]
+    return spec
 
 
 def _rejected(
@@ -203,7 +218,9 @@ def test_a_client_skypilot_config_cannot_reach_into_the_pods(policy_server, clie
 def test_a_harmless_client_config_passes(policy_server) -> None:
     client = {"kubernetes": {"pod_config": {"spec": {"imagePullSecrets": [{"name": "regcred"}]}}}}
     task = _task("name: j\nresources: {accelerators: A6000:1}\nrun: x\n")
-    _apply(task, Req.JOBS_LAUNCH, client=client)
+    _, config = _apply_with_config(task, Req.JOBS_LAUNCH, client=client)
+    secrets = config.get_nested(("kubernetes", "pod_config", "spec", "imagePullSecrets"), None)
+    assert secrets == [{"name": "regcred"}]  # kept, not merely not refused
 
 
 def test_a_controller_task_cannot_carry_a_pod_config(policy_server) -> None:
@@ -230,7 +247,8 @@ def test_subpath_expressions_are_refused(policy_server) -> None:
 
 def test_own_checkpoints_may_be_mounted_again(policy_server) -> None:
     mount = {"name": CHECKPOINT_VOLUME, "mountPath": "/out", "subPath": "alice/run-1"}
-    _apply(_pod_task({"containers": [{"volumeMounts": [mount]}]}), Req.JOBS_LAUNCH)
+    out = _apply(_pod_task({"containers": [{"volumeMounts": [mount]}]}), Req.JOBS_LAUNCH)
+    assert mount in _pod_spec(out)["containers"][0]["volumeMounts"]
 
 
 def test_a_registered_hostpath_volume_is_refused_even_inside_the_roots() -> None:
@@ -259,7 +277,10 @@ def test_remote_identity_cannot_bring_credentials(policy_server, identity) -> No
 
 @pytest.mark.parametrize("identity", ["SERVICE_ACCOUNT", "NO_UPLOAD"])
 def test_remote_identity_without_credentials_is_fine(policy_server, identity) -> None:
-    _apply(_pod_task({}, remote_identity=identity), Req.JOBS_LAUNCH)
+    out = _apply(_pod_task({}, remote_identity=identity), Req.JOBS_LAUNCH)
+    assert out["resources"]["_cluster_config_overrides"]["kubernetes"]["remote_identity"] == (
+        identity
+    )
 
 
 @pytest.mark.parametrize(
@@ -367,7 +388,15 @@ def test_restricting_settings_are_fine(policy_server) -> None:
         "volumes": [{"name": "scratch", "emptyDir": {}}],
         "tolerations": [{"key": "gpu", "operator": "Exists"}],
     }
-    _apply(_pod_task(spec), Req.JOBS_LAUNCH)
+    out = _pod_spec(_apply(_pod_task(spec), Req.JOBS_LAUNCH))
+    assert out["securityContext"] == spec["securityContext"]
+    assert out["tolerations"] == spec["tolerations"]
+    (container,) = out["containers"]
+    (asked,) = spec["containers"]
+    assert container["securityContext"] == asked["securityContext"]
+    assert container["env"] == asked["env"]
+    assert asked["volumeMounts"][0] in container["volumeMounts"]
+    assert {"name": "scratch", "emptyDir": {}} in out["volumes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,13 +426,14 @@ def test_gpu_visibility_env_is_refused(policy_server, name) -> None:
 def test_exec_on_someone_elses_cluster_is_refused(policy_server) -> None:
     task = _task("run: nvidia-smi")
     assert "cluster_name:" in _rejected(task, Req.CLUSTER_EXEC, _options("bob-dev"))
-    _apply(task, Req.CLUSTER_EXEC, _options("alice-dev"))
+    assert _apply(task, Req.CLUSTER_EXEC, _options("alice-dev"))["run"] == "nvidia-smi"
 
 
 def test_generated_names_are_exempt_only_for_their_user(policy_server) -> None:
     task = _task("resources: {accelerators: A6000:1}")
     assert "cluster_name:" in _rejected(task, Req.CLUSTER_LAUNCH, _options("sky-3f2a-bob"))
-    _apply(task, Req.CLUSTER_LAUNCH, _options("sky-3f2a-alice"))
+    out = _apply(task, Req.CLUSTER_LAUNCH, _options("sky-3f2a-alice"))
+    assert out["resources"]["accelerators"] == {"A6000": 1}
     assert cluster_name_violation("sky-3f2a-alice", "Alice") is None
 
 
@@ -427,7 +457,8 @@ def test_kueue_on_an_ssh_pool_makes_a_task_skypilot_accepts() -> None:
 
 def test_an_accelerator_list_needs_one_model_the_box_has(policy_server) -> None:
     ok = _task({"name": "j", "run": "x", "resources": {"accelerators": ["H100:1", "A6000:1"]}})
-    _apply(ok, Req.JOBS_LAUNCH)
+    candidates = _apply(ok, Req.JOBS_LAUNCH)["resources"]["ordered"]
+    assert {"A6000": 1} in [c["accelerators"] for c in candidates]
     none = _task({"name": "j", "run": "x", "resources": {"accelerators": ["H100:1", "L40S:1"]}})
     assert "gpu_inventory:" in _rejected(none)
 

@@ -1,8 +1,9 @@
 """SkyPilot's cluster and managed-job records -> deskgpu states, through the parser live uses.
 
-The recorded records were produced by SkyPilot 0.14's own response models
-(`StatusResponse`, `ManagedJobRecord`) and `skyapi.record_dict`, the call the live path makes
-on every response; one test rebuilds the models from the recorded JSON to prove the shape.
+The records were built by hand with SkyPilot 0.14's own response models (`StatusResponse`,
+`ManagedJobRecord`) and `skyapi.record_dict`, the call the live path makes on every response
+(no server with jobs was at hand to record them from); one test rebuilds the models from the
+JSON to prove the shape.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "skypilot"
 
 
 def recorded(name: str) -> list[dict[str, Any]]:
-    data: list[dict[str, Any]] = json.loads((FIXTURES / name).read_text())
+    """The records of a fixture (its `_provenance` says how they were made)."""
+    data: list[dict[str, Any]] = json.loads((FIXTURES / name).read_text())["records"]
     return data
 
 

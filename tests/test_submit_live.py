@@ -79,15 +79,11 @@ def test_rejection_is_one_clean_line(cli, sky_replay, interactive_spec) -> None:
     assert interactive_spec.read_bytes() == before
 
 
-def _subprocess_submit(spec: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(spec.parent),
-        "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
-        "SKYPILOT_API_SERVER_ENDPOINT": endpoint,
-    }
+def _subprocess_submit(
+    spec: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "60"],
+        [sys.executable, "-m", "deskgpu", "submit", str(spec), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -95,63 +91,61 @@ def _subprocess_submit(spec: Path, endpoint: str) -> subprocess.CompletedProcess
     )
 
 
-def test_unreachable_api_server_is_a_clean_exit_1(tmp_path: Path) -> None:
+@pytest.fixture
+def job_spec(tmp_path: Path) -> Path:
     spec = tmp_path / "job.yaml"
     spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
-    result = _subprocess_submit(spec, "http://127.0.0.1:9")  # discard port: nothing listens
+    return spec
+
+
+def test_unreachable_api_server_is_a_clean_exit_1(job_spec: Path, hermetic) -> None:
+    env = hermetic.subprocess_env(SKYPILOT_API_SERVER_ENDPOINT=hermetic.dead.url)
+    result = _subprocess_submit(job_spec, env, "--wait", "60")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert "SkyPilot API server at http://127.0.0.1:9 is unreachable" in line
+    assert f"SkyPilot API server at {hermetic.dead.url} is unreachable" in line
 
 
 @pytest.mark.apiserver
-def test_real_api_server_without_infra_says_so(sky_api_server: str, tmp_path: Path) -> None:
-    spec = tmp_path / "job.yaml"
-    spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
-    result = _subprocess_submit(spec, sky_api_server)
+def test_real_api_server_without_infra_says_so(
+    sky_api_server: str, job_spec: Path, hermetic
+) -> None:
+    env = hermetic.subprocess_env(SKYPILOT_API_SERVER_ENDPOINT=sky_api_server)
+    result = _subprocess_submit(job_spec, env, "--wait", "60")
     assert result.returncode == 1, result.stderr
     assert result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert "no infrastructure enabled" in line and "sky check" in line
 
 
-def test_no_api_server_configured_anywhere_says_where_to_set_it(tmp_path: Path) -> None:
-    spec = tmp_path / "job.yaml"
-    spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "deskgpu", "submit", str(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-    )
+def test_no_api_server_configured_anywhere_says_where_to_set_it(
+    job_spec: Path, tmp_path: Path, hermetic
+) -> None:
+    # No endpoint anywhere: SkyPilot's default local server is the one left, and
+    # SKYPILOT_API_SERVER_LOCAL_PORT (subprocess_env) moves that to a dead port, off 46580.
+    config = tmp_path / "config.yaml"
+    config.write_text("box_name: testbox  # no api_server\n")
+    result = _subprocess_submit(job_spec, hermetic.subprocess_env(DESKGPU_CONFIG=str(config)))
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("deskgpu: no SkyPilot API server is configured: set `api_server:`")
     assert "SKYPILOT_API_SERVER_ENDPOINT" in line
 
 
-def test_configured_default_local_server_that_is_down_is_unreachable(tmp_path: Path) -> None:
-    """The SDK calls a down default-port server "not configured"; deskgpu knows it is."""
-    spec = tmp_path / "job.yaml"
-    spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
+def test_configured_default_local_server_that_is_down_is_unreachable(
+    job_spec: Path, tmp_path: Path, hermetic
+) -> None:
+    """The SDK calls a down default-port server "not configured"; deskgpu knows it is.
+
+    The default port is SKYPILOT_API_SERVER_LOCAL_PORT's dead one here, so the SDK takes the
+    same path it takes for a down 127.0.0.1:46580 on the box, without touching that port.
+    """
     config = tmp_path / "config.yaml"
-    config.write_text("api_server: http://127.0.0.1:46580\n")
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
-        "SKYPILOT_DISABLE_LOCAL_API_SERVER": "0",
-    }  # a user's `=0` must not re-enable it
-    result = subprocess.run(
-        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-    )
+    config.write_text(f"api_server: {hermetic.dead.local_url}\n")
+    env = hermetic.subprocess_env(SKYPILOT_DISABLE_LOCAL_API_SERVER="0")
+    # a user's `=0` must not re-enable it
+    result = _subprocess_submit(job_spec, env, "--config", str(config))
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
-    assert "SkyPilot API server at http://127.0.0.1:46580 is unreachable" in line
+    assert f"SkyPilot API server at {hermetic.dead.local_url} is unreachable" in line
