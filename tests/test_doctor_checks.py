@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deskgpu.config import HostConfig, load_config
+from deskgpu.config import SYSTEM_CONFIG, HostConfig, load_config
 from deskgpu.doctor import run_doctor
 from deskgpu.doctor.checks import (
     FAIL,
@@ -39,6 +39,9 @@ def facts(name: str) -> HostFacts:
 
 
 def box_config(**changes: object) -> HostConfig:
+    """The fixtures' box config, as installed there (/etc/deskgpu/config.yaml: the file its
+    API server's guard enforces in the recorded `sky.guard` answers)."""
+    changes.setdefault("source", str(SYSTEM_CONFIG))
     return dataclasses.replace(load_config(BOX_CONFIG), **changes)  # type: ignore[arg-type]
 
 
@@ -426,7 +429,7 @@ def _active(**changes: object) -> dict[str, object]:
     doc: dict[str, object] = {
         "guard": "active",
         "admin_policy": "deskgpu.policy.HouseRules",
-        "host_config": str(BOX_CONFIG),
+        "host_config": str(SYSTEM_CONFIG),
     }
     doc.update(changes)
     return doc
@@ -451,7 +454,7 @@ def test_the_guard_is_not_required_without_the_policy() -> None:
 def test_an_active_guard_is_ok_and_says_what_it_pins() -> None:
     check = _hardening(_with_guard(200, _active()))
     assert check.status == OK
-    assert "deskgpu.policy.HouseRules" in check.detail and str(BOX_CONFIG) in check.detail
+    assert "deskgpu.policy.HouseRules" in check.detail and str(SYSTEM_CONFIG) in check.detail
 
 
 def test_a_guard_pinning_another_policy_fails() -> None:

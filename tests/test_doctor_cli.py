@@ -13,6 +13,20 @@ BOX_CONFIG = str(FIXTURES / "host-config.yaml")
 HAS_GPU = Path("/dev/nvidiactl").exists()
 
 
+def box_facts(name: str, tmp_path: Path) -> str:
+    """A recorded box whose server enforces BOX_CONFIG: its guard's answer names the file this
+    doctor run reads (recorded, it names /etc/deskgpu/config.yaml, where the box has it)."""
+    doc = json.loads((FIXTURES / name).read_text())
+    guard = doc["sky"].get("guard")
+    if guard and guard.get("body"):
+        body = json.loads(guard["body"])
+        body["host_config"] = BOX_CONFIG
+        guard["body"] = json.dumps(body)
+    out = tmp_path / name
+    out.write_text(json.dumps(doc))
+    return str(out)
+
+
 @pytest.mark.skipif(HAS_GPU, reason="this test describes a machine without GPUs")
 def test_doctor_on_this_machine_runs_to_completion_and_reports_failures(
     cli, tmp_path: Path
@@ -40,9 +54,9 @@ def test_doctor_on_this_machine_runs_to_completion_and_reports_failures(
     assert sum(doc["summary"].values()) == len(doc["checks"])
 
 
-def test_doctor_table_is_grouped_with_a_summary(cli) -> None:
+def test_doctor_table_is_grouped_with_a_summary(cli, tmp_path: Path) -> None:
     result = cli(
-        "doctor", "--facts", str(FIXTURES / "thermal-throttling.json"), "--config", BOX_CONFIG
+        "doctor", "--facts", box_facts("thermal-throttling.json", tmp_path), "--config", BOX_CONFIG
     )
     assert result.exit_code == 3
     for title in (
@@ -57,31 +71,31 @@ def test_doctor_table_is_grouped_with_a_summary(cli) -> None:
         assert title in result.stdout
     assert "thermal slowdown in 3/3 samples" in result.stdout
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("FAIL: 28 ok, 0 warn, 1 fail, 1 skip on deskbox")
+    assert last.startswith("FAIL: 29 ok, 0 warn, 1 fail, 1 skip on deskbox")
     assert result.stderr == ""
 
 
-def test_healthy_recorded_box_exits_0(cli) -> None:
+def test_healthy_recorded_box_exits_0(cli, tmp_path: Path) -> None:
     result = cli(
         "doctor",
         "--json",
         "--facts",
-        str(FIXTURES / "healthy-4x-a6000.json"),
+        box_facts("healthy-4x-a6000.json", tmp_path),
         "--config",
         BOX_CONFIG,
     )
     assert result.exit_code == 0, result.stdout
     doc = json.loads(result.stdout)
-    assert doc["summary"] == {"ok": 29, "warn": 0, "fail": 0, "skip": 1}
+    assert doc["summary"] == {"ok": 30, "warn": 0, "fail": 0, "skip": 1}
     assert doc["source"].startswith("recorded ")
 
 
-def test_warnings_alone_exit_0(cli) -> None:
+def test_warnings_alone_exit_0(cli, tmp_path: Path) -> None:
     result = cli(
         "doctor",
         "--json",
         "--facts",
-        str(FIXTURES / "system-pip-torch.json"),
+        box_facts("system-pip-torch.json", tmp_path),
         "--config",
         BOX_CONFIG,
     )
