@@ -48,13 +48,31 @@ class ApiServerError(RuntimeError):
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on right now (never the production port)."""
+    """A loopback port nothing listens on right now (never the production port), whose
+    request-queue port is free too: a server on port P also binds the queue manager port
+    SkyPilot derives from P, and refuses to start when that one is taken."""
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port != PRODUCTION_PORT:
+        if port != PRODUCTION_PORT and _bindable(queue_manager_port(port)):
             return port
+
+
+def queue_manager_port(port: int) -> int:
+    """sky/server/requests/queues/mp_queue.py `get_queue_manager_port` for a server on `port`
+    (50011 for 46580, moved in lockstep and kept within [50000, 60000))."""
+    default_queue, default_server = 50011, PRODUCTION_PORT
+    return 50000 + (default_queue - 50000 + port - default_server) % 10000
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def server_env(

@@ -98,3 +98,13 @@ def test_a_failed_assertion_in_the_block_leaves_nothing_running(
         assert url.startswith("http://127.0.0.1:") and _running_with_home(home)
         raise AssertionError("a test failed")
     assert _running_with_home(home) == []
+
+
+def test_queue_manager_port_is_skypilots() -> None:
+    """The port a server on P also binds, as SkyPilot computes it."""
+    from sky.server.requests.queues import mp_queue
+
+    for port in (apiserver.PRODUCTION_PORT, 47123, 60001, 1025):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SKYPILOT_API_SERVER_LOCAL_PORT", str(port))
+            assert apiserver.queue_manager_port(port) == mp_queue.get_queue_manager_port()

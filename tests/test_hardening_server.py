@@ -159,6 +159,7 @@ def _rendered(tmp: Path, port: int, *, guard: bool) -> tuple[Path, dict[str, str
             exec_start = shlex.split(line.removeprefix("ExecStart="))
     assert exec_start[:3] == [sys.executable, "-m", "sky.server.server"], exec_start
     assert exec_start[3:] == ["--deploy", "--host", "127.0.0.1", "--port", str(port)]
+    assert env["IS_SKYPILOT_SERVER"] == "true"  # as `sky api start` runs its server
     # The unit's HOME is /var/lib/skypilot: lay the rendered files out under a HOME of ours.
     rendered_home = Path(env["HOME"])
     home = tmp / "server-home"
@@ -202,6 +203,17 @@ def _write(tmp: Path, name: str, text: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # The guard is there, and says what it enforces
+
+
+def test_the_unit_starts_the_server_as_sky_api_start_would() -> None:
+    from sky.server import constants as server_constants
+
+    from deskgpu.setup.render import SERVER_WEBSOCKET_LIMITS
+
+    assert SERVER_WEBSOCKET_LIMITS == {
+        "WEBSOCKETS_MAX_LINE_LENGTH": server_constants.WEBSOCKETS_MAX_HEADER_LINE_LENGTH,
+        "WEBSOCKETS_MAX_NUM_HEADERS": server_constants.WEBSOCKETS_MAX_NUM_HEADERS,
+    }
 
 
 def test_the_rendered_server_runs_the_guard(box: Box) -> None:

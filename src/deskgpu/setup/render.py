@@ -22,7 +22,13 @@ import yaml
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
-GUARD_CLASS = "deskgpu.policy.Guard"  # the server plugin that makes the policy a boundary
+GUARD_CLASS = "deskgpu.policy.Guard"
+# == sky.server.constants WEBSOCKETS_MAX_HEADER_LINE_LENGTH / _NUM_HEADERS, which `sky api
+# start` puts in its server's environment (read at import time); a test keeps them equal.
+SERVER_WEBSOCKET_LIMITS = {
+    "WEBSOCKETS_MAX_LINE_LENGTH": "65536",
+    "WEBSOCKETS_MAX_NUM_HEADERS": "256",
+}  # the server plugin that makes the policy a boundary
 DEFAULT_ENDPOINT = "http://127.0.0.1:46580"  # == skyapi.DEFAULT_ENDPOINT (no sky import here)
 SERVER_UNIT = "skypilot-api.service"
 SERVER_USER = "skypilot"
@@ -211,6 +217,11 @@ def server_unit(config: HostConfig, tools: Tools) -> str:
             # The jobs controller reaches its own server at the *local* port (it clears the
             # endpoint variables: sky/jobs/recovery_strategy.py), 46580 unless told.
             f"SKYPILOT_API_SERVER_LOCAL_PORT={server_port(config)}",
+            # What `sky api start` sets for the server it spawns (sky/server/common.py): the
+            # server reads its config as a server (not `.sky.yaml` from its working dir
+            # as a client would) and applies its server-side permission checks.
+            "IS_SKYPILOT_SERVER=true",
+            *(f"{k}={v}" for k, v in SERVER_WEBSOCKET_LIMITS.items()),
             client=False,
         ),
     ]
