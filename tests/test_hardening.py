@@ -337,3 +337,56 @@ def test_middleware_fails_closed_when_it_cannot_tell() -> None:
     inner = _Recorder()
     _drive(GuardMiddleware(inner, is_internal=broken), b'{"is_launched_by_jobs_controller": true}')
     assert inner.body == b"{}" and inner.internal is False
+
+
+def test_the_guard_tells_the_policy_who_connected_and_no_client_can() -> None:
+    inner = _Recorder()
+    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=lambda scope: 1234)
+    doc = {"env_vars": {"SKYPILOT_USER": "a", hardening.PEER_UID_ENV: "0"}}
+    _drive(app, json.dumps(doc).encode())
+    assert inner.body is not None
+    assert json.loads(inner.body)["env_vars"] == {
+        "SKYPILOT_USER": "a",
+        hardening.PEER_UID_ENV: "1234",
+    }
+
+
+def test_a_user_id_that_is_a_path_is_refused() -> None:
+    inner = _Recorder()
+    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=lambda scope: None)
+    sent = _drive(app, json.dumps({"env_vars": {"SKYPILOT_USER_ID": "../../x"}}).encode())
+    assert sent[0]["status"] == 400 and inner.body is None
+    sent = _drive(app, json.dumps({"env_vars": {"SKYPILOT_USER_ID": "1a2b3c4d"}}).encode())
+    assert sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize(
+    ("mode", "parent_mode", "other_can_read"),
+    [(0o644, 0o755, True), (0o600, 0o755, False), (0o644, 0o700, False), (0o604, 0o711, True)],
+)
+def test_readable_by_follows_unix_modes(mode: int, parent_mode: int, other_can_read: bool) -> None:
+    import shutil
+    import tempfile
+
+    from deskgpu.hardening import readable_by
+
+    # Not under pytest's temp root, which is 0700 (nobody else could traverse it at all).
+    tmp_path = Path(tempfile.mkdtemp(prefix="deskgpu-modes-", dir="/tmp"))
+    parent = tmp_path / "d"
+    parent.mkdir()
+    target = parent / "f"
+    target.write_text("x")
+    target.chmod(mode)
+    parent.chmod(parent_mode)
+    tmp_path.chmod(0o755)
+    try:
+        me = os.geteuid()
+        assert readable_by(0, str(target))
+        # Someone else (a uid that owns nothing here and is in none of its groups).
+        other = 54321 if me != 54321 else 54322
+        assert readable_by(other, str(target)) is other_can_read
+        assert readable_by(me, str(target)) is (me == 0 or bool(mode & 0o400))
+        assert not readable_by(other, str(tmp_path / "missing"))
+    finally:
+        parent.chmod(0o755)
+        shutil.rmtree(tmp_path, ignore_errors=True)

@@ -475,3 +475,89 @@ def test_control_unguarded_server_uses_the_clients_admin_policy(
     )
     assert result["error_type"] == "NoCloudAccessError", result
     assert _CountingPolicy.calls, "the client's own policy was not even asked"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files a job copies in are the submitter's upload, never the server's own (found in review)
+
+
+def test_a_workdir_the_client_uploaded_passes(box: Box, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('hi')\n")
+    task = _write(tmp_path, "wd.yaml", f"name: wd\nresources: {{cpus: 1}}\nworkdir: {project}\n")
+    ran = subprocess.run(
+        [SKY, "launch", "-y", "-c", "alice-wd", str(task)],
+        env=box.client_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = ran.stdout + ran.stderr
+    assert "rejected by the house rules" not in out, out[-3000:]
+    assert "NoCloudAccessError" in out or "Cloud access is not set up" in out, out[-3000:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a second uid to connect as (root only)")
+@pytest.mark.parametrize("how", ["traversal", "unmapped"])
+@pytest.mark.parametrize("path", ["/launch", "/jobs/launch"])
+def test_file_mounts_cannot_copy_what_only_the_server_can_read(
+    box: Box, tmp_path: Path, path: str, how: str
+) -> None:
+    """From a user who cannot read it, a file only the server's account can read (here a
+    0600 file in the server's HOME, like its kubeconfig) is refused, however it is named."""
+    secret = box.home / ".kube" / "secret-config"
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text("server's kubeconfig\n")
+    secret.chmod(0o600)
+    if how == "traversal":  # SkyPilot joins the mapping onto the upload dir, `..` and all
+        task = (
+            "name: fm\nresources: {cpus: 1}\nfile_mounts: {/mnt/k: /x}\n"
+            f"file_mounts_mapping:\n  /x: {'../' * 12}{str(secret).lstrip('/')}\nrun: x\n"
+        )
+    else:  # without a mapping the source stays the server's own path
+        task = f"name: fm\nresources: {{cpus: 1}}\nfile_mounts: {{/mnt/k: {secret}}}\nrun: x\n"
+    doc = body_for(path, task, "alice-fm")
+    doc["env_vars"]["SKYPILOT_USER"] = "alice"
+    request_id = _post_as_nobody(box.url + path, doc)
+    result = wait(box.url, request_id, 240)
+    error = result.get("error") or {}
+    error = json.loads(error) if isinstance(error, str) else error
+    assert error.get("type") == "UserRequestRejectedByPolicy", result
+    assert "file_mount_source:" in error.get("message", "")
+
+
+def _post_as_nobody(url: str, doc: dict[str, Any]) -> str:
+    """POST from a forked child that dropped to uid 65534 (nobody): the connection is theirs."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no exec, so nothing it runs needs to be readable by nobody
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            _status, headers, _raw = post(url, doc)
+            lowered = {k.lower(): v for k, v in headers.items()}
+            os.write(write_end, (lowered.get("x-skypilot-request-id") or "").encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        request_id = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and request_id, "the request as nobody failed"
+    return request_id
+
+
+def test_a_user_id_is_not_a_path(box: Box, tmp_path: Path) -> None:
+    """SkyPilot makes `<id>/file_mounts` under its clients dir, and `/upload` writes there."""
+    target = tmp_path / "planted"
+    doc = body_for("/launch", CLEAN, "alice-x")
+    doc["env_vars"]["SKYPILOT_USER_ID"] = str(target)
+    status, _, raw = post(box.url + "/launch", doc)
+    assert status == 400 and b"not a SkyPilot user id" in raw
+    status, _, raw = post(box.url + f"/upload?user_hash={target}&upload_id=x&chunk_index=0", {})
+    assert status == 400
+    assert not target.exists()

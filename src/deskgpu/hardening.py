@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,9 @@ ALLOWED_REQUEST_ENV = frozenset(
         "SKYPILOT_SUPPRESS_SENSITIVE_LOG",
     }
 )
+# What a SkyPilot user id looks like (an 8-hex hash, `sa-...` service accounts): SkyPilot
+# uses it unchecked as a directory name on the server (sky/server/common.py, /upload).
+USER_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Keys of the client's SkyPilot config that only the server's own config may set.
 SERVER_ONLY_CONFIG_KEYS = ("admin_policy",)
 # Request-body flags that SkyPilot's controllers set for their own relaunches.
@@ -59,6 +63,10 @@ CONTROLLER_FLAGS = ("is_launched_by_jobs_controller", "is_launched_by_sky_serve_
 # How SkyPilot starts its controllers (sky/jobs/scheduler.py `start_controller`,
 # sky/serve/serve_utils.py): the process, or one it forked, runs one of these modules.
 CONTROLLER_MODULES = ("sky.jobs.controller", "sky.serve.service")
+
+# Set by the guard in a client request's environment (after dropping any the client sent):
+# the uid of the process on the other end of the connection, read from /proc.
+PEER_UID_ENV = "DESKGPU_PEER_UID"
 
 # True while the current HTTP request comes from a SkyPilot controller of this server.
 INTERNAL_REQUEST: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -86,6 +94,25 @@ class Scrubbed:
         if self.flags:
             parts.append("flags " + ", ".join(self.flags))
         return "; ".join(parts)
+
+
+class BadRequest(ValueError):
+    """A client request the server must not run at all (answered 400)."""
+
+
+def check_user_ids(body: Mapping[str, Any] | None, query: str) -> None:
+    """The request's user id (body `env_vars.SKYPILOT_USER_ID`, query `user_hash`) must be an
+    id, not a path."""
+    from urllib.parse import parse_qs
+
+    env = (body or {}).get("env_vars")
+    ids = [env.get("SKYPILOT_USER_ID")] if isinstance(env, Mapping) else []
+    ids += parse_qs(query, keep_blank_values=True).get("user_hash", [])
+    for value in ids:
+        if value is not None and not (isinstance(value, str) and USER_ID.fullmatch(value)):
+            raise BadRequest(
+                f"user id {str(value)[:80]!r} is not a SkyPilot user id (letters, digits, - and _)"
+            )
 
 
 def scrub_request_body(body: MutableMapping[str, Any]) -> Scrubbed:
@@ -287,6 +314,50 @@ def is_internal_peer(
     return pid is not None and is_controller_process(pid, uid, proc)
 
 
+def _peer_uid(scope: Mapping[str, Any]) -> int | None:
+    client, server = scope.get("client"), scope.get("server")
+    if not client or not server:
+        return None
+    peer = socket_owner((str(client[0]), int(client[1])), (str(server[0]), int(server[1])))
+    return None if peer is None else peer.uid
+
+
+def readable_by(uid: int, path: str) -> bool:
+    """Whether `uid` could read `path` itself (Unix modes of the path and its parents).
+
+    What a job copies in from the server's disk must be what its submitter could read: the
+    server's account reads more (its kubeconfig, its databases).
+    """
+    import pwd
+    import stat
+
+    if uid == 0:
+        return True
+    try:
+        entry = pwd.getpwuid(uid)
+        groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except KeyError:
+        groups = set()
+
+    def allowed(st: os.stat_result, want: int) -> bool:
+        if st.st_uid == uid:
+            return bool(st.st_mode & (want << 6))
+        if st.st_gid in groups:
+            return bool(st.st_mode & (want << 3))
+        return bool(st.st_mode & want)
+
+    real = Path(os.path.realpath(path))
+    try:
+        for parent in reversed(real.parents):
+            if not allowed(parent.stat(), 1):
+                return False
+        st = real.stat()
+    except OSError:
+        return False
+    want = 4 | (1 if stat.S_ISDIR(st.st_mode) else 0)
+    return allowed(st, 4) and (want == 4 or allowed(st, 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # The ASGI middleware
 
@@ -311,12 +382,16 @@ class GuardMiddleware:
     """Scrubs every JSON request body of a client (see the module docstring)."""
 
     def __init__(
-        self, app: ASGIApp, is_internal: Callable[[Mapping[str, Any]], bool] | None = None
+        self,
+        app: ASGIApp,
+        is_internal: Callable[[Mapping[str, Any]], bool] | None = None,
+        peer_uid: Callable[[Mapping[str, Any]], int | None] | None = None,
     ) -> None:
         self.app = app
         self.is_internal = is_internal or (
             lambda scope: is_internal_peer(scope.get("client"), scope.get("server"))
         )
+        self.peer_uid = peer_uid or _peer_uid
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":
@@ -333,6 +408,12 @@ class GuardMiddleware:
                 await self.app(scope, receive, send)
             finally:
                 INTERNAL_REQUEST.reset(token)
+            return
+        query = (scope.get("query_string") or b"").decode("latin-1")
+        try:
+            check_user_ids(None, query)
+        except BadRequest as exc:
+            await _refuse(send, 400, str(exc))
             return
         if scope.get("method") not in ("POST", "PUT", "PATCH") or _is_form(
             scope.get("headers") or []
@@ -355,7 +436,16 @@ class GuardMiddleware:
             chunks.append(chunk)
             more = bool(message.get("more_body"))
         body = b"".join(chunks)
-        body = self._scrubbed(scope, body)
+        try:
+            uid = self.peer_uid(scope)
+        except Exception:  # unknown: the policy then allows only uploaded files
+            logger.exception("deskgpu guard: could not read the peer's uid")
+            uid = None
+        try:
+            body = self._scrubbed(scope, body, uid)
+        except BadRequest as exc:
+            await _refuse(send, 400, str(exc))
+            return
         sent = False
 
         async def replay() -> Message:
@@ -370,13 +460,14 @@ class GuardMiddleware:
         await self.app({**scope, "headers": headers}, replay, send)
 
     @staticmethod
-    def _scrubbed(scope: Scope, body: bytes) -> bytes:
+    def _scrubbed(scope: Scope, body: bytes, uid: int | None = None) -> bytes:
         try:
             doc = json.loads(body)
         except ValueError:
             return body  # not JSON: SkyPilot cannot parse it into a request either
         if not isinstance(doc, dict):
             return body
+        check_user_ids(doc, "")
         removed = scrub_request_body(doc)
         if removed:
             logger.warning(
@@ -386,6 +477,9 @@ class GuardMiddleware:
                 (scope.get("client") or ("?",))[0],
                 removed,
             )
+        env = doc.get("env_vars")
+        if uid is not None and isinstance(env, dict):
+            env[PEER_UID_ENV] = str(uid)
         # Always re-serialized: SkyPilot parses exactly what was checked (duplicate keys,
         # odd encodings and the like cannot differ between this parser and its).
         return json.dumps(doc).encode()

@@ -65,6 +65,18 @@ _PASS_REQUESTS = {"jobs.launch_controller", "serve.launch_controller"}
 _RELAUNCH_REQUESTS = {"jobs.launch_cluster", "serve.launch_replica"}
 
 
+# Requests whose task's local file sources SkyPilot has already moved to where the client's
+# upload landed on the server (sky/server/requests/payloads.py: every `to_kwargs` that calls
+# `process_mounts_in_task_on_api_server`). `validate`/`optimize` still carry client paths.
+_UPLOADED_SOURCE_REQUESTS = {
+    "launch",
+    "exec",
+    "jobs.launch",
+    "jobs.pool_apply",
+    "serve.up",
+    "serve.update",
+}
+
 # What SkyPilot's jobs controller adds to a task it relaunches (sky/jobs/controller.py
 # `_add_k8s_annotations`): reserved for the box on a client's request, expected on its own.
 CONTROLLER_ANNOTATIONS = ("skypilot-managed-job-id", "skypilot-managed-job-name")
@@ -140,6 +152,68 @@ def without_controller_annotations(task: Mapping[str, Any]) -> dict[str, Any]:
 
     stripped: dict[str, Any] = strip(task)
     return stripped
+
+
+def _local_sources(task: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(where, path) for the task's workdir and file mounts that are server paths, not URLs."""
+    found: list[tuple[str, str]] = []
+    workdir = task.get("workdir")
+    if isinstance(workdir, str):
+        found.append(("workdir", workdir))
+    for dst, src in (task.get("file_mounts") or {}).items():
+        sources = src.get("source") if isinstance(src, Mapping) else src
+        for one in sources if isinstance(sources, list) else [sources]:
+            if isinstance(one, str):
+                found.append((f"file_mounts {dst}", one))
+    service = task.get("service")
+    tls = service.get("tls") if isinstance(service, Mapping) else None
+    if isinstance(tls, Mapping):
+        for key in ("keyfile", "certfile"):
+            if isinstance(tls.get(key), str):
+                found.append((f"service.tls.{key}", tls[key]))
+    return [(w, path) for w, path in found if "://" not in path]
+
+
+def file_source_violations(
+    task: Mapping[str, Any], upload_root: Path | None, peer_uid: int | None
+) -> list[Violation]:
+    """A job may copy in only what its submitter could: the client's own upload on the server
+    (`upload_root`; SkyPilot 0.14 joins the client's `file_mounts_mapping` onto it without
+    refusing `..`), or, from a client on this host (SkyPilot then reads the path itself, as
+    the server's account), a path the connecting uid (`peer_uid`, told by the guard) can read;
+    never what only the server's account can (its kubeconfig, its databases)."""
+    found = []
+    for where, path in _local_sources(task):
+        real = os.path.realpath(Path(path).expanduser())
+        inside = upload_root is not None and (
+            real == str(upload_root) or real.startswith(str(upload_root) + os.sep)
+        )
+        if not inside and not (peer_uid is not None and hardening.readable_by(peer_uid, real)):
+            found.append(
+                Violation(
+                    "file_mount_source",
+                    f"{where} reads {path} on the API server, which its submitter cannot "
+                    "read: a job may only copy in files its submitter could",
+                    "use a path you can read (or a bucket URL)",
+                )
+            )
+    return found
+
+
+def _peer_uid() -> int | None:
+    """The connecting uid the guard put into this request's environment (never a client)."""
+    value = os.environ.get(hardening.PEER_UID_ENV, "")
+    return int(value) if value.isdigit() else None
+
+
+def upload_root(user_id: str | None) -> Path | None:
+    """Where the server keeps `user_id`'s uploaded files (sky/server/common.py)."""
+    if not user_id or not hardening.USER_ID.fullmatch(user_id):
+        return None
+    from sky.server import common as server_common
+
+    base = Path(os.path.realpath(server_common.API_SERVER_CLIENT_DIR.expanduser()))
+    return base / user_id / "file_mounts"
 
 
 def shape_task_config(
@@ -267,6 +341,11 @@ def mutate(user_request: Any, config: HostConfig, *, internal: bool | None = Non
     )
     # The request's SkyPilot config: the server's merged with the client's `~/.sky/config.yaml`
     # / `--config`, whose `kubernetes.pod_config` SkyPilot folds into every pod it creates.
+    if name in _UPLOADED_SOURCE_REQUESTS and not decision.relaunch:
+        user_id = getattr(user_request.user, "id", None) if user_request.user else None
+        violations = (
+            file_source_violations(original, upload_root(user_id), _peer_uid()) + violations
+        )
     request_config = dict(user_request.skypilot_config or {})
     if decision.relaunch:
         request_config = without_controller_annotations(request_config)
