@@ -481,7 +481,7 @@ def test_control_unguarded_server_uses_the_clients_admin_policy(
 # Files a job copies in are the submitter's upload, never the server's own (found in review)
 
 
-def test_a_workdir_the_client_uploaded_passes(box: Box, tmp_path: Path) -> None:
+def test_a_workdir_the_submitter_can_read_passes(box: Box, tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
     (project / "train.py").write_text("print('hi')\n")
