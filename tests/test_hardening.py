@@ -390,3 +390,46 @@ def test_readable_by_follows_unix_modes(mode: int, parent_mode: int, other_can_r
     finally:
         parent.chmod(0o755)
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "admin"),
+    [
+        ("POST", "/workspaces/config", True),
+        ("POST", "//workspaces/./config/", True),
+        ("POST", "/internal/dashboard/workspaces/config", True),
+        ("POST", "/ssh_node_pools", True),
+        ("POST", "/ssh_node_pools/pool/deploy", True),
+        ("DELETE", "/users/delete", True),
+        ("POST", "/users/service-account-tokens/rotate", True),
+        ("POST", "/local_up", True),
+        ("GET", "/workspaces/config", False),
+        ("GET", "/workspaces", False),
+        ("POST", "/users/me/workspace", False),
+        ("POST", "/launch", False),
+        ("POST", "/workspacesx", False),
+    ],
+)
+def test_admin_endpoints(method: str, path: str, admin: bool) -> None:
+    assert hardening.is_admin_path(method, path) is admin
+
+
+def _drive_path(app: GuardMiddleware, path: str) -> list[Any]:
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_only_root_or_the_server_account_reaches_admin_endpoints() -> None:
+    inner = _Recorder()
+    for uid, status in ((1001, 403), (None, 403), (0, 200), (os.geteuid(), 200)):
+        app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=lambda s, u=uid: u)
+        assert _drive_path(app, "/workspaces/config")[0]["status"] == status, uid

@@ -527,7 +527,17 @@ def test_file_mounts_cannot_copy_what_only_the_server_can_read(
     assert "file_mount_source:" in error.get("message", "")
 
 
-def _post_as_nobody(url: str, doc: dict[str, Any]) -> str:
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a second uid to connect as (root only)")
+def test_a_researcher_cannot_rewrite_the_servers_config(box: Box) -> None:
+    """`POST /workspaces/config` replaces the server's whole SkyPilot config; without
+    authentication SkyPilot lets any client call it."""
+    before = (box.home / ".sky" / "config.yaml").read_text()
+    status = _post_as_nobody(box.url + "/workspaces/config", {"config": {}}, want="status")
+    assert status == "403"
+    assert (box.home / ".sky" / "config.yaml").read_text() == before
+
+
+def _post_as_nobody(url: str, doc: dict[str, Any], want: str = "request_id") -> str:
     """POST from a forked child that dropped to uid 65534 (nobody): the connection is theirs."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -537,9 +547,10 @@ def _post_as_nobody(url: str, doc: dict[str, Any]) -> str:
             os.close(read_end)
             os.setgid(65534)
             os.setuid(65534)
-            _status, headers, _raw = post(url, doc)
+            status, headers, _raw = post(url, doc)
             lowered = {k.lower(): v for k, v in headers.items()}
-            os.write(write_end, (lowered.get("x-skypilot-request-id") or "").encode())
+            answer = str(status) if want == "status" else lowered.get("x-skypilot-request-id")
+            os.write(write_end, (answer or "").encode())
             code = 0
         finally:
             os._exit(code)

@@ -64,6 +64,38 @@ CONTROLLER_FLAGS = ("is_launched_by_jobs_controller", "is_launched_by_sky_serve_
 # sky/serve/serve_utils.py): the process, or one it forked, runs one of these modules.
 CONTROLLER_MODULES = ("sky.jobs.controller", "sky.serve.service")
 
+# SkyPilot endpoints that change the server itself rather than run a user's work: its whole
+# config (`/workspaces/config`), workspaces, users and tokens, SSH node pools, local
+# clusters, node labels (sky/server/server.py and the routers it includes). Without
+# authentication SkyPilot treats every client as an admin; on the box only root (or the
+# server's own account) may call them.
+ADMIN_PATHS = (
+    "/workspaces/",
+    "/ssh_node_pools",
+    "/users/create",
+    "/users/update",
+    "/users/batch_update",
+    "/users/delete",
+    "/users/import",
+    "/users/service-account-tokens",
+    "/local_up",
+    "/local_down",
+    "/kubernetes_label_gpus",
+)
+
+
+def is_admin_path(method: str, path: str) -> bool:
+    """A state-changing call of an admin endpoint, however the path is spelled."""
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return False
+    import posixpath
+
+    if path.startswith("/internal/dashboard/"):  # SkyPilot strips this prefix once
+        path = path.replace("/internal/dashboard/", "/", 1)
+    clean = posixpath.normpath("/" + path.lstrip("/"))
+    return any(clean == p.rstrip("/") or clean.startswith(p.rstrip("/") + "/") for p in ADMIN_PATHS)
+
+
 # Set by the guard in a client request's environment (after dropping any the client sent):
 # the uid of the process on the other end of the connection, read from /proc.
 PEER_UID_ENV = "DESKGPU_PEER_UID"
@@ -415,6 +447,19 @@ class GuardMiddleware:
         except BadRequest as exc:
             await _refuse(send, 400, str(exc))
             return
+        if is_admin_path(str(scope.get("method") or ""), str(scope.get("path") or "")):
+            try:
+                uid = self.peer_uid(scope)
+            except Exception:
+                uid = None
+            if uid not in (0, os.geteuid()):
+                await _refuse(
+                    send,
+                    403,
+                    f"{scope.get('path')} changes the API server itself: on this box only root "
+                    "may call it (deskgpu guard)",
+                )
+                return
         if scope.get("method") not in ("POST", "PUT", "PATCH") or _is_form(
             scope.get("headers") or []
         ):
