@@ -262,17 +262,28 @@ def _controller_log(box: Box, job_id: int) -> str:
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="SkyPilot's jobs launch needs rsync")
-def test_compliant_managed_job_reaches_provisioning(box: Box, tmp_path: Path) -> None:
-    task = _write(tmp_path, "clean.yaml", CLEAN)
+@pytest.mark.parametrize("submitter", ["sky jobs launch", "deskgpu submit"])
+def test_compliant_managed_job_reaches_provisioning(
+    box: Box, tmp_path: Path, submitter: str
+) -> None:
+    if submitter == "deskgpu submit":
+        spec = _write(tmp_path, "job.yaml", "name: cpu-job\ngpus: 0\nrun: echo hi\n")
+        args = [str(Path(sys.executable).with_name("deskgpu")), "submit", str(spec)]
+        marker = "managed job "
+    else:
+        task = _write(tmp_path, "clean.yaml", CLEAN)
+        args = [SKY, "jobs", "launch", "-y", "-d", str(task)]
+        marker = "Managed Job ID:"
     launched = subprocess.run(
-        [SKY, "jobs", "launch", "-y", "-d", str(task)],
-        env=box.client_env(tmp_path),
+        args,
+        env={**box.client_env(tmp_path), "DESKGPU_CONFIG": str(box.host_config)},
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
-    job_id = int(launched.stdout.split("Managed Job ID:")[1].split()[0])
+    out = launched.stdout + launched.stderr
+    assert launched.returncode == 0, out[-3000:]
+    job_id = int(out.split(marker)[1].split()[0])
     deadline = time.monotonic() + 240
     log = ""
     while time.monotonic() < deadline:

@@ -539,3 +539,18 @@ def test_shape_task_config_without_skypilot_objects() -> None:
     assert shaped["name"] == "alice-dev"
     assert [v.rule for v in broken] == ["cluster_name", "max_gpus"]
     assert check_house_rules(shaped, HostConfig(gpus={"A6000": 4}), "alice") == []
+
+
+def test_deskgpu_shows_every_rule_of_a_server_rejection(policy_server) -> None:
+    """`deskgpu submit` prints the whole rejection the policy wrote, not its first line."""
+    from deskgpu.skyapi import explain
+
+    hostile = _pod_task([{"name": "h", "hostPath": {"path": "/"}}], [])
+    with pytest.raises(exceptions.UserRequestRejectedByPolicy) as info:
+        admin_policy_utils.apply(
+            hostile, request_name=Req.CLUSTER_LAUNCH, request_options=_options("dev")
+        )
+    text = str(explain(info.value, "http://127.0.0.1:1"))
+    assert text.startswith("the API server refused the request: rejected by the house rules")
+    assert "cluster_name:" in text and "host_mount:" in text
+    assert len(text.splitlines()) >= 3

@@ -93,6 +93,10 @@ def explain(exc: BaseException, endpoint: str) -> OutsideError:
         )
     if name == "ResourcesUnavailableError":
         return OutsideError(f"SkyPilot found no resources for the job: {message}")
+    if name == "UserRequestRejectedByPolicy":
+        # Every rule it broke, each on its line: the first line alone names none.
+        lines = [ln.rstrip() for ln in _ANSI.sub("", str(exc)).strip().splitlines() if ln.strip()]
+        return OutsideError("the API server refused the request: " + "\n".join(lines))
     return OutsideError(f"SkyPilot rejected the request ({name}): {message}")
 
 
@@ -133,14 +137,21 @@ def submit(
     idle_minutes: int | None,
     config: HostConfig,
     wait_s: float = 30.0,
+    user: str | None = None,
 ) -> Submitted:
     """Hand a task to the shared API server; wait up to `wait_s` for an early verdict.
+
+    `user`: who the task was shaped for; the server is told the same name (SkyPilot takes
+    the request's user from `SKYPILOT_USER`, which a stray export would otherwise make
+    someone else, and the server's policy would then refuse the job as not theirs).
 
     The request keeps running on the server after we return (and after the user's SSH
     session ends): managed jobs retry until GPUs free up, and a session's pod waits
     Pending with `provision_timeout: -1`.
     """
     endpoint = prepare_environment(config)
+    if user:
+        os.environ["SKYPILOT_USER"] = user
     sky = import_sky()
     try:
         with _quiet_sdk():

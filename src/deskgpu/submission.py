@@ -108,6 +108,7 @@ def submit(p: Plan, config: HostConfig, wait_s: float = 30.0) -> SubmitResult:
         idle_minutes=exp.idle_minutes,
         config=config,
         wait_s=wait_s,
+        user=p.user,
     )
     return SubmitResult(
         cluster_name=exp.cluster_name,
