@@ -26,7 +26,9 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
 import re
+import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,11 +272,11 @@ def _cmdline(pid: int, proc: Path) -> list[str]:
 
 def _parent(pid: int, proc: Path) -> int | None:
     try:
-        stat = (proc / str(pid) / "stat").read_text()
+        text = (proc / str(pid) / "stat").read_text()
     except OSError:
         return None
     # comm (field 2) may hold spaces and parentheses: split after its closing paren.
-    rest = stat.rsplit(")", 1)[-1].split()
+    rest = text.rsplit(")", 1)[-1].split()
     try:
         return int(rest[1])
     except (IndexError, ValueError):
@@ -354,15 +356,16 @@ def _peer_uid(scope: Mapping[str, Any]) -> int | None:
     return None if peer is None else peer.uid
 
 
+def _is_internal(scope: Mapping[str, Any]) -> bool:
+    return is_internal_peer(scope.get("client"), scope.get("server"))
+
+
 def readable_by(uid: int, path: str) -> bool:
     """Whether `uid` could read `path` itself (Unix modes of the path and its parents).
 
     What a job copies in from the server's disk must be what its submitter could read: the
     server's account reads more (its kubeconfig, its databases).
     """
-    import pwd
-    import stat
-
     if uid == 0:
         return True
     try:
@@ -386,8 +389,8 @@ def readable_by(uid: int, path: str) -> bool:
         st = real.stat()
     except OSError:
         return False
-    want = 4 | (1 if stat.S_ISDIR(st.st_mode) else 0)
-    return allowed(st, 4) and (want == 4 or allowed(st, 1))
+    # A directory is read by listing it and entering it.
+    return allowed(st, 4) and (not stat.S_ISDIR(st.st_mode) or allowed(st, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,10 +423,16 @@ class GuardMiddleware:
         peer_uid: Callable[[Mapping[str, Any]], int | None] | None = None,
     ) -> None:
         self.app = app
-        self.is_internal = is_internal or (
-            lambda scope: is_internal_peer(scope.get("client"), scope.get("server"))
-        )
+        self.is_internal = is_internal or _is_internal
         self.peer_uid = peer_uid or _peer_uid
+
+    def _uid(self, scope: Scope) -> int | None:
+        """The connecting uid, or None when it cannot be read (then trusted for nothing)."""
+        try:
+            return self.peer_uid(scope)
+        except Exception:
+            logger.exception("deskgpu guard: could not read the peer's uid")
+            return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":
@@ -447,22 +456,19 @@ class GuardMiddleware:
         except BadRequest as exc:
             await _refuse(send, 400, str(exc))
             return
-        if is_admin_path(str(scope.get("method") or ""), str(scope.get("path") or "")):
-            try:
-                uid = self.peer_uid(scope)
-            except Exception:
-                uid = None
-            if uid not in (0, os.geteuid()):
-                await _refuse(
-                    send,
-                    403,
-                    f"{scope.get('path')} changes the API server itself: on this box only root "
-                    "may call it (deskgpu guard)",
-                )
-                return
-        if scope.get("method") not in ("POST", "PUT", "PATCH") or _is_form(
-            scope.get("headers") or []
-        ):
+        method = str(scope.get("method") or "")
+        admin = is_admin_path(method, str(scope.get("path") or ""))
+        reads_body = method in ("POST", "PUT", "PATCH") and not _is_form(scope.get("headers") or [])
+        uid = self._uid(scope) if admin or reads_body else None  # /proc only when needed
+        if admin and uid not in (0, os.geteuid()):
+            await _refuse(
+                send,
+                403,
+                f"{scope.get('path')} changes the API server itself: on this box only root "
+                "may call it (deskgpu guard)",
+            )
+            return
+        if not reads_body:
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -481,11 +487,6 @@ class GuardMiddleware:
             chunks.append(chunk)
             more = bool(message.get("more_body"))
         body = b"".join(chunks)
-        try:
-            uid = self.peer_uid(scope)
-        except Exception:  # unknown: the policy then allows only uploaded files
-            logger.exception("deskgpu guard: could not read the peer's uid")
-            uid = None
         try:
             body = self._scrubbed(scope, body, uid)
         except BadRequest as exc:

@@ -339,13 +339,13 @@ def mutate(user_request: Any, config: HostConfig, *, internal: bool | None = Non
         volume_host_paths=_volume_host_paths(original),
         internal=internal,
     )
-    # The request's SkyPilot config: the server's merged with the client's `~/.sky/config.yaml`
-    # / `--config`, whose `kubernetes.pod_config` SkyPilot folds into every pod it creates.
     if name in _UPLOADED_SOURCE_REQUESTS and not decision.relaunch:
         user_id = getattr(user_request.user, "id", None) if user_request.user else None
         violations = (
             file_source_violations(original, upload_root(user_id), _peer_uid()) + violations
         )
+    # The request's SkyPilot config: the server's merged with the client's `~/.sky/config.yaml`
+    # / `--config`, whose `kubernetes.pod_config` SkyPilot folds into every pod it creates.
     request_config = dict(user_request.skypilot_config or {})
     if decision.relaunch:
         request_config = without_controller_annotations(request_config)
@@ -471,7 +471,7 @@ class Guard(sky_plugins.BasePlugin):
         if app is not None and not getattr(app.state, "deskgpu_guard", False):
             app.state.deskgpu_guard = True
             app.add_middleware(hardening.GuardMiddleware)
-            app.add_api_route(GUARD_ROUTE, _guard_status, methods=["GET"])
+            app.add_api_route(GUARD_ROUTE, guard_status, methods=["GET"])
 
 
 def guard_status() -> dict[str, Any]:
@@ -481,10 +481,6 @@ def guard_status() -> dict[str, Any]:
         "host_config": str(GUARD.config_path) if GUARD.config_path else None,
         "request_env_allowed": sorted(hardening.ALLOWED_REQUEST_ENV),
     }
-
-
-async def _guard_status() -> dict[str, Any]:
-    return guard_status()
 
 
 def _pin_admin_policy(location: str) -> None:
