@@ -487,3 +487,27 @@ def test_doctor_and_the_plugin_name_the_same_route() -> None:
     assert probes.GUARD_ROUTE == policy.GUARD_ROUTE
     assert f"{policy.Guard.__module__}.{policy.Guard.__qualname__}" == render.GUARD_CLASS
     assert render.POLICY_CLASS == policy.POLICY_CLASS
+
+
+def test_no_fix_suggests_a_server_bound_to_every_interface(tmp_path: Path) -> None:
+    """`sky api start --deploy` binds 0.0.0.0; the fixes point at the rendered unit, whose
+    render command is one the real CLI runs."""
+    from typer.testing import CliRunner
+
+    from deskgpu.cli import app
+    from deskgpu.doctor.checks import SHARED_SERVER
+
+    fixes = [
+        c.fix or ""
+        for name in sorted(p.name for p in FIXTURES.glob("*.json"))
+        for c in run_checks(facts(name), box_config())
+    ]
+    assert any(SHARED_SERVER in fix for fix in fixes)
+    assert not any("sky api start" in fix for fix in fixes)
+    out = tmp_path / "box"
+    rendered = CliRunner().invoke(
+        app, ["setup", "render", "--out", str(out), "--config", str(BOX_CONFIG)]
+    )
+    assert rendered.exit_code == 0, rendered.stderr
+    unit = (out / "etc/systemd/system/skypilot-api.service").read_text()
+    assert "--host 127.0.0.1" in unit and (out / "install.sh").exists()

@@ -795,11 +795,20 @@ def check_skypilot(facts: HostFacts, config: HostConfig, s: Settings) -> list[Ch
     return out
 
 
+# How to run the one shared server: the unit `deskgpu setup render` writes, which binds
+# 127.0.0.1 (`sky api start --deploy` would bind 0.0.0.0: an unauthenticated server on every
+# interface).
+SHARED_SERVER = (
+    "the rendered skypilot-api.service (`deskgpu setup render --out /tmp/box`, then "
+    "`sudo sh /tmp/box/install.sh`; it binds 127.0.0.1)"
+)
+
+
 def _check_endpoint(facts: HostFacts, config: HostConfig) -> Check:
     sky = facts.sky
     source = sky.endpoint_source or "default"
     start_shared = (
-        "run ONE shared server as a service (`sky api start --deploy`), then set "
+        f"run ONE shared server as a service, {SHARED_SERVER}, then set "
         f"`api_server: <its URL>` in {_config_file(config)} and export "
         "SKYPILOT_API_SERVER_ENDPOINT in /etc/profile.d/skypilot.sh"
     )
@@ -837,8 +846,8 @@ def _check_health(facts: HostFacts, endpoint: str) -> Check:
             "api_server",
             FAIL,
             f"no SkyPilot API server answers at {endpoint}: {why}",
-            "start the shared server (`sudo systemctl start skypilot-api`, or "
-            f"`sky api start --deploy` as its service user); see {DOC_API_SERVER}",
+            "start the shared server (`sudo systemctl start skypilot-api`; not installed yet: "
+            f"{SHARED_SERVER}); see {DOC_API_SERVER}",
         )
     body = _json(health.body)
     if not isinstance(body, dict):
@@ -889,8 +898,8 @@ def _check_shared(facts: HostFacts, config: HostConfig, s: Settings, endpoint: s
         )
     stop_private = (
         "as that user: `sky api stop`, then `export SKYPILOT_API_SERVER_ENDPOINT="
-        f"{config.api_server or '<shared URL>'}`; run one shared server as a service account "
-        "(`sky api start --deploy`)"
+        f"{config.api_server or '<shared URL>'}`; run one shared server as a service account: "
+        f"{SHARED_SERVER}"
     )
     if serving:
         proc = serving[0]
@@ -923,7 +932,7 @@ def _check_shared(facts: HostFacts, config: HostConfig, s: Settings, endpoint: s
                 WARN,
                 f"{_owner(proc)} (pid {proc.pid}) serves port {port} without --deploy: sized "
                 "for one user",
-                "restart it as a service with `sky api start --deploy`",
+                f"stop it (`sky api stop` as {_owner(proc)}) and run {SHARED_SERVER}",
             )
         return _sky(
             "shared_server",
