@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import yaml
 
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
+from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP, Schedule
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
 GUARD_CLASS = "deskgpu.policy.Guard"
@@ -38,10 +39,7 @@ KUEUE_API = "kueue.x-k8s.io/v1beta1"
 KUEUE_NAMESPACE = "default"  # SkyPilot's pods land in the kube context's namespace
 KUEUE_FLAVOR = "default-flavor"
 GPU_RESOURCE = "nvidia.com/gpu"
-REAP_CALENDAR = "Sun *-*-* 03:00:00"
-REAP_CRON = "0 3 * * 0"
 DOCS = "https://github.com/deskgpu/deskgpu"
-OBSERVE_EVERY_MIN = 5
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -158,6 +156,10 @@ def _environment(config: HostConfig, *first: str, client: bool = True) -> str:
     if config_source(config) != str(SYSTEM_CONFIG):
         pairs.append(f"DESKGPU_CONFIG={config_source(config)}")
     return "Environment=" + " ".join(shlex.quote(p) for p in pairs)
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _cron_path(tools: Tools) -> str:
@@ -333,13 +335,14 @@ def tmpfiles(config: HostConfig) -> str:
 
 
 def _oneshot(
-    config: HostConfig, tools: Tools, what: str, args: str, extra: list[str], anchor: str
+    config: HostConfig, tools: Tools, schedule: Schedule, what: str, extra: list[str]
 ) -> str:
+    args = " ".join(schedule.args)
     lines = [
         _header(config).rstrip("\n"),
         "[Unit]",
         f"Description=deskgpu: {what}",
-        f"Documentation={DOCS}#{anchor}",
+        f"Documentation={DOCS}#{schedule.unit}",
         f"After=network-online.target k3s.service {SERVER_UNIT}",
         "",
         "[Service]",
@@ -355,14 +358,14 @@ def _oneshot(
     return "\n".join(lines)
 
 
-def _timer(config: HostConfig, what: str, timing: list[str]) -> str:
+def _timer(config: HostConfig, schedule: Schedule) -> str:
     lines = [
         _header(config).rstrip("\n"),
         "[Unit]",
-        f"Description=deskgpu {what}",
+        f"Description=deskgpu {schedule.key} {schedule.when}",
         "",
         "[Timer]",
-        *timing,
+        *schedule.timer,
         "",
         "[Install]",
         "WantedBy=timers.target",
@@ -388,15 +391,15 @@ def crontab(config: HostConfig, tools: Tools) -> str:
         lines.append(f"DESKGPU_CONFIG={config_source(config)}")
     lines += [
         "",
-        f"# Every {OBSERVE_EVERY_MIN} minutes: one cheap observation into the reap history in",
+        f"# {_sentence(OBSERVE.when)}: one cheap observation into the reap history in",
         f"# {config.state_dir}; it also gives owners their first notice as soon as a session",
         "# qualifies as a zombie (the grace clock).",
-        f"*/{OBSERVE_EVERY_MIN} * * * *  root  {deskgpu} observe --quiet",
+        OBSERVE.cron_line(deskgpu),
         "",
-        "# Sundays 03:00: tear down zombies whose notice is older than the grace period. Output",
-        "# (and so cron mail) only when something was reaped, warned or failed; exit 1 on a",
-        "# failed teardown.",
-        f"{REAP_CRON}    root  {deskgpu} reap --yes --quiet",
+        f"# {_sentence(REAP.when)}: tear down zombies whose notice is older than the grace",
+        "# period. Output (and so cron mail) only when something was reaped, warned or failed;",
+        "# exit 1 on a failed teardown.",
+        REAP.cron_line(deskgpu),
     ]
     return "\n".join(lines) + "\n"
 
@@ -425,7 +428,7 @@ def install_script(config: HostConfig, files: list[SetupFile]) -> str:
     lines += [
         "systemd-tmpfiles --create /etc/tmpfiles.d/deskgpu.conf",
         "systemctl daemon-reload",
-        f"systemctl enable --now {SERVER_UNIT} deskgpu-observe.timer deskgpu-reap.timer",
+        f"systemctl enable --now {SERVER_UNIT} {OBSERVE.timer_unit} {REAP.timer_unit}",
         "echo 'installed; now run: deskgpu doctor'",
         "",
     ]
@@ -487,57 +490,43 @@ def render(config: HostConfig, tools: Tools) -> Rendered:
             f"{config.data_root}, {config.checkpoint_root} and {config.state_dir} with their modes",
         ),
         SetupFile(
-            "etc/systemd/system/deskgpu-observe.service",
+            f"etc/systemd/system/{OBSERVE.service}",
             _oneshot(
                 config,
                 tools,
+                OBSERVE,
                 "one observation of GPU use per session (reap history)",
-                "observe --quiet",
                 ["Nice=10", "IOSchedulingClass=idle", "TimeoutStartSec=2min"],
-                "deskgpu-observe",
             ),
             0o644,
             "one observation of the box for the zombie rule",
         ),
         SetupFile(
-            "etc/systemd/system/deskgpu-observe.timer",
-            _timer(
-                config,
-                f"observe every {OBSERVE_EVERY_MIN} minutes",
-                [
-                    "OnBootSec=2min",
-                    f"OnUnitActiveSec={OBSERVE_EVERY_MIN}min",
-                    "AccuracySec=30s",
-                ],
-            ),
+            f"etc/systemd/system/{OBSERVE.timer_unit}",
+            _timer(config, OBSERVE),
             0o644,
-            f"runs deskgpu observe every {OBSERVE_EVERY_MIN} minutes",
+            f"runs deskgpu observe {OBSERVE.when}",
         ),
         SetupFile(
-            "etc/systemd/system/deskgpu-reap.service",
+            f"etc/systemd/system/{REAP.service}",
             _oneshot(
                 config,
                 tools,
+                REAP,
                 "tear down zombie sessions (weekly)",
-                "reap --yes --quiet",
                 [
                     "# Teardowns wait for SkyPilot; concurrent runs serialize on the reap lock.",
                     "TimeoutStartSec=1h",
                 ],
-                "deskgpu-reap",
             ),
             0o644,
             "tears down zombie sessions (alive, holding VRAM, idle for hours)",
         ),
         SetupFile(
-            "etc/systemd/system/deskgpu-reap.timer",
-            _timer(
-                config,
-                "reap every Sunday at 03:00",
-                [f"OnCalendar={REAP_CALENDAR}", "Persistent=true", "RandomizedDelaySec=5min"],
-            ),
+            f"etc/systemd/system/{REAP.timer_unit}",
+            _timer(config, REAP),
             0o644,
-            "runs deskgpu reap --yes weekly",
+            f"runs deskgpu {' '.join(REAP.args[:2])} {REAP.when}",
         ),
         SetupFile(
             f"kueue/{_k8s_name(config.box_name)}.yaml",
@@ -553,7 +542,7 @@ def render(config: HostConfig, tools: Tools) -> Rendered:
             0o644,
             "optional: /etc/cron.d/deskgpu instead of the two timers",
             optional=True,
-            install_to="/etc/cron.d/deskgpu",
+            install_to=CRON_FILE,
         ),
     ]
     files.append(
