@@ -198,6 +198,9 @@ def test_week_of_idle_is_warned_by_observe_then_reaped_in_one_run(box: Box, tmp_
     assert ("decision", "alice-dbg", "reap") in events
     assert ("decision", "bob-nb", "keep") in events
     assert ("action", "alice-dbg", "reap") in events
+    assert lines[-1]["event"] == "run" and lines[-1]["run_id"] == result.run_id  # doctor's proof
+    assert lines[-1]["counts"] == {"reap": 1, "keep": 1} and lines[-1]["failures"] == 0
+    assert audit.last_reap_run(settings.audit_file) == (box.now, result.run_id)
     # "why was my session killed?": the evidence file re-decides to the same answer
     replayed = run.replay(Path(result.evidence_file or ""), settings)
     assert {d.subject: d.action for d in replayed.decisions} == {

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deskgpu.errors import OutsideError, UsageError
-from deskgpu.reap.evidence import Evidence, EvidenceError
+from deskgpu.reap.evidence import Evidence, EvidenceError, parse_ts
 from deskgpu.recorded import read_document, write_document
 
 EVIDENCE_KEEP = 200  # evidence files kept; older ones are deleted
@@ -80,6 +80,43 @@ class AuditLog:
                 os.close(fd)
         except OSError as exc:
             raise OutsideError(f"cannot append to the audit log {self.path}: {exc}") from None
+
+
+RUN_EVENT = "run"  # the line every `reap --yes` run ends with, whatever it found
+TAIL_BYTES = 1024 * 1024  # the last reap run is near the end: read no more than this
+
+
+def last_reap_run(path: Path) -> tuple[float, str] | None:
+    """(time, run id) of the newest `reap --yes` run in the audit log; None: none recorded.
+
+    Older deskgpu wrote no `run` line; a non-dry-run `decision` of a reap (not observe) run
+    proves such a run too. Raises OSError when the log cannot be read.
+    """
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - TAIL_BYTES))
+        lines = f.read().splitlines()
+    for raw in reversed(lines):
+        try:
+            record = json.loads(raw)
+        except ValueError:  # a torn first line of the tail, or garbage: not a record
+            continue
+        if not isinstance(record, dict):
+            continue
+        run_id = str(record.get("run_id", ""))
+        is_reap = record.get("event") == RUN_EVENT or (
+            record.get("event") == "decision"
+            and record.get("dry_run") is False
+            and not run_id.startswith("observe-")
+        )
+        if is_reap:
+            try:
+                when = parse_ts(record.get("ts"), "audit log")
+            except EvidenceError:
+                continue
+            if when is not None:
+                return when, run_id
+    return None
 
 
 def save_evidence(directory: Path, run_id: str, evidence: Evidence) -> Path:

@@ -276,6 +276,28 @@ def read_notices(path: Path | str, timeout_s: float = 1.0) -> list[Notice]:
         db.close()
 
 
+def latest_observation(path: Path | str, timeout_s: float = 1.0) -> float | None:
+    """The newest observation's time, read-only (for `deskgpu doctor`); None: none yet.
+
+    Raises `HistoryDenied` when this user may not read it, `FileNotFoundError` when there is
+    no history, and `OutsideError` for a file that is not a readable history.
+    """
+    p = Path(path)
+    p.stat()  # FileNotFoundError / PermissionError say it plainly
+    if not os.access(p, os.R_OK):
+        raise HistoryDenied(f"permission denied: {p}")
+    try:
+        db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s)
+    except sqlite3.Error as exc:
+        raise OutsideError(f"cannot open it: {exc}") from None
+    try:
+        return History(db, str(p)).latest()
+    except sqlite3.Error as exc:
+        raise OutsideError(f"not a deskgpu history: {exc}") from None
+    finally:
+        db.close()
+
+
 def _int(value: float | None) -> int | None:
     return None if value is None else round(value)
 

@@ -250,7 +250,26 @@ def reap(
             _audit_start(result, log, settings, actor)
             pods = {s.cluster: set(s.pod_uids) for s in view.sessions}
             _act(result, config, settings, actor, kill_unmanaged, live, log, pods)
+            log.append(_run_record(result, actor, live.clock()))
         return result
+
+
+def _run_record(result: ReapResult, actor: act.Actor, now: float) -> dict[str, Any]:
+    """The line a `reap --yes` run ends with, zombies or not: `deskgpu doctor` reads it as the
+    proof that the weekly reap runs (operations.reap_ran)."""
+    summary = result.to_dict()
+    return {
+        "ts": iso(now),
+        "run_id": result.run_id,
+        "event": audit.RUN_EVENT,
+        "actor": actor.user,
+        "dry_run": False,
+        "sessions": len(result.evidence.sessions),
+        "counts": summary["counts"],
+        "failures": len(result.failures),
+        "evidence_source": result.evidence.source,
+        "evidence_file": result.evidence_file,
+    }
 
 
 def _audit_start(
