@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from deskgpu.config import SYSTEM_CONFIG, HostConfig, load_config
-from deskgpu.doctor import run_doctor
 from deskgpu.doctor.checks import (
     FAIL,
     OK,
@@ -28,6 +27,7 @@ from deskgpu.doctor.checks import (
     run_checks,
 )
 from deskgpu.doctor.facts import FactsFormatError, HostFacts, PathFact
+from deskgpu.doctor.report import run_doctor
 from deskgpu.errors import ExitStatus
 
 FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
@@ -70,7 +70,8 @@ def test_healthy_4x_a6000_box_is_all_ok() -> None:
     assert "1.16.2" in checks["docker.toolkit"].detail
     assert "deskbox: 4" in checks["kubernetes.gpu_allocatable"].detail
     assert "deskgpu.policy.HouseRules" in checks["skypilot.admin_policy"].detail
-    assert "/etc/cron.d/deskgpu" in checks["operations.reap_scheduled"].detail
+    assert "/etc/systemd/system/deskgpu-reap.service" in checks["operations.reap_scheduled"].detail
+    assert checks["operations.observe_fresh"].detail.startswith("newest observation 2m 10s ago")
     assert checks["skypilot.kueue"].status == SKIP  # not configured on this box
     assert all(c.fix is None for c in result.checks)
 
@@ -269,30 +270,20 @@ def test_checkpoint_root_anyone_but_root_can_write_fails(mode: int, owner: str, 
     )
 
 
-def test_schedule_by_systemd_timer() -> None:
-    recorded = facts("healthy-4x-a6000.json")
-    del recorded.files["cron:/etc/cron.d/deskgpu"]
-    found = by_id(run_checks(recorded, box_config()))
-    assert found["operations.reap_scheduled"].status == WARN
-    from deskgpu.doctor.facts import FileFact
-
-    recorded.files["systemd:/etc/systemd/system/deskgpu-reap.service"] = FileFact(
-        path="/etc/systemd/system/deskgpu-reap.service",
-        exists=True,
-        text="[Service]\nType=oneshot\nExecStart=/usr/local/bin/deskgpu reap --yes\n",
-    )
-    recorded.files["systemd:/etc/systemd/system/deskgpu-reap.timer"] = FileFact(
-        path="/etc/systemd/system/deskgpu-reap.timer",
-        exists=True,
-        text="[Timer]\nOnCalendar=weekly\nPersistent=true\n[Install]\nWantedBy=timers.target\n",
-    )
-    check = by_id(run_checks(recorded, box_config()))["operations.reap_scheduled"]
-    assert check.status == WARN  # the unit exists, but systemd does not list the timer
-    assert check.fix == "`sudo systemctl enable --now deskgpu-reap.timer`"
+def test_schedule_by_a_systemd_timer_counts_only_while_the_timer_is_active() -> None:
+    recorded = facts("healthy-4x-a6000.json")  # the rendered timers, listed as active
+    assert by_id(run_checks(recorded, box_config()))["operations.reap_scheduled"].status == OK
     timers = recorded.commands["systemctl_timers"]
-    timers.stdout += (
-        "Mon 2025-06-16 00:00:00 UTC 6 days left - - deskgpu-reap.timer deskgpu-reap.service\n"
-    )
+    listed = timers.stdout
+    timers.stdout = "".join(line for line in listed.splitlines(True) if "deskgpu-reap" not in line)
+    found = by_id(run_checks(recorded, box_config()))
+    check = found["operations.reap_scheduled"]
+    assert check.status == FAIL  # the unit exists, but systemd does not list the timer
+    assert "deskgpu-reap.timer is not active" in check.detail
+    assert check.fix == "`sudo systemctl enable --now deskgpu-reap.timer`"
+    assert found["operations.reap_ran"].status == SKIP  # needs the schedule
+    assert found["operations.observe_scheduled"].status == OK
+    timers.stdout = listed
     assert by_id(run_checks(recorded, box_config()))["operations.reap_scheduled"].status == OK
 
 

@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 from deskgpu.config import HostConfig, load_config
-from deskgpu.doctor.checks import DEFAULT_SCHEDULES
+from deskgpu.doctor.facts import FileFact
+from deskgpu.doctor.schedules import find_scheduled, parse_args
 from deskgpu.setup.render import POLICY_CLASS, Tools, kueue_objects, render
+from deskgpu.setup.schedules import SCHEDULES
 from tests.conftest import HOST_CONFIG
 
 TOOLS = ["--python", "/opt/deskgpu/bin/python", "--deskgpu", "/opt/deskgpu/bin/deskgpu"]
@@ -136,7 +138,9 @@ def test_timers_and_services_parse_and_run_what_doctor_looks_for(rendered) -> No
         service = out / f"etc/systemd/system/deskgpu-{name}.service"
         assert _unit(service)["Service"]["Type"] == "oneshot"
         (cmd,) = _exec_start(service)
-        assert re.search(DEFAULT_SCHEDULES[name], cmd), cmd
+        (entry,) = find_scheduled({"systemd:x": FileFact(str(service), True, service.read_text())})
+        schedule = next(s for s in SCHEDULES if s.key == name)
+        assert parse_args(entry.args) == parse_args(schedule.args), cmd
         assert "SKYPILOT_DISABLE_LOCAL_API_SERVER=1" in service.read_text()
 
 
@@ -151,8 +155,11 @@ def test_cron_alternative_is_well_formed_and_matches_doctor(rendered) -> None:
     for line in entries:
         fields = line.split(None, 6)
         assert len(fields) == 7 and fields[5] == "root"
-    for name, pattern in DEFAULT_SCHEDULES.items():
-        assert any(re.search(pattern, line) for line in entries), name
+    cron = out / "cron/deskgpu"
+    found = find_scheduled(
+        {"cron:/etc/cron.d/deskgpu": FileFact(str(cron), True, cron.read_text())}
+    )
+    assert [parse_args(e.args) for e in found] == [parse_args(s.args) for s in SCHEDULES]
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")

@@ -6,11 +6,14 @@ defaults when none exists. Nothing is read at import time.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deskgpu.doctor.registry import BY_ID as CHECKS
+from deskgpu.doctor.settings import DoctorSettings
 from deskgpu.errors import SpecError
 from deskgpu.units import parse_duration_s
 from deskgpu.validate import load_schema, schema_problems
@@ -41,8 +44,13 @@ class HostConfig:
     state_dir: str = "/var/lib/deskgpu"
     protected: tuple[str, ...] = ()
     reap: dict[str, Any] = field(default_factory=dict)
-    doctor: dict[str, Any] = field(default_factory=dict)
+    doctor: DoctorSettings = field(default_factory=DoctorSettings)
     source: str = "built-in defaults"
+
+    def __post_init__(self) -> None:
+        raw: object = self.doctor
+        if isinstance(raw, dict):  # the `doctor:` mapping as written
+            object.__setattr__(self, "doctor", DoctorSettings.from_mapping(raw))
 
     @property
     def gpu_count(self) -> int:
@@ -96,6 +104,11 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
     for key in ("idle_timeout", "max_idle_timeout"):
         if key in data and parse_duration_s(data[key]) < 60:
             raise SpecError([doc.problem((key,), "is shorter than a minute", "use e.g. `30m`")])
+    for i, check_id in enumerate((data.get("doctor") or {}).get("skip") or ()):
+        if check_id not in CHECKS:
+            close = difflib.get_close_matches(check_id, list(CHECKS), n=1)
+            hint = f"did you mean {close[0]}?" if close else "`deskgpu doctor --json` lists the ids"
+            raise SpecError([doc.problem(("doctor", "skip", i), f"no check {check_id!r}", hint)])
     config = HostConfig(
         **{k: v for k, v in data.items() if k != "protected"},
         protected=tuple(data.get("protected", ())),

@@ -1,5 +1,4 @@
-"""`deskgpu doctor`: gather host facts, judge them, report (see `report.run_doctor`)."""
+"""`deskgpu doctor`: gather host facts, judge them, report (see `report.run_doctor`).
 
-from deskgpu.doctor.report import DoctorResult, run_doctor
-
-__all__ = ["DoctorResult", "run_doctor"]
+Nothing is imported here: the config loader reads `registry` and `settings` without the rest.
+"""

@@ -196,6 +196,32 @@ class SkyFacts:
 
 
 @dataclass
+class ExecutableFact:
+    """A program a schedule names (`/opt/deskgpu/bin/deskgpu`): is it there to run?"""
+
+    path: str
+    exists: bool = False  # follows symlinks: a link into a deleted venv does not exist
+    executable: bool = False  # a regular file with an execute bit (cron and systemd run as root)
+    resolved: str | None = None  # where symlinks lead
+    error: str | None = None
+
+
+@dataclass
+class RecordsFact:
+    """What reap's own records say: the newest observation and the newest `reap --yes` run."""
+
+    history_path: str
+    history_exists: bool = False
+    history_latest: float | None = None  # unix seconds of the newest observation
+    history_error: str | None = None  # unreadable or not a history
+    audit_path: str | None = None
+    audit_exists: bool = False
+    audit_last_reap: float | None = None  # unix seconds of the newest `reap --yes` run
+    audit_last_reap_id: str | None = None
+    audit_error: str | None = None  # e.g. permission denied (root's 0640 file)
+
+
+@dataclass
 class HostFacts:
     """Everything one doctor run gathered; checks are pure functions of this and the config."""
 
@@ -214,6 +240,9 @@ class HostFacts:
     conda_installs: list[str] = field(default_factory=list)
     storage: dict[str, PathFact] = field(default_factory=dict)  # "data", "checkpoints"
     sky: SkyFacts = field(default_factory=SkyFacts)
+    # The programs scheduled commands name, by the path tried (see doctor.schedules).
+    executables: dict[str, ExecutableFact] = field(default_factory=dict)
+    records: RecordsFact | None = None
     notes: list[str] = field(default_factory=list)  # what a probe could not see, and why
 
     @property
@@ -264,6 +293,15 @@ class HostFacts:
                         k: PathFact(**_pick(PathFact, v))
                         for k, v in (doc.get("storage") or {}).items()
                     },
+                    executables={
+                        k: ExecutableFact(**_pick(ExecutableFact, v))
+                        for k, v in (doc.get("executables") or {}).items()
+                    },
+                    records=(
+                        RecordsFact(**_pick(RecordsFact, doc["records"]))
+                        if doc.get("records")
+                        else None
+                    ),
                     sky=SkyFacts(
                         **_pick(
                             SkyFacts,

@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 import urllib.error
@@ -40,6 +41,7 @@ from deskgpu.doctor import checks
 from deskgpu.doctor.facts import (
     CommandResult,
     CudaToolkit,
+    ExecutableFact,
     FileFact,
     GpuReading,
     GpuSample,
@@ -47,10 +49,12 @@ from deskgpu.doctor.facts import (
     HttpFact,
     NvmlFacts,
     PathFact,
+    RecordsFact,
     ServerProcess,
     SitePackages,
     SkyFacts,
 )
+from deskgpu.doctor.schedules import find_scheduled
 
 if TYPE_CHECKING:
     from deskgpu.nvml import GpuHealth
@@ -443,7 +447,7 @@ def server_config_paths(
 ) -> list[str]:
     """Where the API server's own config.yaml may be (admin_policy lives there)."""
     candidates: list[str] = []
-    explicit = config.doctor.get("skypilot_server_config")
+    explicit = config.doctor.skypilot_server_config
     if explicit:
         candidates.append(str(explicit))
     for proc in processes:
@@ -670,6 +674,64 @@ def probe_schedules(
     return commands, files
 
 
+def probe_executables(candidates: list[str]) -> dict[str, ExecutableFact]:
+    """Is each program a schedule names there, and executable (by root, who runs it)?"""
+    out: dict[str, ExecutableFact] = {}
+    for path in dict.fromkeys(candidates):
+        fact = ExecutableFact(path=path)
+        try:
+            st = Path(path).stat()  # follows symlinks: a dangling one does not exist
+            fact.exists = True
+            fact.executable = stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111)
+            fact.resolved = str(Path(path).resolve())
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            fact.error = exc.strerror or str(exc)
+        out[path] = fact
+    return out
+
+
+def probe_records(config: HostConfig) -> RecordsFact:
+    """The reap history's newest observation and the audit log's newest `reap --yes` run."""
+    from deskgpu.errors import DeskgpuError
+    from deskgpu.reap.audit import last_reap_run
+    from deskgpu.reap.history import latest_observation
+    from deskgpu.reap.settings import ReapSettings, load_settings
+
+    try:
+        settings = load_settings(config)
+    except DeskgpuError:  # reap refuses the config itself; look where it would by default
+        settings = ReapSettings(state_dir=config.state_dir)
+    records = RecordsFact(
+        history_path=str(settings.history_file), audit_path=str(settings.audit_file)
+    )
+    try:
+        records.history_latest = latest_observation(settings.history_file)
+        records.history_exists = True
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        records.history_exists = True
+        records.history_error = "permission denied"
+    except (OSError, DeskgpuError) as exc:
+        records.history_exists = Path(settings.history_file).exists()
+        records.history_error = str(exc)
+    try:
+        last = last_reap_run(settings.audit_file)
+        records.audit_exists = True
+        if last is not None:
+            records.audit_last_reap, records.audit_last_reap_id = last
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        records.audit_exists = True
+        records.audit_error = "permission denied"
+    except OSError as exc:
+        records.audit_error = exc.strerror or str(exc)
+    return records
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -690,13 +752,12 @@ def gather(
         uid=uid,
         env=env,
     )
-    doctor_cfg = config.doctor
 
     def local() -> None:
         facts.python_sites = probe_python_sites(paths)
         facts.cuda_toolkits = probe_cuda_toolkits(paths)
         facts.nvcc_on_path = shutil.which("nvcc")
-        facts.conda_installs = probe_conda(paths, list(doctor_cfg.get("conda_paths", [])))
+        facts.conda_installs = probe_conda(paths, list(config.doctor.conda_paths))
         facts.storage = {
             "data": probe_storage(config.data_root, paths.mounts),
             "checkpoints": probe_storage(config.checkpoint_root, paths.mounts),
@@ -704,6 +765,10 @@ def gather(
         commands, files = probe_schedules(paths, timeout_s)
         facts.commands.update(commands)
         facts.files.update(files)
+        crontab = commands["crontab"]
+        scheduled = find_scheduled(files, crontab.stdout if crontab.ok else None, facts.user)
+        facts.executables = probe_executables([c for e in scheduled for c in e.candidates])
+        facts.records = probe_records(config)
 
     def docker() -> None:
         commands, files = probe_docker(paths, timeout_s)

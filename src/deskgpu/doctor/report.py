@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from deskgpu.config import HostConfig
-from deskgpu.doctor.checks import FAIL, STATUSES, Check, Settings, run_checks
+from deskgpu.doctor.checks import FAIL, STATUSES, Check, run_checks
 from deskgpu.doctor.facts import FactsFormatError, HostFacts
+from deskgpu.doctor.settings import RETIRED
 from deskgpu.errors import ExitStatus, UsageError
 from deskgpu.recorded import read_document, write_document
 
@@ -89,7 +90,7 @@ def run_doctor(
     if facts is None:
         from deskgpu.doctor import probes
 
-        timeout = timeout_s or Settings.from_config(config).probe_timeout_s
+        timeout = timeout_s or config.doctor.probe_timeout_s
         facts = probes.gather(config, timeout_s=timeout)
     checks = run_checks(facts, config)
     return DoctorResult(
@@ -98,5 +99,5 @@ def run_doctor(
         config_source=config.source,
         source=source,
         elapsed_s=time.monotonic() - start,
-        notes=list(facts.notes),
+        notes=list(facts.notes) + [RETIRED[k] for k in config.doctor.retired],
     )

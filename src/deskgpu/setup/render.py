@@ -108,13 +108,12 @@ def server_port(config: HostConfig) -> int:
 
 
 def server_user(config: HostConfig) -> str:
-    return str((config.doctor or {}).get("api_server_user") or SERVER_USER)
+    return config.doctor.api_server_user or SERVER_USER
 
 
 def server_config_path(config: HostConfig) -> str:
     """The API server's own SkyPilot config (`admin_policy` lives there)."""
-    explicit = (config.doctor or {}).get("skypilot_server_config")
-    return str(explicit) if explicit else f"{SERVER_HOME}/.sky/config.yaml"
+    return config.doctor.skypilot_server_config or f"{SERVER_HOME}/.sky/config.yaml"
 
 
 def server_plugins_path(config: HostConfig) -> str:
@@ -132,8 +131,7 @@ def server_home(config: HostConfig) -> str:
 
 
 def research_group(config: HostConfig) -> str | None:
-    group = (config.doctor or {}).get("research_group")
-    return str(group) if group else None
+    return config.doctor.research_group
 
 
 def _yaml(data: Any) -> str:

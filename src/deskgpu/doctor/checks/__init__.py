@@ -1,0 +1,85 @@
+"""Doctor's checks: pure functions of recorded `HostFacts` and the host config.
+
+One module per component; each returns `Check`s with an id (`component.name`), a status
+(ok/warn/fail/skip), one line of detail and an exact fix (a command or a doc link). What each
+check needs, and the order they are reported in, is `deskgpu.doctor.registry`; `run_checks`
+applies it, so a check whose prerequisite did not pass is skipped, saying which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from deskgpu.config import HostConfig
+from deskgpu.doctor.checks.base import COMPONENTS, FAIL, OK, SKIP, STATUSES, WARN, Check
+from deskgpu.doctor.checks.docker import check_docker
+from deskgpu.doctor.checks.driver import check_driver, gpu_matches
+from deskgpu.doctor.checks.golden_rule import check_golden_rule, drift_distributions
+from deskgpu.doctor.checks.kubernetes import check_kubernetes
+from deskgpu.doctor.checks.operations import check_operations
+from deskgpu.doctor.checks.skypilot import SHARED_SERVER, check_skypilot, resolve_endpoint
+from deskgpu.doctor.checks.storage import check_storage
+from deskgpu.doctor.facts import HostFacts
+from deskgpu.doctor.registry import REGISTRY
+from deskgpu.doctor.settings import Settings
+
+__all__ = [
+    "COMPONENTS",
+    "FAIL",
+    "OK",
+    "SHARED_SERVER",
+    "SKIP",
+    "STATUSES",
+    "WARN",
+    "Check",
+    "Settings",
+    "drift_distributions",
+    "gpu_matches",
+    "resolve_endpoint",
+    "run_checks",
+]
+
+CHECKS: tuple[Callable[[HostFacts, HostConfig, Settings], list[Check]], ...] = (
+    check_driver,
+    check_docker,
+    check_kubernetes,
+    check_skypilot,
+    check_golden_rule,
+    check_storage,
+    check_operations,
+)
+
+
+def evaluate(facts: HostFacts, config: HostConfig, s: Settings) -> dict[str, Check]:
+    """What each component's checks say, by id, before the registry is applied."""
+    found: dict[str, Check] = {}
+    for fn in CHECKS:
+        for check in fn(facts, config, s):
+            found[check.id] = check
+    return found
+
+
+def run_checks(facts: HostFacts, config: HostConfig) -> list[Check]:
+    """Every registered check, in registry order, with `needs` and `doctor.skip` applied."""
+    s = config.doctor
+    found = evaluate(facts, config, s)
+    out: list[Check] = []
+    status: dict[str, str] = {}
+    for spec in REGISTRY:
+        unmet = [n for n in spec.needs if status.get(n) not in (OK, WARN)]
+        if spec.id in s.skip:
+            check = Check(
+                spec.id, spec.component, SKIP, "skipped by doctor.skip in the host config"
+            )
+        elif unmet:
+            first = unmet[0]
+            check = Check(
+                spec.id, spec.component, SKIP, f"needs {first}, which is {status.get(first)}"
+            )
+        elif spec.id in found:
+            check = found[spec.id]
+        else:  # a component that did not judge a registered check is a doctor bug
+            check = Check(spec.id, spec.component, SKIP, "not evaluated (a doctor bug: report it)")
+        status[spec.id] = check.status
+        out.append(check)
+    return out

@@ -1,0 +1,225 @@
+"""Every doctor check, declared once: its id, component, what it needs, and its README row.
+
+The runner (`deskgpu.doctor.checks.run_checks`) walks this table in order: a check whose
+`needs` did not pass (fail or skip) is skipped, saying which, so skips cascade by
+construction; the host config's `doctor.skip` may name only ids from here (else exit 2), and
+the README's check table is generated from it (`python -m deskgpu.doctor.registry`, held equal
+by a test). Imports nothing: the config loader reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    id: str  # "component.name"
+    needs: tuple[str, ...]  # checks that must be ok or warn for this one to mean anything
+    when: str  # README: when it fails (or warns)
+    fix: str  # README: the fix it gives
+
+    @property
+    def component(self) -> str:
+        return self.id.split(".", 1)[0]
+
+
+def _spec(id: str, when: str, fix: str, needs: tuple[str, ...] = ()) -> CheckSpec:
+    return CheckSpec(id, needs, when, fix)
+
+
+REGISTRY: tuple[CheckSpec, ...] = (
+    _spec("driver.nvml", "NVML does not load (no driver)", "install the driver, reboot"),
+    _spec(
+        "driver.gpus",
+        "GPU lost, or count/models differ from `gpus:` (warn: no inventory)",
+        "`dmesg \\| grep -i xid`, reseat/reboot, or fix `gpus:`",
+        ("driver.nvml",),
+    ),
+    _spec(
+        "driver.persistence",
+        "warn: persistence mode off",
+        "`sudo systemctl enable --now nvidia-persistenced`",
+        ("driver.nvml",),
+    ),
+    _spec(
+        "driver.ecc",
+        "uncorrectable ECC errors, row-remap failure (fail); pending retirement/remap, DBE "
+        "retired pages (warn); ECC off only with `require_ecc`",
+        "`sudo nvidia-smi -r -i <index>`, RMA doc",
+        ("driver.nvml",),
+    ),
+    _spec(
+        "driver.thermal",
+        "thermal slowdown in every sample (fail); in some samples, HW slowdown throughout, or "
+        "at/above `max_temperature_c` (warn)",
+        "cooling/airflow",
+        ("driver.nvml",),
+    ),
+    _spec("docker.cli", "`docker` not installed", "Docker Engine install doc"),
+    _spec(
+        "docker.daemon",
+        "daemon down or hung (skip: socket permission)",
+        "`sudo systemctl enable --now docker`",
+        ("docker.cli",),
+    ),
+    _spec(
+        "docker.nvidia_runtime",
+        "no `nvidia` runtime and no NVIDIA CDI spec (`/etc/docker/daemon.json`, `/etc/cdi`, "
+        "`/var/run/cdi`)",
+        "`sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker`",
+    ),
+    _spec(
+        "docker.toolkit",
+        "`nvidia-ctk` missing (ok shows its version)",
+        "NVIDIA Container Toolkit install doc",
+    ),
+    _spec(
+        "kubernetes.context",
+        "no kubectl/k3s, or no current context (warn: context differs from `infra: k8s/<ctx>`)",
+        "install/start k3s, `export KUBECONFIG=/etc/rancher/k3s/k3s.yaml`",
+    ),
+    _spec(
+        "kubernetes.nodes",
+        "API hung/unreachable, or a node not Ready",
+        "`journalctl -u k3s`, `kubectl describe node`",
+        ("kubernetes.context",),
+    ),
+    _spec(
+        "kubernetes.gpu_allocatable",
+        "`nvidia.com/gpu` allocatable is 0 or differs from the physical GPU count",
+        "install / restart the NVIDIA device plugin",
+        ("kubernetes.nodes",),
+    ),
+    _spec(
+        "kubernetes.device_plugin",
+        "no `nvidia-device-plugin` daemonset (device plugin or GPU operator), or not ready",
+        "install it / `kubectl logs ds/...`",
+        ("kubernetes.nodes",),
+    ),
+    _spec(
+        "kubernetes.gpu_labels",
+        "warn: no `nvidia.com/gpu.product` / `skypilot.co/accelerator` label",
+        "`kubectl label node <node> skypilot.co/accelerator=<type>`",
+        ("kubernetes.nodes",),
+    ),
+    _spec("skypilot.installed", "skypilot missing next to deskgpu", "reinstall deskgpu"),
+    _spec(
+        "skypilot.endpoint",
+        "no endpoint configured (every user would auto-start a private server); warn: "
+        "`SKYPILOT_API_SERVER_ENDPOINT` overrides the box's `api_server`",
+        "the rendered `skypilot-api.service` + `api_server:` + `/etc/profile.d` export",
+    ),
+    _spec(
+        "skypilot.api_server",
+        "`/api/health` does not answer (warn: not healthy, or client/server versions differ)",
+        "start the rendered `skypilot-api.service`",
+    ),
+    _spec(
+        "skypilot.shared_server",
+        "the server on the endpoint's port is a user's private one, or listens beyond "
+        "loopback (`--host 0.0.0.0`: unauthenticated on every interface); warn: other private "
+        "servers, or no `--deploy`",
+        "`sky api stop` as that user; the rendered `skypilot-api.service` (127.0.0.1)",
+    ),
+    _spec(
+        "skypilot.infra",
+        "`kubernetes` (or `ssh` for `ssh/<pool>`) not enabled on the server",
+        "`sky check kubernetes` on the server",
+        ("skypilot.api_server",),
+    ),
+    _spec(
+        "skypilot.admin_policy",
+        "with `require_admin_policy`: the server config has no `admin_policy: deskgpu.…`",
+        "add the deskgpu admin policy, restart the server",
+    ),
+    _spec(
+        "skypilot.hardening",
+        "with `require_admin_policy`: the running server has no deskgpu guard (`GET "
+        "/plugins/api/deskgpu/guard` is 404: clients can switch the policy off), or it pins "
+        "another policy; warn: it enforces another host config than doctor read",
+        "install the rendered `~/.sky/plugins.yaml`, restart the server",
+        ("skypilot.api_server",),
+    ),
+    _spec(
+        "skypilot.kueue",
+        "with `kueue_local_queue`: Kueue not installed or the LocalQueue missing",
+        "install Kueue, create the LocalQueue",
+    ),
+    _spec(
+        "golden_rule.host_python",
+        "warn: torch/tensorflow/jax/`nvidia-*` wheels in the system (or `~/.local`) "
+        "site-packages, with what and where",
+        "`sudo python3 -m pip uninstall -y …`",
+    ),
+    _spec(
+        "golden_rule.cuda_toolkit",
+        "warn: a CUDA toolkit under `/usr/local/cuda*` (and if newer than the driver supports)",
+        "remove it; jobs get CUDA from their image",
+    ),
+    _spec(
+        "golden_rule.conda",
+        "warn: conda in shared paths (`/opt/conda`, `/opt/miniconda*`, …)",
+        "remove it",
+    ),
+    _spec(
+        "storage.data",
+        "the data root is missing or not a directory; warn: researchers cannot read it",
+        "`sudo install -d -o root -g root -m 0755 …`, `sudo chmod o+rx …`",
+    ),
+    _spec(
+        "storage.checkpoints",
+        "the checkpoint root is missing, or writable by anyone but root (a planted "
+        "`ln -s / <root>/<user>` would hand that user's jobs the host)",
+        "`sudo chown root:root … && sudo chmod 0755 …`",
+    ),
+    _spec(
+        "storage.free_space",
+        "free below `min_free_pct` (fail) / `warn_free_pct` (warn)",
+        "`du` and prune",
+    ),
+    _spec(
+        "storage.local_disk",
+        "warn: a root on a network (nfs, cifs, sshfs…) or memory filesystem",
+        "mount the local NVMe there",
+    ),
+    _spec(
+        "operations.observe_scheduled",
+        "no active systemd timer or cron line runs `deskgpu observe`: a scheduled command counts "
+        "only if its binary is executable and its arguments parse against deskgpu's own CLI",
+        "the rendered `deskgpu-observe.timer`, or its line for `/etc/cron.d/deskgpu`",
+    ),
+    _spec(
+        "operations.observe_fresh",
+        "the reap history's newest observation is older than `reap.max_sample_gap` (or there "
+        "is no history, or it cannot be read): reap has nothing to decide from",
+        "`systemctl status deskgpu-observe.service`, `sudo deskgpu observe`",
+        ("operations.observe_scheduled",),
+    ),
+    _spec(
+        "operations.reap_scheduled",
+        "no active systemd timer or cron line runs `deskgpu reap --yes` (same rule as observe)",
+        "the rendered `deskgpu-reap.timer`, or its line for `/etc/cron.d/deskgpu`",
+    ),
+    _spec(
+        "operations.reap_ran",
+        "warn: the audit log records no `reap --yes` run in the last 8 days",
+        "`systemctl status deskgpu-reap.service`, `sudo deskgpu reap --yes`",
+        ("operations.reap_scheduled",),
+    ),
+)
+BY_ID = {spec.id: spec for spec in REGISTRY}
+CHECK_IDS = tuple(BY_ID)
+
+
+def readme_table() -> str:
+    """The README's check table (Markdown), one row per check, in report order."""
+    rows = ["| id | fails / warns when | fix it gives | needs |", "|---|---|---|---|"]
+    for spec in REGISTRY:
+        needs = ", ".join(f"`{n}`" for n in spec.needs)
+        rows.append(f"| `{spec.id}` | {spec.when} | {spec.fix} | {needs} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(readme_table(), end="")
