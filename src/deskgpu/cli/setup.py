@@ -57,7 +57,7 @@ def render_command(
         typer.Option(
             "--deskgpu",
             help="Absolute path of the deskgpu command the timers run, e.g. "
-            "/opt/deskgpu/bin/deskgpu (default: the one next to --python's default, else the "
+            "/opt/deskgpu/bin/deskgpu (default: the one installed next to --python, else the "
             "one running; refused inside a source checkout).",
             show_default=False,
         ),

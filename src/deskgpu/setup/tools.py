@@ -39,7 +39,9 @@ def box_tools(python: str | None, deskgpu: str | None) -> Tools:
                 f"--deskgpu: no deskgpu command next to {py}; pass --deskgpu "
                 f"{INSTALLED['--deskgpu']}, the one installed with that Python"
             )
-        check("--deskgpu", found, "the deskgpu command the timers run", "found next to --python")
+        beside = Path(found).parent == Path(py).parent
+        label = "the one next to --python" if beside else "the one running this command"
+        check("--deskgpu", found, "the deskgpu command the timers run", label)
         return Tools(python=py, deskgpu=found)
     check("--deskgpu", deskgpu, "the deskgpu command the timers run", None)
     return Tools(python=py, deskgpu=deskgpu)
