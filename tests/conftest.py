@@ -250,6 +250,20 @@ def cli(runner: CliRunner, monkeypatch: pytest.MonkeyPatch):
     return run
 
 
+@pytest.fixture
+def installed_tools(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """`--python P --deskgpu D` for `deskgpu setup render`: executables laid out as README
+    step 1 installs deskgpu (`<venv>/bin/{python,deskgpu}`), outside any source checkout (the
+    command refuses the suite's own `.venv`). They only exit 0: nothing here runs them."""
+    bin_dir = tmp_path_factory.mktemp("opt-deskgpu") / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "deskgpu"):
+        program = bin_dir / name
+        program.write_text("#!/bin/sh\nexit 0\n")
+        program.chmod(0o755)
+    return ["--python", str(bin_dir / "python"), "--deskgpu", str(bin_dir / "deskgpu")]
+
+
 @pytest.fixture(scope="session")
 def sky_api_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """A real SkyPilot API server on 127.0.0.1 (no infra enabled), one for the whole session,

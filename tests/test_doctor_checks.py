@@ -480,7 +480,9 @@ def test_doctor_and_the_plugin_name_the_same_route() -> None:
     assert render.POLICY_CLASS == policy.POLICY_CLASS
 
 
-def test_no_fix_suggests_a_server_bound_to_every_interface(tmp_path: Path) -> None:
+def test_no_fix_suggests_a_server_bound_to_every_interface(
+    tmp_path: Path, installed_tools: list[str]
+) -> None:
     """`sky api start --deploy` binds 0.0.0.0; the fixes point at the rendered unit, whose
     render command is one the real CLI runs."""
     from typer.testing import CliRunner
@@ -497,7 +499,7 @@ def test_no_fix_suggests_a_server_bound_to_every_interface(tmp_path: Path) -> No
     assert not any("sky api start" in fix for fix in fixes)
     out = tmp_path / "box"
     rendered = CliRunner().invoke(
-        app, ["setup", "render", "--out", str(out), "--config", str(BOX_CONFIG)]
+        app, ["setup", "render", "--out", str(out), "--config", str(BOX_CONFIG), *installed_tools]
     )
     assert rendered.exit_code == 0, rendered.stderr
     unit = (out / "etc/systemd/system/skypilot-api.service").read_text()

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from deskgpu.config import load_config
+from deskgpu.config import SYSTEM_CONFIG, load_config
 from deskgpu.setup.render import GUARD_CLASS, SERVER_UNIT, Tools, render, write
 from tests.apiserver import free_port, running_api_server
 from tests.conftest import HOST_CONFIG
@@ -148,7 +148,8 @@ def _rendered(tmp: Path, port: int, *, guard: bool) -> tuple[Path, dict[str, str
     host_config.write_text(text + "doctor:\n  require_admin_policy: true\n")
     config = load_config(host_config)
     out = tmp / "rendered"
-    write(render(config, Tools(python=sys.executable, deskgpu="deskgpu")), out)
+    tools = Tools(python=sys.executable, deskgpu="deskgpu")
+    write(render(config, tools, host_config.read_text()), out)
     unit = (out / "etc/systemd/system" / SERVER_UNIT).read_text()
     env: dict[str, str] = {}
     exec_start: list[str] = []
@@ -168,8 +169,13 @@ def _rendered(tmp: Path, port: int, *, guard: bool) -> tuple[Path, dict[str, str
         (home / ".sky" / "plugins.yaml").unlink()
     env["HOME"] = str(home)
     env["KUBECONFIG"] = str(home / ".kube" / "config")
+    # The unit names no config: the server reads /etc/deskgpu/config.yaml, which install.sh
+    # installs from the rendered copy. Here that copy stands in for the system path.
+    assert "DESKGPU_CONFIG" not in env
+    installed = out / SYSTEM_CONFIG.relative_to("/")
+    env["DESKGPU_CONFIG"] = str(installed)
     env.update(TEST_SIZING)
-    return home, env, host_config
+    return home, env, installed
 
 
 @contextlib.contextmanager

@@ -1,9 +1,13 @@
-"""`deskgpu setup render --out DIR`: every file the box needs, generated from the host config."""
+"""`deskgpu setup render --out DIR`: every file the box needs, generated from the host config.
+
+The host config that was read goes into DIR too (install.sh installs it as the system config);
+`--python` / `--deskgpu` default to the installed deskgpu running this command and are refused
+with the fix when they are not installed programs (`deskgpu.setup.tools`).
+"""
 
 from __future__ import annotations
 
-import shutil
-import sys
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -42,8 +46,9 @@ def render_command(
         str | None,
         typer.Option(
             "--python",
-            help="Python with deskgpu + SkyPilot that runs the API server "
-            "(default: the one running this command).",
+            help="Absolute path of the Python with deskgpu + SkyPilot that runs the API server, "
+            "e.g. /opt/deskgpu/bin/python (default: the one running this command; refused "
+            "inside a source checkout).",
             show_default=False,
         ),
     ] = None,
@@ -51,7 +56,9 @@ def render_command(
         str | None,
         typer.Option(
             "--deskgpu",
-            help="The deskgpu command the timers run (default: the one on PATH).",
+            help="Absolute path of the deskgpu command the timers run, e.g. "
+            "/opt/deskgpu/bin/deskgpu (default: the one installed next to --python, else the "
+            "one running; refused inside a source checkout).",
             show_default=False,
         ),
     ] = None,
@@ -59,14 +66,21 @@ def render_command(
     config_path: ConfigOption = None,
 ) -> None:
     """Write the setup files for this box's host config into DIR; install with DIR/install.sh."""
-    from deskgpu.setup.render import Tools, render, write
+    from deskgpu.errors import UsageError
+    from deskgpu.setup.render import is_config_file, render, write
+    from deskgpu.setup.tools import box_tools
 
+    tools = box_tools(python, deskgpu)
     config = get_config(config_path)
-    tools = Tools(
-        python=python or sys.executable,
-        deskgpu=deskgpu or shutil.which("deskgpu") or "/usr/local/bin/deskgpu",
-    )
-    rendered = render(config, tools)
+    text = None
+    if is_config_file(config):
+        # The headers name what was read, wherever the command ran from.
+        config = dataclasses.replace(config, source=str(Path(config.source).absolute()))
+        try:  # installed byte for byte: the admin's comments travel with it
+            text = Path(config.source).read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{config.source}: cannot copy the host config: {exc}") from None
+    rendered = render(config, tools, text)
     write(rendered, out)
     for note in rendered.notes:
         warn(note)

@@ -59,5 +59,15 @@ class DoctorSettings:
             retired=retired,
         )
 
+    def as_mapping(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, as a `doctor:` section would say them."""
+        default = DoctorSettings()
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "retired" and value != getattr(default, f.name):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
 
 Settings = DoctorSettings  # what the checks call it

@@ -1,15 +1,19 @@
 """Every file the box needs, generated from the host config: one source, nothing hand-copied.
 
-Pure: `render(config, tools)` returns the files as text; `write(files, out)` is the only I/O.
-The GPU count lives in the host config's `gpus:` and nowhere else; Kueue's quota, the API
-server's endpoint, the roots' permissions and the schedules are all computed from it.
+Pure: `render(config, tools, config_text)` returns the files as text; `write(files, out)` is
+the only I/O. The GPU count lives in the host config's `gpus:` and nowhere else; Kueue's quota,
+the API server's endpoint, the roots' permissions and the schedules are all computed from it.
 
 Paths mirror where each file is installed (`etc/systemd/system/...` -> `/etc/systemd/...`);
-the generated `install.sh` copies them there.
+the generated `install.sh` copies them there. The host config they were rendered from is one
+of them (`etc/deskgpu/config.yaml`, the file that was read, byte for byte): the box always
+reads the system path, so no unit needs `DESKGPU_CONFIG`. Which programs the units run
+(`Tools`) is checked by `deskgpu.setup.tools`, not here, so tests render with any.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from urllib.parse import urlparse
 import yaml
 
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
+from deskgpu.doctor.settings import DoctorSettings
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP, Schedule
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
@@ -35,6 +40,9 @@ SERVER_UNIT = "skypilot-api.service"
 SERVER_USER = "skypilot"
 SERVER_HOME = "/var/lib/skypilot"
 K3S_KUBECONFIG = "/etc/rancher/k3s/k3s.yaml"
+KUBECONFIG_UNIT = "skypilot-kubeconfig"  # .path watches k3s's file, .service copies it
+KUBECONFIG_PATH_UNIT = f"{KUBECONFIG_UNIT}.path"
+COPY = "/usr/bin/install"  # coreutils: copies with owner and mode in one step
 KUEUE_API = "kueue.x-k8s.io/v1beta1"
 KUEUE_NAMESPACE = "default"  # SkyPilot's pods land in the kube context's namespace
 KUEUE_FLAVOR = "default-flavor"
@@ -95,7 +103,16 @@ def _header(config: HostConfig, comment: str = "#") -> str:
 
 
 def config_source(config: HostConfig) -> str:
-    return config.source if config.source.startswith("/") else str(SYSTEM_CONFIG)
+    """What the files were rendered from, and where install.sh puts it."""
+    if not is_config_file(config):
+        return f"built-in defaults (written out as {SYSTEM_CONFIG})"
+    if config.source == str(SYSTEM_CONFIG):
+        return config.source
+    return f"{config.source} (installed as {SYSTEM_CONFIG})"
+
+
+def is_config_file(config: HostConfig) -> bool:
+    return config.source != HostConfig().source
 
 
 def endpoint(config: HostConfig) -> str:
@@ -151,8 +168,6 @@ def _environment(config: HostConfig, *first: str, client: bool = True) -> str:
             f"SKYPILOT_API_SERVER_ENDPOINT={endpoint(config)}",
             "SKYPILOT_DISABLE_LOCAL_API_SERVER=1",
         ]
-    if config_source(config) != str(SYSTEM_CONFIG):
-        pairs.append(f"DESKGPU_CONFIG={config_source(config)}")
     return "Environment=" + " ".join(shlex.quote(p) for p in pairs)
 
 
@@ -191,6 +206,51 @@ def server_plugins(config: HostConfig) -> dict[str, Any]:
     return {"plugins": [{"class": GUARD_CLASS, "parameters": {"admin_policy": POLICY_CLASS}}]}
 
 
+def kubeconfig_copy(config: HostConfig) -> list[str]:
+    """Commands (as root) giving the server's account its own copy of k3s's kubeconfig."""
+    user = shlex.quote(server_user(config))
+    kube = shlex.quote(f"{server_home(config)}/.kube")
+    return [
+        f"{COPY} -d -o {user} -g {user} -m 0700 {kube}",
+        f"{COPY} -o {user} -g {user} -m 0600 {K3S_KUBECONFIG} {kube}/config",
+    ]
+
+
+def kubeconfig_service(config: HostConfig) -> str:
+    lines = [
+        _header(config).rstrip("\n"),
+        "# Started by skypilot-kubeconfig.path whenever k3s rewrites its kubeconfig (it does on",
+        "# certificate rotation). SkyPilot builds its Kubernetes clients per request from the",
+        "# file, so the running server needs no restart.",
+        "[Unit]",
+        "Description=Copy k3s's kubeconfig for the SkyPilot API server",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        *(f"ExecStart={command}" for command in kubeconfig_copy(config)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def kubeconfig_path_unit(config: HostConfig) -> str:
+    lines = [
+        _header(config).rstrip("\n"),
+        "# PathChanged: triggers when a writer closes the file, or it is replaced or created.",
+        "[Unit]",
+        f"Description=Watch {K3S_KUBECONFIG} for the SkyPilot API server",
+        "",
+        "[Path]",
+        f"PathChanged={K3S_KUBECONFIG}",
+        f"Unit={KUBECONFIG_UNIT}.service",
+        "",
+        "[Install]",
+        "WantedBy=paths.target",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def server_unit(config: HostConfig, tools: Tools) -> str:
     user = server_user(config)
     home = server_home(config)
@@ -226,6 +286,9 @@ def server_unit(config: HostConfig, tools: Tools) -> str:
         ),
     ]
     lines += [
+        "# k3s rewrites its kubeconfig when it rotates certificates: a fresh copy at every start",
+        f"# (and on every change: {KUBECONFIG_PATH_UNIT}). `+`: as root.",
+        *(f"ExecStartPre=+{command}" for command in kubeconfig_copy(config)),
         f"ExecStart={shlex.quote(tools.python)} -m sky.server.server --deploy "
         f"--host 127.0.0.1 --port {server_port(config)}",
         "Restart=on-failure",
@@ -247,9 +310,40 @@ def profile_snippet(config: HostConfig) -> str:
         f"export SKYPILOT_API_SERVER_ENDPOINT={shlex.quote(endpoint(config))}",
         "export SKYPILOT_DISABLE_LOCAL_API_SERVER=1",
     ]
-    if config_source(config) != str(SYSTEM_CONFIG):
-        lines.append(f"export DESKGPU_CONFIG={shlex.quote(config_source(config))}")
     return "\n".join(lines) + "\n"
+
+
+def config_document(config: HostConfig) -> dict[str, Any]:
+    """`config` as a host-config document (hostconfig-v1): `load_config` reads it back equal."""
+    doc: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, DoctorSettings):
+            value = value.as_mapping()
+        if f.name in ("source", "images_allow", "images_deny") or value in (None, (), {}):
+            continue
+        doc[f.name] = list(value) if isinstance(value, tuple) else value
+    images = {"allow": list(config.images_allow), "deny": list(config.images_deny)}
+    if any(images.values()):
+        doc["images"] = {k: v for k, v in images.items() if v}
+    return doc
+
+
+def host_config_file(config: HostConfig, config_text: str | None) -> str:
+    """The box's /etc/deskgpu/config.yaml: the file that was read, else `config` written out."""
+    if config_text is not None:
+        return config_text
+    if is_config_file(config):
+        what = f"The settings read from {config.source}"
+    else:
+        what = "No host config was found, so these are deskgpu's built-in defaults"
+    return (
+        "# /etc/deskgpu/config.yaml, written out by `deskgpu setup render`.\n"
+        f"# {what}.\n"
+        "# Edit it (at least `gpus:`, e.g. `gpus: {A6000: 4}`: the one place the GPU count\n"
+        f"# lives), then render again from it: deskgpu setup render --config {SYSTEM_CONFIG}\n"
+        + _yaml(config_document(config))
+    )
 
 
 def kueue_objects(config: HostConfig) -> list[dict[str, Any]]:
@@ -385,8 +479,6 @@ def crontab(config: HostConfig, tools: Tools) -> str:
         f"SKYPILOT_API_SERVER_ENDPOINT={endpoint(config)}",
         "SKYPILOT_DISABLE_LOCAL_API_SERVER=1",
     ]
-    if config_source(config) != str(SYSTEM_CONFIG):
-        lines.append(f"DESKGPU_CONFIG={config_source(config)}")
     lines += [
         "",
         f"# {_sentence(OBSERVE.when)}: one cheap observation into the reap history in",
@@ -402,39 +494,83 @@ def crontab(config: HostConfig, tools: Tools) -> str:
     return "\n".join(lines) + "\n"
 
 
-def install_script(config: HostConfig, files: list[SetupFile]) -> str:
+def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> str:
+    """Checks every precondition before it changes anything; safe to run again."""
     user = server_user(config)
     home = server_home(config)
     q = shlex.quote
+    installed = [f for f in files if not f.optional and f.destination is not None]
+    units = [KUBECONFIG_PATH_UNIT, SERVER_UNIT, OBSERVE.timer_unit, REAP.timer_unit]
     lines = [
         "#!/bin/sh",
         _header(config).rstrip("\n"),
         "# Installs the files rendered next to it and starts the services. Read it, then run",
-        "# it as root. Kueue and the cron alternative are optional and not installed here.",
+        "# it as root. It changes nothing unless everything it needs is there, and running it",
+        "# again is safe. Kueue and the cron alternative are optional and not installed here.",
         "set -eu",
         'here=$(cd "$(dirname "$0")" && pwd)',
-        f"id -u {q(user)} >/dev/null 2>&1 || useradd --system --home-dir {q(home)} "
+        "missing=''",
+        'need() { missing="$missing\n  - $1"; }',
+        "",
+        "# Preconditions: all of them, before any change.",
+        "[ \"$(id -u)\" = 0 ] || need 'run it as root: sudo sh install.sh'",
+        "[ -d /run/systemd/system ] || need 'systemd is not running as PID 1 "
+        "(no /run/systemd/system): the units need it'",
+        f"[ -f {K3S_KUBECONFIG} ] || need 'no {K3S_KUBECONFIG}: install k3s first "
+        "(README, Setting up the box, step 1)'",
+    ]
+    for flag, path, what in (
+        ("--python", tools.python, "the Python that runs the API server"),
+        ("--deskgpu", tools.deskgpu, "the deskgpu command the timers run"),
+    ):
+        lines.append(
+            f"{{ [ -f {q(path)} ] && [ -x {q(path)} ]; }} || need "
+            + q(
+                f"{path} ({what}) is not an executable file: install deskgpu (README step 1) "
+                f"or render again with {flag} <path>"
+            )
+        )
+    for command in ("useradd", "install", "systemctl", "systemd-tmpfiles"):
+        lines.append(f"command -v {command} >/dev/null 2>&1 || need 'no {command} command'")
+    lines += [
+        f"[ -x {COPY} ] || need 'no {COPY}: the units copy the kubeconfig with it'",
+        f"for f in {' '.join(q(f.path) for f in installed)}; do",
+        '    [ -f "$here/$f" ] || need "$here/$f is missing: run the install.sh that '
+        'deskgpu setup render wrote next to it"',
+        "done",
+        'if [ -n "$missing" ]; then',
+        "    printf 'install.sh: not installing, nothing was changed:%s\\n' \"$missing\" >&2",
+        "    exit 1",
+        "fi",
+        "",
+        f"id -u {q(user)} >/dev/null 2>&1 || useradd --system --user-group --home-dir {q(home)} "
         f"--create-home --shell /usr/sbin/nologin {q(user)}",
         f"install -d -o {q(user)} -g {q(user)} -m 0700 {q(home)}/.sky {q(home)}/.kube",
-        f"install -o {q(user)} -g {q(user)} -m 0600 {K3S_KUBECONFIG} {q(home)}/.kube/config",
     ]
-    for f in files:
-        if f.optional or f.destination is None:
-            continue
+    for f in installed:
         owner = f"-o {q(f.owner)} -g {q(f.owner)} " if f.owner != "root" else ""
-        lines.append(f'install -D {owner}-m {f.mode:04o} "$here/{f.path}" {q(f.destination)}')
+        lines.append(f'install -D {owner}-m {f.mode:04o} "$here/{f.path}" {q(f.destination or "")}')
     lines += [
         "systemd-tmpfiles --create /etc/tmpfiles.d/deskgpu.conf",
         "systemctl daemon-reload",
-        f"systemctl enable --now {SERVER_UNIT} {OBSERVE.timer_unit} {REAP.timer_unit}",
+        f"if systemctl is-active --quiet {SERVER_UNIT}; then",
+        "    # A running server keeps the unit, config and plugins it started with.",
+        f"    echo 'install.sh: {SERVER_UNIT} was already running; to load the new files: "
+        f"systemctl restart {SERVER_UNIT}'",
+        "fi",
+        f"systemctl enable --now {' '.join(units)}",
         "echo 'installed; now run: deskgpu doctor'",
         "",
     ]
     return "\n".join(lines)
 
 
-def render(config: HostConfig, tools: Tools) -> Rendered:
-    """All setup files for `config`, in install order."""
+def render(config: HostConfig, tools: Tools, config_text: str | None = None) -> Rendered:
+    """All setup files for `config`, in install order.
+
+    `config_text` is the host-config file `config` was loaded from, installed unchanged; None
+    writes `config` out instead (built-in defaults, or a config built in code).
+    """
     notes: list[str] = []
     host = urlparse(endpoint(config)).hostname or ""
     if host not in _LOCAL_HOSTS:
@@ -455,6 +591,12 @@ def render(config: HostConfig, tools: Tools) -> Rendered:
         )
     server_cfg = server_config_path(config).lstrip("/")
     files = [
+        SetupFile(
+            str(SYSTEM_CONFIG).lstrip("/"),
+            host_config_file(config, config_text),
+            0o644,
+            "the host config these files were rendered from (the policy reads it per request)",
+        ),
         SetupFile(
             "etc/profile.d/skypilot.sh",
             profile_snippet(config),
@@ -480,6 +622,18 @@ def render(config: HostConfig, tools: Tools) -> Rendered:
             server_unit(config, tools),
             0o644,
             f"the one shared SkyPilot API server on 127.0.0.1:{server_port(config)}",
+        ),
+        SetupFile(
+            f"etc/systemd/system/{KUBECONFIG_UNIT}.service",
+            kubeconfig_service(config),
+            0o644,
+            f"copies {K3S_KUBECONFIG} to the server's account",
+        ),
+        SetupFile(
+            f"etc/systemd/system/{KUBECONFIG_PATH_UNIT}",
+            kubeconfig_path_unit(config),
+            0o644,
+            f"runs {KUBECONFIG_UNIT}.service whenever k3s rewrites its kubeconfig",
         ),
         SetupFile(
             "etc/tmpfiles.d/deskgpu.conf",
@@ -546,7 +700,7 @@ def render(config: HostConfig, tools: Tools) -> Rendered:
     files.append(
         SetupFile(
             "install.sh",
-            install_script(config, files),
+            install_script(config, tools, files),
             0o755,
             "installs the files above and starts the services (run as root)",
             install_to=None,
