@@ -205,6 +205,16 @@ def _check_schedule(facts: HostFacts, schedule: Schedule, found: list[Scheduled]
     )
 
 
+def _unreadable(name: str, status: str, what: str, error: str, facts: HostFacts, fix: str) -> Check:
+    """A record doctor could not read: for want of root it proves nothing either way."""
+    if "permission" in error.lower():
+        who = facts.user or "this user"
+        return _ops(
+            name, SKIP, f"cannot read {what} as {who} (rerun as root: `sudo deskgpu doctor`)"
+        )
+    return _ops(name, status, f"cannot read {what}: {error}", fix)
+
+
 def _max_sample_gap_s(config: HostConfig) -> int:
     """reap's own freshness rule: older than this, it will not decide from the history."""
     try:
@@ -225,12 +235,7 @@ def _check_observe_fresh(facts: HostFacts, config: HostConfig) -> Check:
         return _ops(name, SKIP, "reap's records were not read (facts from an older doctor)")
     where = records.history_path
     if records.history_error:
-        if "permission" in records.history_error.lower():
-            return _ops(
-                name, SKIP, f"cannot read {where} as {facts.user or 'this user'} "
-                "(rerun as root: `sudo deskgpu doctor`)",
-            )  # fmt: skip
-        return _ops(name, FAIL, f"cannot read the history {where}: {records.history_error}", fix)
+        return _unreadable(name, FAIL, f"the history {where}", records.history_error, facts, fix)
     if not records.history_exists:
         return _ops(name, FAIL, f"no observation history at {where}: observe never ran", fix)
     if records.history_latest is None:
@@ -266,12 +271,7 @@ def _check_reap_ran(facts: HostFacts) -> Check:
         return _ops(name, SKIP, "reap's audit log was not read (facts from an older doctor)")
     where = records.audit_path
     if records.audit_error:
-        if "permission" in records.audit_error.lower():
-            return _ops(
-                name, SKIP, f"cannot read {where} as {facts.user or 'this user'} "
-                "(rerun as root: `sudo deskgpu doctor`)",
-            )  # fmt: skip
-        return _ops(name, WARN, f"cannot read the audit log {where}: {records.audit_error}", fix)
+        return _unreadable(name, WARN, f"the audit log {where}", records.audit_error, facts, fix)
     if not records.audit_exists or records.audit_last_reap is None:
         return _ops(name, WARN, f"{where} records no `reap --yes` run yet", fix)
     age = facts.gathered_at - records.audit_last_reap
