@@ -348,23 +348,33 @@ def test_every_deskgpu_command_in_any_fix_parses_against_the_cli() -> None:
         assert isinstance(parse_args(words), Parsed), (words, parse_args(words))
 
 
+def _literal_texts(tree: ast.AST) -> list[str]:
+    """Every string literal outside docstrings; an f-string with `{}` for each placeholder."""
+    skip = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}  # docstrings
+    texts = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.JoinedStr):
+            skip.update(id(v) for v in node.values)
+            texts.append(
+                "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+            )
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            texts.append(node.value)
+    return texts
+
+
 def test_every_deskgpu_command_written_in_the_checks_parses_against_the_cli() -> None:
     """The literal text of every check module, including fixes no fixture reaches."""
     seen: set[tuple[str, ...]] = set()
     for source in CHECKS_SRC.glob("*.py"):
-        tree = ast.parse(source.read_text())
-        docstrings = {
-            id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)
-        }  # prose about commands, not fixes
-        for node in ast.walk(tree):
-            if id(node) in docstrings:
-                continue
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                for words in _deskgpu_commands(node.value):
-                    if not any("{" in w for w in words):
-                        parsed = parse_args(words)
-                        assert isinstance(parsed, Parsed), (source.name, words, parsed)
-                        seen.add(parsed.command)
+        for text in _literal_texts(ast.parse(source.read_text())):
+            for words in _deskgpu_commands(text):
+                if not any("{" in w for w in words):
+                    parsed = parse_args(words)
+                    assert isinstance(parsed, Parsed), (source.name, words, parsed)
+                    seen.add(parsed.command)
     assert {("doctor",), ("observe",), ("reap",)} <= seen
 
 
