@@ -78,6 +78,8 @@ def test_the_old_healthy_fixture_line_is_refused_by_the_real_cli() -> None:
         ("0 3 * * 0 root /usr/local/bin/deskgpu reap --yes", "/usr/local/bin/deskgpu does not"),
         ("0 3 * * 0 root deskgpu-old reap --yes", "no cron line"),
         ("0 3 * * 0 deskgpu reap --yes", "no cron line"),  # no user field: `deskgpu` is the user
+        # Debian's idiom for "only where systemd does not run": it does here.
+        ("0 3 * * 0 root test -e /run/systemd/system || deskgpu reap --yes", "skips it where"),
     ],
 )
 def test_a_reap_line_that_does_not_reap_fails(line: str, why: str) -> None:
@@ -97,7 +99,6 @@ def test_a_reap_line_that_does_not_reap_fails(line: str, why: str) -> None:
     [
         "0 3 * * 0 root deskgpu reap --yes",
         "0 3 * * 0 root /opt/deskgpu/bin/deskgpu reap --quiet --yes --json >>/var/log/r 2>&1",
-        "0 3 * * 0 root test -e /run/systemd/system || deskgpu reap --yes",
         "0 3 * * 0 root nice -n 10 deskgpu reap --yes",
         "0 3 * * 0 root sh -c 'cd / && deskgpu reap --yes --quiet'",
         "@weekly root deskgpu reap --yes",
@@ -440,3 +441,198 @@ def test_doctor_skip_cascades_too() -> None:
 def test_readme_check_table_is_the_registrys() -> None:
     readme = (ROOT / "README.md").read_text()
     assert readme_table() in readme, "regenerate: uv run python -m deskgpu.doctor.registry"
+
+
+# -- what an attacker's review found: each a way doctor said ok while nothing ran ------------------
+
+UNIT = "/etc/systemd/system/deskgpu-observe.service"
+TIMER = "/etc/systemd/system/deskgpu-observe.timer"
+
+
+def _observe_with_unit(text: str | None = None, timer: str | None = None, **extra: str) -> Check:
+    recorded = facts("healthy-4x-a6000.json")  # the rendered timers, active
+    if text is not None:
+        recorded.files[f"systemd:{UNIT}"] = FileFact(UNIT, True, text)
+    if timer is not None:
+        recorded.files[f"systemd:{TIMER}"] = FileFact(TIMER, True, timer)
+    for path, body in extra.items():
+        recorded.files[f"systemd:{path}"] = FileFact(path, True, body)
+    return judge(recorded)["operations.observe_scheduled"]
+
+
+def _rendered_unit() -> str:
+    return from_render.rendered_files()[UNIT]
+
+
+def test_a_stopped_timer_listed_without_a_next_run_does_not_count() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    timers = recorded.commands["systemctl_timers"]
+    timers.stdout = re.sub(
+        r"^.*deskgpu-observe\.timer.*$",
+        "-   -   -   -  deskgpu-observe.timer deskgpu-observe.service",
+        timers.stdout,
+        flags=re.M,
+    )
+    check = judge(recorded)["operations.observe_scheduled"]
+    assert check.status == FAIL and "shows no next run" in check.detail
+
+
+@pytest.mark.parametrize(
+    ("running", "status"),
+    [(False, FAIL), (None, WARN), (True, OK)],
+    ids=["stopped", "unknown", "up"],
+)
+def test_a_cron_line_counts_only_while_a_cron_daemon_runs(
+    running: bool | None, status: str
+) -> None:
+    recorded = facts("k3s-node-without-gpus.json")  # the rendered cron file
+    recorded.cron_running = running
+    assert judge(recorded)["operations.observe_scheduled"].status == status
+
+
+def test_the_cron_daemon_probe_reads_proc(tmp_path: Path) -> None:
+    for pid, comm in ((1, "systemd"), (412, "cron")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "comm").write_text(comm + "\n")
+    assert probes.probe_cron_running(str(tmp_path)) is True
+    (tmp_path / "412" / "comm").write_text("sshd\n")
+    assert probes.probe_cron_running(str(tmp_path)) is False
+    assert probes.probe_cron_running(str(tmp_path / "hidden")) is None  # no PID 1 visible
+
+
+CRON_LINE = OBSERVE.cron_line()
+GOOD_CRON = f"PATH=/opt/deskgpu/bin:/usr/bin:/bin\n{CRON_LINE}\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "why"),
+    [
+        ("/etc/cron.d/deskgpu.cron", GOOD_CRON, "cron never reads"),  # Debian: no dots
+        ("/etc/cron.d/deskgpu~", GOOD_CRON, "cron never reads"),
+        ("/etc/cron.d/deskgpu", GOOD_CRON.replace("\n", "\r\n"), "Windows line ending"),
+        ("/etc/cron.d/deskgpu", GOOD_CRON.rstrip("\n"), "does not end with a newline"),
+        ("/etc/cron.d/deskgpu", GOOD_CRON + "*/5 * * * root /bin/true\n", "cron ignores all"),
+        ("/etc/cron.d/deskgpu", GOOD_CRON + "this is not cron\n", "cron ignores all"),
+        ("/etc/cron.d/deskgpu", "@reboot root deskgpu observe --quiet\n", "only at boot"),
+        ("/etc/cron.d/deskgpu", "0 0 31 2 * root deskgpu observe --quiet\n", "never fires"),
+        ("/etc/cron.d/deskgpu", "@hourly root deskgpu observe --quiet\n", "runs only every 1h"),
+        ("/etc/cron.d/deskgpu", "*/5 * * * * nobody deskgpu observe --quiet\n", "runs as nobody"),
+        ("/etc/cron.d/deskgpu", "*/5 * * * * root sudo -u nobody deskgpu observe\n", "as nobody"),
+        ("/var/spool/cron/crontabs/alice", "*/5 * * * * deskgpu observe --quiet\n", "as alice"),
+        ("/etc/cron.hourly/deskgpu", "#!/bin/sh\ndeskgpu observe --quiet\n", "only every 1h"),
+        ("/etc/cron.daily/deskgpu.sh", "#!/bin/sh\ndeskgpu observe --quiet\n", "never reads"),
+        (
+            "/etc/cron.d/deskgpu",
+            "*/5 * * * * root true || /opt/deskgpu/bin/deskgpu observe\n",
+            "runs only if",
+        ),
+    ],
+)
+def test_cron_entries_that_never_observe_do_not_count(path: str, text: str, why: str) -> None:
+    recorded = with_cron(facts("k3s-node-without-gpus.json"), text, path)
+    check = judge(recorded)["operations.observe_scheduled"]
+    assert check.status in (FAIL, WARN), check
+    assert why in check.detail, check.detail
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "PATH=/opt/deskgpu/bin\n*/5 * * * * root flock -n /run/lock/deskgpu deskgpu observe\n",
+        "PATH=/opt/deskgpu/bin\n*/5 * * * * root deskgpu observe >>/var/o-$(date +\\%F) 2>&1\n",
+        "*/5 * * * * root env PATH=/opt/deskgpu/bin deskgpu observe\n",
+        "*/5 * * * * root /opt/deskgpu/bin/deskgpu observe --json\n",
+    ],
+)
+def test_cron_styles_admins_use_do_count(text: str) -> None:
+    recorded = with_cron(facts("k3s-node-without-gpus.json"), text)
+    check = judge(recorded)["operations.observe_scheduled"]
+    assert check.status == OK, check
+
+
+def test_roots_crontab_seen_twice_is_one_schedule() -> None:
+    recorded = with_cron(facts("k3s-node-without-gpus.json"), "")
+    line = "*/5 * * * * /opt/deskgpu/bin/deskgpu observe --quiet\n"
+    spool = "/var/spool/cron/crontabs/root"
+    recorded.files[f"cron:{spool}"] = FileFact(spool, True, line)
+    recorded.commands["crontab"].returncode, recorded.commands["crontab"].stdout = 0, line
+    assert judge(recorded)["operations.observe_scheduled"].status == OK
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda u: u.replace("observe --quiet", "observe --quiet >>/var/log/o.log 2>&1"),
+         "refuses its arguments"),  # systemd runs no shell
+        (lambda u: u.replace("User=root", "User=nobody"), "runs as nobody"),
+        (lambda u: u.replace("Type=oneshot", "Type=oneshot\nRemainAfterExit=yes"),
+         "RemainAfterExit"),
+    ],
+)  # fmt: skip
+def test_units_that_never_observe_do_not_count(change, why: str) -> None:
+    check = _observe_with_unit(change(_rendered_unit()))
+    assert check.status == FAIL and why in check.detail, check
+
+
+def test_a_timer_that_starts_another_service_does_not_count() -> None:
+    timer = from_render.rendered_files()[TIMER].replace("[Timer]", "[Timer]\nUnit=other.service")
+    check = _observe_with_unit(timer=timer)
+    assert check.status == FAIL and "no .timer starts deskgpu-observe.service" in check.detail
+
+
+def test_a_timer_without_a_trigger_does_not_count() -> None:
+    timer = re.sub(r"^On\w+=.*\n", "", from_render.rendered_files()[TIMER], flags=re.M)
+    check = _observe_with_unit(timer=timer)
+    assert check.status == FAIL and "no On…= trigger" in check.detail
+
+
+def test_the_copy_systemd_loads_is_the_one_judged() -> None:
+    """/etc/systemd/system shadows /usr/lib/systemd/system; a drop-in overrides both."""
+    good, bad = _rendered_unit(), _rendered_unit().replace("observe --quiet", "reap --observe")
+    lib = "/usr/lib/systemd/system/deskgpu-observe.service"
+    check = _observe_with_unit(bad, **{lib: good})
+    assert check.status == FAIL and "No such option: --observe" in check.detail
+    dropin = "/etc/systemd/system/deskgpu-observe.service.d/override.conf"
+    check = _observe_with_unit(
+        good,
+        **{dropin: "[Service]\nExecStart=\nExecStart=/opt/deskgpu/bin/deskgpu reap --observe\n"},
+    )
+    assert check.status == FAIL and "No such option: --observe" in check.detail
+
+
+@pytest.mark.parametrize("extra", ["--record /nonexistent/e.json", "--config /nonexistent.yaml"])
+def test_options_that_stop_the_reap_are_not_cosmetic(extra: str) -> None:
+    recorded = with_cron(
+        facts("k3s-node-without-gpus.json"),
+        f"PATH=/opt/deskgpu/bin\n{CRON_LINE}\n0 3 * * 0 root deskgpu reap --yes {extra}\n",
+    )
+    check = judge(recorded)["operations.reap_scheduled"]
+    assert check.status == FAIL and "different job" in check.detail
+
+
+def test_a_reap_run_dated_in_the_future_is_no_proof() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    assert recorded.records is not None
+    recorded.records.audit_last_reap = recorded.gathered_at + 400 * 86400
+    check = judge(recorded)["operations.reap_ran"]
+    assert check.status == WARN and "in the future" in check.detail
+
+
+@pytest.mark.parametrize(
+    "host", ["--ho 0.0.0.0", "--host 127.0.0.1 --host 0.0.0.0", "--host=0.0.0.0", "--hos=::"]
+)
+def test_every_way_argparse_reads_a_public_host_fails(host: str) -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    (proc,) = recorded.sky.processes
+    proc.cmdline = proc.cmdline.replace("--host 127.0.0.1", host)
+    assert judge(recorded)["skypilot.shared_server"].status == FAIL
+
+
+def test_an_audit_line_too_deep_for_json_is_skipped(tmp_path: Path) -> None:
+    from deskgpu.reap.audit import last_reap_run
+
+    log = tmp_path / "audit.jsonl"
+    log.write_text(
+        '{"ts": "2025-06-08T03:02:12Z", "run_id": "r1", "event": "run"}\n' + "[" * 100000
+    )
+    assert last_reap_run(log) == (1749351732.0, "r1")

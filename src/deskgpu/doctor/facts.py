@@ -243,6 +243,7 @@ class HostFacts:
     # The programs scheduled commands name, by the path tried (see doctor.schedules).
     executables: dict[str, ExecutableFact] = field(default_factory=dict)
     records: RecordsFact | None = None
+    cron_running: bool | None = None  # a cron daemon process seen (None: could not tell)
     notes: list[str] = field(default_factory=list)  # what a probe could not see, and why
 
     @property

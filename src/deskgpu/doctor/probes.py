@@ -121,6 +121,8 @@ class ProbePaths:
     systemd_units: tuple[str, ...] = (
         "/etc/systemd/system/*.timer",
         "/etc/systemd/system/*.service",
+        "/etc/systemd/system/deskgpu*.d/*.conf",  # drop-ins (`systemctl edit`)
+        "/run/systemd/system/deskgpu*",
         "/lib/systemd/system/deskgpu*",
         "/usr/lib/systemd/system/deskgpu*",
     )
@@ -492,7 +494,7 @@ def find_server_processes(proc_dir: str = "/proc") -> list[ServerProcess]:
                 pid=pid,
                 uid=uid,
                 user=_user_name(uid),
-                cmdline=cmd[:500],
+                cmdline=cmd[:4096],  # room for every flag: doctor reads --host from it
                 port=int(match.group(1)) if match else 46580,
                 deploy="--deploy" in cmd.split(),
                 home=home,
@@ -668,7 +670,9 @@ def probe_schedules(
     commands = {
         "crontab": run_command(["crontab", "-l"], timeout_s),
         "systemctl_timers": run_command(
-            ["systemctl", "list-timers", "--all", "--no-pager", "--no-legend"], timeout_s
+            # Not --all: that lists stopped timers too, with no next run.
+            ["systemctl", "list-timers", "--no-pager", "--no-legend"],
+            timeout_s,
         ),
     }
     return commands, files
@@ -690,6 +694,28 @@ def probe_executables(candidates: list[str]) -> dict[str, ExecutableFact]:
             fact.error = exc.strerror or str(exc)
         out[path] = fact
     return out
+
+
+CRON_DAEMONS = frozenset({"cron", "crond", "cronie", "fcron", "dcron", "bcron", "cronnext"})
+
+
+def probe_cron_running(proc_dir: str = "/proc") -> bool | None:
+    """Is a cron daemon running? None when processes are hidden from this user (hidepid)."""
+    root = Path(proc_dir)
+    if not (root / "1").exists():  # PID 1 hidden: so may cron be
+        return None
+    try:
+        pids = [c for c in root.iterdir() if c.name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            comm = (pid / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm in CRON_DAEMONS:
+            return True
+    return False
 
 
 def probe_records(config: HostConfig) -> RecordsFact:
@@ -718,7 +744,7 @@ def probe_records(config: HostConfig) -> RecordsFact:
         records.history_exists = Path(settings.history_file).exists()
         records.history_error = str(exc)
     try:
-        last = last_reap_run(settings.audit_file)
+        last = last_reap_run(settings.audit_file)  # OSError only; bad lines are skipped
         records.audit_exists = True
         if last is not None:
             records.audit_last_reap, records.audit_last_reap_id = last
@@ -769,6 +795,7 @@ def gather(
         scheduled = find_scheduled(files, crontab.stdout if crontab.ok else None, facts.user)
         facts.executables = probe_executables([c for e in scheduled for c in e.candidates])
         facts.records = probe_records(config)
+        facts.cron_running = probe_cron_running(paths.proc)
 
     def docker() -> None:
         commands, files = probe_docker(paths, timeout_s)

@@ -185,8 +185,11 @@ REGISTRY: tuple[CheckSpec, ...] = (
     ),
     _spec(
         "operations.observe_scheduled",
-        "no active systemd timer or cron line runs `deskgpu observe`: a scheduled command counts "
-        "only if its binary is executable and its arguments parse against deskgpu's own CLI",
+        "nothing runs `deskgpu observe` often enough: a schedule counts only if systemd loads "
+        "its unit (drop-ins applied) and its timer is active, or cron reads its file (Debian's "
+        "name and syntax rules) and runs; as root, at least every `reap.max_sample_gap`; with "
+        "an executable program whose arguments parse with deskgpu's own CLI (warn: two "
+        "schedules, or one not confirmed)",
         "the rendered `deskgpu-observe.timer`, or its line for `/etc/cron.d/deskgpu`",
     ),
     _spec(
@@ -198,7 +201,7 @@ REGISTRY: tuple[CheckSpec, ...] = (
     ),
     _spec(
         "operations.reap_scheduled",
-        "no active systemd timer or cron line runs `deskgpu reap --yes` (same rule as observe)",
+        "nothing runs `deskgpu reap --yes` at least weekly (same rules as observe)",
         "the rendered `deskgpu-reap.timer`, or its line for `/etc/cron.d/deskgpu`",
     ),
     _spec(

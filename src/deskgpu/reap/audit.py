@@ -99,7 +99,7 @@ def last_reap_run(path: Path) -> tuple[float, str] | None:
     for raw in reversed(lines):
         try:
             record = json.loads(raw)
-        except ValueError:  # a torn first line of the tail, or garbage: not a record
+        except (ValueError, RecursionError):  # a torn first line of the tail, or garbage
             continue
         if not isinstance(record, dict):
             continue

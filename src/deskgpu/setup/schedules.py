@@ -66,6 +66,6 @@ REAP = Schedule(
 SCHEDULES = (OBSERVE, REAP)
 CRON_FILE = "/etc/cron.d/deskgpu"
 # Parameters an installed schedule may set differently and still do the same job: they change
-# what it prints or records, not what it decides (`reap` without `--yes` is a dry run, with
-# `--evidence` a replay: neither counts).
-COSMETIC_PARAMS = frozenset({"quiet", "json_out", "record", "config_path", "kill_unmanaged"})
+# only what it prints (`reap` without `--yes` is a dry run, with `--evidence` a replay; a
+# `--config` or `--record` path that is wrong stops the run: none of those counts).
+COSMETIC_PARAMS = frozenset({"quiet", "json_out", "kill_unmanaged"})

@@ -8,7 +8,6 @@ observation is recent, and the audit log shows a `reap --yes` run this week.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from deskgpu.config import HostConfig
@@ -23,8 +22,15 @@ from deskgpu.doctor.checks.base import (
     Check,
     _Component,
 )
-from deskgpu.doctor.facts import FileFact, HostFacts
-from deskgpu.doctor.schedules import Parsed, Scheduled, find_scheduled, parse_args
+from deskgpu.doctor.facts import HostFacts
+from deskgpu.doctor.schedules import (
+    SYSTEMD_GUARD,
+    Parsed,
+    Scheduled,
+    find_scheduled,
+    parse_args,
+    timer_of,
+)
 from deskgpu.doctor.settings import Settings
 from deskgpu.errors import SpecError
 from deskgpu.reap.settings import ReapSettings, load_settings
@@ -50,9 +56,9 @@ def check_operations(facts: HostFacts, config: HostConfig, s: Settings) -> list[
         facts.files, crontab.stdout if crontab and crontab.ok else None, facts.user
     )
     return [
-        _check_schedule(facts, OBSERVE, found),
+        _check_schedule(facts, OBSERVE, found, _max_sample_gap_s(config)),
         _check_observe_fresh(facts, config),
-        _check_schedule(facts, REAP, found),
+        _check_schedule(facts, REAP, found, REAP_RAN_WITHIN_S),
         _check_reap_ran(facts),
     ]
 
@@ -104,66 +110,116 @@ def _program(entry: Scheduled, facts: HostFacts) -> str | None:
     return f"{first.path} is not executable"
 
 
-def _timer_for(service_path: str, facts: HostFacts) -> FileFact | None:
-    """The .timer that starts `service_path` (same stem, or `Unit=` naming it)."""
-    base = service_path.rsplit("/", 1)[-1]
-    stem = base.removesuffix(".service")
-    for key, fact in sorted(facts.files.items()):
-        if not key.startswith("systemd:") or not fact.path.endswith(".timer"):
-            continue
-        name = fact.path.rsplit("/", 1)[-1]
-        if name == f"{stem}.timer" or re.search(
-            rf"^\s*Unit\s*=\s*{re.escape(base)}\s*$", fact.text or "", re.M
-        ):
-            return fact
+def _systemd_running(facts: HostFacts) -> bool | None:
+    timers = facts.command("systemctl_timers")
+    if timers is None:
+        return None
+    if timers.ok:
+        return True
+    said = (timers.stderr + timers.stdout).lower()
+    if timers.missing or "not been booted with systemd" in said or "host is down" in said:
+        return False
     return None
 
 
 def _timer_state(entry: Scheduled, facts: HostFacts) -> _Verdict | None:
     """For a service: why its timer does not (provably) fire; None when it does."""
-    timer = _timer_for(entry.where, facts)
     service = entry.where.rsplit("/", 1)[-1]
+    timer = timer_of(service, facts.files)
     if timer is None:
         return _Verdict(entry, FAIL, f"no .timer starts {service}")
-    name = timer.path.rsplit("/", 1)[-1]
+    name = timer[0]
     timers = facts.command("systemctl_timers")
+    running = _systemd_running(facts)
     if timers is None:
         return _Verdict(entry, WARN, f"systemd was not asked whether {name} is active")
-    if timers.ok:
-        if re.search(rf"(^|\s){re.escape(name)}(\s|$)", timers.stdout, re.M):
-            return None
-        return _Verdict(
-            entry,
-            FAIL,
-            f"{name} is not active (`systemctl list-timers` does not list it)",
-            f"`sudo systemctl enable --now {name}`",
-        )
-    said = (timers.stderr + timers.stdout).lower()
-    if timers.missing or "not been booted with systemd" in said or "host is down" in said:
+    if running is False:
         return _Verdict(entry, FAIL, f"systemd is not running here, so {name} never fires")
+    if not timers.ok:
+        why = timers.first_error_line()
+        return _Verdict(entry, WARN, f"could not ask systemd whether {name} is active: {why}")
+    for line in timers.stdout.splitlines():
+        words = line.split()
+        if name in words:
+            # An inactive timer (listed with --all) has no next run: "-" or "n/a".
+            if words[0] in ("-", "n/a"):
+                break
+            return None
     return _Verdict(
-        entry, WARN, f"could not ask systemd whether {name} is active: {timers.first_error_line()}"
+        entry,
+        FAIL,
+        f"{name} is not active (`systemctl list-timers` shows no next run)",
+        f"`sudo systemctl enable --now {name}`",
     )
 
 
-def _judge(entry: Scheduled, parsed: Parsed | str, wanted: Parsed, facts: HostFacts) -> _Verdict:
+def _cron_state(entry: Scheduled, facts: HostFacts) -> _Verdict | None:
+    """For a cron line: why cron does not (provably) run it; None when it does."""
+    if entry.guard:
+        if SYSTEMD_GUARD.match(entry.guard):
+            running = _systemd_running(facts)
+            if running:
+                return _Verdict(
+                    entry,
+                    FAIL,
+                    f"`{entry.guard} ||` skips it where systemd runs, as here (the timer is "
+                    "meant to do it)",
+                )
+            if running is None:
+                return _Verdict(entry, WARN, f"it runs only if `{entry.guard}` fails")
+        else:
+            return _Verdict(entry, WARN, f"it runs only if `{entry.guard}` fails")
+    if facts.cron_running is False:
+        return _Verdict(
+            entry,
+            FAIL,
+            "no cron daemon runs on this host",
+            "`sudo systemctl enable --now cron` (or use the rendered timers)",
+        )
+    if facts.cron_running is None:
+        return _Verdict(entry, WARN, "doctor could not tell whether a cron daemon runs")
+    return None
+
+
+def _judge(
+    entry: Scheduled, parsed: Parsed | str, wanted: Parsed, facts: HostFacts, most_s: float
+) -> _Verdict:
+    if entry.ignored:
+        return _Verdict(entry, FAIL, entry.ignored)
+    if any(a.endswith("\r") for a in entry.args):
+        return _Verdict(
+            entry,
+            FAIL,
+            "the line ends in a Windows line ending, which cron passes on (`--quiet\\r` is "
+            "no option)",
+            f"`sudo sed -i 's/\\r$//' {entry.where}`",
+        )
     if isinstance(parsed, str):
         return _Verdict(entry, FAIL, f"deskgpu refuses its arguments: {parsed.rstrip('.')}")
     differs = _same_job(parsed, wanted)
     if differs:
         shown = ", ".join(f"{k}={parsed.params.get(k)!r}" for k in differs)
         return _Verdict(entry, FAIL, f"it runs a different job than the rendered one ({shown})")
+    if entry.user is not None and entry.user != "root":
+        return _Verdict(entry, FAIL, f"it runs as {entry.user}; deskgpu {parsed.command[0]} "
+                        "needs root (every pod's processes, the state directory)")  # fmt: skip
+    if entry.gap_s is not None and entry.gap_s > most_s:
+        return _Verdict(
+            entry,
+            FAIL,
+            f"it runs only every {format_duration(entry.gap_s)}; it must run at least every "
+            f"{format_duration(most_s)}",
+        )
     why = _program(entry, facts)
     if why:
         return _Verdict(entry, FAIL, why)
-    if entry.kind == "systemd":
-        state = _timer_state(entry, facts)
-        if state:
-            return state
-    return _Verdict(entry, OK, "")
+    state = _timer_state(entry, facts) if entry.kind == "systemd" else _cron_state(entry, facts)
+    return state or _Verdict(entry, OK, "")
 
 
-def _check_schedule(facts: HostFacts, schedule: Schedule, found: list[Scheduled]) -> Check:
+def _check_schedule(
+    facts: HostFacts, schedule: Schedule, found: list[Scheduled], most_s: float
+) -> Check:
     name = f"{schedule.key}_scheduled"
     wanted = parse_args(schedule.args)
     if isinstance(wanted, str):  # the generator and the CLI disagree: a deskgpu bug
@@ -172,7 +228,7 @@ def _check_schedule(facts: HostFacts, schedule: Schedule, found: list[Scheduled]
     for entry in found:
         parsed = parse_args(entry.args)
         if _relevant(parsed, wanted):
-            verdicts.append(_judge(entry, parsed, wanted, facts))
+            verdicts.append(_judge(entry, parsed, wanted, facts, most_s))
     good = [v for v in verdicts if v.status == OK]
     fix = schedule_fix(schedule)
     if len(good) > 1:
@@ -276,6 +332,14 @@ def _check_reap_ran(facts: HostFacts) -> Check:
         return _ops(name, WARN, f"{where} records no `reap --yes` run yet", fix)
     age = facts.gathered_at - records.audit_last_reap
     run = f"run {records.audit_last_reap_id}" if records.audit_last_reap_id else "run"
+    if age < -60:
+        return _ops(
+            name,
+            WARN,
+            f"the last `reap --yes` {run} in {where} is dated {format_duration(-age)} in the "
+            "future",
+            "check the clock: `timedatectl` (NTP synchronized: yes)",
+        )
     if age > REAP_RAN_WITHIN_S:
         return _ops(
             name,

@@ -278,14 +278,18 @@ SERVER_DEFAULT_HOST = "127.0.0.1"  # `python -m sky.server.server`'s --host defa
 
 
 def bind_host(cmdline: str) -> str:
-    """The address a `sky.server.server` command line listens on."""
+    """The address a `sky.server.server` command line listens on: argparse takes the last
+    `--host`, and any prefix of it (`--ho 0.0.0.0`)."""
+    host = SERVER_DEFAULT_HOST
     words = cmdline.split()
     for i, word in enumerate(words):
-        if word == "--host" and i + 1 < len(words):
-            return words[i + 1]
-        if word.startswith("--host="):
-            return word.split("=", 1)[1]
-    return SERVER_DEFAULT_HOST
+        flag, eq, value = word.partition("=")
+        if len(flag) > 3 and "--host".startswith(flag):
+            if eq:
+                host = value
+            elif i + 1 < len(words):
+                host = words[i + 1]
+    return host
 
 
 def _others_note(others: list[ServerProcess]) -> str:
