@@ -45,6 +45,21 @@ pytestmark = pytest.mark.apiserver
 
 SKY = str(Path(sys.executable).with_name("sky"))
 CLEAN = "name: ok\nresources:\n  cpus: 1\nrun: echo hi\n"
+# A job group in the shape of SkyPilot's llm/rl-post-training-jobgroup (CPU only: no catalog).
+JOB_GROUP = """\
+---
+name: rl
+execution: parallel
+primary_tasks: [trainer]
+---
+name: trainer
+resources: {cpus: 1}
+run: echo reward at reward-0.rl
+---
+name: reward
+resources: {cpus: 1}
+run: echo serving
+"""
 HOSTPATH = """\
 name: evil
 resources:
@@ -300,6 +315,25 @@ def test_compliant_managed_job_reaches_provisioning(
     # No Kubernetes here: provisioning is as far as a job can get, and it got there.
     assert "UserRequestRejectedByPolicy" not in log, log[-3000:]
     assert "NoCloudAccessError" in log, log[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="SkyPilot's jobs launch needs rsync")
+def test_a_job_group_passes_the_policy_with_its_names(box: Box, tmp_path: Path) -> None:
+    """The server applies the policy, keeps `primary_tasks` and the job names valid, and goes
+    on to optimize the group (SkyPilot does that before the controller: with no cloud here,
+    that is where it stops). tests/test_policy_portable.py loads the result as the controller."""
+    task = _write(tmp_path, "group.yaml", JOB_GROUP)
+    launched = subprocess.run(
+        [SKY, "jobs", "launch", "-y", "-d", str(task)],
+        env={**box.client_env(tmp_path), "DESKGPU_CONFIG": str(box.host_config)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = launched.stdout + launched.stderr
+    assert "Applying server admin policy" in out and 'Optimizing Job Group "rl"' in out, out
+    assert "UserRequestRejectedByPolicy" not in out and "unknown job" not in out, out
+    assert "NoCloudAccessError" in out, out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,3 +623,31 @@ def test_a_user_id_is_not_a_path(box: Box, tmp_path: Path) -> None:
     status, _, raw = post(box.url + f"/upload?user_hash={target}&upload_id=x&chunk_index=0", {})
     assert status == 400
     assert not target.exists()
+
+
+def _hostpath_volume(host_path: str) -> dict[str, Any]:
+    """`sky volumes apply`'s body (SkyPilot's own payload class) for a k8s-hostpath volume."""
+    from sky.server.requests import payloads
+
+    model = payloads.VolumeApplyBody(
+        name="escape",
+        volume_type="k8s-hostpath",
+        cloud="kubernetes",
+        config={"host_path": host_path},
+    )
+    doc: dict[str, Any] = json.loads(model.model_dump_json())
+    return doc
+
+
+def test_registering_a_hostpath_volume_of_the_hosts_root_is_refused(
+    box: Box, open_box: Box
+) -> None:
+    """SkyPilot never hands `sky volumes apply` to the admin policy: the control server takes
+    the request; the guard refuses it before SkyPilot sees it."""
+    status, _, raw = post(box.url + "/volumes/apply", _hostpath_volume("/"))
+    assert status == 403, raw
+    detail = json.loads(raw)["detail"]
+    assert "host_mount:" in detail and "volume escape (k8s-hostpath)" in detail
+    status, headers, raw = post(open_box.url + "/volumes/apply", _hostpath_volume("/etc"))
+    assert status == 200, raw  # queued: nothing but the guard stands in its way
+    assert {k.lower() for k in headers} >= {"x-skypilot-request-id"}

@@ -21,6 +21,7 @@ from deskgpu.house_rules import (
     checkpoint_dir,
     idle_minutes_of,
     on_box,
+    replaced_mount_notes,
 )
 from deskgpu.identity import cluster_name
 from deskgpu.labels import LABEL_JOB, LABEL_KEEP, LABEL_KIND, LABEL_PREFIX, LABEL_USER
@@ -131,6 +132,7 @@ def expand(spec: JobSpec, config: HostConfig, user: str) -> Expansion:
             "disks; use SkyPilot `file_mounts` with a bucket (mode: MOUNT) for data and "
             "checkpoints, or they vanish with the VM."
         )
+    notes += replaced_mount_notes(task, config)
     return Expansion(
         task=task,
         cluster_name=cluster_name(user, spec.name),

@@ -421,10 +421,14 @@ class GuardMiddleware:
         app: ASGIApp,
         is_internal: Callable[[Mapping[str, Any]], bool] | None = None,
         peer_uid: Callable[[Mapping[str, Any]], int | None] | None = None,
+        body_rule: Callable[[str, Mapping[str, Any]], str | None] | None = None,
     ) -> None:
         self.app = app
         self.is_internal = is_internal or _is_internal
         self.peer_uid = peer_uid or _peer_uid
+        # Requests SkyPilot never hands the admin policy (`sky volumes apply`): the rule says
+        # why one is refused (403), or None.
+        self.body_rule = body_rule
 
     def _uid(self, scope: Scope) -> int | None:
         """The connecting uid, or None when it cannot be read (then trusted for nothing)."""
@@ -492,6 +496,10 @@ class GuardMiddleware:
         except BadRequest as exc:
             await _refuse(send, 400, str(exc))
             return
+        refusal = self._refusal(scope, body)
+        if refusal:
+            await _refuse(send, 403, refusal)
+            return
         sent = False
 
         async def replay() -> Message:
@@ -504,6 +512,21 @@ class GuardMiddleware:
         headers = [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await self.app({**scope, "headers": headers}, replay, send)
+
+    def _refusal(self, scope: Scope, body: bytes) -> str | None:
+        if self.body_rule is None:
+            return None
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(doc, dict):
+            return None
+        try:
+            return self.body_rule(str(scope.get("path") or ""), doc)
+        except Exception:  # a broken rule must fail closed, never let the request through
+            logger.exception("deskgpu guard: the request rule failed")
+            return "the deskgpu guard could not check this request (see the server log)"
 
     @staticmethod
     def _scrubbed(scope: Scope, body: bytes, uid: int | None = None) -> bytes:

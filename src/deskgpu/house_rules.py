@@ -17,7 +17,7 @@ import copy
 import fnmatch
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,30 +318,88 @@ def _our_mounts(config: HostConfig, user: str) -> tuple[list[dict[str, Any]], li
     return mounts, volumes
 
 
-def _merge_host_mounts(spec: dict[str, Any], config: HostConfig, user: str) -> None:
-    """Ours replace any volume or mount of the same name; the user's others stay."""
-    mounts, volumes = _our_mounts(config, user)
+_STANDARD_MOUNTS = (DATA_MOUNT, CHECKPOINT_MOUNT)
+_MOUNT_MODES = ("MOUNT", "MOUNT_CACHED")  # SkyPilot's storage modes that mount, not copy
+
+
+def _storage_mount(value: Any) -> bool:
+    """A file_mounts value that mounts a bucket (a storage dict, MOUNT or MOUNT_CACHED),
+    rather than copying files (a local path, a bucket URL string, `mode: COPY`)."""
+    if not isinstance(value, Mapping) or not (value.get("source") or value.get("name")):
+        return False
+    return str(value.get("mode") or "MOUNT").upper() in _MOUNT_MODES
+
+
+def own_standard_mounts(task: Mapping[str, Any]) -> list[str]:
+    """The standard paths (`/data`, `/checkpoints`) at which the task mounts its own storage.
+
+    Cloud parity both ways: a YAML written for the cloud mounts its bucket or SkyPilot volume
+    at exactly `/data` or `/checkpoints`; on the box that mount takes the place of the standard
+    one at that path (a copy into `/data` stays refused: it would write into read-only data).
+    """
+    found: list[str] = []
+    for dst, value in (task.get("file_mounts") or {}).items():
+        if posixpath.normpath(str(dst)) in _STANDARD_MOUNTS and _storage_mount(value):
+            found.append(posixpath.normpath(str(dst)))
+    for dst in task.get("volumes") or {}:
+        if posixpath.normpath(str(dst)) in _STANDARD_MOUNTS:
+            found.append(posixpath.normpath(str(dst)))
+    return [p for p in _STANDARD_MOUNTS if p in found]
+
+
+def replaced_mount_notes(task: Mapping[str, Any], config: HostConfig) -> list[str]:
+    """What a user (and the server log) is told when their own mount replaces a standard one."""
+    if not on_box(dict(task), config):
+        return []
+    source = {DATA_MOUNT: config.data_root, CHECKPOINT_MOUNT: _checkpoint_root(config)}
+    return [
+        f"{path}: the task mounts its own storage there, so the box's {source[path]} is not "
+        f"mounted at {path} for this job (everything written there goes to the task's storage)"
+        for path in own_standard_mounts(task)
+    ]
+
+
+def _merge_host_mounts(
+    spec: dict[str, Any], config: HostConfig, user: str, replaced: Sequence[str] = ()
+) -> None:
+    """Ours replace any volume or mount of the same name; the user's others stay.
+
+    `replaced`: standard paths the task mounts its own storage at; ours are left out there
+    (and a volume of ours no mount uses any more is dropped).
+    """
+    ours, volumes = _our_mounts(config, user)
     containers = spec.get("containers")
     if not isinstance(containers, list) or not containers:
         containers = [{}]
     spec["containers"] = containers
     first = containers[0]
-    # SkyPilot merges volumeMounts by mountPath: ours replace whatever sits at our paths. The
-    # user's other mounts of our volumes stay, for `check_house_rules` to judge (read-only
-    # data, their own checkpoint subPath).
-    paths = {m["mountPath"] for m in mounts}
+    # SkyPilot merges volumeMounts by mountPath: ours replace whatever sits at our paths (an
+    # earlier pass's own mounts included). The user's other mounts of our volumes stay, for
+    # `check_house_rules` to judge (read-only data, their own checkpoint subPath).
+    paths = {m["mountPath"] for m in ours}
     theirs = [
         m
         for m in first.get("volumeMounts") or []
         if not (isinstance(m, dict) and m.get("mountPath") in paths)
     ]
-    first["volumeMounts"] = theirs + mounts
-    theirs = [v for v in spec.get("volumes") or [] if v.get("name") not in _OUR_VOLUMES]
-    spec["volumes"] = theirs + volumes
+    keep = {
+        DATA_VOLUME: DATA_MOUNT not in replaced,
+        CHECKPOINT_VOLUME: CHECKPOINT_MOUNT not in replaced,
+    }
+    first["volumeMounts"] = theirs + [m for m in ours if keep[m["name"]]]
+    used = {
+        m.get("name")
+        for c in containers
+        if isinstance(c, dict)
+        for m in c.get("volumeMounts") or []
+        if isinstance(m, dict)
+    }
+    theirs_volumes = [v for v in spec.get("volumes") or [] if v.get("name") not in _OUR_VOLUMES]
+    spec["volumes"] = theirs_volumes + [v for v in volumes if v["name"] in used]
 
 
 def apply_house_rules(
-    task: Mapping[str, Any], config: HostConfig, user: str, kind: str
+    task: Mapping[str, Any], config: HostConfig, user: str, kind: str, *, keep_name: bool = False
 ) -> dict[str, Any]:
     """A copy of `task` with the house rules applied for `user`; `kind` is batch or interactive.
 
@@ -349,7 +407,11 @@ def apply_house_rules(
     asked for; owner labels; autodown within the box's idle limits for sessions (a user's
     `autostop: false` or `down: false` does not survive); `DESKGPU_*` envs; secret-looking
     envs moved to `secrets`; and on the box: `provision_timeout: -1` (queue, don't fail),
-    Kueue's LocalQueue, and the standard `/data` and `/checkpoints/<user>` mounts.
+    Kueue's LocalQueue, and the standard `/data` and `/checkpoints/<user>` mounts (but not at
+    a path where the task mounts its own storage: `own_standard_mounts`).
+
+    `keep_name`: a job group's task keeps its name (the group's `primary_tasks` name it and its
+    peers reach it as `<name>-<i>.<group>`); its owner label says whose it is.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -357,7 +419,8 @@ def apply_house_rules(
     who = safe_user(user)
     _lift_config_overrides(out)
     job = job_of(out.get("name"), user)
-    out["name"] = user_prefixed(out["name"], user) if out.get("name") else f"{who}-{job}"
+    if not (keep_name and out.get("name")):
+        out["name"] = user_prefixed(out["name"], user) if out.get("name") else f"{who}-{job}"
 
     res = _resources(out)
     parts = [res, *_candidates(res)]
@@ -407,7 +470,7 @@ def apply_house_rules(
         spec = pod_config.get("spec")
         spec = spec if isinstance(spec, dict) else {}
         pod_config["spec"] = spec
-        _merge_host_mounts(spec, config, user)
+        _merge_host_mounts(spec, config, user, own_standard_mounts(out))
         if config.kueue_local_queue:
             # Always under `kubernetes`: SkyPilot reads Kueue from there for SSH node pools
             # too (clouds/kubernetes.py), and `ssh.kueue` is not a task-overridable key.
@@ -1081,15 +1144,32 @@ def _reserved_violation(what: str, path: str) -> Violation:
         f"{what} targets {path}, inside {DATA_MOUNT} or {CHECKPOINT_MOUNT}, which every job "
         "mounts from the box's disks",
         f"read data from {DATA_MOUNT} directly, write checkpoints to $DESKGPU_CHECKPOINT_DIR, "
-        "or mount it somewhere else",
+        f"mount it somewhere else, or mount your own storage at exactly {DATA_MOUNT} or "
+        f"{CHECKPOINT_MOUNT} (it then takes the box's place there)",
     )
 
 
 def _file_mount_violations(task: dict[str, Any]) -> list[Violation]:
-    mounts = task.get("file_mounts") or {}
-    return [
-        _reserved_violation(f"file_mounts {dst}", str(dst)) for dst in mounts if _reserved(str(dst))
-    ]
+    """Nothing is copied into or mounted inside the standard paths; a bucket mounted at exactly
+    one of them takes its place (`own_standard_mounts`)."""
+    found = []
+    for dst, value in (task.get("file_mounts") or {}).items():
+        norm = posixpath.normpath(str(dst))
+        if not _reserved(norm) or (norm in _STANDARD_MOUNTS and _storage_mount(value)):
+            continue
+        if norm in _STANDARD_MOUNTS:
+            found.append(
+                Violation(
+                    "reserved_mount",
+                    f"file_mounts {dst} copies files into {norm}, which every job mounts from "
+                    "the box's disks" + (" read-only" if norm == DATA_MOUNT else ""),
+                    f"mount a bucket there instead (`{{source: s3://..., mode: MOUNT}}` takes "
+                    f"the place of the box's {norm}), or copy somewhere else",
+                )
+            )
+        else:
+            found.append(_reserved_violation(f"file_mounts {dst}", str(dst)))
+    return found
 
 
 def _volume_violations(
@@ -1098,7 +1178,8 @@ def _volume_violations(
     found: list[Violation] = []
     box = on_box(task, config)
     for dst, vol in (task.get("volumes") or {}).items():
-        if box and _reserved(str(dst)):
+        exact = posixpath.normpath(str(dst)) in _STANDARD_MOUNTS  # takes the standard's place
+        if box and _reserved(str(dst)) and not exact:
             found.append(_reserved_violation(f"volumes {dst}", str(dst)))
         path: str | None
         if isinstance(vol, dict) and vol.get("host_path"):
@@ -1122,6 +1203,23 @@ def _volume_violations(
                 )
             )
     return found
+
+
+HOSTPATH_VOLUME = "k8s-hostpath"  # SkyPilot's volume type that is a directory of the host
+
+
+def volume_registration_violation(
+    volume_type: str | None, name: str, config_doc: Mapping[str, Any] | None,
+    config: HostConfig, user: str,
+) -> Violation | None:  # fmt: skip
+    """`sky volumes apply`: a hostPath volume is held to the host-mount rule when registered,
+    not only when a job names it (SkyPilot never hands this request to the admin policy)."""
+    if volume_type != HOSTPATH_VOLUME:
+        return None
+    path = str((config_doc or {}).get("host_path") or "")
+    return _host_path_violation(
+        path or "(none)", True, f"volume {name} ({volume_type})", config, user
+    )
 
 
 def sky_cleaned_username(user: str) -> str:

@@ -22,9 +22,11 @@ import copy
 import getpass
 import os
 import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import sky
@@ -42,7 +44,9 @@ from deskgpu.house_rules import (
     check_house_rules,
     cluster_name_violation,
     lifted_config,
+    replaced_mount_notes,
     sky_config_violations,
+    volume_registration_violation,
 )
 from deskgpu.labels import LABEL_USER
 
@@ -226,6 +230,7 @@ def shape_task_config(
     has_request_options: bool = False,
     volume_host_paths: Mapping[str, str | None] | None = None,
     internal: bool = False,
+    in_job_group: bool = False,
 ) -> tuple[dict[str, Any], list[Violation]]:
     """The policy without SkyPilot objects: a task dict in, the shaped dict and violations out."""
     decision = decide(request_name, has_request_options, internal)
@@ -233,7 +238,7 @@ def shape_task_config(
     if decision.kind is not None:
         if not shaped.get("name") and cluster_name:
             shaped["name"] = cluster_name
-        shaped = apply_house_rules(shaped, config, user, decision.kind)
+        shaped = apply_house_rules(shaped, config, user, decision.kind, keep_name=in_job_group)
     found: list[Violation] = []
     if decision.check:
         judged = without_controller_annotations(shaped) if decision.relaunch else shaped
@@ -290,6 +295,61 @@ def _volume_host_paths(task_config: Mapping[str, Any]) -> dict[str, str | None]:
     return found
 
 
+def enclosing_job_group() -> Any | None:
+    """The job group SkyPilot is applying the policy to, if the task is one of its jobs.
+
+    `admin_policy_utils.apply` hands the policy one task at a time; a job group's header (its
+    name, `primary_tasks`) stays on the Dag it copies to the mutated one, and its jobs reach
+    each other as `<task>-<i>.<group>` (sky/jobs/job_group_networking.py): a renamed task
+    breaks both. The Dag is `apply`'s own local (SkyPilot 0.14, sky/utils/admin_policy_utils.py);
+    tests/test_policy_portable.py runs the real `apply` on a real job group to hold this.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(_FRAMES_TO_APPLY):
+        if frame is None:
+            return None
+        if (
+            frame.f_code.co_name == "apply"
+            and frame.f_globals.get("__name__") == "sky.utils.admin_policy_utils"
+        ):
+            dag = frame.f_locals.get("dag")
+            is_group = getattr(dag, "is_job_group", None)
+            return dag if callable(is_group) and is_group() else None
+        frame = frame.f_back
+    return None
+
+
+_FRAMES_TO_APPLY = 12  # apply -> policy.apply -> validate_and_mutate -> mutate -> here
+
+
+VOLUME_APPLY_PATH = "/volumes/apply"  # sky/volumes/server/server.py volume_apply
+
+
+def volume_apply_refusal(path: str, body: Mapping[str, Any]) -> str | None:
+    """Why the guard refuses a client's `sky volumes apply` (None: it may go on)."""
+    if path.rstrip("/") != VOLUME_APPLY_PATH:
+        return None
+    config = load_server_config()
+    env = body.get("env_vars")
+    user = str((env if isinstance(env, Mapping) else {}).get("SKYPILOT_USER") or "this user")
+    cfg = body.get("config")
+    bad = volume_registration_violation(
+        str(body.get("volume_type") or ""),
+        str(body.get("name") or "?"),
+        cfg if isinstance(cfg, Mapping) else None,
+        config,
+        user,
+    )
+    return rejection_text([bad], config) if bad else None
+
+
+def _logger() -> Any:
+    """The API server's own log (`sky api logs`), where SkyPilot's policy machinery logs."""
+    from sky import sky_logging
+
+    return sky_logging.init_logger("deskgpu.policy")
+
+
 def _reject(text: str) -> Exception:
     return sky_exceptions.UserRequestRejectedByPolicy(text)
 
@@ -338,6 +398,7 @@ def mutate(user_request: Any, config: HostConfig, *, internal: bool | None = Non
         has_request_options=options is not None,
         volume_host_paths=_volume_host_paths(original),
         internal=internal,
+        in_job_group=enclosing_job_group() is not None,
     )
     if name in _UPLOADED_SOURCE_REQUESTS and not decision.relaunch:
         user_id = getattr(user_request.user, "id", None) if user_request.user else None
@@ -354,6 +415,8 @@ def mutate(user_request: Any, config: HostConfig, *, internal: bool | None = Non
         raise _reject(rejection_text(violations, config))
     if decision.kind is None:
         return sky.MutatedUserRequest(task=task, skypilot_config=user_request.skypilot_config)
+    for note in replaced_mount_notes(shaped, config):
+        _logger().info("deskgpu house rules, %s: %s", shaped.get("name"), note)
     new_task = sky.Task.from_yaml_config(copy.deepcopy(shaped))
     # Not serialized by to_yaml_config; restored the way SkyPilot's RESTful policy does.
     new_task.managed_job_dag = task.managed_job_dag
@@ -470,7 +533,7 @@ class Guard(sky_plugins.BasePlugin):
         app = getattr(extension_context, "app", None)
         if app is not None and not getattr(app.state, "deskgpu_guard", False):
             app.state.deskgpu_guard = True
-            app.add_middleware(hardening.GuardMiddleware)
+            app.add_middleware(hardening.GuardMiddleware, body_rule=volume_apply_refusal)
             app.add_api_route(GUARD_ROUTE, guard_status, methods=["GET"])
 
 
