@@ -332,3 +332,12 @@ def test_registering_a_hostpath_volume_is_refused_by_the_guard() -> None:
     assert refusal is not None and "host_mount:" in refusal and "volume escape" in refusal
     assert volume_apply_refusal("/volumes/apply", {**body, "volume_type": "k8s-pvc"}) is None
     assert volume_apply_refusal("/launch", body) is None
+
+
+def test_readme_allow_list_is_the_codes() -> None:
+    from deskgpu.house_rules.podspec import readme_section
+    from tests.conftest import ROOT
+
+    assert readme_section() in (ROOT / "README.md").read_text(), (
+        "regenerate: uv run python -m deskgpu.house_rules"
+    )
