@@ -23,6 +23,7 @@ from typing import Any
 
 from deskgpu.config import HostConfig, is_box_infra
 from deskgpu.identity import safe_user
+from deskgpu.kubenames import JOB_SERVICE_ACCOUNT
 from deskgpu.labels import LABEL_JOB, LABEL_KIND, LABEL_USER
 from deskgpu.units import parse_duration_s
 
@@ -48,9 +49,10 @@ GPU_VISIBILITY_ENV = (
 # SkyPilot's main container in its Kubernetes pod template (sky/templates/kubernetes-ray.yml.j2):
 # a pod_config container without a name, or with this one, is merged into it.
 MAIN_CONTAINER = "ray-node"
-# `remote_identity` values that upload no credentials into the pod (SkyPilot 0.14 also takes
-# LOCAL_CREDENTIALS, the server's kubeconfig, or a service account name).
-SAFE_REMOTE_IDENTITIES = ("SERVICE_ACCOUNT", "NO_UPLOAD")
+# The one `remote_identity` a job may run with: the restricted service account `deskgpu setup
+# render` creates. SkyPilot 0.14's others: LOCAL_CREDENTIALS (the server's kubeconfig) and
+# SERVICE_ACCOUNT / NO_UPLOAD (`skypilot-service-account`, allowed every verb in the namespace).
+SAFE_REMOTE_IDENTITIES = (JOB_SERVICE_ACCOUNT,)
 
 # Env names whose values SkyPilot should treat as secrets (redacted in its dashboard and logs).
 _SECRET_NAME = re.compile(
@@ -408,6 +410,12 @@ def apply_house_rules(
         spec = spec if isinstance(spec, dict) else {}
         pod_config["spec"] = spec
         _merge_host_mounts(spec, config, user)
+        # The jobs' restricted identity (deskgpu.cluster): under `kubernetes` for SSH node pools
+        # too (sky/clouds/kubernetes.py reads it there). A client's value stays, to be refused.
+        k8s_section = cfg.get("kubernetes")
+        k8s_section = k8s_section if isinstance(k8s_section, dict) else {}
+        cfg["kubernetes"] = k8s_section
+        k8s_section.setdefault("remote_identity", JOB_SERVICE_ACCOUNT)
         if config.kueue_local_queue:
             # Always under `kubernetes`: SkyPilot reads Kueue from there for SSH node pools
             # too (clouds/kubernetes.py), and `ssh.kueue` is not a task-overridable key.
@@ -764,9 +772,10 @@ def _identity_violations(scope: Mapping[str, Any], where: str) -> list[Violation
         found.append(
             Violation(
                 "remote_identity",
-                f"{where}.remote_identity {bad[0]!r} would put the API server's Kubernetes "
-                "credentials (LOCAL_CREDENTIALS) or another service account into the job",
-                "remove it; jobs run with SERVICE_ACCOUNT (the default) or NO_UPLOAD",
+                f"{where}.remote_identity {bad[0]!r} would run the job with the API server's "
+                "Kubernetes credentials (LOCAL_CREDENTIALS) or a service account that may "
+                "create pods (SERVICE_ACCOUNT, NO_UPLOAD, any other)",
+                f"remove it; jobs run as the box's {JOB_SERVICE_ACCOUNT!r} service account",
             )
         )
     docker = scope.get("enable_docker")
