@@ -132,7 +132,9 @@ def test_server_config_limits_skypilot_to_the_box_infra(tmp_path, infra, key, va
         .text
     )
     doc = yaml.safe_load(text)
-    assert doc[key] == value
+    assert doc[key] | value == doc[key]
+    # Jobs run as the restricted identity, read under `kubernetes` for SSH node pools too.
+    assert doc["kubernetes"]["remote_identity"] == "deskgpu-job"
     common_utils.validate_schema(doc, schemas.get_config_schema(), "server config: ")
 
 
@@ -545,7 +547,7 @@ def test_install_script_changes_nothing_before_its_checks_and_can_run_again(rend
     changes = [
         i
         for i, line in enumerate(lines)
-        if line.startswith(("install ", "systemctl ", "systemd-tmpfiles ", "useradd "))
+        if line.startswith(("install ", "systemctl ", "systemd-tmpfiles ", "useradd ", "kube "))
         or "|| useradd " in line
     ]
     assert changes and min(changes) > refuse
