@@ -24,6 +24,7 @@ import yaml
 from deskgpu import cluster
 from deskgpu.config import HostConfig
 from deskgpu.house_rules import apply_house_rules
+from deskgpu.kubenames import POLICIES
 from deskgpu.setup.render import ADMISSION_FILE, JOB_IDENTITY_FILE, Tools, render
 
 sky = pytest.importorskip("sky")
@@ -77,7 +78,7 @@ def test_every_policy_is_bound_in_the_jobs_namespace_and_denies() -> None:
     docs = _docs(ADMISSION_FILE)
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
     bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
-    assert set(policies) == set(cluster.POLICIES) == {b["spec"]["policyName"] for b in bindings}
+    assert set(policies) == set(POLICIES) == {b["spec"]["policyName"] for b in bindings}
     for b in bindings:
         assert b["spec"]["validationActions"] == ["Deny"]
         selector = b["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]

@@ -25,14 +25,16 @@ from typing import Any
 
 from deskgpu.config import HostConfig
 from deskgpu.house_rules import CHECKPOINT_VOLUME, DATA_VOLUME, host_mounts_pod_config
-from deskgpu.kubenames import JOB_SERVICE_ACCOUNT, JOBS_NAMESPACE
+from deskgpu.kubenames import (
+    ADMISSION_POLICY,
+    DELETE_POLICY,
+    JOB_SERVICE_ACCOUNT,
+    JOBS_NAMESPACE,
+)
 from deskgpu.labels import LABEL_USER
 
 JOB_ROLE = JOB_SERVICE_ACCOUNT
 JOB_USERNAME = f"system:serviceaccount:{JOBS_NAMESPACE}:{JOB_SERVICE_ACCOUNT}"
-ADMISSION_POLICY = "deskgpu-job-pods"
-DELETE_POLICY = "deskgpu-job-deletes"
-POLICIES = (ADMISSION_POLICY, DELETE_POLICY)  # each has a binding of the same name
 RBAC_API = "rbac.authorization.k8s.io/v1"
 ADMISSION_API = "admissionregistration.k8s.io/v1"
 # ValidatingAdmissionPolicy is GA (admissionregistration.k8s.io/v1) since Kubernetes 1.30; the
