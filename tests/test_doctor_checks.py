@@ -504,3 +504,105 @@ def test_no_fix_suggests_a_server_bound_to_every_interface(
     assert rendered.exit_code == 0, rendered.stderr
     unit = (out / "etc/systemd/system/skypilot-api.service").read_text()
     assert "--host 127.0.0.1" in unit and (out / "install.sh").exists()
+
+
+# -- what the cluster enforces by itself (issue #12) ------------------------------------------
+
+
+def test_the_jobs_identity_and_admission_policies_are_ok_on_the_healthy_box() -> None:
+    found = by_id(run_checks(facts("healthy-4x-a6000.json"), box_config()))
+    assert found["kubernetes.job_identity"].status == OK
+    assert "default/deskgpu-job exists and may not create pods" in (
+        found["kubernetes.job_identity"].detail
+    )
+    assert found["kubernetes.admission"].status == OK
+    assert "deskgpu-job-pods, deskgpu-job-deletes" in found["kubernetes.admission"].detail
+
+
+def test_jobs_service_account_missing_fails() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    account = recorded.commands["kube_job_account"]
+    account.returncode, account.stdout = 1, ""
+    account.stderr = 'Error from server (NotFound): serviceaccounts "deskgpu-job" not found\n'
+    check = by_id(run_checks(recorded, box_config()))["kubernetes.job_identity"]
+    assert check.status == FAIL and "does not exist" in check.detail
+    assert check.fix and "kube/deskgpu-job.yaml" in check.fix
+
+
+def test_jobs_service_account_that_may_create_pods_fails() -> None:
+    """E.g. someone bound it to SkyPilot's all-verbs Role, or to cluster-admin."""
+    recorded = facts("healthy-4x-a6000.json")
+    can_i = recorded.commands["kube_job_can_create_pods"]
+    can_i.returncode, can_i.stdout = 0, "yes\n"
+    check = by_id(run_checks(recorded, box_config()))["kubernetes.job_identity"]
+    assert check.status == FAIL and "may create pods" in check.detail
+    assert check.fix and "clusterrolebindings" in check.fix
+
+
+def test_impersonation_refused_is_a_skip_not_a_pass() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    can_i = recorded.commands["kube_job_can_create_pods"]
+    can_i.returncode, can_i.stdout = 1, ""
+    can_i.stderr = (
+        'Error from server (Forbidden): users "system:serviceaccount:default:deskgpu-job" is '
+        'forbidden: User "alice" cannot impersonate resource "users" in API group "" at the '
+        "cluster scope\n"
+    )
+    check = by_id(run_checks(recorded, box_config()))["kubernetes.job_identity"]
+    assert check.status == SKIP and "cannot impersonate" in check.detail
+
+
+def _admission_items(recorded: HostFacts) -> list[dict]:
+    return json.loads(recorded.commands["kube_admission"].stdout)["items"]
+
+
+@pytest.mark.parametrize(
+    ("drop", "said"),
+    [
+        (("ValidatingAdmissionPolicy", "deskgpu-job-pods"), "missing policy deskgpu-job-pods"),
+        (
+            ("ValidatingAdmissionPolicyBinding", "deskgpu-job-deletes"),
+            "missing a Deny binding of deskgpu-job-deletes",
+        ),
+    ],
+)
+def test_admission_policy_or_binding_missing_fails(drop, said) -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    items = [i for i in _admission_items(recorded) if (i["kind"], i["metadata"]["name"]) != drop]
+    recorded.commands["kube_admission"].stdout = json.dumps({"kind": "List", "items": items})
+    check = by_id(run_checks(recorded, box_config()))["kubernetes.admission"]
+    assert check.status == FAIL and said in check.detail
+    assert check.fix and "kube/deskgpu-admission.yaml" in check.fix
+
+
+def test_a_binding_that_only_warns_does_not_count() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    items = _admission_items(recorded)
+    for item in items:
+        if item["kind"] == "ValidatingAdmissionPolicyBinding":
+            item["spec"]["validationActions"] = ["Warn", "Audit"]
+    recorded.commands["kube_admission"].stdout = json.dumps({"kind": "List", "items": items})
+    check = by_id(run_checks(recorded, box_config()))["kubernetes.admission"]
+    assert check.status == FAIL and "a Deny binding of deskgpu-job-pods" in check.detail
+
+
+def test_a_kubernetes_without_validating_admission_policies_fails() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    cmd = recorded.commands["kube_admission"]
+    cmd.returncode, cmd.stdout = 1, ""
+    cmd.stderr = 'error: the server doesn\'t have a resource type "validatingadmissionpolicy"\n'
+    check = by_id(run_checks(recorded, box_config()))["kubernetes.admission"]
+    assert check.status == FAIL and "serves no ValidatingAdmissionPolicy" in check.detail
+    assert check.fix and "1.30" in check.fix
+
+
+def test_cluster_enforcement_checks_skip_without_nodes() -> None:
+    recorded = facts("healthy-4x-a6000.json")
+    nodes = recorded.commands["kube_nodes"]
+    nodes.returncode, nodes.stdout, nodes.timed_out, nodes.elapsed_s = None, "", True, 4.0
+    for key in ("kube_daemonsets", "kube_job_account", "kube_job_can_create_pods"):
+        del recorded.commands[key]
+    del recorded.commands["kube_admission"]
+    found = by_id(run_checks(recorded, box_config()))
+    for cid in ("kubernetes.job_identity", "kubernetes.admission"):
+        assert found[cid].status == SKIP and "kubernetes.nodes" in found[cid].detail

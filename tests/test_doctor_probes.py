@@ -282,3 +282,34 @@ def test_gather_on_this_machine_round_trips(tmp_path: Path) -> None:
     assert facts.storage["data"].exists
     again = HostFacts.from_dict(json.loads(json.dumps(facts.to_dict())))
     assert again.to_dict() == facts.to_dict()
+
+
+def test_cluster_enforcement_probes_ask_kubectl_what_the_fixtures_hold(tmp_path) -> None:
+    """A kubectl that logs its argv: the probes ask exactly what the fixtures record, and
+    `auth can-i`'s `no` (exit 1) is kept as kubectl said it."""
+    import json
+
+    from tests.fixtures.doctor import from_render
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "argv.log"
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'case "$1" in auth) echo no; exit 1;; *) echo "{}";; esac\n'
+    )
+    kubectl.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    got = probes.probe_cluster_enforcement(
+        probes.kubectl_argv(env), "--request-timeout=3s", 3.0, env
+    )
+    recorded = from_render.kube_commands()
+    assert set(got) == set(recorded)
+    for key, result in got.items():
+        assert result.argv == recorded[key]["argv"], key
+    assert got["kube_job_can_create_pods"].returncode == 1
+    assert got["kube_job_can_create_pods"].stdout == "no\n"
+    assert json.loads(got["kube_admission"].stdout) == {}
+    assert len(log.read_text().splitlines()) == 3

@@ -99,7 +99,9 @@ def test_uv_env_is_built_in_setup_and_activated_for_run() -> None:
 def test_ssh_node_pool_uses_the_ssh_config_section() -> None:
     exp = _expand("name: train\nrun: x\n", HostConfig(infra="ssh/lab-box"))
     assert exp.task["resources"]["infra"] == "ssh/lab-box"
-    assert set(exp.task["config"]) == {"ssh"}
+    # SkyPilot reads remote_identity under `kubernetes` for SSH node pools too.
+    assert set(exp.task["config"]) == {"ssh", "kubernetes"}
+    assert exp.task["config"]["kubernetes"] == {"remote_identity": "deskgpu-job"}
     assert exp.task["config"]["ssh"]["provision_timeout"] == -1
 
 

@@ -264,22 +264,74 @@ def test_a_registered_hostpath_volume_is_refused_even_inside_the_roots() -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# C4: no credentials but SkyPilot's own service account
+# C4: no credentials, and no identity that may create pods: only the box's jobs account
+# (issue #12: SkyPilot's own `skypilot-service-account` may do anything in the namespace)
 
 
 @pytest.mark.parametrize(
-    "identity", ["LOCAL_CREDENTIALS", "cluster-admin-sa", {"*": "LOCAL_CREDENTIALS"}], ids=str
+    "identity",
+    [
+        "LOCAL_CREDENTIALS",
+        "cluster-admin-sa",
+        {"*": "LOCAL_CREDENTIALS"},
+        "SERVICE_ACCOUNT",
+        "NO_UPLOAD",
+        {"*": "deskgpu-job", "other": "SERVICE_ACCOUNT"},
+    ],
+    ids=str,
 )
-def test_remote_identity_cannot_bring_credentials(policy_server, identity) -> None:
+def test_remote_identity_other_than_the_jobs_account_is_refused(policy_server, identity) -> None:
     task = _pod_task({}, remote_identity=identity)
     assert "remote_identity:" in _rejected(task)
 
 
-@pytest.mark.parametrize("identity", ["SERVICE_ACCOUNT", "NO_UPLOAD"])
-def test_remote_identity_without_credentials_is_fine(policy_server, identity) -> None:
-    out = _apply(_pod_task({}, remote_identity=identity), Req.JOBS_LAUNCH)
+@pytest.mark.parametrize(
+    "client",
+    [
+        {"kubernetes": {"remote_identity": "SERVICE_ACCOUNT"}},
+        {"kubernetes": {"context_configs": {"default": {"remote_identity": "NO_UPLOAD"}}}},
+    ],
+    ids=["global", "per-context"],
+)
+def test_a_clients_config_cannot_pick_skypilots_service_account(policy_server, client) -> None:
+    """A context's value would beat the task's (sky/utils/config_utils.py
+    get_cloud_config_value_from_dict): refused, not overridden."""
+    task = _task({"name": "j", "run": "x", "resources": {"infra": "k8s"}})
+    assert "remote_identity:" in _rejected(task, client=client)
+
+
+@pytest.mark.parametrize("asked", [None, "deskgpu-job", {"*": "deskgpu-job"}], ids=str)
+def test_every_box_task_runs_as_the_jobs_account(policy_server, asked) -> None:
+    """The policy sets it; SkyPilot resolves it the way it fills the pod template's
+    serviceAccountName (sky/clouds/kubernetes.py make_deploy_resources_variables), and,
+    being a name of its own, creates no RBAC for it (provision/kubernetes/config.py)."""
+    from sky.provision.kubernetes import utils as kubernetes_utils
+    from sky.utils import schemas
+
+    task = _pod_task({}, **({} if asked is None else {"remote_identity": asked}))
+    out = _apply(task, Req.JOBS_LAUNCH)
+    overrides = out["resources"]["_cluster_config_overrides"]
+    assert overrides["kubernetes"]["remote_identity"] == (asked or "deskgpu-job")
+    (resources,) = sky.Task.from_yaml_config(copy.deepcopy(out)).resources
+    identity = skypilot_config.get_effective_workspace_region_config(
+        cloud="kubernetes",
+        region="default",
+        keys=("remote_identity",),
+        default_value=schemas.get_default_remote_identity("kubernetes"),
+        override_configs=resources.cluster_config_overrides,
+    )
+    name = identity["*"] if isinstance(identity, dict) else identity
+    assert name == "deskgpu-job"
+    assert name not in [o.value for o in schemas.RemoteIdentityOptions]
+    assert name != kubernetes_utils.DEFAULT_SERVICE_ACCOUNT_NAME
+
+
+def test_the_servers_own_config_naming_the_jobs_account_passes(policy_server) -> None:
+    """The rendered server config sets it too; the request's merged config is checked."""
+    task = _task({"name": "j", "run": "x", "resources": {"infra": "k8s"}})
+    out = _apply(task, Req.JOBS_LAUNCH, client={"kubernetes": {"remote_identity": "deskgpu-job"}})
     assert out["resources"]["_cluster_config_overrides"]["kubernetes"]["remote_identity"] == (
-        identity
+        "deskgpu-job"
     )
 
 
@@ -444,7 +496,10 @@ def test_generated_names_are_exempt_only_for_their_user(policy_server) -> None:
 def test_kueue_on_an_ssh_pool_makes_a_task_skypilot_accepts() -> None:
     config = HostConfig(infra="ssh/lab-box", kueue_local_queue="deskgpu")
     task = apply_house_rules({"name": "j", "run": "x"}, config, "alice", "batch")
-    assert task["config"]["kubernetes"] == {"kueue": {"local_queue_name": "deskgpu"}}
+    assert task["config"]["kubernetes"] == {
+        "remote_identity": "deskgpu-job",
+        "kueue": {"local_queue_name": "deskgpu"},
+    }
     assert "kueue" not in task["config"]["ssh"]
     sky.Task.from_yaml_config(copy.deepcopy(task))
     assert apply_house_rules(task, config, "alice", "batch") == task

@@ -132,7 +132,9 @@ def test_server_config_limits_skypilot_to_the_box_infra(tmp_path, infra, key, va
         .text
     )
     doc = yaml.safe_load(text)
-    assert doc[key] == value
+    assert doc[key] | value == doc[key]
+    # Jobs run as the restricted identity, read under `kubernetes` for SSH node pools too.
+    assert doc["kubernetes"]["remote_identity"] == "deskgpu-job"
     common_utils.validate_schema(doc, schemas.get_config_schema(), "server config: ")
 
 
@@ -214,6 +216,15 @@ def test_install_script_is_valid_shell_and_installs_every_required_file(rendered
             continue
         assert f'"$here/{f["path"]}" {f["destination"]}' in text
     assert re.search(r"^systemctl enable --now .*\bskypilot-api\.service\b", text, re.M)
+    # The jobs' identity and the admission policy reach the cluster before the server starts.
+    applied = [f["path"] for f in doc["files"] if f["apply"]]
+    assert applied == ["kube/deskgpu-job.yaml", "kube/deskgpu-admission.yaml"]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("systemctl enable --now"))
+    for path in applied:
+        assert lines.index(f'kube apply -f "$here/{path}"') < start
+    assert "kubectl --kubeconfig /etc/rancher/k3s/k3s.yaml" in text
+    assert "k3s kubectl --kubeconfig /etc/rancher/k3s/k3s.yaml" in text
 
 
 def test_kueue_manifests_are_well_formed_kubernetes_objects(rendered) -> None:
@@ -535,6 +546,10 @@ def test_install_script_refuses_before_changing_anything(tmp_path) -> None:
         assert any(f"no {K3S_KUBECONFIG}" in line for line in problems)
     if not Path("/run/systemd/system").is_dir():
         assert any("systemd is not running" in line for line in problems)
+    if not (
+        shutil.which("kubectl", path="/usr/bin:/bin") or shutil.which("k3s", path="/usr/bin:/bin")
+    ):
+        assert any("no kubectl or k3s command" in line for line in problems)
     assert not log.exists(), log.read_text()
 
 
@@ -545,7 +560,7 @@ def test_install_script_changes_nothing_before_its_checks_and_can_run_again(rend
     changes = [
         i
         for i, line in enumerate(lines)
-        if line.startswith(("install ", "systemctl ", "systemd-tmpfiles ", "useradd "))
+        if line.startswith(("install ", "systemctl ", "systemd-tmpfiles ", "useradd ", "kube "))
         or "|| useradd " in line
     ]
     assert changes and min(changes) > refuse

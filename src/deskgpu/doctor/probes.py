@@ -55,6 +55,7 @@ from deskgpu.doctor.facts import (
     SkyFacts,
 )
 from deskgpu.doctor.schedules import find_scheduled
+from deskgpu.kubenames import JOB_SERVICE_ACCOUNT, JOBS_NAMESPACE
 
 if TYPE_CHECKING:
     from deskgpu.nvml import GpuHealth
@@ -382,6 +383,7 @@ def probe_kubernetes(
             commands["kube_daemonsets"] = run_command(
                 [*kubectl, "get", "daemonsets", "-A", "-o", "json", request_timeout], timeout_s, env
             )
+            commands.update(probe_cluster_enforcement(kubectl, request_timeout, timeout_s, env))
             if config.kueue_local_queue:
                 commands["kube_localqueues"] = run_command(
                     [
@@ -397,6 +399,35 @@ def probe_kubernetes(
                     env,
                 )
     return commands, files
+
+
+def probe_cluster_enforcement(
+    kubectl: list[str], request_timeout: str, timeout_s: float, env: dict[str, str]
+) -> dict[str, CommandResult]:
+    """The jobs' service account, whether it may create pods, and the admission policies."""
+    ns = ["-n", JOBS_NAMESPACE]
+    return {
+        "kube_job_account": run_command(
+            [*kubectl, "get", "serviceaccount", JOB_SERVICE_ACCOUNT, *ns, "-o", "json",
+             request_timeout],
+            timeout_s,
+            env,
+        ),
+        # `yes` (exit 0) or `no` (exit 1); impersonating needs the admin's kubeconfig.
+        "kube_job_can_create_pods": run_command(
+            [*kubectl, "auth", "can-i", "create", "pods",
+             f"--as=system:serviceaccount:{JOBS_NAMESPACE}:{JOB_SERVICE_ACCOUNT}", *ns,
+             request_timeout],
+            timeout_s,
+            env,
+        ),
+        "kube_admission": run_command(
+            [*kubectl, "get", "validatingadmissionpolicy,validatingadmissionpolicybinding",
+             "-o", "json", request_timeout],
+            timeout_s,
+            env,
+        ),
+    }  # fmt: skip
 
 
 def probe_skypilot(config: HostConfig, paths: ProbePaths, env: dict[str, str]) -> SkyFacts:

@@ -103,6 +103,20 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "`kubectl label node <node> skypilot.co/accelerator=<type>`",
         ("kubernetes.nodes",),
     ),
+    _spec(
+        "kubernetes.job_identity",
+        "the jobs' service account (`default/deskgpu-job`) does not exist, or may create pods "
+        "(`kubectl auth can-i create pods --as=system:serviceaccount:default:deskgpu-job`)",
+        "rerun the rendered `install.sh` (`kube/deskgpu-job.yaml`); find other bindings of it",
+        ("kubernetes.nodes",),
+    ),
+    _spec(
+        "kubernetes.admission",
+        "a deskgpu ValidatingAdmissionPolicy (`deskgpu-job-pods`, `deskgpu-job-deletes`) or "
+        "its Deny binding is missing, or the cluster serves none (Kubernetes < 1.30)",
+        "rerun the rendered `install.sh` (`kube/deskgpu-admission.yaml`)",
+        ("kubernetes.nodes",),
+    ),
     _spec("skypilot.installed", "skypilot missing next to deskgpu", "reinstall deskgpu"),
     _spec(
         "skypilot.endpoint",

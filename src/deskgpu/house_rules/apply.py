@@ -39,6 +39,7 @@ from deskgpu.house_rules.taskdict import (
     own_standard_mounts,
 )
 from deskgpu.identity import safe_user
+from deskgpu.kubenames import JOB_SERVICE_ACCOUNT
 from deskgpu.labels import LABEL_JOB, LABEL_KIND, LABEL_USER
 
 
@@ -180,6 +181,12 @@ def apply_house_rules(
         spec = spec if isinstance(spec, dict) else {}
         pod_config["spec"] = spec
         _merge_host_mounts(spec, config, user, own_standard_mounts(out))
+        # The jobs' restricted identity (deskgpu.cluster): under `kubernetes` for SSH node pools
+        # too (sky/clouds/kubernetes.py reads it there). A client's value stays, to be refused.
+        k8s_section = cfg.get("kubernetes")
+        k8s_section = k8s_section if isinstance(k8s_section, dict) else {}
+        cfg["kubernetes"] = k8s_section
+        k8s_section.setdefault("remote_identity", JOB_SERVICE_ACCOUNT)
         if config.kueue_local_queue:
             # Always under `kubernetes`: SkyPilot reads Kueue from there for SSH node pools
             # too (clouds/kubernetes.py), and `ssh.kueue` is not a task-overridable key.

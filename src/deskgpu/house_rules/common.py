@@ -11,6 +11,7 @@ from typing import Any
 
 from deskgpu.config import HostConfig
 from deskgpu.identity import safe_user
+from deskgpu.kubenames import JOB_SERVICE_ACCOUNT
 from deskgpu.units import parse_duration_s
 
 DATA_MOUNT = "/data"
@@ -57,9 +58,10 @@ GPU_VISIBILITY_ENV = (
 MAIN_CONTAINER = "ray-node"
 
 
-# `remote_identity` values that upload no credentials into the pod (SkyPilot 0.14 also takes
-# LOCAL_CREDENTIALS, the server's kubeconfig, or a service account name).
-SAFE_REMOTE_IDENTITIES = ("SERVICE_ACCOUNT", "NO_UPLOAD")
+# The one `remote_identity` a job may run with: the restricted service account `deskgpu setup
+# render` creates. SkyPilot 0.14's others: LOCAL_CREDENTIALS (the server's kubeconfig) and
+# SERVICE_ACCOUNT / NO_UPLOAD (`skypilot-service-account`, allowed every verb in the namespace).
+SAFE_REMOTE_IDENTITIES = (JOB_SERVICE_ACCOUNT,)
 
 
 # Env names whose values SkyPilot should treat as secrets (redacted in its dashboard and logs).

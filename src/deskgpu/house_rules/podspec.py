@@ -36,6 +36,7 @@ from deskgpu.house_rules.common import (
     _reserved_violation,
 )
 from deskgpu.identity import safe_user
+from deskgpu.kubenames import JOB_SERVICE_ACCOUNT
 
 
 @dataclass(frozen=True)
@@ -557,9 +558,10 @@ def _identity_violations(scope: Mapping[str, Any], where: str) -> list[Violation
         found.append(
             Violation(
                 "remote_identity",
-                f"{where}.remote_identity {bad[0]!r} would put the API server's Kubernetes "
-                "credentials (LOCAL_CREDENTIALS) or another service account into the job",
-                "remove it; jobs run with SERVICE_ACCOUNT (the default) or NO_UPLOAD",
+                f"{where}.remote_identity {bad[0]!r} would run the job with the API server's "
+                "Kubernetes credentials (LOCAL_CREDENTIALS) or a service account that may "
+                "create pods (SERVICE_ACCOUNT, NO_UPLOAD, any other)",
+                f"remove it; jobs run as the box's {JOB_SERVICE_ACCOUNT!r} service account",
             )
         )
     docker = scope.get("enable_docker")

@@ -23,8 +23,10 @@ from urllib.parse import urlparse
 
 import yaml
 
+from deskgpu import cluster
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.doctor.settings import DoctorSettings
+from deskgpu.kubenames import JOB_SERVICE_ACCOUNT, JOBS_NAMESPACE
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP, Schedule
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
@@ -44,7 +46,10 @@ KUBECONFIG_UNIT = "skypilot-kubeconfig"  # .path watches k3s's file, .service co
 KUBECONFIG_PATH_UNIT = f"{KUBECONFIG_UNIT}.path"
 COPY = "/usr/bin/install"  # coreutils: copies with owner and mode in one step
 KUEUE_API = "kueue.x-k8s.io/v1beta1"
-KUEUE_NAMESPACE = "default"  # SkyPilot's pods land in the kube context's namespace
+KUEUE_NAMESPACE = JOBS_NAMESPACE  # SkyPilot's pods land in the kube context's namespace
+KUBE_DIR = "kube"  # manifests install.sh applies to the cluster
+JOB_IDENTITY_FILE = f"{KUBE_DIR}/deskgpu-job.yaml"
+ADMISSION_FILE = f"{KUBE_DIR}/deskgpu-admission.yaml"
 KUEUE_FLAVOR = "default-flavor"
 GPU_RESOURCE = "nvidia.com/gpu"
 DOCS = "https://github.com/deskgpu/deskgpu"
@@ -70,6 +75,7 @@ class SetupFile:
     owner: str = "root"
     optional: bool = False  # installed by hand (Kueue, the cron alternative)
     install_to: str | None = ""  # "": at "/" + path; None: not copied (applied, or run)
+    apply: bool = False  # install.sh applies it to the cluster (`kubectl apply -f`)
 
     @property
     def destination(self) -> str | None:
@@ -83,6 +89,7 @@ class SetupFile:
             "owner": self.owner,
             "purpose": self.purpose,
             "optional": self.optional,
+            "apply": self.apply,
         }
 
 
@@ -191,12 +198,17 @@ def skypilot_server_config(config: HostConfig) -> dict[str, Any]:
         # Managed jobs' controller runs inside the API server process instead of as an extra
         # pod holding CPU and memory on the box (sky/jobs/utils.py).
         "jobs": {"controller": {"consolidation_mode": True}},
+        # Every pod runs as the jobs' restricted service account (kube/deskgpu-job.yaml), not
+        # SkyPilot's `skypilot-service-account` that may do anything in the namespace. The
+        # policy also sets it on every task; SkyPilot reads it under `kubernetes` for SSH
+        # node pools too (sky/clouds/kubernetes.py).
+        "kubernetes": {"remote_identity": JOB_SERVICE_ACCOUNT},
     }
     head, _, rest = config.infra.partition("/")
     if head == "ssh":
         doc["ssh"] = {"allowed_node_pools": [rest]}
     elif rest:
-        doc["kubernetes"] = {"allowed_contexts": [rest]}
+        doc["kubernetes"]["allowed_contexts"] = [rest]
     return doc
 
 
@@ -392,6 +404,30 @@ def kueue_objects(config: HostConfig) -> list[dict[str, Any]]:
     ]
 
 
+def _manifest(config: HostConfig, path: str, about: list[str], objs: list[Any]) -> str:
+    body = "---\n".join(_yaml(obj) for obj in objs)
+    notes = "".join(f"# {line}\n" for line in about)
+    return _header(config) + notes + f"# install.sh applies it: kubectl apply -f {path}\n" + body
+
+
+def job_identity_manifest(config: HostConfig) -> str:
+    about = [
+        f"The service account every job's pod runs as (remote_identity: {JOB_SERVICE_ACCOUNT}):",
+        "allowed only what SkyPilot's autodown does from inside a pod (deskgpu/cluster.py).",
+    ]
+    return _manifest(config, JOB_IDENTITY_FILE, about, cluster.job_identity_objects())
+
+
+def admission_manifest(config: HostConfig) -> str:
+    about = [
+        f"Namespace {JOBS_NAMESPACE}, whoever creates the pod: only the two host volumes (data",
+        "read-only, checkpoints by the owner's subPath) and nothing privileged; the jobs'",
+        "identity deletes only its own cluster's pods and services.",
+        f"Needs Kubernetes {cluster.KUBERNETES_VERSION}+ ({cluster.ADMISSION_API}).",
+    ]
+    return _manifest(config, ADMISSION_FILE, about, cluster.admission_objects(config))
+
+
 def kueue_manifest(config: HostConfig) -> str:
     body = "---\n".join(_yaml(obj) for obj in kueue_objects(config))
     return (
@@ -500,6 +536,8 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
     home = server_home(config)
     q = shlex.quote
     installed = [f for f in files if not f.optional and f.destination is not None]
+    applied = [f for f in files if f.apply]
+    kube = f"--kubeconfig {K3S_KUBECONFIG}"
     units = [KUBECONFIG_PATH_UNIT, SERVER_UNIT, OBSERVE.timer_unit, REAP.timer_unit]
     lines = [
         "#!/bin/sh",
@@ -511,6 +549,14 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         'here=$(cd "$(dirname "$0")" && pwd)',
         "missing=''",
         'need() { missing="$missing\n  - $1"; }',
+        "# kubectl, else k3s's bundled one, as the cluster's admin (k3s's kubeconfig)",
+        "kube() {",
+        "    if command -v kubectl >/dev/null 2>&1; then",
+        f'        kubectl {kube} "$@"',
+        "    else",
+        f'        k3s kubectl {kube} "$@"',
+        "    fi",
+        "}",
         "",
         "# Preconditions: all of them, before any change.",
         "[ \"$(id -u)\" = 0 ] || need 'run it as root: sudo sh install.sh'",
@@ -532,9 +578,19 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         )
     for command in ("useradd", "install", "systemctl", "systemd-tmpfiles"):
         lines.append(f"command -v {command} >/dev/null 2>&1 || need 'no {command} command'")
+    vap = "validatingadmissionpolicies"
     lines += [
         f"[ -x {COPY} ] || need 'no {COPY}: the units copy the kubeconfig with it'",
-        f"for f in {' '.join(q(f.path) for f in installed)}; do",
+        "if ! command -v kubectl >/dev/null 2>&1 && ! command -v k3s >/dev/null 2>&1; then",
+        "    need 'no kubectl or k3s command: install k3s first (README, Setting up the box, "
+        "step 1)'",
+        f"elif [ -f {K3S_KUBECONFIG} ] && ! kube get --raw /apis/{cluster.ADMISSION_API} "
+        f"2>/dev/null | grep -q '\"{vap}\"'; then",
+        "    need 'the k3s API does not answer, or serves no ValidatingAdmissionPolicy "
+        f"({cluster.ADMISSION_API}: Kubernetes {cluster.KUBERNETES_VERSION} or later): "
+        "sudo systemctl status k3s'",
+        "fi",
+        f"for f in {' '.join(q(f.path) for f in [*installed, *applied])}; do",
         '    [ -f "$here/$f" ] || need "$here/$f is missing: run the install.sh that '
         'deskgpu setup render wrote next to it"',
         "done",
@@ -551,6 +607,8 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         owner = f"-o {q(f.owner)} -g {q(f.owner)} " if f.owner != "root" else ""
         lines.append(f'install -D {owner}-m {f.mode:04o} "$here/{f.path}" {q(f.destination or "")}')
     lines += [
+        "# The jobs' identity and the admission policy, before the server can start a job.",
+        *(f'kube apply -f "$here/{f.path}"' for f in applied),
         "systemd-tmpfiles --create /etc/tmpfiles.d/deskgpu.conf",
         "systemctl daemon-reload",
         f"if systemctl is-active --quiet {SERVER_UNIT}; then",
@@ -679,6 +737,24 @@ def render(config: HostConfig, tools: Tools, config_text: str | None = None) -> 
             _timer(config, REAP),
             0o644,
             f"runs deskgpu {' '.join(REAP.args[:2])} {REAP.when}",
+        ),
+        SetupFile(
+            JOB_IDENTITY_FILE,
+            job_identity_manifest(config),
+            0o644,
+            f"the {JOB_SERVICE_ACCOUNT} service account jobs run as: no pod creation "
+            "(kubectl apply -f, by install.sh)",
+            install_to=None,
+            apply=True,
+        ),
+        SetupFile(
+            ADMISSION_FILE,
+            admission_manifest(config),
+            0o644,
+            f"ValidatingAdmissionPolicies in namespace {JOBS_NAMESPACE}: only the two host "
+            "volumes, nothing privileged (kubectl apply -f, by install.sh)",
+            install_to=None,
+            apply=True,
         ),
         SetupFile(
             f"kueue/{_k8s_name(config.box_name)}.yaml",

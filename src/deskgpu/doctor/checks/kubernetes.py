@@ -1,4 +1,5 @@
-"""k3s / Kubernetes: a context, Ready nodes, allocatable GPUs, the device plugin."""
+"""k3s / Kubernetes: a context, Ready nodes, allocatable GPUs, the device plugin, and what the
+cluster enforces by itself (the jobs' identity, the admission policies)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from deskgpu.doctor.facts import (
     HostFacts,
 )
 from deskgpu.doctor.settings import Settings
+from deskgpu.kubenames import JOB_SERVICE_ACCOUNT, JOBS_NAMESPACE, POLICIES
 
 DOC_K8S_GPU = "https://docs.skypilot.co/en/latest/reference/kubernetes/kubernetes-setup.html"
 
@@ -33,7 +35,14 @@ GPU_LABELS = (
 
 def check_kubernetes(facts: HostFacts, config: HostConfig, s: Settings) -> list[Check]:
     context = facts.command("kube_context")
-    names = ("nodes", "gpu_allocatable", "device_plugin", "gpu_labels")
+    names = (
+        "nodes",
+        "gpu_allocatable",
+        "device_plugin",
+        "gpu_labels",
+        "job_identity",
+        "admission",
+    )
     if context is None or context.missing:
         return [
             _k8s(
@@ -88,6 +97,8 @@ def check_kubernetes(facts: HostFacts, config: HostConfig, s: Settings) -> list[
     out.append(allocatable)
     out.append(_check_device_plugin(facts, allocatable.status == OK))
     out.append(_check_gpu_labels(nodes, facts, config))
+    out.append(_check_job_identity(facts))
+    out.append(_check_admission(facts))
     return out
 
 
@@ -228,3 +239,91 @@ def _check_gpu_labels(nodes: list[dict[str, Any]], facts: HostFacts, config: Hos
             "NVIDIA GPU Feature Discovery)",
         )
     return _k8s("gpu_labels", OK, "; ".join(f"{n}: {', '.join(h)}" for n, h in found))
+
+
+_RENDERED = "the rendered install.sh (`sudo sh <out>/install.sh`)"
+_JOB_SA = f"{JOBS_NAMESPACE}/{JOB_SERVICE_ACCOUNT}"
+
+
+def _check_job_identity(facts: HostFacts) -> Check:
+    """The jobs' service account exists and may not create pods (issue #12)."""
+    account = facts.command("kube_job_account")
+    can_i = facts.command("kube_job_can_create_pods")
+    if account is None or can_i is None:
+        return _k8s("job_identity", SKIP, "the jobs' service account was not looked up")
+    apply = f"rerun {_RENDERED}, or `kubectl apply -f <out>/kube/deskgpu-job.yaml`"
+    if not account.ok:
+        if "notfound" in (account.stderr + account.stdout).lower().replace(" ", ""):
+            return _k8s(
+                "job_identity",
+                FAIL,
+                f"service account {_JOB_SA} does not exist: SkyPilot cannot start a job's pod "
+                "as it",
+                apply,
+            )
+        return _k8s(
+            "job_identity",
+            SKIP,
+            f"cannot read service account {_JOB_SA}: {account.first_error_line()}",
+        )
+    answer = (can_i.stdout.split() or [""])[0].lower()
+    if answer == "yes":
+        return _k8s(
+            "job_identity",
+            FAIL,
+            f"{_JOB_SA} may create pods: a job's code could start a privileged or hostPath pod "
+            "of its own",
+            f"{apply}; find what else grants it: `kubectl get rolebindings,clusterrolebindings "
+            f"-A -o wide | grep {JOB_SERVICE_ACCOUNT}`",
+        )
+    if answer != "no":
+        return _k8s(
+            "job_identity",
+            SKIP,
+            f"cannot ask the API what {_JOB_SA} may do: {can_i.first_error_line()} (rerun as "
+            "root: `sudo deskgpu doctor`)",
+        )
+    return _k8s("job_identity", OK, f"{_JOB_SA} exists and may not create pods")
+
+
+def _check_admission(facts: HostFacts) -> Check:
+    """deskgpu's ValidatingAdmissionPolicies and their Deny bindings are in place."""
+    cmd = facts.command("kube_admission")
+    if cmd is None:
+        return _k8s("admission", SKIP, "admission policies were not listed")
+    apply = f"rerun {_RENDERED}, or `kubectl apply -f <out>/kube/deskgpu-admission.yaml`"
+    doc = _json(cmd.stdout) if cmd.ok else None
+    if not isinstance(doc, dict):
+        why = cmd.first_error_line()
+        if "doesn't have a resource type" in why:
+            return _k8s(
+                "admission",
+                FAIL,
+                f"this Kubernetes serves no ValidatingAdmissionPolicy ({why}): nothing stops "
+                "a pod the house rules never saw",
+                "upgrade k3s to Kubernetes 1.30 or later, then " + apply,
+            )
+        return _k8s("admission", SKIP, f"cannot list admission policies: {why}")
+    policies: set[str] = set()
+    denying: set[str] = set()
+    for item in doc.get("items") or []:
+        kind = item.get("kind")
+        name = str((item.get("metadata") or {}).get("name", ""))
+        spec = item.get("spec") or {}
+        if kind == "ValidatingAdmissionPolicy":
+            policies.add(name)
+        elif kind == "ValidatingAdmissionPolicyBinding" and "Deny" in (
+            spec.get("validationActions") or []
+        ):
+            denying.add(str(spec.get("policyName", "")))
+    missing = [f"policy {p}" for p in POLICIES if p not in policies]
+    missing += [f"a Deny binding of {p}" for p in POLICIES if p not in denying]
+    if missing:
+        return _k8s(
+            "admission",
+            FAIL,
+            f"missing {', '.join(missing)}: pods in namespace {JOBS_NAMESPACE} are not "
+            "checked by the cluster",
+            apply,
+        )
+    return _k8s("admission", OK, f"{', '.join(POLICIES)} bound with Deny")
