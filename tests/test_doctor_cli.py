@@ -135,7 +135,7 @@ def test_record_to_an_unwritable_place_is_a_usage_error(cli, tmp_path: Path) -> 
         str(tmp_path / "no" / "such" / "dir.json"),
     )
     assert result.exit_code == 2
-    assert "cannot write the facts" in result.stderr
+    assert "to write the facts in" in result.stderr
 
 
 def test_invalid_doctor_section_is_a_usage_error(cli, tmp_path: Path) -> None:

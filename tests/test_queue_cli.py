@@ -154,7 +154,7 @@ def test_record_to_an_unwritable_place_is_a_usage_error(cli, tmp_path: Path) -> 
         "--record",
         str(tmp_path / "missing-dir" / "x.json"),
     )
-    assert result.exit_code == 2 and "cannot write" in result.stderr
+    assert result.exit_code == 2 and "to write the snapshot in" in result.stderr
 
 
 def test_help_and_core_imports_stay_light() -> None:

@@ -116,6 +116,16 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
         images_deny=tuple(images.get("deny", ())),
         source=str(path),
     )
+    from deskgpu.reap.settings import settings_problems  # the reap section, located too
+
+    _, reap_problems = settings_problems(config)
+    if reap_problems:
+        raise SpecError(
+            [
+                doc.problem(("reap", key) if key in (data.get("reap") or {}) else ("reap",), what)
+                for key, what in reap_problems
+            ]
+        )
     data_root = Path(config.data_root)
     ckpt_root = Path(config.checkpoint_root)
     if data_root == ckpt_root or data_root in ckpt_root.parents or ckpt_root in data_root.parents:

@@ -129,6 +129,8 @@ def _describe(
         return [((f"`{bad}` is not a valid name", fix), (*path, str(bad)), True)]
     value = error.instance
     shown = repr(value) if not isinstance(value, (dict, list)) else _type_name(value)
+    if len(shown) > 60:  # a 5,000-digit value is not worth echoing whole
+        shown = f"{shown[:40]}...({len(shown)} characters)"
     if kind == "type":
         expected = error.validator_value
         expected = " or ".join(expected) if isinstance(expected, list) else expected

@@ -150,14 +150,25 @@ class _Builder:
         return self._scalar(node)
 
     def _scalar(self, node: yaml.Node) -> Any:
+        line, col = _mark(node)
         try:
-            return self.loader.construct_object(node)
-        except (ValueError, TypeError, OverflowError, yaml.constructor.ConstructorError) as exc:
-            # e.g. a timestamp out of range, or an unknown `!!tag`
-            line, col = _mark(node)
+            value = self.loader.construct_object(node)
+        except (
+            ValueError, TypeError, OverflowError, KeyError, yaml.constructor.ConstructorError,
+        ) as exc:  # fmt: skip
+            # e.g. a timestamp out of range, an unknown `!!tag`, `!!bool maybe`
+            why = f"{type(exc).__name__} {exc}" if isinstance(exc, KeyError) else str(exc)
+            if "integer string conversion" in why:
+                why = "a number with thousands of digits"
             raise SpecError(
-                [f"{self.loc.source}:{line}:{col}: value cannot be read: {exc} (quote it)"]
+                [f"{self.loc.source}:{line}:{col}: value cannot be read: {why} (quote it)"]
             ) from None
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63:
+            raise SpecError(
+                [f"{self.loc.source}:{line}:{col}: a number too large for any setting "
+                 f"({value.bit_length()} bits; is it the right value?)"]
+            )  # fmt: skip
+        return value
 
 
 def _too_big(source: str, size: int) -> SpecError:

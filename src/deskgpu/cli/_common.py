@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,9 @@ def warn(message: str) -> None:
 
 
 def print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+    from deskgpu.recorded import to_json
+
+    sys.stdout.write(to_json(document) + "\n")
 
 
 def get_config(path: Path | None) -> HostConfig:

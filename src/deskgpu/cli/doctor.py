@@ -62,5 +62,5 @@ def doctor_command(
 
         from deskgpu.doctor.render import render
 
-        render(result, Console(soft_wrap=False, highlight=False))
+        render(result, Console(soft_wrap=False, highlight=False, markup=False))  # names are text
     raise typer.Exit(int(result.exit_status))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 import typer
 
 from deskgpu.cli._common import ConfigOption, JsonOption, exits_cleanly, get_config, warn
+from deskgpu.recorded import to_json
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -124,7 +124,7 @@ def _finish(
         warn(line)
     doc = survey.document(snap)
     if json_out:
-        out.write(json.dumps(doc, indent=2) + "\n")
+        out.write(to_json(doc) + "\n")
     else:
         from deskgpu import render_queue
 
@@ -173,7 +173,7 @@ def _watch(
                 snap = survey.take(config, sky_timeout_s=timeout)
                 snap = survey.for_user(snap, user) if user else snap
                 doc = survey.document(snap)
-                out.write(json.dumps(doc) + "\n")
+                out.write(to_json(doc, indent=None) + "\n")
                 out.flush()
                 if record is not None:
                     _write(record, doc)
@@ -201,7 +201,7 @@ def _watch(
 def _console(out: TextIO) -> Console:
     from rich.console import Console
 
-    return Console(file=out, highlight=False, soft_wrap=False)
+    return Console(file=out, highlight=False, soft_wrap=False, markup=False)  # names are text
 
 
 def _write(path: Path, doc: dict[str, Any]) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from deskgpu import typedload
+
 FACTS_VERSION = 1
 DOCUMENT_KIND = "deskgpu.doctor/facts"
 
@@ -273,57 +275,9 @@ class HostFacts:
         if "gathered_at" not in doc:
             raise FactsFormatError("recorded facts lack `gathered_at`")
         try:
-            sky = doc.get("sky") or {}
-            return cls(
-                **_pick(
-                    cls,
-                    doc,
-                    commands={
-                        k: CommandResult(**_pick(CommandResult, v))
-                        for k, v in (doc.get("commands") or {}).items()
-                    },
-                    files={k: _file(v) for k, v in (doc.get("files") or {}).items()},
-                    nvml=_nvml(doc.get("nvml") or {}),
-                    python_sites=[
-                        SitePackages(**_pick(SitePackages, s)) for s in doc.get("python_sites", [])
-                    ],
-                    cuda_toolkits=[
-                        CudaToolkit(**_pick(CudaToolkit, t)) for t in doc.get("cuda_toolkits", [])
-                    ],
-                    storage={
-                        k: PathFact(**_pick(PathFact, v))
-                        for k, v in (doc.get("storage") or {}).items()
-                    },
-                    executables={
-                        k: ExecutableFact(**_pick(ExecutableFact, v))
-                        for k, v in (doc.get("executables") or {}).items()
-                    },
-                    records=(
-                        RecordsFact(**_pick(RecordsFact, doc["records"]))
-                        if doc.get("records")
-                        else None
-                    ),
-                    sky=SkyFacts(
-                        **_pick(
-                            SkyFacts,
-                            sky,
-                            health=_http(sky.get("health")),
-                            guard=_http(sky.get("guard")),
-                            processes=[
-                                ServerProcess(**_pick(ServerProcess, p))
-                                for p in sky.get("processes", [])
-                            ],
-                            private_state_dir=_file(sky.get("private_state_dir")),
-                            client_config=_file(sky.get("client_config")),
-                            server_configs=[
-                                _file_required(f) for f in sky.get("server_configs", [])
-                            ],
-                        )
-                    ),
-                )
-            )
-        except (TypeError, AttributeError) as exc:
-            raise FactsFormatError(f"recorded facts are malformed: {exc}") from None
+            return typedload.load(cls, doc, "")
+        except typedload.TypedLoadError as exc:
+            raise FactsFormatError(str(exc)) from None
 
 
 def _pick(cls: type, data: dict[str, Any], **override: Any) -> dict[str, Any]:

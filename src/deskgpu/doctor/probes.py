@@ -191,6 +191,8 @@ def read_file(path: str) -> FileFact:
         if not p.exists():
             # exists() is False both for "absent" and for "parent not searchable".
             return FileFact(path=path, exists=False, error=_parent_unsearchable(p))
+        if not p.is_file():  # a FIFO would block forever, a device never end
+            return FileFact(path=path, exists=True, error="not a regular file")
         with p.open(encoding="utf-8", errors="replace") as fh:
             return FileFact(path=path, exists=True, text=fh.read(MAX_TEXT))
     except PermissionError:

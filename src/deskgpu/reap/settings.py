@@ -84,28 +84,39 @@ def defaults_table() -> list[tuple[str, str]]:
 
 
 def load_settings(config: HostConfig) -> ReapSettings:
-    """Parse `config.reap`; every problem is one line of a `SpecError` (exit 2)."""
+    """Parse `config.reap`; every problem is one line of a `SpecError` (exit 2).
+
+    `load_config` already refused a host config file with such problems, each at its line
+    (`settings_problems`); these lines are for configs built in code.
+    """
+    settings, problems = settings_problems(config)
+    if problems or settings is None:
+        raise SpecError([f"host config: reap.{key}: {what}" for key, what in problems])
+    return settings
+
+
+def settings_problems(config: HostConfig) -> tuple[ReapSettings | None, list[tuple[str, str]]]:
+    """The parsed `reap:` section, or the `(key, problem)` pairs that keep it from parsing."""
     raw = config.reap or {}
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in KEYS:
-            known = ", ".join(KEYS)
-            problems.append(f"host config: reap.{key}: unknown key (known: {known})")
+            problems.append((key, f"unknown key (known: {', '.join(KEYS)})"))
             continue
         attr, kind, _ = KEYS[key]
         try:
             values[attr] = _parse(kind, value)
         except ValueError as exc:
-            problems.append(f"host config: reap.{key}: {exc}")
+            problems.append((key, str(exc)))
     if problems:
-        raise SpecError(problems)
+        return None, problems
     settings = ReapSettings(**values, protected=tuple(config.protected), state_dir=config.state_dir)
     if settings.live_interval_s > settings.live_window_s:
-        raise SpecError(["host config: reap.live_interval: longer than reap.live_window"])
+        problems.append(("live_interval", "longer than reap.live_window"))
     if settings.max_sample_gap_s < 60:
-        raise SpecError(["host config: reap.max_sample_gap: shorter than a minute"])
-    return settings
+        problems.append(("max_sample_gap", "shorter than a minute (observe runs every 5)"))
+    return (None, problems) if problems else (settings, [])
 
 
 def _parse(kind: str, value: Any) -> Any:
