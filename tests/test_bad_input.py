@@ -295,3 +295,19 @@ def test_the_fuzzers_reach_the_interesting_places() -> None:
     assert any(len(p) >= 4 for p in leaves) and len(leaves) > 200
     doc = _mutate(DOCTOR_DOC, [rng.randrange(10**6)], ["12"])
     assert doc != DOCTOR_DOC
+
+
+def test_setup_render_into_a_place_it_cannot_write_is_a_usage_error(
+    cli, tmp_path: Path, installed_tools: list[str]
+) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    for out in ("/proc/deskgpu-test", str(plain / "sub")):
+        result = cli(
+            "setup", "render", "--out", out, "--config", str(HOST_CONFIG), *installed_tools
+        )
+        assert result.exit_code == 2, result.stderr
+        assert (
+            "cannot write the setup files" in result.stderr
+            and "internal error" not in result.stderr
+        )

@@ -26,6 +26,7 @@ import yaml
 from deskgpu import cluster
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.doctor.settings import DoctorSettings
+from deskgpu.errors import UsageError
 from deskgpu.kubenames import JOB_SERVICE_ACCOUNT, JOBS_NAMESPACE
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP, Schedule
 
@@ -786,12 +787,25 @@ def render(config: HostConfig, tools: Tools, config_text: str | None = None) -> 
 
 
 def write(rendered: Rendered, out: Path) -> list[Path]:
-    """Write every file under `out` with its mode; returns the paths written."""
+    """Write every file under `out` with its mode; returns the paths written.
+
+    `out` must be a directory (or not exist yet); a path that cannot be written is a usage
+    error naming it (exit 2), never a traceback.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: not a directory (--out names the directory to write into)")
     written = []
     for f in rendered.files:
         target = out / f.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(f.text, encoding="utf-8")
-        target.chmod(f.mode)
+        try:
+            if target.is_symlink() or (target.exists() and not target.is_file()):
+                raise UsageError(f"{target}: not a regular file; setup render replaces only files")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(f.text, encoding="utf-8")
+            target.chmod(f.mode)
+        except OSError as exc:
+            raise UsageError(
+                f"{out}: cannot write the setup files ({target}: {exc.strerror or exc})"
+            ) from None
         written.append(target)
     return written
