@@ -112,7 +112,57 @@ def test_bare_gpu_count_needs_a_model_without_inventory(tmp_path: Path) -> None:
     path.write_text("name: any\ngpus: 2\nrun: x\n")
     with pytest.raises(SpecError) as info:
         load_spec(path, load_config(None, environ={}), "alice")
-    assert "needs a GPU model" in info.value.lines()[0]
+    (line,) = info.value.lines()
+    assert line.startswith(f"{path}:2:7: gpus: a bare count needs the box's GPU inventory")
+    assert "set `gpus:` in /etc/deskgpu/config.yaml" in line  # the host config key to set
+
+
+def test_bare_gpu_count_takes_the_gpus_nvml_sees_when_the_config_lists_none(
+    tmp_path: Path,
+) -> None:
+    """Replayed from a recorded 4x A6000 snapshot through the live path's NvmlView."""
+    import json
+
+    from deskgpu import submission
+    from deskgpu.snapshot import Snapshot
+
+    recorded = Path(__file__).parent / "fixtures" / "snapshots" / "busy_box.json"
+    view = Snapshot.from_dict(json.loads(recorded.read_text())).nvml
+    path = tmp_path / "job.yaml"
+    path.write_text("name: any\ngpus: 2\nrun: x\n")
+    p = submission.plan(path, load_config(None, environ={}), "alice", nvml_reader=lambda: view)
+    assert p.expansion.task["resources"]["accelerators"] == "A6000:2"
+    assert p.expansion.notes[0].startswith("the host config (built-in defaults) lists no GPUs")
+    assert "{A6000: 4}" in p.expansion.notes[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            "name: x\nenviroment: {A: '1'}\nrun: x\n",
+            ":2:1: enviroment: unknown field `enviroment` (did you mean `env`?)",
+        ),
+        ("name: x\ngpus: 'RTX A6000:1'\nrun: x\n", "(did you mean `gpus: A6000:1`?)"),
+        ("name: x\ninfra: k9s\nrun: x\n", ":2:8: infra: unknown infra `k9s` (did you mean `k8s`?)"),
+        ("box_name: lab\ndata_root: /data\ngpus: {A6000: 4}\n", "this looks like a host config"),
+    ],
+    ids=["typo", "queue-name", "infra", "host-config"],
+)
+def test_spec_errors_that_guess_right(tmp_path: Path, text: str, says: str) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, load_config(HOST_CONFIG), "alice")
+    assert any(says in line for line in info.value.lines()), info.value.lines()
+
+
+def test_known_infra_names_are_skypilots() -> None:
+    from deskgpu.config import KNOWN_INFRA
+
+    registry = pytest.importorskip("sky.utils.registry")
+    names = set(registry.CLOUD_REGISTRY) | set(registry.CLOUD_REGISTRY._aliases)
+    assert set(KNOWN_INFRA) == names
 
 
 def test_workdir_must_exist(tmp_path: Path) -> None:

@@ -75,6 +75,16 @@ class HostConfig:
         return ", ".join(f"{count}x {model}" for model, count in self.gpus.items())
 
 
+# SkyPilot 0.14's infra names (sky.utils.registry.CLOUD_REGISTRY and its aliases); a test
+# keeps this list equal to SkyPilot's, so `deskgpu submit` can tell `k9s` is none of them
+# without importing SkyPilot.
+KNOWN_INFRA = (
+    "aws", "azure", "cudo", "digitalocean", "do", "fluidstack", "gcp", "hyperbolic", "ibm",
+    "k8s", "kubernetes", "lambda", "mithril", "nebius", "oci", "paperspace", "primeintellect",
+    "runpod", "scp", "seeweb", "shadeform", "slurm", "ssh", "vast", "verda", "vsphere", "yotta",
+)  # fmt: skip
+
+
 def is_box_infra(infra: str) -> bool:
     head = infra.split("/", 1)[0]
     return head in ("k8s", "kubernetes", "ssh")

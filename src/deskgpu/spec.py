@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deskgpu.config import HostConfig, is_box_infra
+from deskgpu import gpumodels
+from deskgpu.config import KNOWN_INFRA, SYSTEM_CONFIG, HostConfig, is_box_infra
 from deskgpu.errors import SpecError
 from deskgpu.house_rules import GPU_VISIBILITY_ENV, RESERVED_ENV_PREFIX
 from deskgpu.identity import MAX_CLUSTER_NAME, cluster_name, safe_user
@@ -115,7 +117,18 @@ def load_spec(path: Path, config: HostConfig, user: str) -> JobSpec:
 
 def spec_from_located(doc: Located, config: HostConfig, user: str) -> JobSpec:
     schema = load_schema(SCHEMA)
-    found = located_schema_problems(doc, schema, "job spec")
+    if isinstance(doc.data, dict) and _looks_like_host_config(doc.data):
+        raise SpecError(
+            [
+                f"{doc.where(())}: this looks like a host config, not a job spec (it has "
+                f"{', '.join(sorted(set(doc.data) & HOST_CONFIG_ONLY)[:3])}, ...): pass it with "
+                f"`--config {doc.source}`, or render the box's files from it with "
+                f"`deskgpu setup render --config {doc.source} --out DIR`"
+            ]
+        )
+    found = [
+        _better_gpus_hint(doc, item) for item in located_schema_problems(doc, schema, "job spec")
+    ]
     if isinstance(doc.data, dict):
         found += semantic_problems(doc, config, user, skip=invalid_fields(doc, schema))
     if found:
@@ -139,6 +152,31 @@ def spec_from_located(doc: Located, config: HostConfig, user: str) -> JobSpec:
         source=doc.source,
         field_marks={key: doc.mark_of((key,)) for key in data},
     )
+
+
+# Keys only a host config has: a spec carrying two of them is a host config given as a spec.
+HOST_CONFIG_ONLY = frozenset(
+    {"box_name", "data_root", "checkpoint_root", "default_image", "api_server",
+     "kueue_local_queue", "max_idle_timeout", "max_gpus_per_job", "images", "admin_group",
+     "state_dir", "protected", "reap", "doctor"}
+)  # fmt: skip
+
+
+def _looks_like_host_config(data: dict[str, Any]) -> bool:
+    return len(set(data) & HOST_CONFIG_ONLY) >= 2
+
+
+def _better_gpus_hint(doc: Located, item: Problem) -> Problem:
+    """`gpus: "RTX A6000:1"` (the name `deskgpu queue` shows): suggest the model key."""
+    value = doc.data.get("gpus") if isinstance(doc.data, dict) else None
+    at, text = item
+    if not isinstance(value, str) or ":" not in value or "gpus:" not in text:
+        return item
+    model, _, count = value.rpartition(":")
+    key = gpumodels.model_key(model)
+    if not count.strip().isdigit() or key == model:
+        return item
+    return at, text.rsplit(" (", 1)[0] + f" (did you mean `gpus: {key}:{count.strip()}`?)"
 
 
 def _env_text(value: Any) -> str:
@@ -199,6 +237,12 @@ def semantic_problems(
                     f"use at most `{config.max_idle_timeout}`",
                 )
             )
+    if "infra" in data and "infra" not in (skip or set()):
+        head = str(data["infra"]).split("/", 1)[0]
+        if head not in KNOWN_INFRA:
+            close = difflib.get_close_matches(head, KNOWN_INFRA, n=1, cutoff=0.5)
+            hint = f"did you mean `{close[0]}`?" if close else "e.g. `aws`, `gcp` or `k8s`"
+            problems.append(doc.located(("infra",), f"unknown infra `{head}`", hint))
     if "gpus" in data and "infra" not in (skip or set()):
         cloud = "infra" in data and not is_box_infra(data["infra"])
         problems += _gpu_problems(doc, config, GpuRequest.parse(data["gpus"]), cloud)
@@ -251,14 +295,20 @@ def _gpu_problems(
     if not request.count:
         return []
     if request.model is None and (cloud or not config.gpus):
-        where = "a cloud run" if cloud else "this box (its host config lists no GPUs)"
-        return [
-            doc.located(
-                ("gpus",),
-                f"a bare count needs a GPU model on {where}",
-                f"write the model, e.g. `gpus: A100:{request.count}`",
+        if cloud:
+            what = "a bare count needs a GPU model on a cloud run"
+            fix = f"write the model, e.g. `gpus: A100:{request.count}`"
+        else:
+            what = (
+                "a bare count needs the box's GPU inventory: the host config lists no GPUs "
+                "and NVML sees none here"
             )
-        ]
+            where = config.source if config.source.startswith("/") else SYSTEM_CONFIG
+            fix = (
+                f"set `gpus:` in {where}, e.g. `gpus: {{A6000: 4}}`, or write the model: "
+                f"`gpus: A6000:{request.count}`"
+            )
+        return [doc.located(("gpus",), what, fix)]
     if cloud or not config.gpus:
         return []  # the cloud has its own inventory; an empty inventory means "unknown"
     if request.model is None:

@@ -103,6 +103,28 @@ def located_schema_problems(
     return unique
 
 
+# What people write for a field, by what it is called elsewhere (SkyPilot, docker, k8s).
+_ALIASES = {
+    "environment": "env", "envs": "env", "variables": "env", "gpu": "gpus",
+    "accelerators": "gpus", "image_id": "image", "docker_image": "image", "command": "run",
+    "cmd": "run", "script": "run", "install": "setup", "idle": "idle_timeout",
+    "autostop": "idle_timeout", "cloud": "infra", "dir": "workdir", "working_dir": "workdir",
+}  # fmt: skip
+
+
+def guess_field(key: str, known: list[str]) -> str | None:
+    """The known field a misspelt or borrowed name most likely means (`enviroment` -> `env`)."""
+    lowered = key.lower()
+    for alias, field_name in _ALIASES.items():
+        if field_name in known and difflib.SequenceMatcher(None, lowered, alias).ratio() >= 0.8:
+            return field_name
+    close = difflib.get_close_matches(lowered, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    prefixed = [k for k in known if len(k) >= 3 and lowered.startswith(k)]
+    return max(prefixed, key=len) if prefixed else None
+
+
 def _describe(
     error: jsonschema.ValidationError, path: PathKey, schema: dict[str, Any], data: Any
 ) -> list[tuple[tuple[str, str], PathKey, bool]]:
@@ -115,8 +137,8 @@ def _describe(
         for key in error.instance:
             if key in known:
                 continue
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-            hint = f"did you mean `{close[0]}`?" if close else f"known fields: {', '.join(known)}"
+            close = guess_field(str(key), known)
+            hint = f"did you mean `{close}`?" if close else f"known fields: {', '.join(known)}"
             out.append(((f"unknown field `{key}`", hint), (*path, key), True))
         if out:
             return out

@@ -48,6 +48,11 @@ def submit_command(
 
     if not math.isfinite(wait):
         raise UsageError("--wait: give a number of seconds between 0 and 3600")
+    if show_secrets and not dry_run:
+        raise UsageError(
+            "--show-secrets only changes what --dry-run prints: add --dry-run (a submitted "
+            "job's secrets go to SkyPilot, never to your terminal)"
+        )
     from deskgpu.identity import current_user
 
     config = get_config(config_path)

@@ -66,7 +66,9 @@ SAFE_REMOTE_IDENTITIES = (JOB_SERVICE_ACCOUNT,)
 
 # Env names whose values SkyPilot should treat as secrets (redacted in its dashboard and logs).
 _SECRET_NAME = re.compile(
-    r"(TOKEN|SECRET|PASSW(OR)?D|API_?KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY)", re.I
+    r"(TOKEN|SECRET|PASSW(OR)?D|API_?KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY"
+    r"|(^|_)(KEY|PAT|AUTH|PASS|PWD)$|^AUTH_)",
+    re.I,
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from deskgpu import gpumodels
 from deskgpu.config import HostConfig
 from deskgpu.doctor.checks.base import (
     FAIL,
@@ -118,12 +119,7 @@ def _check_inventory(facts: HostFacts, config: HostConfig) -> Check:
 
 
 def _inventory_example(gpus: list[GpuReading]) -> str:
-    counts: dict[str, int] = {}
-    for g in gpus:
-        words = (g.name or "GPU").replace("NVIDIA", "").split()
-        key = next((w for w in words if any(c.isdigit() for c in w)), words[-1] if words else "GPU")
-        counts[key] = counts.get(key, 0) + 1
-    return "{" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "}"
+    return gpumodels.shown(gpumodels.inventory(g.name for g in gpus))
 
 
 def _check_persistence(gpus: list[GpuReading]) -> Check:
