@@ -13,12 +13,13 @@ import pytest
 from hypothesis import event, given, seed, settings
 from hypothesis import strategies as st
 
-from deskgpu.reap.evidence import ActivitySample, Evidence, GpuSample, Session
+from deskgpu.reap.evidence import ActivitySample, Evidence, EvidenceError, GpuSample, Session
 from deskgpu.reap.rule import Action, decide, decide_session
 from deskgpu.reap.settings import ReapSettings
 
 CORPUS = Path(__file__).parent / "fixtures" / "reap"
 SCENARIOS = sorted(p.stem for p in CORPUS.glob("*.json"))
+REFUSED = sorted(p.stem for p in (CORPUS / "refused").glob("*.json"))
 DEFAULTS = ReapSettings()
 
 
@@ -46,7 +47,23 @@ def test_corpus_has_every_scenario_the_issue_names() -> None:
         "ssh_state_unknown_now",
         "gpu_missing_from_observations",
         "unmanaged_not_kill_candidates",
+        # issue #13: zombies as Kubernetes sees them, and reasons that say what they mean
+        "allocated_unused_debug_pod",
+        "allocated_notebook_never_touched_cuda",
+        "allocated_unused_owner_attached",
+        "allocated_unused_job_pending",
+        "allocated_unused_too_young",
+        "allocated_four_uses_one",
+        "allocated_gpu_missing_from_history",
+        "allocation_unknown_holds_no_vram",
+        "pod_gone_for_days",
+        "notice_dated_in_the_future",
     } <= set(SCENARIOS)
+    assert set(REFUSED) == {
+        "two_sessions_one_cluster",
+        "kind_contradicts_label",
+        "gpu_rows_for_unlisted_gpu",
+    }
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -59,8 +76,19 @@ def test_scenario(name: str) -> None:
         assert got.action.value == want["action"], got.summary
         for phrase in want["reasons_include"]:
             assert phrase in got.summary, f"{phrase!r} not in {got.summary!r}"
+        for phrase in want.get("reasons_exclude", []):
+            assert phrase not in got.summary, f"{phrase!r} in {got.summary!r}"
     zombies = any(d.action.is_zombie for d in decisions.values())
     assert (3 if zombies else 0) == expected["exit_dry_run"]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_contradicting_evidence_is_refused(name: str) -> None:
+    doc = json.loads((CORPUS / "refused" / f"{name}.json").read_text())
+    with pytest.raises(EvidenceError) as caught:
+        Evidence.from_dict(doc)
+    assert str(caught.value).startswith(doc["expected"]["refused"]), caught.value
+    assert "contradict" in str(caught.value)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
