@@ -452,7 +452,9 @@ def _history_start(run: IdleRun, session: Session, settings: ReapSettings, now: 
     """Why an idle stretch that reaches the oldest observation is still too short."""
     oldest = run.since
     created = session.created_at
-    if oldest is None or (created is not None and oldest - created <= settings.max_sample_gap_s):
+    if oldest is None:
+        return "no GPU reading of it in the history"
+    if created is not None and oldest - created <= settings.max_sample_gap_s:
         age = format_duration(now - created) if created is not None else "?"
         return f"too young, idle since it started {age} ago"
     return f"the history reaches back only to {when(oldest)}"
