@@ -1,7 +1,9 @@
 """Decision time of the zombie rule: 1,000 sessions over 8 GPUs, a week of 5-minute samples.
 
 Worst case on purpose: every session idle for the whole week (the rule walks every
-observation back to the start of the history), ~2M GPU rows and ~2M activity rows.
+observation back to the start of the history), ~2M GPU rows and ~2M activity rows. Every
+interactive session is allocated its GPU through the device plugin (allocation evidence),
+so the allocation branch of the rule is timed too.
 
     uv run python bench/reap.py [--sessions 1000] [--days 7]
 """
@@ -31,6 +33,8 @@ def build(sessions: int, days: int, now: float) -> Evidence:
                 kind="interactive" if k % 4 else "batch",
                 created_at=now - days * 86400 - 60,
                 gpus=(gpu,),
+                allocated_gpus=(gpu,) if k % 4 else None,
+                allocation_source="pod-resources" if k % 4 else None,
                 vram_mib=24000.0,
                 jobs_running=0 if k % 4 else 1,
                 jobs_pending=0,
@@ -68,6 +72,9 @@ def main() -> None:
         counts[d.action.value] = counts.get(d.action.value, 0) + 1
     print(f"decide(): best {min(times):.2f} s, worst {max(times):.2f} s over {args.repeat} runs")
     print(f"  per session: {1000 * min(times) / args.sessions:.2f} ms; decisions: {counts}")
+    ratio = 1.0 / max(times)
+    verdict = "under it" if ratio >= 1 else "OVER it (a loaded machine, or a regression)"
+    print(f"  budget 1 s: the worst run is {ratio:.1f}x the budget's pace, {verdict}")
 
 
 if __name__ == "__main__":

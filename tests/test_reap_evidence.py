@@ -24,6 +24,7 @@ def session(**extra: Any) -> dict[str, Any]:
         "cluster": "a",
         "owner": "b",
         "kind": "interactive",
+        "gpus": [2],
         "gpu_samples": [[NOW, 2, 0, 4]],
         "activity_samples": [[NOW, 0, 1]],
         **extra,
@@ -51,6 +52,8 @@ BAD = {
     "vram_text": json.dumps(doc(unmanaged=[{"pid": 1, "gpu": 0, "vram_mib": "x"}])),
     "pid_huge_float": json.dumps(doc(unmanaged=[{"pid": 1e300, "gpu": 0}])),
     "history_since_list": json.dumps(doc(history_since=[1])),
+    "allocated_gpus_text": json.dumps(doc(sessions=[session(allocated_gpus="2,3")])),
+    "allocation_source_unknown": json.dumps(doc(sessions=[session(allocation_source="nvml")])),
     "truncated": '{"schema_version":1',
     "top_level_list": "[]",
 }

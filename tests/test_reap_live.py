@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from deskgpu.config import HostConfig
-from deskgpu.errors import ExitStatus, OutsideError
+from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError
 from deskgpu.reap import audit, run
 from deskgpu.reap.act import Actor, kill_unmanaged
 from deskgpu.reap.history import open_history
@@ -260,7 +260,8 @@ def test_non_root_may_reap_only_their_own(box: Box, tmp_path: Path) -> None:
     result = run.reap(config, settings, yes=True, actor=bob, live=box.live())
     assert box.downs == ["bob-nb"]
     skipped = next(o for o in result.outcomes if o.subject == "alice-dbg")
-    assert skipped.did == "skipped" and "needs root or the admin group" in skipped.message
+    assert skipped.did == "skipped"
+    assert "owned by alice, needs root or admin_group" in skipped.message
 
 
 def test_admin_group_counts_only_from_the_root_owned_system_config(
@@ -651,3 +652,77 @@ def test_kill_through_a_pidfd_checks_the_start_time(tmp_path: Path) -> None:
     outcome = kill_unmanaged(exact, ROOT, 2)
     reaped.join(5)
     assert outcome.did == "killed" and victim.returncode == -15, outcome.message
+
+
+def test_dry_run_shows_what_this_callers_yes_would_do(box: Box, tmp_path: Path) -> None:
+    """A researcher's dry run once listed others' zombies as `reap` (exit 3); only --yes
+    showed they would be skipped."""
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    bob = Actor("bob", 1002, frozenset({"bob"}))
+    dry = run.reap(config, settings, yes=False, actor=bob, live=box.live())
+    refused = {d.subject: d.refused for d in dry.decisions}
+    assert refused == {"alice-dbg": "owned by alice, needs root or admin_group", "bob-nb": None}
+    assert [d.subject for d in dry.actionable] == ["bob-nb"]
+    assert dry.exit_status == ExitStatus.FOUND and dry.to_dict()["would_skip"] == 1
+    acted = run.reap(config, settings, yes=True, actor=bob, live=box.live())
+    skipped = {o.subject for o in acted.outcomes if o.did == "skipped"}
+    assert skipped == {d.subject for d in dry.would_skip}  # the dry run told the truth
+    assert box.downs == ["bob-nb"]
+    with pytest.raises(DeskgpuError, match="--as-admin: bob is not root nor in admin_group"):
+        run.reap(config, settings, yes=False, actor=bob, live=box.live(), as_admin=True)
+    admin = run.reap(config, settings, yes=False, actor=ROOT, live=box.live(), as_admin=True)
+    assert all(d.refused is None for d in admin.decisions)
+    with pytest.raises(DeskgpuError, match="--yes acts as you"):
+        run.reap(config, settings, yes=True, actor=ROOT, live=box.live(), as_admin=True)
+
+
+def test_only_others_zombies_is_exit_0_for_a_researcher(box: Box, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    observe_for(box, config, 3 * 3600)
+    carol = Actor("carol", 1003, frozenset({"carol"}))
+    dry = run.reap(config, settings, yes=False, actor=carol, live=box.live())
+    assert len(dry.would_skip) == 2 and dry.actionable == []
+    assert dry.exit_status == ExitStatus.OK  # her --yes would do nothing
+
+
+def test_allocated_but_unused_pod_is_observed_and_reaped(box: Box, tmp_path: Path) -> None:
+    """The zombie Kubernetes makes most often: bob's pod holds GPU 1 through the device
+    plugin with no process on it. The allocation is read from the pod's real environment
+    (NVIDIA_VISIBLE_DEVICES in the box's /proc tree) by the live code path."""
+    from deskgpu import allocation
+    from deskgpu.attribution import PodIndex
+
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    plain = box.snapshot
+
+    def snapshot(cfg: HostConfig) -> Snapshot:
+        snap = plain(cfg)
+        gpu1 = snap.nvml.gpus[1]
+        gpu1.uuid, gpu1.processes, gpu1.memory_used_mib = "GPU-1111", [], 0  # no process
+        (box.proc / "2001" / "environ").write_bytes(
+            b"PATH=/usr/bin\0NVIDIA_VISIBLE_DEVICES=GPU-1111\0"
+        )
+        view = allocation.from_environ(snap.nvml.gpus, PodIndex(), box.proc, tmp_path / "k")
+        allocation.apply(snap, view, PodIndex())
+        return snap
+
+    box.snapshot = snapshot  # type: ignore[method-assign]
+    (box.proc / "1").mkdir(parents=True, exist_ok=True)
+    hosts = tmp_path / "k" / "pods" / POD2 / "etc-hosts"  # the kubelet names the pod
+    hosts.parent.mkdir(parents=True)
+    hosts.write_text("127.0.0.1\tlocalhost\n10.42.0.9\tbob-nb-2ea4-head\n")
+    observe_for(box, config, 3 * 3600)
+    result = run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+    bob = next(d for d in result.decisions if d.subject == "bob-nb")
+    assert bob.action is Action.REAP, bob.summary
+    assert "1 GPU allocated, unused for" in bob.summary and "(no GPU process)" in bob.summary
+    assert bob.allocated_gpus == (1,) and bob.gpus == ()
+    assert "bob-nb" in box.downs
+    session = next(s for s in result.evidence.sessions if s.cluster == "bob-nb")
+    assert session.allocation_source == "environ" and session.vram_mib == 0
+    assert {g.gpu for g in session.gpu_samples} == {1}
+    assert any("GPU allocation: from NVIDIA_VISIBLE_DEVICES" in n for n in result.evidence.notes)

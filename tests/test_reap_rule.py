@@ -13,12 +13,13 @@ import pytest
 from hypothesis import event, given, seed, settings
 from hypothesis import strategies as st
 
-from deskgpu.reap.evidence import ActivitySample, Evidence, GpuSample, Session
+from deskgpu.reap.evidence import ActivitySample, Evidence, EvidenceError, GpuSample, Session
 from deskgpu.reap.rule import Action, decide, decide_session
 from deskgpu.reap.settings import ReapSettings
 
 CORPUS = Path(__file__).parent / "fixtures" / "reap"
 SCENARIOS = sorted(p.stem for p in CORPUS.glob("*.json"))
+REFUSED = sorted(p.stem for p in (CORPUS / "refused").glob("*.json"))
 DEFAULTS = ReapSettings()
 
 
@@ -46,7 +47,23 @@ def test_corpus_has_every_scenario_the_issue_names() -> None:
         "ssh_state_unknown_now",
         "gpu_missing_from_observations",
         "unmanaged_not_kill_candidates",
+        # issue #13: zombies as Kubernetes sees them, and reasons that say what they mean
+        "allocated_unused_debug_pod",
+        "allocated_notebook_never_touched_cuda",
+        "allocated_unused_owner_attached",
+        "allocated_unused_job_pending",
+        "allocated_unused_too_young",
+        "allocated_four_uses_one",
+        "allocated_gpu_missing_from_history",
+        "allocation_unknown_holds_no_vram",
+        "pod_gone_for_days",
+        "notice_dated_in_the_future",
     } <= set(SCENARIOS)
+    assert set(REFUSED) == {
+        "two_sessions_one_cluster",
+        "kind_contradicts_label",
+        "gpu_rows_for_unlisted_gpu",
+    }
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -59,8 +76,19 @@ def test_scenario(name: str) -> None:
         assert got.action.value == want["action"], got.summary
         for phrase in want["reasons_include"]:
             assert phrase in got.summary, f"{phrase!r} not in {got.summary!r}"
+        for phrase in want.get("reasons_exclude", []):
+            assert phrase not in got.summary, f"{phrase!r} in {got.summary!r}"
     zombies = any(d.action.is_zombie for d in decisions.values())
     assert (3 if zombies else 0) == expected["exit_dry_run"]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_contradicting_evidence_is_refused(name: str) -> None:
+    doc = json.loads((CORPUS / "refused" / f"{name}.json").read_text())
+    with pytest.raises(EvidenceError) as caught:
+        Evidence.from_dict(doc)
+    assert str(caught.value).startswith(doc["expected"]["refused"]), caught.value
+    assert "contradict" in str(caught.value)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -174,6 +202,11 @@ def idle_looking_sessions(draw: st.DrawFn) -> Session:
     )
     util_hi = draw(st.floats(min_value=0, max_value=100))
     util_lo = draw(st.sampled_from([0.0, 1.0, 4.9]))
+    # What holds the GPUs: processes with VRAM (allocation unknown, as before issue #13, or
+    # known), an allocation through the device plugin with no process at all (0 MiB), or
+    # nothing known to hold them (0 MiB, allocation unknown: VRAM-only evidence).
+    holding = draw(st.sampled_from(["vram", "vram+allocation", "allocation", "nothing"]))
+    vram = 0.0 if holding in ("allocation", "nothing") else 20000.0
     g: list[GpuSample] = []
     a: list[ActivitySample] = []
     for i in range(n):
@@ -182,15 +215,17 @@ def idle_looking_sessions(draw: st.DrawFn) -> Session:
             if i in gpu_missing_at and k == len(gpus) - 1:
                 continue  # this observation did not read the session's last GPU
             util = util_hi if i in busy_at else util_lo
-            g.append(GpuSample(ts, gpu, util, 20000.0))
+            g.append(GpuSample(ts, gpu, util, vram))
         a.append(ActivitySample(ts, 1 if i in ssh_at else 0, None if i in cpu_unknown_at else 0.0))
     return Session(
         cluster="u-s",
         owner="u",
         kind="interactive",
         created_at=created,
-        gpus=tuple(gpus),
-        vram_mib=20000.0 * len(gpus),
+        gpus=tuple(gpus) if vram else (),
+        allocated_gpus=tuple(gpus) if "allocation" in holding else None,
+        gpus_earlier=tuple(gpus) if holding == "nothing" else (),
+        vram_mib=vram * len(gpus),
         jobs_running=draw(st.sampled_from([0, 0, 0, 1, 2])),
         jobs_pending=draw(st.sampled_from([0, 0, 0, 1])),
         ssh_attached=draw(st.sampled_from([False, False, False, True, None])),
@@ -296,8 +331,9 @@ def test_never_reaps_on_unknown_signals() -> None:
         seen: dict[float, set[int]] = {}
         for g in session.gpu_samples:
             seen.setdefault(g.ts, set()).add(g.gpu)
+        held = set(session.gpus) | set(session.allocated_gpus or ())
         unknown |= any(
-            not set(session.gpus) <= seen.get(a.ts, set())
+            not held <= seen.get(a.ts, set())
             for a in session.activity_samples
             if a.ts >= window_start
         )
@@ -333,9 +369,35 @@ def test_chosen_means_every_signal_agrees() -> None:
         # the warning was given within the idle stretch the evidence shows, to this session
         assert decision.warned_at >= decision.idle_since
         assert session.created_at is not None and decision.warned_at >= session.created_at
+        # held: allocated through the device plugin, or VRAM worth reaping
+        assert session.allocated_gpus or (session.vram_mib or 0) >= th.min_vram_mib
         return True
 
     check_property(chosen)
+
+
+def test_allocation_alone_is_reaped_when_idle() -> None:
+    """Allocated GPUs at 0 MiB are evidence enough: whatever is reaped this way held no VRAM."""
+
+    def allocated_only(session: Session, th: ReapSettings) -> bool:
+        decision = decide_session(session, th, NOW)
+        if not (session.allocated_gpus and not session.vram_mib and decision.action.is_zombie):
+            return False
+        assert "allocated" in decision.summary and "(no GPU process)" in decision.summary
+        assert not session.jobs_running and not session.jobs_pending
+        return True
+
+    check_property(allocated_only)
+
+
+def test_vram_only_evidence_under_min_vram_is_never_a_zombie() -> None:
+    def vram_only(session: Session, th: ReapSettings) -> bool:
+        if session.allocated_gpus or (session.vram_mib or 0) >= th.min_vram_mib:
+            return False
+        assert not _zombie(session, th)
+        return True
+
+    check_property(vram_only)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)

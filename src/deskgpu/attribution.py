@@ -323,6 +323,8 @@ def link_skypilot(snapshot: Snapshot) -> None:
 
 def _holders(gpus: Iterable[Any]) -> Iterable[Holder]:
     for gpu in gpus:
+        if gpu.allocated_to is not None:
+            yield gpu.allocated_to
         for proc in gpu.processes:
             if proc.holder is not None:
                 yield proc.holder

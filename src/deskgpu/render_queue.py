@@ -122,6 +122,9 @@ def _power(gpu: Gpu) -> str:
 
 
 def _holders(gpu: Gpu) -> Text:
+    if gpu.allocated_to is not None and not gpu.processes:
+        # Held through the device plugin with nothing running on it: nobody else can get it.
+        return Text(f"{gpu.allocated_to.label} (allocated, idle)", style="yellow")
     if not gpu.processes:
         return Text("free", style="green")
     text = Text()
@@ -130,6 +133,9 @@ def _holders(gpu: Gpu) -> Text:
             text.append("\n")
         style = {"unmanaged": "magenta", "hidden": "dim"}.get(holder.kind, "")
         text.append(holder.label, style=style)
+    owner = gpu.allocated_to
+    if owner is not None and owner.label not in {h.label for h in gpu.holders}:
+        text.append(f"\n{owner.label} (allocated)", style="yellow")
     unattributed = sum(1 for p in gpu.processes if p.holder is None)
     if unattributed:
         text.append(("\n" if gpu.holders else "") + f"{unattributed} process(es)", style="dim")
@@ -180,7 +186,8 @@ def session_table(snap: Snapshot) -> Table:
     notices = {n.cluster: n for n in current_notices(snap)}
     for row in survey.sessions(snap):
         c, use = row.cluster, row.use
-        gpus = ",".join(str(i) for i in use.gpu_indexes) if use.gpu_indexes else (c.gpus or "-")
+        held = use.held_indexes
+        gpus = ",".join(str(i) for i in held) if held else (c.gpus or "-")
         autostop = "-"
         if c.autostop_min is not None:
             autostop = f"{format_duration(c.autostop_min * 60)}" + (" (down)" if c.to_down else "")
@@ -194,8 +201,8 @@ def session_table(snap: Snapshot) -> Table:
             state,
             format_duration(snap.taken_at - c.launched_at) if c.launched_at else "?",
             autostop,
-            format_mib(use.used_memory_mib) if use.gpu_indexes else "-",
-            _pct(use.max_utilization_gpu_pct) if use.gpu_indexes else "-",
+            format_mib(use.used_memory_mib) if held else "-",
+            _pct(use.max_utilization_gpu_pct) if held else "-",
             _flags(row.zombie_suspect, notices.get(c.name), snap.taken_at),
         )
     return table

@@ -64,6 +64,8 @@ class Holder:
     def label(self) -> str:
         """`alice/bert-finetune`, `unmanaged bob (python)`, `hidden`."""
         if self.kind == HOLDER_UNMANAGED:
+            if self.unix_user is None and self.pod_name:  # a pod's allocation, no process
+                return f"pod {self.namespace or '?'}/{self.pod_name}"
             who = self.unix_user or "?"
             cmd = _short_command(self.command)
             return f"unmanaged {who}" + (f" ({cmd})" if cmd else "")
@@ -104,6 +106,9 @@ class Gpu:
     persistence_mode: bool | None = None  # persistence_mode
     mig_mode: bool | None = None  # mig.mode.current
     processes: list[GpuProcess] = field(default_factory=list)
+    # The pod the device plugin allocated this GPU to (see `AllocationView`); None: none
+    # known. Held even with no process on it: the scheduler gives it to nobody else.
+    allocated_to: Holder | None = None
 
     @property
     def holders(self) -> list[Holder]:
@@ -115,8 +120,14 @@ class Gpu:
 
     @property
     def is_free(self) -> bool:
-        """No process on it and not lost. Memory a driver context holds is not a user."""
-        return not self.lost and not self.processes
+        """No process on it, allocated to no pod, and not lost. Memory a driver context
+        holds is not a user; a GPU allocated to an idle pod is held at 0 MiB."""
+        return not self.lost and not self.processes and self.allocated_to is None
+
+    @property
+    def allocated_idle(self) -> bool:
+        """Allocated to a pod through the device plugin, with no process on it."""
+        return not self.lost and not self.processes and self.allocated_to is not None
 
 
 @dataclass
@@ -128,6 +139,42 @@ class NvmlView:
     driver_version: str | None = None
     gpus: list[Gpu] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # skipped PIDs, hidden details
+
+
+ALLOCATION_POD_RESOURCES = "pod-resources"  # the kubelet's pod-resources socket (List)
+ALLOCATION_ENVIRON = "environ"  # NVIDIA_VISIBLE_DEVICES in /proc/<pid>/environ
+
+
+@dataclass
+class PodAllocation:
+    """The GPUs the device plugin gave one pod (all its containers together).
+
+    `devices` are the device IDs as allocated (GPU UUIDs; `GPU-…::N` for a time-sliced
+    replica, `MIG-…` for a MIG slice); `gpus` the indices of those that are whole GPUs this
+    snapshot's NVML lists; `unmapped` the rest (a MIG slice, a GPU NVML did not list).
+    """
+
+    pod_uid: str | None = None
+    pod_name: str | None = None
+    namespace: str | None = None
+    cluster_name_on_cloud: str | None = None  # SkyPilot's pod label, or the pod's name
+    gpus: list[int] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AllocationView:
+    """Which pods hold which GPUs through the device plugin, apart from their processes.
+
+    `source` is where it was read (ALLOCATION_*), None when it could not be (`note` says
+    why; reading either source needs root). Only pods listed in `pods` are known: a pod
+    not listed has an unknown allocation, never "none".
+    """
+
+    source: str | None = None
+    note: str | None = None
+    pods: list[PodAllocation] = field(default_factory=list)
 
 
 @dataclass
@@ -204,6 +251,8 @@ class Snapshot:
     # Added in schema 1 without a bump: older recordings read back with no notices.
     notices: list[ReapNotice] = field(default_factory=list)
     notices_error: str | None = None  # why the reap history could not be read
+    # Added in schema 1 without a bump: older recordings read back with allocation unknown.
+    allocation: AllocationView = field(default_factory=AllocationView)
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"kind": DOCUMENT_KIND, "schema_version": self.schema_version}
@@ -231,6 +280,7 @@ class Snapshot:
                 sky=_sky_from(doc.get("sky") or {"available": False}),
                 notices=[ReapNotice(**_pick(ReapNotice, n)) for n in doc.get("notices") or []],
                 notices_error=doc.get("notices_error"),
+                allocation=_allocation_from(doc.get("allocation") or {}),
             )
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise SnapshotFormatError(f"malformed snapshot: {exc}") from None
@@ -263,7 +313,13 @@ def _process_from(data: dict[str, Any]) -> GpuProcess:
 
 def _gpu_from(data: dict[str, Any]) -> Gpu:
     processes = [_process_from(p) for p in data.get("processes") or []]
-    return Gpu(**_pick(Gpu, data, processes=processes))
+    allocated = _holder_from(data.get("allocated_to"))
+    return Gpu(**_pick(Gpu, data, processes=processes, allocated_to=allocated))
+
+
+def _allocation_from(data: dict[str, Any]) -> AllocationView:
+    pods = [PodAllocation(**_pick(PodAllocation, p)) for p in data.get("pods") or []]
+    return AllocationView(**_pick(AllocationView, data, pods=pods))
 
 
 def _nvml_from(data: dict[str, Any]) -> NvmlView:
@@ -298,27 +354,38 @@ def _short_command(command: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class SessionUse:
-    """What a cluster holds on the GPUs right now, from the processes attributed to it."""
+    """What a cluster holds on the GPUs right now: its processes' GPUs and VRAM, and the
+    GPUs the device plugin allocated to its pod (held even at 0 MiB)."""
 
-    gpu_indexes: tuple[int, ...]
+    gpu_indexes: tuple[int, ...]  # GPUs its processes use
     used_memory_mib: float
     max_utilization_gpu_pct: int | None  # None: no reading on any of its GPUs
+    allocated_gpu_indexes: tuple[int, ...] = ()
+
+    @property
+    def held_indexes(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.gpu_indexes) | set(self.allocated_gpu_indexes)))
 
 
 def session_use(snapshot: Snapshot, cluster: Cluster) -> SessionUse:
-    """Join a cluster with the GPU processes attributed to it (by name on cloud, else name)."""
+    """Join a cluster with the GPU processes attributed to it (by name on cloud, else name)
+    and the GPUs allocated to its pod."""
     indexes: list[int] = []
+    allocated: list[int] = []
     used = 0.0
     utils: list[int] = []
     for gpu in snapshot.nvml.gpus:
         mine = [p for p in gpu.processes if _holds(p.holder, cluster)]
-        if not mine:
+        if _holds(gpu.allocated_to, cluster):
+            allocated.append(gpu.index)
+        elif not mine:
             continue
-        indexes.append(gpu.index)
-        used += sum(p.used_memory_mib or 0.0 for p in mine)
+        if mine:
+            indexes.append(gpu.index)
+            used += sum(p.used_memory_mib or 0.0 for p in mine)
         if gpu.utilization_gpu_pct is not None:
             utils.append(gpu.utilization_gpu_pct)
-    return SessionUse(tuple(indexes), used, max(utils) if utils else None)
+    return SessionUse(tuple(indexes), used, max(utils) if utils else None, tuple(allocated))
 
 
 def _holds(holder: Holder | None, cluster: Cluster) -> bool:
@@ -332,14 +399,16 @@ def _holds(holder: Holder | None, cluster: Cluster) -> bool:
 def is_zombie_suspect(
     cluster: Cluster, use: SessionUse, now: float, min_idle_s: float = 1800.0
 ) -> bool:
-    """A display hint, not the reap rule: an interactive session, up, idle, holding VRAM at 0%.
+    """A display hint, not the reap rule: an interactive session, up, idle, holding GPUs (VRAM,
+    or an allocation through the device plugin) at 0%.
 
     Idle is SkyPilot's idle time when known, else the session's age (one look cannot see
     a window of utilization; `deskgpu reap` decides on evidence over hours).
     """
     if not cluster.interactive or cluster.state != RUNNING:
         return False
-    if use.used_memory_mib <= 0 or use.max_utilization_gpu_pct != 0:
+    holding = use.used_memory_mib > 0 or bool(use.allocated_gpu_indexes)
+    if not holding or use.max_utilization_gpu_pct != 0:
         return False
     since = cluster.idle_since if cluster.idle_since is not None else cluster.launched_at
     return since is not None and now - since >= min_idle_s

@@ -23,6 +23,7 @@ from deskgpu.recorded import read_document
 from deskgpu.snapshot import (
     ACTIVE_STATES,
     QUEUED,
+    AllocationView,
     Cluster,
     NvmlView,
     ReapNotice,
@@ -45,6 +46,9 @@ class Sources:
     read_nvml: Callable[[], NvmlView] | None = None
     fetch_sky: Callable[[HostConfig], SkyView] | None = None
     fetch_pods: Callable[[], attribution.PodIndex] | None = None
+    # GPU allocation (the kubelet's pod-resources socket under `kubelet_root`, else the
+    # pods' environments under `proc_root`); replaced only to inject a failure.
+    read_allocation: Callable[[Snapshot, attribution.PodIndex], AllocationView] | None = None
     read_notices: Callable[[HostConfig], list[ReapNotice]] | None = None
     proc_root: Path = attribution.PROC
     kubelet_root: Path = attribution.KUBELET
@@ -80,8 +84,11 @@ def take(
             snap.sky = SkyView(available=False, error="not asked: no GPU readings")
             return snap
         worker.start()
+    pods = attribution.PodIndex()
     if any(p.holder is None for gpu in snap.nvml.gpus for p in gpu.processes):
-        attribute_gpus(snap, src)
+        pods = attribute_gpus(snap, src)
+    if snap.nvml.available and snap.nvml.gpus:
+        read_allocation(snap, src, pods)
     if on_gpus is not None:
         on_gpus(snap)
     snap.notices, snap.notices_error = _safe_notices(src.read_notices or _live_notices, config)
@@ -98,7 +105,7 @@ def take(
     return snap
 
 
-def attribute_gpus(snap: Snapshot, src: Sources) -> None:
+def attribute_gpus(snap: Snapshot, src: Sources) -> attribution.PodIndex:
     pids = {p.pid for gpu in snap.nvml.gpus for p in gpu.processes if p.holder is None}
     infos = [attribution.read_proc(pid, src.proc_root) for pid in pids]
     if any(info.pod_uid for info in infos):
@@ -106,6 +113,23 @@ def attribute_gpus(snap: Snapshot, src: Sources) -> None:
     else:
         pods = attribution.PodIndex()
     attribution.attribute(snap, pods, src.proc_root, src.kubelet_root)
+    return pods
+
+
+def read_allocation(snap: Snapshot, src: Sources, pods: attribution.PodIndex) -> None:
+    """Which pod each GPU is allocated to; a failure to read is a note, never an error."""
+    from deskgpu import allocation
+
+    if src.read_allocation is not None:
+        view = src.read_allocation(snap, pods)
+    else:
+        view = allocation.read(snap.nvml.gpus, pods, src.proc_root, src.kubelet_root)
+    allocation.apply(snap, view, pods)
+    if view.source is None and any(g.is_free for g in snap.nvml.gpus):
+        snap.nvml.notes.append(
+            f"GPU allocation unknown ({view.note or 'not readable'}): a GPU shown free may "
+            "be allocated to an idle pod"
+        )
 
 
 def _live_nvml() -> NvmlView:
@@ -199,6 +223,7 @@ class Summary:
     running: int | None
     zombie_suspects: list[str] = field(default_factory=list)
     reap_notices: list[str] = field(default_factory=list)  # sessions warned by reap
+    gpus_allocated_idle: int = 0  # held through the device plugin, no process on them
 
     def line(self) -> str:
         parts = []
@@ -206,6 +231,8 @@ class Summary:
             parts.append("GPUs unknown")
         else:
             parts.append(f"{self.gpus_free} of {self.gpus_total} GPUs free")
+            if self.gpus_allocated_idle:
+                parts.append(f"{self.gpus_allocated_idle} allocated, idle")
             if self.gpus_lost:
                 parts.append(f"{self.gpus_lost} lost")
         if self.queued is None:
@@ -224,6 +251,7 @@ class Summary:
             "gpus_total": self.gpus_total,
             "gpus_free": self.gpus_free,
             "gpus_lost": self.gpus_lost,
+            "gpus_allocated_idle": self.gpus_allocated_idle,
             "queued": self.queued,
             "running": self.running,
             "zombie_suspects": list(self.zombie_suspects),
@@ -250,6 +278,7 @@ def summarize(snap: Snapshot) -> Summary:
         gpus_total=len(gpus) if known else None,
         gpus_free=sum(1 for g in gpus if g.is_free) if known else None,
         gpus_lost=sum(1 for g in gpus if g.lost),
+        gpus_allocated_idle=sum(1 for g in gpus if g.allocated_idle),
         queued=len(queued) + len(queued_clusters) if snap.sky.available else None,
         running=sum(1 for j in snap.sky.jobs if j.state in going)
         + sum(1 for c in snap.sky.clusters if c.state in going)

@@ -53,12 +53,21 @@ def reap_command(
             "any SkyPilot pod.",
         ),
     ] = False,
+    as_admin: Annotated[
+        bool,
+        typer.Option(
+            "--as-admin",
+            help="Dry run or --evidence: show what an admin's --yes would do (root or "
+            "admin_group only). Without it a dry run shows what yours would do.",
+        ),
+    ] = False,
     config_path: ConfigOption = None,
 ) -> None:
-    """Find zombie sessions: alive, holding VRAM, idle for hours. Dry run unless --yes.
+    """Find zombie sessions: alive, holding GPUs (VRAM, or an allocation), idle for hours.
+    Dry run unless --yes; a dry run shows what --yes would do for you.
 
-    Exit 0: nothing to do (or every action succeeded); 3: a dry run found zombies;
-    1: a teardown failed or SkyPilot/NVML is unreachable; 2: usage.
+    Exit 0: nothing to do (or every action succeeded); 3: a dry run found zombies you may
+    act on; 1: a teardown failed or SkyPilot/NVML is unreachable; 2: usage.
     """
     from deskgpu.errors import UsageError
     from deskgpu.reap import audit, run
@@ -71,11 +80,18 @@ def reap_command(
     config = get_config(config_path)
     settings = load_settings(config)
     if evidence is not None:
-        result = run.replay(evidence, settings)
+        result = run.replay(evidence, settings, config=config, as_admin=as_admin)
         if record is not None:
             audit.write_evidence(record, result.evidence)
     else:
-        result = run.reap(config, settings, yes=yes, kill_unmanaged=kill_unmanaged, record=record)
+        result = run.reap(
+            config,
+            settings,
+            yes=yes,
+            kill_unmanaged=kill_unmanaged,
+            record=record,
+            as_admin=as_admin,
+        )
     if json_out:
         print_json(result.to_dict())
     else:
@@ -95,12 +111,14 @@ def _render(result: ReapResult, quiet: bool) -> None:
         rows = [("ACTION", "SESSION", "OWNER", "KIND", "VRAM", "WHY")]
         rows += [
             (
-                d.action.value,
+                "skip" if d.refused and result.dry_run else d.action.value,
                 d.subject,
                 d.owner,
                 d.kind,
                 format_mib(d.vram_mib),
-                d.summary,
+                f"would skip: {d.refused} ({d.action.value}: {d.summary})"
+                if d.refused and result.dry_run
+                else d.summary,
             )
             for d in shown
         ]
@@ -112,9 +130,15 @@ def _render(result: ReapResult, quiet: bool) -> None:
     for o in result.outcomes:
         if not quiet or not o.ok or o.did in ("torn-down", "killed", "warned"):
             typer.echo(f"{o.did}: {o.subject}: {o.message}")
-    zombies = result.zombies
+    zombies, skip = result.actionable, result.would_skip
     if result.dry_run:
-        if zombies or not quiet:
+        if skip:
+            typer.echo(
+                f"{len(zombies)} zombie(s) you may act on; {len(skip)} more --yes would skip "
+                "(others' sessions: root or admin_group; --as-admin shows the admin's view); "
+                "dry run: nothing was touched"
+            )
+        elif zombies or not quiet:
             typer.echo(
                 f"{len(zombies)} zombie(s) found; dry run: nothing was touched (--yes to act)"
             )

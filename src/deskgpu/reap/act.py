@@ -99,11 +99,40 @@ def may_act_on(
     if actor.is_root or (admin_group is not None and admin_group in actor.groups):
         return None
     if owner not in (actor.user, safe_user(actor.user)):
-        return f"owned by {owner}: needs root or the admin group"
+        return f"owned by {owner}, needs root or admin_group"
     others = sorted(u for u in users if u != actor.user and owner in (u, safe_user(u)))
     if others:
-        return f"owner name {owner} also matches account {others[0]}: needs root or the admin group"
+        return f"owner name {owner} also matches account {others[0]}, needs root or admin_group"
     return None
+
+
+def is_admin(actor: Actor, config: HostConfig) -> bool:
+    """Root, or a member of the trusted `admin_group` (the root-owned system config's)."""
+    if actor.is_root:
+        return True
+    group = trusted_admin_group(config)
+    return group is not None and group in actor.groups
+
+
+def refusals(actor: Actor, config: HostConfig) -> Callable[[str], str | None]:
+    """`owner -> why this actor may not warn or tear down their session (None: may)`, the
+    same answer for a dry run as for `--yes`: a dry run shows what `--yes` would do."""
+    if actor.is_root:
+        return lambda _owner: None
+    admin = trusted_admin_group(config)
+    users = passwd_names()
+    untrusted = config.admin_group is not None and admin is None
+    suffix = (
+        f" (admin_group counts only from the root-owned {SYSTEM_CONFIG}, not {config.source})"
+        if untrusted and config.admin_group in actor.groups
+        else ""
+    )
+
+    def refused(owner: str) -> str | None:
+        why = may_act_on(actor, owner, admin, users)
+        return None if why is None else why + suffix
+
+    return refused
 
 
 @dataclass(frozen=True)

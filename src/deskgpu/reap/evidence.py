@@ -16,8 +16,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # fields added since (allocated_gpus, ...) are additions: no field changed
 KINDS = ("interactive", "batch")
+ALLOCATION_SOURCES = ("pod-resources", "environ")  # snapshot.ALLOCATION_*
+LABEL_KIND = "deskgpu.io/kind"  # deskgpu.labels.LABEL_KIND (this module imports nothing)
 MAX_TS = 253402300799.0  # 9999-12-31T23:59:59Z: the last second `datetime` can print
 
 
@@ -95,6 +97,14 @@ def _index(value: Any, where: str) -> int:
     return value
 
 
+def _indices(value: Any, where: str, extra: str = "") -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in value
+    ):
+        raise EvidenceError(f"{where}: a list of GPU indices{' ' + extra if extra else ''}")
+    return sorted(set(value))
+
+
 def _compact(value: float | None) -> float | int | None:
     """Whole numbers as ints in the document: a third smaller, and easier to read."""
     if value is None:
@@ -162,6 +172,11 @@ class Session:
     status: str = "UP"  # SkyPilot's cluster status
     labels: dict[str, str] = field(default_factory=dict)
     gpus: tuple[int, ...] = ()  # GPU indices its processes hold now
+    # GPUs the device plugin allocated to its pods (held even at 0 MiB); None: unknown,
+    # then only VRAM its processes hold counts. `allocation_source` says where it was read.
+    allocated_gpus: tuple[int, ...] | None = None
+    allocation_source: str | None = None
+    gpus_earlier: tuple[int, ...] = ()  # GPUs its processes held before, not now (samples)
     vram_mib: float | None = None  # VRAM its processes hold now, all GPUs
     jobs_running: int | None = 0  # None: not checked (or SkyPilot did not answer)
     jobs_pending: int | None = 0
@@ -181,6 +196,9 @@ class Session:
             "created_at": iso(self.created_at),
             "labels": dict(self.labels),
             "gpus": list(self.gpus),
+            "allocated_gpus": None if self.allocated_gpus is None else list(self.allocated_gpus),
+            "allocation_source": self.allocation_source,
+            "gpus_earlier": list(self.gpus_earlier),
             "vram_mib": _compact(self.vram_mib),
             "jobs_running": self.jobs_running,
             "jobs_pending": self.jobs_pending,
@@ -215,11 +233,23 @@ class Session:
             ):
                 raise EvidenceError(f"{where}.{key}: a count or null, got {value!r}")
             counts[key] = value
-        gpus = data.get("gpus") or []
-        if not isinstance(gpus, list) or not all(
-            isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus
-        ):
-            raise EvidenceError(f"{where}.gpus: a list of GPU indices")
+        gpus = _indices(data.get("gpus") or [], f"{where}.gpus")
+        allocated = data.get("allocated_gpus")
+        if allocated is not None:
+            allocated = _indices(allocated, f"{where}.allocated_gpus", "or null (unknown)")
+        earlier = _indices(data.get("gpus_earlier") or [], f"{where}.gpus_earlier")
+        source = data.get("allocation_source")
+        if source is not None and source not in ALLOCATION_SOURCES:
+            raise EvidenceError(
+                f"{where}.allocation_source: one of {', '.join(ALLOCATION_SOURCES)} or null, "
+                f"got {source!r}"
+            )
+        label = labels.get(LABEL_KIND)
+        if label in KINDS and label != data["kind"]:
+            raise EvidenceError(
+                f"{where}.kind: {data['kind']!r}, but its label {LABEL_KIND} says {label!r}: "
+                "the evidence contradicts itself"
+            )
         present = data.get("pod_present", True)
         if not isinstance(present, bool):
             raise EvidenceError(f"{where}.pod_present: true or false")
@@ -227,6 +257,17 @@ class Session:
         act_rows = data.get("activity_samples") or []
         if not isinstance(gpu_rows, list) or not isinstance(act_rows, list):
             raise EvidenceError(f"{where}: samples must be lists")
+        samples = tuple(
+            GpuSample.from_row(r, f"{where}.gpu_samples[{i}]") for i, r in enumerate(gpu_rows)
+        )
+        listed = {*gpus, *(allocated or ()), *earlier}
+        stray = next((i for i, g in enumerate(samples) if g.gpu not in listed), None)
+        if stray is not None:
+            raise EvidenceError(
+                f"{where}.gpu_samples[{stray}]: GPU {samples[stray].gpu} is not one the session "
+                f"lists (gpus {gpus}, allocated_gpus {allocated}, gpus_earlier {earlier}): "
+                "the evidence contradicts itself"
+            )
         return cls(
             cluster=data["cluster"],
             owner=data["owner"],
@@ -235,6 +276,9 @@ class Session:
             status=str(data.get("status") or "UP"),
             labels={str(k): str(v) for k, v in labels.items()},
             gpus=tuple(gpus),
+            allocated_gpus=None if allocated is None else tuple(allocated),
+            allocation_source=source,
+            gpus_earlier=tuple(earlier),
             vram_mib=_num(data.get("vram_mib"), f"{where}.vram_mib"),
             jobs_running=counts["jobs_running"],
             jobs_pending=counts["jobs_pending"],
@@ -242,9 +286,7 @@ class Session:
             last_activity_at=parse_ts(data.get("last_activity_at"), f"{where}.last_activity_at"),
             pod_present=present,
             warned_at=parse_ts(data.get("warned_at"), f"{where}.warned_at"),
-            gpu_samples=tuple(
-                GpuSample.from_row(r, f"{where}.gpu_samples[{i}]") for i, r in enumerate(gpu_rows)
-            ),
+            gpu_samples=samples,
             activity_samples=tuple(
                 ActivitySample.from_row(r, f"{where}.activity_samples[{i}]")
                 for i, r in enumerate(act_rows)
@@ -358,9 +400,18 @@ class Evidence:
             raise EvidenceError("evidence: sessions and unmanaged must be lists")
         if not isinstance(notes, list):
             raise EvidenceError("evidence.notes: expected a list of lines")
+        parsed = tuple(Session.from_dict(s, f"sessions[{i}]") for i, s in enumerate(sessions))
+        first: dict[str, int] = {}
+        for i, one in enumerate(parsed):
+            if one.cluster in first:
+                raise EvidenceError(
+                    f"sessions[{i}].cluster: {one.cluster!r} is also sessions[{first[one.cluster]}]"
+                    "'s: two sessions with one cluster name contradict each other"
+                )
+            first[one.cluster] = i
         return cls(
             collected_at=collected,
-            sessions=tuple(Session.from_dict(s, f"sessions[{i}]") for i, s in enumerate(sessions)),
+            sessions=parsed,
             unmanaged=tuple(
                 UnmanagedProcess.from_dict(u, f"unmanaged[{i}]") for i, u in enumerate(unmanaged)
             ),

@@ -21,7 +21,15 @@ from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess
 from deskgpu.reap.history import History, SessionSample
 from deskgpu.reap.rule import decide_session
 from deskgpu.reap.settings import ReapSettings
-from deskgpu.snapshot import HOLDER_SKYPILOT, HOLDER_UNMANAGED, RUNNING, STARTING, Snapshot
+from deskgpu.snapshot import (
+    ALLOCATION_ENVIRON,
+    ALLOCATION_POD_RESOURCES,
+    HOLDER_SKYPILOT,
+    HOLDER_UNMANAGED,
+    RUNNING,
+    STARTING,
+    Snapshot,
+)
 
 PROC = Path("/proc")
 CGROUP = Path("/sys/fs/cgroup")
@@ -44,6 +52,9 @@ class LiveSession:
     pod_uids: set[str] = field(default_factory=set)
     pod_present: bool = True
     gpus: dict[int, tuple[float | None, float]] = field(default_factory=dict)  # util, VRAM
+    used: set[int] = field(default_factory=set)  # GPUs its processes are on
+    allocated: set[int] | None = None  # through the device plugin; None: unknown
+    allocation_source: str | None = None
     ssh_sessions: int | None = None
     cpu_total_s: float | None = None
 
@@ -94,6 +105,9 @@ def live_view(
         if j.state not in (RUNNING, STARTING):
             continue
         name = j.cluster_name_on_cloud or f"managed-job-{j.id}"
+        if any(s.cluster == name for s in sessions):  # one name, two records: never guess
+            notes.append(f"managed job {j.id} is named {name} like a cluster: left out")
+            continue
         s = LiveSession(
             cluster=name,
             owner=j.labels.get(LABEL_USER) or j.user or "?",
@@ -141,8 +155,10 @@ def live_view(
             util = None if gpu.utilization_gpu_pct is None else float(gpu.utilization_gpu_pct)
             _, held = owner.gpus.get(gpu.index, (util, 0.0))
             owner.gpus[gpu.index] = (util, held + (proc.used_memory_mib or 0.0))
+            owner.used.add(gpu.index)
             if h.pod_uid:
                 owner.pod_uids.add(h.pod_uid)
+    notes += _allocations(snap, sessions, by_cloud)
     if pods is not None and pods.note is None:
         for s in sessions:
             found = {
@@ -152,6 +168,54 @@ def live_view(
             s.pod_present = bool(s.pod_uids) or s.on_cloud is None
     notes += _read_activity(sessions, proc_root, cgroup_root)
     return LiveView(sessions, unmanaged, notes)
+
+
+ALLOCATION_SOURCES = {
+    ALLOCATION_POD_RESOURCES: "the kubelet's pod-resources API (List)",
+    ALLOCATION_ENVIRON: "NVIDIA_VISIBLE_DEVICES in /proc/<pid>/environ of the pods' processes",
+}
+
+
+def _allocations(
+    snap: Snapshot, sessions: list[LiveSession], by_cloud: dict[str, LiveSession]
+) -> list[str]:
+    """Each session's allocated GPUs (and a 0 MiB row for each one its processes are not
+    on: the history must show those GPUs idle too); notes say where they were read."""
+    view = snap.allocation
+    if view.source is None:
+        why = view.note or "not read"
+        return [
+            f"GPU allocation unknown ({why}): sessions are judged on the VRAM their processes "
+            "hold (min_vram_mib)"
+        ]
+    notes = [f"GPU allocation: from {ALLOCATION_SOURCES.get(view.source, view.source)}"]
+    util = {
+        g.index: None if g.utilization_gpu_pct is None else float(g.utilization_gpu_pct)
+        for g in snap.nvml.gpus
+    }
+    unsure: set[str] = set()
+    for pa in view.pods:
+        owner = by_cloud.get(pa.cluster_name_on_cloud or "")
+        if owner is None and pa.pod_uid:
+            owner = next((s for s in sessions if pa.pod_uid in s.pod_uids), None)
+        if owner is None:
+            continue
+        if pa.unmapped:
+            unsure.add(owner.cluster)
+            notes.append(
+                f"{owner.cluster}: allocated device(s) {', '.join(pa.unmapped)} are no whole GPU "
+                "NVML lists (MIG?): its allocation is not used as evidence"
+            )
+        owner.allocated = (owner.allocated or set()) | set(pa.gpus)
+        owner.allocation_source = view.source
+        if pa.pod_uid:
+            owner.pod_uids.add(pa.pod_uid)
+    for s in sessions:
+        if s.cluster in unsure:
+            s.allocated, s.allocation_source = None, None
+        for index in sorted(s.allocated or ()):
+            s.gpus.setdefault(index, (util.get(index), 0.0))
+    return notes
 
 
 PF_KTHREAD = 0x00200000  # /proc/<pid>/stat `flags`: a kernel thread
@@ -282,6 +346,9 @@ def build_evidence(
         gpu_rows, act_rows = samples.get(s.cluster, ([], []))
         floor = s.created_at if s.created_at is not None else since
         notice = history.notice(s.cluster, s.created_at)
+        rows = tuple(g for g in gpu_rows if g.ts >= floor)
+        listed = s.used | (s.allocated or set())
+        earlier = tuple(sorted({g.gpu for g in rows} - listed))
         sessions.append(
             Session(
                 cluster=s.cluster,
@@ -290,14 +357,17 @@ def build_evidence(
                 created_at=s.created_at,
                 status=s.status,
                 labels=s.labels,
-                gpus=tuple(sorted(s.gpus)),
+                gpus=tuple(sorted(s.used)),
+                allocated_gpus=None if s.allocated is None else tuple(sorted(s.allocated)),
+                allocation_source=s.allocation_source,
+                gpus_earlier=earlier,
                 vram_mib=s.vram_mib,
                 jobs_running=s.jobs_running,
                 jobs_pending=s.jobs_pending,
                 ssh_attached=None if s.ssh_sessions is None else s.ssh_sessions > 0,
                 pod_present=s.pod_present,
                 warned_at=notice.warned_at if notice else None,
-                gpu_samples=tuple(g for g in gpu_rows if g.ts >= floor),
+                gpu_samples=rows,
                 activity_samples=tuple(a for a in act_rows if a.ts >= floor),
             )
         )

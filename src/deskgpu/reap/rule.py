@@ -59,7 +59,9 @@ class Decision:
     kind: str  # interactive, batch or unmanaged
     reasons: tuple[str, ...]
     vram_mib: float | None = None
-    gpus: tuple[int, ...] = ()
+    gpus: tuple[int, ...] = ()  # what its processes use
+    allocated_gpus: tuple[int, ...] | None = None  # through the device plugin; None: unknown
+    unused_allocated_gpus: tuple[int, ...] = ()  # the right-sizing note's GPUs
     idle_since: float | None = None
     warned_at: float | None = None
     reap_after: float | None = None  # when the grace period ends
@@ -67,10 +69,21 @@ class Decision:
     command: str | None = None
     proc_uid: int | None = None  # the process's identity when seen (see UnmanagedProcess)
     proc_start_time: int | None = None
+    # Why this caller's `--yes` would skip it (`may_act_on`); set by the run, not the rule.
+    refused: str | None = None
 
     @property
     def summary(self) -> str:
         return ", ".join(self.reasons)
+
+    @property
+    def held_gpus(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.gpus) | set(self.allocated_gpus or ())))
+
+    @property
+    def actionable(self) -> bool:
+        """A zombie this caller's `--yes` would warn or tear down."""
+        return self.action.is_zombie and self.refused is None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -82,6 +95,9 @@ class Decision:
             "reasons": list(self.reasons),
             "vram_mib": self.vram_mib,
             "gpus": list(self.gpus),
+            "allocated_gpus": None if self.allocated_gpus is None else list(self.allocated_gpus),
+            "unused_allocated_gpus": list(self.unused_allocated_gpus),
+            "refused": self.refused,
             "idle_since": iso(self.idle_since),
             "warned_at": iso(self.warned_at),
             "reap_after": iso(self.reap_after),
@@ -177,7 +193,7 @@ def idle_run(session: Session, settings: ReapSettings, now: float, *, interactiv
         return IdleRun(None, f"no observation since {when(newest)}")
     threshold = settings.util_threshold_pct
     busy = settings.cpu_busy_pct
-    held = set(session.gpus)
+    held = set(session.gpus) | set(session.allocated_gpus or ())
     # CPU % is a rate: the session's first observation has no earlier reading to compare
     # with, so its unknown CPU is forgiven. Any later unknown CPU ends the stretch.
     first_look = min(activity, default=float("-inf"))
@@ -241,6 +257,51 @@ def _held(session: Session) -> str:
     return f"{format_mib(session.vram_mib)} held{where}"
 
 
+def _gpu_list(gpus: tuple[int, ...]) -> str:
+    return ",".join(map(str, gpus))
+
+
+def _n_gpus(n: int) -> str:
+    return f"{n} GPU{'' if n == 1 else 's'}"
+
+
+def _pod_gone(session: Session, settings: ReapSettings, now: float) -> str:
+    """Since when its pod is gone, as far as the history says (not every gone pod vanished
+    mid-run: one gone for days is a leftover record)."""
+    seen = [g.ts for g in session.gpu_samples if g.ts <= now]
+    seen += [a.ts for a in session.activity_samples if a.ts <= now]
+    if not seen:
+        return "its pod is gone: no observation of it in the history"
+    last = max(seen)
+    if now - last <= settings.max_sample_gap_s:
+        return f"its pod is gone: it vanished mid-run, after {when(last)}"
+    return f"its pod is gone: last seen {when(last)}, {format_duration(now - last)} ago"
+
+
+def right_size(session: Session, settings: ReapSettings, now: float) -> tuple[int, ...]:
+    """Allocated GPUs that nothing used (no VRAM, utilization under the threshold) for at
+    least `idle_window`, while another GPU of the same session was in use: a note, never a
+    teardown."""
+    allocated = session.allocated_gpus
+    if not allocated or len(allocated) < 2:
+        return ()
+    start = now - settings.idle_window_s
+    first: dict[int, float] = {}
+    used: set[int] = set()
+    threshold = settings.util_threshold_pct
+    for g in session.gpu_samples:
+        if g.gpu not in allocated or g.ts > now:
+            continue
+        first[g.gpu] = min(first.get(g.gpu, g.ts), g.ts)
+        if g.ts >= start and (
+            g.util_pct is None or g.util_pct >= threshold or g.vram_mib is None or g.vram_mib > 0
+        ):
+            used.add(g.gpu)  # an unknown reading counts as used: the note must be true
+    covered = [g for g in allocated if g in first and first[g] <= start]
+    unused = tuple(g for g in covered if g not in used)
+    return unused if unused and used else ()
+
+
 def decide_session(session: Session, settings: ReapSettings, now: float) -> Decision:
     def make(action: Action, reasons: list[str], **extra: Any) -> Decision:
         return Decision(
@@ -251,6 +312,7 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
             reasons=tuple(reasons),
             vram_mib=session.vram_mib,
             gpus=session.gpus,
+            allocated_gpus=session.allocated_gpus,
             **extra,
         )
 
@@ -261,7 +323,8 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
         return make(
             Action.KEEP,
             [
-                "its pod is gone (vanished mid-run): holds no VRAM on this host",
+                _pod_gone(session, settings, now),
+                "it holds no GPU on this host",
                 f"SkyPilot still lists it as {session.status}; nothing to reclaim",
             ],
         )
@@ -279,16 +342,26 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
         blockers.append("SSH/IDE state unknown now")
     if session.created_at is None:
         blockers.append("age unknown")
+    elif session.created_at > now:
+        blockers.append(
+            f"created {when(session.created_at)}, after this evidence was collected "
+            "(a clock out of step?)"
+        )
     elif now - session.created_at < settings.min_age_s:
         blockers.append(
-            f"age {format_duration(now - session.created_at)} is under the minimum "
+            f"too young: age {format_duration(now - session.created_at)} is under the minimum "
             f"{format_duration(settings.min_age_s)}"
         )
-    if session.vram_mib is None:
+    allocated = session.allocated_gpus
+    if allocated:
+        pass  # allocated GPUs are held whatever the VRAM: min_vram_mib is for VRAM-only evidence
+    elif session.vram_mib is None:
         blockers.append("VRAM held unknown")
     elif session.vram_mib < settings.min_vram_mib:
+        why = "no GPU allocated to it" if allocated == () else "its GPU allocation is unknown"
         blockers.append(
             f"holds only {format_mib(session.vram_mib)} (under {format_mib(settings.min_vram_mib)})"
+            f" and {why}"
         )
     run = idle_run(session, settings, now, interactive=True)
     idle_for, since = _idle_for(run, session, now)
@@ -300,10 +373,13 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
         if since is not None and since == session.last_activity_at:
             stop = f"activity at {when(since)}"
         elif stop is None:
-            stop = "the history is shorter than the idle window"
+            stop = _history_start(run, session, settings, now)
         blockers.append(f"{proven} (need {format_duration(settings.idle_window_s)}): {stop}")
     if blockers:
-        return make(Action.KEEP, blockers, idle_since=since)
+        unused = right_size(session, settings, now)
+        if unused:
+            blockers.append(_right_size_note(session, unused, now))
+        return make(Action.KEEP, blockers, idle_since=since, unused_allocated_gpus=unused)
 
     assert since is not None  # idle_for >= idle_window > 0
     last_ssh = max(
@@ -315,19 +391,32 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
         ssh = f"no SSH or activity since {when(session.last_activity_at)}"
     else:
         ssh = f"no SSH in {format_duration(idle_for)}"
-    facts = [
-        f"idle {format_duration(idle_for)}",
-        f"{run.peak_util_pct:.0f}% GPU over {format_duration(idle_for)}",
-        _held(session),
-        ssh,
-        "no running job",
-    ]
+    idle = format_duration(idle_for)
+    if allocated and not session.gpus and not session.vram_mib:
+        peak = run.peak_util_pct
+        use = "unused" if peak == 0 else f"at most {peak:.0f}% GPU"
+        facts = [
+            f"idle {idle}",
+            f"{_n_gpus(len(allocated))} allocated, {use} for {idle} (no GPU process)",
+            f"GPU {_gpu_list(allocated)} allocated through the device plugin",
+        ]
+    else:
+        facts = [f"idle {idle}", f"{run.peak_util_pct:.0f}% GPU over {idle}", _held(session)]
+        if allocated and set(allocated) != set(session.gpus):
+            facts.append(f"{_n_gpus(len(allocated))} allocated (GPU {_gpu_list(allocated)})")
+    facts += [ssh, "no running job"]
     # A warning counts only if the evidence shows the session idle ever since it was given.
     # One older than the idle stretch is stale: the owner came back in between, or the
     # history no longer reaches back to it (pruned: nobody can say what happened since), or
     # it was given to an earlier session of the same name. Stale means a fresh notice.
     warned = session.warned_at
-    if warned is not None and (
+    if warned is not None and warned > now:
+        facts.append(
+            f"the notice dated {when(warned)} is after this evidence was collected: "
+            "refused as evidence, not counted"
+        )
+        warned = None
+    elif warned is not None and (
         warned < since or (session.created_at is not None and warned < session.created_at)
     ):
         facts.append(f"the notice of {when(warned)} predates this idle stretch")
@@ -356,6 +445,29 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
         idle_since=since,
         warned_at=warned,
         reap_after=after,
+    )
+
+
+def _history_start(run: IdleRun, session: Session, settings: ReapSettings, now: float) -> str:
+    """Why an idle stretch that reaches the oldest observation is still too short."""
+    oldest = run.since
+    created = session.created_at
+    if oldest is None:
+        return "no GPU reading of it in the history"
+    if created is not None and oldest - created <= settings.max_sample_gap_s:
+        age = format_duration(now - created) if created is not None else "?"
+        return f"too young, idle since it started {age} ago"
+    return f"the history reaches back only to {when(oldest)}"
+
+
+def _right_size_note(session: Session, unused: tuple[int, ...], now: float) -> str:
+    allocated = session.allocated_gpus or ()
+    using = len(allocated) - len(unused)
+    since = min((g.ts for g in session.gpu_samples if g.gpu in unused), default=now)
+    return (
+        f"right-size: uses {using} of {len(allocated)} allocated GPUs; GPU {_gpu_list(unused)} "
+        f"unused for {format_duration(now - since)} (no process, idle): {using} would do "
+        "(a note, never a teardown)"
     )
 
 
@@ -389,7 +501,10 @@ def _decide_batch(
         )
     if run.stopped_by and run.stopped_by.startswith("CPU busy"):
         reasons.append(f"{run.stopped_by}: likely loading data")
-    return make(Action.KEEP, reasons, idle_since=since)
+    unused = right_size(session, settings, now)
+    if unused:
+        reasons.append(_right_size_note(session, unused, now))
+    return make(Action.KEEP, reasons, idle_since=since, unused_allocated_gpus=unused)
 
 
 def _not_a_target(proc: UnmanagedProcess, settings: ReapSettings) -> str | None:

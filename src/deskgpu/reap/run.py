@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
-from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError
+from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError, UsageError
 from deskgpu.reap import act, audit, gather
 from deskgpu.reap.evidence import Evidence, Session, iso
 from deskgpu.reap.history import History, Notice, history_copy, open_history
@@ -103,6 +103,15 @@ class ReapResult:
         return [d for d in self.decisions if d.action.is_zombie]
 
     @property
+    def actionable(self) -> list[Decision]:
+        """The zombies this caller's `--yes` would act on (others' are `refused`)."""
+        return [d for d in self.decisions if d.actionable]
+
+    @property
+    def would_skip(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action.is_zombie and d.refused is not None]
+
+    @property
     def failures(self) -> list[act.Outcome]:
         return [o for o in self.outcomes if not o.ok]
 
@@ -110,7 +119,7 @@ class ReapResult:
     def exit_status(self) -> ExitStatus:
         if self.failures:
             return ExitStatus.OUTSIDE_FAILURE
-        if self.dry_run and self.zombies:
+        if self.dry_run and self.actionable:
             return ExitStatus.FOUND
         return ExitStatus.OK
 
@@ -126,6 +135,7 @@ class ReapResult:
             "evidence_file": self.evidence_file,
             "notes": list(self.evidence.notes) + self.notes,
             "counts": counts,
+            "would_skip": len(self.would_skip),
             "decisions": [d.to_dict() for d in self.decisions],
             "outcomes": [o.to_dict() for o in self.outcomes],
             "exit_status": int(self.exit_status),
@@ -137,12 +147,45 @@ def new_run_id(now: float) -> str:
     return f"{stamp}-{os.getpid()}"
 
 
-def replay(path: Path, settings: ReapSettings) -> ReapResult:
-    """Re-decide a recorded evidence document as of when it was collected; no live calls."""
+def replay(
+    path: Path,
+    settings: ReapSettings,
+    *,
+    config: HostConfig | None = None,
+    actor: act.Actor | None = None,
+    as_admin: bool = False,
+) -> ReapResult:
+    """Re-decide a recorded evidence document as of when it was collected; no live calls.
+    Like a dry run, it shows what this caller's `--yes` would have done."""
+    config = config or HostConfig()
+    actor = actor or act.current_actor()
+    view = viewer(actor, config, as_admin)
     evidence = audit.read_evidence(path)
-    decisions = decide(evidence, settings)
+    decisions = judge(decide(evidence, settings), view)
     notes = unmatched_protected(evidence, settings.protected)
     return ReapResult(new_run_id(time.time()), True, evidence, decisions, notes=notes)
+
+
+def viewer(actor: act.Actor, config: HostConfig, as_admin: bool) -> Callable[[str], str | None]:
+    """Whose permissions a run decides with: the caller's, or (`--as-admin`) an admin's."""
+    if as_admin:
+        if not act.is_admin(actor, config):
+            raise UsageError(
+                f"--as-admin: {actor.user} is not root nor in admin_group "
+                f"({config.admin_group or 'none set'}; it counts only from the root-owned "
+                f"{SYSTEM_CONFIG})"
+            )
+        return lambda _owner: None
+    return act.refusals(actor, config)
+
+
+def judge(decisions: list[Decision], refused: Callable[[str], str | None]) -> list[Decision]:
+    """Mark the zombies this caller may not act on: `--yes` would skip them."""
+    out = []
+    for d in decisions:
+        why = refused(d.owner) if d.action.is_zombie else None
+        out.append(d if why is None else replace(d, refused=why))
+    return out
 
 
 def collect(
@@ -224,10 +267,16 @@ def reap(
     actor: act.Actor | None = None,
     live: Live | None = None,
     record: Path | None = None,
+    as_admin: bool = False,
 ) -> ReapResult:
-    """One reap run. Dry run unless `yes`; with `yes`, runs serialize on the lock."""
+    """One reap run. Dry run unless `yes`; with `yes`, runs serialize on the lock. Either
+    way the decisions say what this caller may not act on (`as_admin`: an admin's view,
+    dry runs only)."""
     live = live or Live()
     actor = actor or act.current_actor()
+    if as_admin and yes:
+        raise UsageError("--as-admin shows an admin's view in a dry run; --yes acts as you")
+    view = viewer(actor, config, as_admin)
     log = audit.AuditLog(settings.audit_file)
     if yes:
         log.check_writable()  # never act without a record of why
@@ -238,17 +287,17 @@ def reap(
     )
     with guard:
         notes: list[str] = []
-        evidence, view = collect(config, settings, live, notes, write=yes)
+        evidence, live_view = collect(config, settings, live, notes, write=yes)
         if record is not None:
             audit.write_evidence(record, evidence)
-        decisions = decide(evidence, settings)
+        decisions = judge(decide(evidence, settings), view)
         notes += unmatched_protected(evidence, settings.protected)
         result = ReapResult(
             new_run_id(evidence.collected_at), not yes, evidence, decisions, notes=notes
         )
         if yes:  # a dry run writes nothing: no audit lines, no evidence file
             _audit_start(result, log, settings, actor)
-            pods = {s.cluster: set(s.pod_uids) for s in view.sessions}
+            pods = {s.cluster: set(s.pod_uids) for s in live_view.sessions}
             _act(result, config, settings, actor, kill_unmanaged, live, log, pods)
             log.append(_run_record(result, actor, live.clock()))
         return result
@@ -323,8 +372,6 @@ def _act(
 ) -> None:
     """Every action; one that fails is audited as `failed` and the others still run."""
     sessions = {s.cluster: s for s in result.evidence.sessions}
-    admin = None if actor.is_root else act.trusted_admin_group(config)
-    users = [] if actor.is_root else act.passwd_names()
     with contextlib.ExitStack() as stack:
         history: History | None = None
         try:
@@ -335,7 +382,7 @@ def _act(
             try:
                 outcome = _act_one(
                     d, result, config, settings, actor, kill_unmanaged, live, history,
-                    sessions.get(d.subject), pods.get(d.subject, set()), admin, users,
+                    sessions.get(d.subject), pods.get(d.subject, set()),
                 )  # fmt: skip
             except (DeskgpuError, OSError, sqlite3.Error) as exc:
                 outcome = act.Outcome(d.subject, "failed", False, f"{d.action.value}: {exc}")
@@ -367,8 +414,6 @@ def _act_one(
     history: History | None,
     session: Session | None,
     pod_uids: set[str],
-    admin: str | None,
-    users: list[str],
 ) -> act.Outcome | None:
     if d.action is Action.REPORT_UNMANAGED:
         if kill_unmanaged:
@@ -376,14 +421,8 @@ def _act_one(
         return None
     if d.action not in (Action.WARN, Action.REAP):
         return None
-    refused = act.may_act_on(actor, d.owner, admin, users)
-    if refused is not None:
-        if config.admin_group and admin is None and config.admin_group in actor.groups:
-            refused += (
-                f" (admin_group counts only from the root-owned {SYSTEM_CONFIG}, "
-                f"not {config.source})"
-            )
-        return act.Outcome(d.subject, "skipped", True, refused)
+    if d.refused is not None:  # judged once, by `judge`, for the dry run and for --yes alike
+        return act.Outcome(d.subject, "skipped", True, d.refused)
     if d.action is Action.WARN:
         if d.warned_at is not None:
             return None  # warned before; its grace period is still running
@@ -415,7 +454,7 @@ def owner_back(
     if ssh > 0:
         return "an SSH/IDE session attached just now"
     util = live.utilization(config)
-    for gpu in d.gpus:
+    for gpu in d.held_gpus:  # its processes' GPUs and those allocated to it
         now = util.get(gpu)
         if now is None:
             return f"GPU {gpu} cannot be read now"
