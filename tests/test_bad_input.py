@@ -311,3 +311,28 @@ def test_setup_render_into_a_place_it_cannot_write_is_a_usage_error(
             "cannot write the setup files" in result.stderr
             and "internal error" not in result.stderr
         )
+
+
+SNAPSHOT_DOC = json.loads((FIXTURES / "snapshots" / "busy_box.json").read_text())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[FIXTURE_CHECK])
+@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=4), st.lists(_JUNK, min_size=4))
+def test_mutated_snapshots_are_shown_or_refused_never_crash(
+    tmp_path: Path, picks: list[int], values: list[Any]
+) -> None:
+    from rich.console import Console
+
+    from deskgpu import render_queue, survey
+
+    path = tmp_path / "snap.json"
+    path.write_text(json.dumps(_mutate(SNAPSHOT_DOC, picks, values)))
+    try:
+        snap = survey.load(path)
+    except DeskgpuError as exc:
+        assert exc.exit_status == 2 and str(path) in exc.lines()[0]
+        return
+    json.dumps(survey.document(snap), allow_nan=False, default=str)
+    console = Console(file=io.StringIO(), width=80, markup=False)  # as the CLI prints
+    for part in [render_queue.gpu_half(snap), *render_queue.sky_half(snap, True)]:
+        console.print(part)

@@ -186,15 +186,16 @@ def test_corrupt_history_is_one_note_not_a_crash(cli, monkeypatch, config_file) 
     assert doc["notices"] == [] and "cannot read" in doc["notices_error"]
 
 
-def test_bad_reap_config_is_one_note_not_a_usage_error(cli, monkeypatch, tmp_path) -> None:
+def test_a_reap_config_reap_refuses_is_refused_by_queue_too_at_its_line(cli, tmp_path) -> None:
+    """One host config for every command: what reap would refuse, queue refuses, located."""
     cfg = tmp_path / "config.yaml"
     reap = {"live_window": "10s", "live_interval": "1m"}  # schema-valid, but reap refuses it
     cfg.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "reap": reap}))
-    fake_live(monkeypatch)
     result = cli("queue", "--config", str(cfg), "--json")
-    assert result.exit_code == 0
-    assert "reap notices: host config: reap.live_interval" in result.stderr
-    assert json.loads(result.stdout)["notices"] == []
+    assert result.exit_code == 2
+    assert f"{cfg}:" in result.stderr and "reap.live_interval: longer than reap.live_window" in (
+        result.stderr
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")

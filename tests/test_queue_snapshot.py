@@ -197,7 +197,7 @@ def test_handwritten_minimal_snapshot_is_read_with_defaults() -> None:
         ('{"schema_version": 1}', "no taken_at"),
         (
             '{"schema_version": 1, "taken_at": 1, "nvml": {"available": true, "gpus": [{}]}}',
-            "malformed",
+            "nvml.gpus[0]: `index` is missing",
         ),
     ],
 )

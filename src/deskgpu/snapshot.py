@@ -272,18 +272,19 @@ class Snapshot:
             )
         if "taken_at" not in doc:
             raise SnapshotFormatError("snapshot has no taken_at")
-        try:
-            return Snapshot(
-                taken_at=float(doc["taken_at"]),
-                host=doc.get("host"),
-                nvml=_nvml_from(doc.get("nvml") or {"available": False}),
-                sky=_sky_from(doc.get("sky") or {"available": False}),
-                notices=[ReapNotice(**_pick(ReapNotice, n)) for n in doc.get("notices") or []],
-                notices_error=doc.get("notices_error"),
-                allocation=_allocation_from(doc.get("allocation") or {}),
-            )
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise SnapshotFormatError(f"malformed snapshot: {exc}") from None
+        from deskgpu import typedload
+
+        doc = {
+            **doc,
+            "nvml": doc.get("nvml") or {"available": False},
+            "sky": doc.get("sky") or {"available": False},
+            "notices": doc.get("notices") or [],
+            "allocation": doc.get("allocation") or {},
+        }
+        try:  # every field checked against its type: `"12"` for a number is named, not a crash
+            return typedload.load(Snapshot, doc, "")
+        except typedload.TypedLoadError as exc:
+            raise SnapshotFormatError(str(exc)) from None
 
 
 def _dump(obj: Any) -> Any:
@@ -294,55 +295,6 @@ def _dump(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _dump(v) for k, v in obj.items()}
     return obj
-
-
-def _pick(cls: type, data: dict[str, Any], **override: Any) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    kwargs = {k: v for k, v in data.items() if k in names}
-    kwargs.update(override)
-    return kwargs
-
-
-def _holder_from(data: dict[str, Any] | None) -> Holder | None:
-    return None if data is None else Holder(**_pick(Holder, data))
-
-
-def _process_from(data: dict[str, Any]) -> GpuProcess:
-    return GpuProcess(**_pick(GpuProcess, data, holder=_holder_from(data.get("holder"))))
-
-
-def _gpu_from(data: dict[str, Any]) -> Gpu:
-    processes = [_process_from(p) for p in data.get("processes") or []]
-    allocated = _holder_from(data.get("allocated_to"))
-    return Gpu(**_pick(Gpu, data, processes=processes, allocated_to=allocated))
-
-
-def _allocation_from(data: dict[str, Any]) -> AllocationView:
-    pods = [PodAllocation(**_pick(PodAllocation, p)) for p in data.get("pods") or []]
-    return AllocationView(**_pick(AllocationView, data, pods=pods))
-
-
-def _nvml_from(data: dict[str, Any]) -> NvmlView:
-    return NvmlView(
-        **_pick(
-            NvmlView,
-            data,
-            gpus=[_gpu_from(g) for g in data.get("gpus") or []],
-            notes=list(data.get("notes") or []),
-        )
-    )
-
-
-def _sky_from(data: dict[str, Any]) -> SkyView:
-    return SkyView(
-        **_pick(
-            SkyView,
-            data,
-            jobs=[Job(**_pick(Job, j)) for j in data.get("jobs") or []],
-            clusters=[Cluster(**_pick(Cluster, c)) for c in data.get("clusters") or []],
-            notes=list(data.get("notes") or []),
-        )
-    )
 
 
 def _short_command(command: str | None) -> str | None:
