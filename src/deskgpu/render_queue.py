@@ -7,8 +7,9 @@ screen tomorrow as today.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -41,42 +42,101 @@ _STATE_STYLE = {
 }
 
 
-def gpu_table(snap: Snapshot) -> Table:
-    table = Table(title="GPUs", title_justify="left", expand=False)
-    for name, justify in (
-        ("GPU", "right"),
-        ("Name", "left"),
-        ("VRAM used/total", "left"),
-        ("Util", "right"),
-        ("Temp", "right"),
-        ("Power", "right"),
-        ("Held by", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+# Each table's layouts, richest first: the first that fits the terminal is drawn. What
+# people look for (who holds a GPU, job and session names, states, reasons) is in every
+# layout and never cut; power, the model name, the VRAM bar and ages go first.
+_GPU_LAYOUTS = (
+    ("GPU", "Name", "VRAM used/total", "Util", "Temp", "Power", "Held by"),
+    ("GPU", "Name", "VRAM used/total", "Util", "Temp", "Held by"),
+    ("GPU", "Name", "VRAM", "Util", "Temp", "Held by"),
+    ("GPU", "VRAM", "Util", "Temp", "Held by"),
+    ("GPU", "VRAM", "Util", "Held by"),
+    ("GPU", "Util", "Held by"),
+)
+_JOB_LAYOUTS = (
+    ("ID", "Name", "User", "GPUs", "State", "Reason", "For"),
+    ("ID", "Name", "User", "GPUs", "State", "Reason"),
+    ("ID", "Name", "User", "State", "Reason"),
+    ("Name", "User", "State", "Reason"),
+)
+_SESSION_LAYOUTS = (
+    ("Name", "User", "GPUs", "State", "Age", "Autostop", "VRAM held", "Util", ""),
+    ("Name", "User", "GPUs", "State", "Age", "VRAM held", "Util", ""),
+    ("Name", "User", "GPUs", "State", "VRAM held", ""),
+    ("Name", "User", "GPUs", "State", ""),
+    ("Name", "User", "State", ""),
+)
+_RIGHT = {"GPU", "ID", "Util", "Temp", "Power"}
+
+
+def _cell_width(cell: RenderableType) -> int:
+    text = cell.plain if isinstance(cell, Text) else str(cell)
+    return max((len(line) for line in text.split("\n")), default=0)
+
+
+@dataclass
+class _Fitted:
+    """A table drawn in the richest of its layouts that fits the width it is given."""
+
+    title: str
+    layouts: tuple[tuple[str, ...], ...]
+    rows: list[dict[str, RenderableType]]
+    caption: str | None = None
+    wrap: frozenset[str] = frozenset({"Reason"})  # may wrap (at spaces) to fit
+
+    def _width(self, layout: tuple[str, ...]) -> int:
+        widths = []
+        for name in layout:
+            longest = max((_cell_width(r.get(name, "")) for r in self.rows), default=0)
+            if name in self.wrap:
+                longest = min(longest, 24)  # wraps rather than widening the table
+            widths.append(max(len(name), longest))
+        return sum(widths) + 3 * len(layout) + 1
+
+    def table(self, width: int) -> Table:
+        layout = next((x for x in self.layouts if self._width(x) <= width), self.layouts[-1])
+        table = Table(title=self.title, title_justify="left", expand=False, caption=self.caption)
+        for name in layout:
+            table.add_column(
+                name,
+                justify="right" if name in _RIGHT else "left",
+                no_wrap=name not in self.wrap,  # only the long-text columns wrap
+                overflow="fold",  # never "…": a cut name reads as another name
+            )
+        for row in self.rows:
+            table.add_row(*(row.get(name, "") for name in layout))
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.table(options.max_width)
+
+
+def gpu_table(snap: Snapshot) -> _Fitted:
+    rows: list[dict[str, RenderableType]] = []
     for gpu in snap.nvml.gpus:
         if gpu.lost:
-            table.add_row(
-                str(gpu.index),
-                gpu.name or "?",
-                Text("LOST", style="bold red"),
-                "",
-                "",
-                "",
-                Text(gpu.error or "GPU is lost", style="red"),
-            )
+            lost = Text("LOST", style="bold red")
+            rows.append({"GPU": str(gpu.index), "Name": gpu.name or "?",
+                         "VRAM used/total": lost, "VRAM": lost, "Util": "",
+                         "Held by": Text(gpu.error or "GPU is lost", style="red")})  # fmt: skip
             continue
-        table.add_row(
-            str(gpu.index),
-            _gpu_name(gpu),
-            _vram(gpu),
-            _pct(gpu.utilization_gpu_pct),
-            _temp(gpu),
-            _power(gpu),
-            _holders(gpu),
+        rows.append(
+            {
+                "GPU": str(gpu.index),
+                "Name": _gpu_name(gpu),
+                "VRAM used/total": _vram(gpu),
+                "VRAM": _vram(gpu, bar=False),
+                "Util": _pct(gpu.utilization_gpu_pct),
+                "Temp": _temp(gpu),
+                "Power": _power(gpu),
+                "Held by": _holders(gpu),
+            }
         )
+    caption = None
     if any(g.throttle_reasons for g in snap.nvml.gpus):
-        table.caption = "! = clocks throttled (thermal, power or HW slowdown)"
-    return table
+        caption = "! = clocks throttled (thermal, power or HW slowdown)"
+    fitted = _Fitted("GPUs", _GPU_LAYOUTS, rows, caption, wrap=frozenset({"Held by"}))
+    return fitted
 
 
 def _gpu_name(gpu: Gpu) -> str:
@@ -84,17 +144,19 @@ def _gpu_name(gpu: Gpu) -> str:
     return name + (" [MIG]" if gpu.mig_mode else "")
 
 
-def _vram(gpu: Gpu) -> Text:
+def _vram(gpu: Gpu, *, bar: bool = True) -> Text:
     used, total = gpu.memory_used_mib, gpu.memory_total_mib
     if used is None or total is None or total <= 0:
         return Text("N/A")
+    if not bar:
+        return Text(f"{used / 1024:.1f}/{total / 1024:.0f} GiB")
     frac = min(1.0, used / total)
     filled = round(frac * BAR_WIDTH)
     style = "red" if frac > 0.9 else "yellow" if frac > 0.5 else "green"
-    bar = Text("█" * filled, style=style)
-    bar.append("░" * (BAR_WIDTH - filled), style="dim")
-    bar.append(f" {used / 1024:.1f}/{total / 1024:.0f} GiB")
-    return bar
+    line = Text("█" * filled, style=style)
+    line.append("░" * (BAR_WIDTH - filled), style="dim")
+    line.append(f" {used / 1024:.1f}/{total / 1024:.0f} GiB")
+    return line
 
 
 def _pct(value: int | None) -> str:
@@ -142,30 +204,29 @@ def _holders(gpu: Gpu) -> Text:
     return text
 
 
-def job_table(snap: Snapshot, show_finished: bool = False) -> Table:
-    table = Table(title="Jobs", title_justify="left")
-    for name in ("ID", "Name", "User", "GPUs", "State", "Reason", "For"):
-        table.add_column(name, justify="right" if name == "ID" else "left")
+def job_table(snap: Snapshot, show_finished: bool = False) -> _Fitted:
     shown = [j for j in snap.sky.jobs if show_finished or j.state in ACTIVE_STATES]
     order = {QUEUED: 1, STARTING: 0, RUNNING: 0}
     shown.sort(key=lambda j: (order.get(j.state, 2), j.queue_position or 0, j.id))
+    rows: list[dict[str, RenderableType]] = []
     for job in shown:
         state = Text(job.state, style=_STATE_STYLE.get(job.state, ""))
         if job.queue_position is not None:
             state.append(f" #{job.queue_position}", style="yellow")
-        table.add_row(
-            str(job.id),
-            job.name or "",
-            job.user or "?",
-            job.gpus or "-",
-            state,
-            Text(job.reason or "", overflow="fold"),
-            _job_for(job, snap.taken_at),
+        rows.append(
+            {
+                "ID": str(job.id),
+                "Name": job.name or "",
+                "User": job.user or "?",
+                "GPUs": job.gpus or "-",
+                "State": state,
+                "Reason": Text(job.reason or ""),
+                "For": _job_for(job, snap.taken_at),
+            }
         )
     hidden = len(snap.sky.jobs) - len(shown)
-    if hidden:
-        table.caption = f"+{hidden} finished (see --json)"
-    return table
+    caption = f"+{hidden} finished (see --json)" if hidden else None
+    return _Fitted("Jobs", _JOB_LAYOUTS, rows, caption, wrap=frozenset({"Reason", "For"}))
 
 
 def _job_for(job: Job, now: float) -> str:
@@ -179,11 +240,9 @@ def _job_for(job: Job, now: float) -> str:
     return ""
 
 
-def session_table(snap: Snapshot) -> Table:
-    table = Table(title="Sessions", title_justify="left")
-    for name in ("Name", "User", "GPUs", "State", "Age", "Autostop", "VRAM held", "Util", ""):
-        table.add_column(name)
+def session_table(snap: Snapshot) -> _Fitted:
     notices = {n.cluster: n for n in current_notices(snap)}
+    rows: list[dict[str, RenderableType]] = []
     for row in survey.sessions(snap):
         c, use = row.cluster, row.use
         held = use.held_indexes
@@ -194,18 +253,20 @@ def session_table(snap: Snapshot) -> Table:
         state = Text(c.state, style=_STATE_STYLE.get(c.state, ""))
         if c.reason:
             state.append(f" ({c.reason})", style="dim")
-        table.add_row(
-            c.name,
-            c.user or "?",
-            gpus,
-            state,
-            format_duration(snap.taken_at - c.launched_at) if c.launched_at else "?",
-            autostop,
-            format_mib(use.used_memory_mib) if held else "-",
-            _pct(use.max_utilization_gpu_pct) if held else "-",
-            _flags(row.zombie_suspect, notices.get(c.name), snap.taken_at),
+        rows.append(
+            {
+                "Name": c.name,
+                "User": c.user or "?",
+                "GPUs": gpus,
+                "State": state,
+                "Age": format_duration(snap.taken_at - c.launched_at) if c.launched_at else "?",
+                "Autostop": autostop,
+                "VRAM held": format_mib(use.used_memory_mib) if held else "-",
+                "Util": _pct(use.max_utilization_gpu_pct) if held else "-",
+                "": _flags(row.zombie_suspect, notices.get(c.name), snap.taken_at),
+            }
         )
-    return table
+    return _Fitted("Sessions", _SESSION_LAYOUTS, rows, wrap=frozenset({"", "State"}))
 
 
 def _flags(zombie_suspect: bool, notice: ReapNotice | None, now: float) -> Text:
