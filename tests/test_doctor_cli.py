@@ -178,3 +178,17 @@ def test_replay_of_facts_recorded_on_the_dev_vm(cli) -> None:
         "other API servers on this host: root pid 2689 port 46999"
         in (checks["skypilot.shared_server"]["detail"])
     )
+
+
+def test_each_fix_is_one_whole_line_at_80_columns(cli) -> None:
+    """Commands and URLs can be copied: a fix is never wrapped inside the table."""
+    args = ["--facts", str(FIXTURES / "k3s-node-without-gpus.json"),
+            "--config", str(FIXTURES / "host-config.yaml")]  # fmt: skip
+    table = cli("doctor", *args, env={"COLUMNS": "80"})
+    fixes = [
+        c["fix"] for c in json.loads(cli("doctor", *args, "--json").stdout)["checks"] if c["fix"]
+    ]
+    assert len(fixes) >= 3
+    lines = table.stdout.splitlines()
+    for fix in fixes:
+        assert any(line.endswith(fix) for line in lines), fix
