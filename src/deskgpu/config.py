@@ -42,6 +42,7 @@ class HostConfig:
     images_deny: tuple[str, ...] = ()
     admin_group: str | None = None
     state_dir: str = "/var/lib/deskgpu"
+    metrics_textfile_dir: str | None = None  # node_exporter's textfile directory
     protected: tuple[str, ...] = ()
     reap: dict[str, Any] = field(default_factory=dict)
     doctor: DoctorSettings = field(default_factory=DoctorSettings)

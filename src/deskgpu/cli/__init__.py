@@ -8,7 +8,7 @@ import sys
 import typer
 
 from deskgpu import __version__
-from deskgpu.cli import doctor, observe, queue, reap, setup, submit
+from deskgpu.cli import doctor, observe, queue, reap, report, setup, submit
 
 app = typer.Typer(
     name="deskgpu",
@@ -45,6 +45,7 @@ app.command("submit")(submit.submit_command)
 app.command("queue")(queue.queue_command)
 app.command("reap")(reap.reap_command)
 app.command("observe")(observe.observe_command)
+app.command("report")(report.report_command)
 app.command("doctor")(doctor.doctor_command)
 app.add_typer(setup.app, name="setup")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,6 +23,16 @@ def observe_command(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing unless warning.")
     ] = False,
+    textfile: Annotated[
+        Path | None,
+        typer.Option(
+            "--textfile",
+            help="Also write DIR/deskgpu.prom for node_exporter's textfile collector.",
+            file_okay=False,
+            show_default=False,
+            metavar="DIR",
+        ),
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Append one observation (GPU use, SSH/IDE connections, CPU per session) to the history.
@@ -34,7 +45,12 @@ def observe_command(
     from deskgpu.reap.settings import load_settings
 
     config = get_config(config_path)
-    result = run.observe(config, load_settings(config))
+    settings = load_settings(config)
+    result = run.observe(config, settings)
+    if textfile is not None:  # after the observation: a bad directory loses no sample
+        from deskgpu.usage import textfile as prom
+
+        prom.observe_textfile(textfile, result, settings)
     if not quiet:
         for note in result.notes:
             warn(note)

@@ -61,6 +61,14 @@ def reap_command(
             "admin_group only). Without it a dry run shows what yours would do.",
         ),
     ] = False,
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report",
+            help="Append `deskgpu report --since 7d` to the run; with --yes, notify_command "
+            "sends each user their own line.",
+        ),
+    ] = False,
     config_path: ConfigOption = None,
 ) -> None:
     """Find zombie sessions: alive, holding GPUs (VRAM, or an allocation), idle for hours.
@@ -92,10 +100,20 @@ def reap_command(
             record=record,
             as_admin=as_admin,
         )
+    summary = None
+    if report:
+        from deskgpu.usage import weekly
+
+        summary = weekly.after_reap(config, settings, notify=yes and evidence is None)
     if json_out:
-        print_json(result.to_dict())
+        doc = result.to_dict()
+        if summary is not None:
+            doc["report"] = summary.to_dict()
+        print_json(doc)
     else:
         _render(result, quiet)
+        for line in summary.lines() if summary is not None else []:
+            typer.echo(line)
     raise typer.Exit(int(result.exit_status))
 
 

@@ -29,6 +29,7 @@ from deskgpu.reap.rule import Action, Decision, decide, unmatched_protected
 from deskgpu.reap.settings import ReapSettings
 from deskgpu.snapshot import Snapshot
 from deskgpu.units import format_duration
+from deskgpu.usage import store as usage_store
 
 
 @dataclass
@@ -513,6 +514,8 @@ class ObserveResult:
     warned: list[str] = field(default_factory=list)
     cleared: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    suspects: list[tuple[str, str]] = field(default_factory=list)  # zombies now: (cluster, owner)
+    snapshot: Snapshot | None = None  # what it observed (for `observe --textfile`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -533,9 +536,11 @@ def observe(config: HostConfig, settings: ReapSettings, live: Live | None = None
     view = gather.live_view(snap, live.pod_index(), live.proc_root, live.cgroup_root)
     now = snap.taken_at
     result = ObserveResult(now, len(view.sessions), len(snap.nvml.gpus), len(view.unmanaged))
+    result.snapshot = snap
     result.notes.extend(view.notes)
     with open_history(settings.history_file) as history:
         history.append(now, [s.sample() for s in view.sessions])
+        usage_store.record(history.db, now, view.sessions, snap)  # owners, for `deskgpu report`
         history.prune(now - settings.retention_s)
         live_names = {s.cluster for s in view.sessions}
         for n in history.notices():
@@ -587,6 +592,8 @@ def _observe_notices(
         )
 
     for d in decide(evidence, settings):
+        if d.action.is_zombie:
+            result.suspects.append((d.subject, d.owner))
         session = sessions.get(d.subject)
         if session is None or not (d.action is Action.WARN and d.warned_at is None):
             if session is not None and session.warned_at is not None and not d.action.is_zombie:

@@ -487,6 +487,15 @@ def _oneshot(
     return "\n".join(lines)
 
 
+def observe_schedule(config: HostConfig) -> Schedule:
+    """The observe timer's command; with `metrics_textfile_dir`, it also writes the metrics."""
+    if not config.metrics_textfile_dir:
+        return OBSERVE
+    return dataclasses.replace(
+        OBSERVE, args=(*OBSERVE.args, "--textfile", shlex.quote(config.metrics_textfile_dir))
+    )
+
+
 def _timer(config: HostConfig, schedule: Schedule) -> str:
     lines = [
         _header(config).rstrip("\n"),
@@ -521,7 +530,7 @@ def crontab(config: HostConfig, tools: Tools) -> str:
         f"# {_sentence(OBSERVE.when)}: one cheap observation into the reap history in",
         f"# {config.state_dir}; it also gives owners their first notice as soon as a session",
         "# qualifies as a zombie (the grace clock).",
-        OBSERVE.cron_line(deskgpu),
+        observe_schedule(config).cron_line(deskgpu),
         "",
         f"# {_sentence(REAP.when)}: tear down zombies whose notice is older than the grace",
         "# period. Output (and so cron mail) only when something was reaped, warned or failed;",
@@ -705,7 +714,7 @@ def render(config: HostConfig, tools: Tools, config_text: str | None = None) -> 
             _oneshot(
                 config,
                 tools,
-                OBSERVE,
+                observe_schedule(config),
                 "one observation of GPU use per session (reap history)",
                 ["Nice=10", "IOSchedulingClass=idle", "TimeoutStartSec=2min"],
             ),

@@ -68,4 +68,5 @@ CRON_FILE = "/etc/cron.d/deskgpu"
 # Parameters an installed schedule may set differently and still do the same job: they change
 # only what it prints (`reap` without `--yes` is a dry run, with `--evidence` a replay; a
 # `--config` or `--record` path that is wrong stops the run: none of those counts).
-COSMETIC_PARAMS = frozenset({"quiet", "json_out", "kill_unmanaged"})
+# `observe --textfile` only writes metrics beside the observation.
+COSMETIC_PARAMS = frozenset({"quiet", "json_out", "kill_unmanaged", "textfile"})

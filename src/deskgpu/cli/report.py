@@ -1,0 +1,76 @@
+"""`deskgpu report`: GPU-hours per user and session, busy and held idle, from the history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from deskgpu.cli._common import ConfigOption, JsonOption, exits_cleanly, get_config, print_json
+
+if TYPE_CHECKING:
+    from deskgpu.usage.report import Report
+
+
+@exits_cleanly
+def report_command(
+    since: Annotated[
+        str, typer.Option("--since", help="How far back: a duration like 7d, 36h, 1d12h.")
+    ] = "7d",
+    user: Annotated[
+        str | None, typer.Option("--user", help="Only this user's figures (box totals stay).")
+    ] = None,
+    json_out: JsonOption = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            help="Also write one self-contained HTML page (heat-map, per-user bars).",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Who used the box, who held it idle: GPU-hours allocated, busy (utilization at or over
+    reap.util_threshold_pct) and held idle per user and session, peak VRAM, time waited
+    Queued, reap notices and teardowns; the box's totals, busiest and idlest hours.
+
+    Gaps in the history are listed and counted nowhere. Exit 0; 1: the history cannot be
+    read; 2: usage.
+    """
+    import time
+
+    from deskgpu.errors import UsageError
+    from deskgpu.reap.settings import load_settings
+    from deskgpu.units import parse_duration_s
+    from deskgpu.usage import report
+
+    try:
+        since_s = parse_duration_s(since)
+    except ValueError:
+        raise UsageError(f"--since: not a duration: {since!r} (e.g. 7d, 36h, 1d12h)") from None
+    if since_s < 60:
+        raise UsageError("--since: at least a minute")
+    settings = load_settings(get_config(config_path))
+    result = report.make(settings, since_s=since_s, now=time.time(), user=user)
+    if html is not None:
+        write_html(html, result)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    for line in report.text_lines(result):
+        typer.echo(line)
+    for note in result.notes:
+        typer.echo(f"deskgpu: {note}", err=True)
+
+
+def write_html(path: Path, result: Report) -> None:
+    from deskgpu.errors import UsageError
+    from deskgpu.usage import html
+
+    try:
+        path.write_text(html.page(result), encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--html {path}: cannot write it: {exc.strerror or exc}") from None

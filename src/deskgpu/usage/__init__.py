@@ -1,0 +1,1 @@
+"""Usage accounting over the observation history: `deskgpu report` and the metrics textfile."""

@@ -1,0 +1,559 @@
+"""`deskgpu report`: who used the box and who held it idle, from the observation history.
+
+Each observation stands for the time until the next one; when the next comes later than
+`reap.max_sample_gap` (observe did not run: the box was down, the timer stopped), the
+observation stands for one usual interval and the rest is a gap: gaps are listed and
+counted nowhere, never as idle. A GPU row of a session is a GPU it held (its processes'
+VRAM, or an allocation through the device plugin); the GPU is busy in that interval when
+its utilization is at or over `reap.util_threshold_pct`, held idle below it, unknown when
+the reading failed. So per GPU and hour: allocated = busy + idle + unknown.
+
+Owners and jobs come from what observe recorded (`usage.store`), waits from the SkyPilot
+job records observe kept; reap notices and teardowns from the audit log.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sqlite3
+import statistics
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deskgpu.errors import OutsideError
+from deskgpu.reap.evidence import EvidenceError, iso, parse_ts
+from deskgpu.usage import store
+
+HOUR = 3600.0
+AUDIT_TAIL_BYTES = 64 * 1024 * 1024  # a year of weekly runs is far less
+
+
+@dataclass
+class Usage:
+    """GPU-seconds of one user, session or GPU-hour cell."""
+
+    allocated_s: float = 0.0
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    unknown_s: float = 0.0  # utilization unreadable
+
+    def add(self, d: float, util: float | None, threshold: float) -> None:
+        self.allocated_s += d
+        if util is None:
+            self.unknown_s += d
+        elif util >= threshold:
+            self.busy_s += d
+        else:
+            self.idle_s += d
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "gpu_hours_allocated": _h(self.allocated_s),
+            "gpu_hours_busy": _h(self.busy_s),
+            "gpu_hours_idle": _h(self.idle_s),
+            "gpu_hours_unknown": _h(self.unknown_s),
+        }
+
+
+@dataclass
+class SessionUsage:
+    cluster: str
+    owner: str
+    job: str
+    kind: str
+    first: float
+    last: float
+    gpus: set[int] = field(default_factory=set)
+    usage: Usage = field(default_factory=Usage)
+    peak_vram_mib: float = 0.0
+    waited_s: float | None = None
+    notices: int = 0
+    teardowns: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "owner": self.owner,
+            "job": self.job,
+            "kind": self.kind,
+            "first_seen": iso(self.first),
+            "last_seen": iso(self.last),
+            "gpus": sorted(self.gpus),
+            **self.usage.to_dict(),
+            "peak_vram_mib": round(self.peak_vram_mib),
+            "waited_queued_h": None if self.waited_s is None else _h(self.waited_s),
+            "reap_notices": self.notices,
+            "teardowns": self.teardowns,
+        }
+
+
+@dataclass
+class UserUsage:
+    user: str
+    usage: Usage = field(default_factory=Usage)
+    sessions: int = 0
+    peak_vram_mib: float = 0.0
+    waited_s: float = 0.0
+    waits_known: int = 0
+    still_waiting: int = 0
+    notices: int = 0
+    teardowns: int = 0
+
+    def to_dict(self, waits_known: bool) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "sessions": self.sessions,
+            **self.usage.to_dict(),
+            "peak_vram_mib": round(self.peak_vram_mib),
+            "waited_queued_h": _h(self.waited_s) if waits_known else None,
+            "jobs_waited": self.waits_known if waits_known else None,
+            "still_waiting": self.still_waiting if waits_known else None,
+            "reap_notices": self.notices,
+            "teardowns": self.teardowns,
+        }
+
+
+@dataclass
+class Report:
+    since: float
+    until: float
+    threshold_pct: float
+    gpus: int
+    observed_s: float  # time the history covers inside the window
+    gaps: list[tuple[float, float]]
+    hour0: float  # start of the first hour column
+    hours: int
+    cells: dict[tuple[int, int], Usage]  # (gpu, hour index) -> usage, deduplicated per GPU
+    covered: list[float]  # observed seconds per hour column
+    box: Usage
+    users: list[UserUsage]
+    sessions: list[SessionUsage]
+    user_filter: str | None = None
+    waits_known: bool = False
+    notes: list[str] = field(default_factory=list)
+    reap_runs: int = 0
+
+    def hour_totals(self) -> list[Usage]:
+        out = [Usage() for _ in range(self.hours)]
+        for (_, h), u in self.cells.items():
+            t = out[h]
+            t.allocated_s += u.allocated_s
+            t.busy_s += u.busy_s
+            t.idle_s += u.idle_s
+            t.unknown_s += u.unknown_s
+        return out
+
+    def ranked_hours(self, key: str, n: int = 3) -> list[dict[str, Any]]:
+        totals = self.hour_totals()
+        order = sorted(
+            (h for h in range(self.hours) if self.covered[h] > 0),
+            key=lambda h: (-getattr(totals[h], key), h),
+        )
+        return [
+            {"hour": iso(self.hour0 + h * HOUR), **totals[h].to_dict()}
+            for h in order[:n]
+            if getattr(totals[h], key) > 0
+        ]
+
+    def max_imbalance_s(self) -> float:
+        """The largest |allocated - busy - idle - unknown| of any GPU-hour cell."""
+        return max(
+            (abs(u.allocated_s - u.busy_s - u.idle_s - u.unknown_s) for u in self.cells.values()),
+            default=0.0,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        window_s = self.until - self.since
+        return {
+            "since": iso(self.since),
+            "until": iso(self.until),
+            "util_threshold_pct": self.threshold_pct,
+            "user": self.user_filter,
+            "notes": self.notes,
+            "box": {
+                "gpus": self.gpus,
+                "window_h": _h(window_s),
+                "observed_h": _h(self.observed_s),
+                "gpu_hours_observed": _h(self.observed_s * self.gpus),
+                **self.box.to_dict(),
+                "gpu_hours_free": _h(max(0.0, self.observed_s * self.gpus - self.box.allocated_s)),
+                "gaps": [{"from": iso(a), "to": iso(b), "hours": _h(b - a)} for a, b in self.gaps],
+                "busiest_hours": self.ranked_hours("busy_s"),
+                "idlest_hours": self.ranked_hours("idle_s"),
+                "reap_runs": self.reap_runs,
+                "max_cell_imbalance_s": round(self.max_imbalance_s(), 6),
+            },
+            "users": [u.to_dict(self.waits_known) for u in self.users],
+            "sessions": [s.to_dict() for s in self.sessions],
+        }
+
+    def user_line(self, user: UserUsage) -> str:
+        """One user's week in one sentence (what `notify_command` sends them)."""
+        u = user.usage
+        share = f" ({100 * u.idle_s / u.allocated_s:.0f}% of it idle)" if u.allocated_s else ""
+        wait = (
+            f"; waited {_h(user.waited_s)} h Queued"
+            if self.waits_known and user.waits_known
+            else ""
+        )
+        reaped = (
+            f"; {user.notices} reap notice(s), {user.teardowns} teardown(s)"
+            if user.notices or user.teardowns
+            else ""
+        )
+        return (
+            f"{user.user}: {_h(u.allocated_s)} GPU-h held in {user.sessions} session(s) "
+            f"{iso(self.since)}..{iso(self.until)}, {_h(u.busy_s)} busy, "
+            f"{_h(u.idle_s)} idle{share}; peak VRAM {round(user.peak_vram_mib)} MiB"
+            f"{wait}{reaped}"
+        )
+
+
+def _h(seconds: float) -> float:
+    return round(seconds / HOUR, 2)
+
+
+@contextmanager
+def open_readonly(path: Path) -> Iterator[sqlite3.Connection]:
+    """The history, read-only and without creating anything; failures are `OutsideError`s."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise OutsideError(
+            f"no observation history at {path}: is `deskgpu observe` running?"
+        ) from None
+    except OSError as exc:
+        raise OutsideError(f"cannot read the observation history {path}: {exc}") from None
+    if not os.access(path, os.R_OK):
+        raise OutsideError(f"the observation history {path} is not readable by this user")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise OutsideError(f"cannot read the observation history {path}: {exc}") from None
+    try:
+        yield db
+    except sqlite3.Error as exc:
+        raise OutsideError(f"observation history {path}: {exc}") from None
+    finally:
+        db.close()
+
+
+def build(
+    db: sqlite3.Connection,
+    *,
+    since: float,
+    until: float,
+    threshold_pct: float,
+    max_gap_s: float,
+    user: str | None = None,
+    audit_file: Path | None = None,
+) -> Report:
+    """The report of `[since, until)` from an open history."""
+    notes: list[str] = []
+    obs = [
+        int(r[0])
+        for r in db.execute(
+            "SELECT ts FROM observations WHERE ts >= ? AND ts < ? ORDER BY ts",
+            (int(since), int(until)),
+        )
+    ]
+    steps = [b - a for a, b in itertools.pairwise(obs) if b - a <= max_gap_s]
+    nominal = float(min(statistics.median(steps), max_gap_s)) if steps else min(300.0, max_gap_s)
+    cover: dict[int, float] = {}
+    gaps: list[tuple[float, float]] = []
+    if not obs:
+        gaps.append((since, until))
+    elif obs[0] - since > max_gap_s:
+        gaps.append((since, float(obs[0])))
+    for i, ts in enumerate(obs):
+        nxt = obs[i + 1] if i + 1 < len(obs) else until
+        span = nxt - ts
+        if span <= max_gap_s:
+            cover[ts] = float(span)
+        else:
+            cover[ts] = min(nominal, float(until - ts))
+            gaps.append((ts + cover[ts], float(nxt)))
+    hour0 = since - since % HOUR
+    hours = max(1, int((until - hour0 + HOUR - 1) // HOUR))
+    covered = [0.0] * hours
+    for ts, d in cover.items():
+        covered[int((ts - hour0) // HOUR)] += d
+
+    infos = store.sessions(db)
+    if infos is None:
+        notes.append(
+            "this history predates owner records (usage_sessions): sessions show owner `?`"
+        )
+        infos = []
+    by_cluster: dict[str, list[store.SessionInfo]] = defaultdict(list)
+    for info in infos:
+        by_cluster[info.cluster].append(info)
+
+    cells: dict[tuple[int, int], Usage] = defaultdict(Usage)
+    seen_cell: set[tuple[int, int]] = set()  # (gpu, ts) counted for the box already
+    box = Usage()
+    sessions: dict[tuple[str, int], SessionUsage] = {}
+    vram_at: dict[tuple[tuple[str, int], int], float] = defaultdict(float)
+    max_gpu = -1
+    for cluster, ts, gpu, util, vram in db.execute(
+        "SELECT cluster, ts, gpu, util, vram FROM gpu_samples WHERE ts >= ? AND ts < ?",
+        (int(since), int(until)),
+    ):
+        span_s = cover.get(ts)
+        if span_s is None:  # a sample without its observation row: not from observe
+            continue
+        max_gpu = max(max_gpu, gpu)
+        u = None if util is None else float(util)
+        inc = _incarnation(by_cluster.get(cluster), ts)
+        key = (cluster, inc.created_at if inc else 0)
+        s = sessions.get(key)
+        if s is None:
+            s = sessions[key] = SessionUsage(
+                cluster,
+                inc.owner if inc else "?",
+                inc.job if inc else cluster,
+                inc.kind if inc else "?",
+                ts,
+                ts,
+            )
+        s.first, s.last = min(s.first, ts), max(s.last, ts)
+        s.gpus.add(gpu)
+        s.usage.add(span_s, u, threshold_pct)
+        vram_at[(key, ts)] += float(vram or 0)
+        if (gpu, ts) not in seen_cell:  # two sessions on one GPU: the GPU counts once
+            seen_cell.add((gpu, ts))
+            box.add(span_s, u, threshold_pct)
+            cells[(gpu, int((ts - hour0) // HOUR))].add(span_s, u, threshold_pct)
+    for (key, _ts), mib in vram_at.items():
+        s = sessions[key]
+        s.peak_vram_mib = max(s.peak_vram_mib, mib)
+    user_vram: dict[tuple[str, int], float] = defaultdict(float)
+    for (key, ts), mib in vram_at.items():
+        user_vram[(sessions[key].owner, ts)] += mib
+
+    gpus = store.box_gpus(db, since, until) or max_gpu + 1
+    users: dict[str, UserUsage] = {}
+    for s in sessions.values():
+        uu = users.setdefault(s.owner, UserUsage(s.owner))
+        uu.sessions += 1
+        for attr in ("allocated_s", "busy_s", "idle_s", "unknown_s"):
+            setattr(uu.usage, attr, getattr(uu.usage, attr) + getattr(s.usage, attr))
+    for (owner, _ts), mib in user_vram.items():
+        users[owner].peak_vram_mib = max(users[owner].peak_vram_mib, mib)
+
+    waits_known = _add_waits(db, since, until, sessions, users, notes)
+    runs = _add_audit(audit_file, since, until, sessions, users, notes)
+    if gaps:
+        total = sum(b - a for a, b in gaps)
+        notes.append(
+            f"{len(gaps)} gap(s) in the history ({_h(total)} h): not counted, neither busy nor idle"
+        )
+    chosen_users = sorted(users.values(), key=lambda x: (-x.usage.allocated_s, x.user))
+    chosen_sessions = sorted(sessions.values(), key=lambda x: (x.owner, x.first, x.cluster))
+    if user is not None:
+        chosen_users = [x for x in chosen_users if x.user == user]
+        chosen_sessions = [x for x in chosen_sessions if x.owner == user]
+        if not chosen_users:
+            notes.append(f"no session of {user} in this window")
+    return Report(
+        since=since,
+        until=until,
+        threshold_pct=threshold_pct,
+        gpus=gpus,
+        observed_s=sum(cover.values()),
+        gaps=gaps,
+        hour0=hour0,
+        hours=hours,
+        cells=dict(cells),
+        covered=covered,
+        box=box,
+        users=chosen_users,
+        sessions=chosen_sessions,
+        user_filter=user,
+        waits_known=waits_known,
+        notes=notes,
+        reap_runs=runs,
+    )
+
+
+def _incarnation(infos: list[store.SessionInfo] | None, ts: int) -> store.SessionInfo | None:
+    if not infos:
+        return None
+    for info in infos:
+        if info.first_seen <= ts <= info.last_seen:
+            return info
+    return min(infos, key=lambda i: min(abs(ts - i.first_seen), abs(ts - i.last_seen)))
+
+
+def _add_waits(
+    db: sqlite3.Connection,
+    since: float,
+    until: float,
+    sessions: dict[tuple[str, int], SessionUsage],
+    users: dict[str, UserUsage],
+    notes: list[str],
+) -> bool:
+    records = store.waits(db)
+    if records is None:
+        notes.append(
+            "time waited Queued is unknown: the history holds no SkyPilot job records "
+            "(observe records them when the API server answers it)"
+        )
+        return False
+    by_name: dict[str, list[SessionUsage]] = defaultdict(list)
+    for s in sessions.values():
+        by_name[s.cluster].append(s)
+    for r in records:
+        end = r.started_at or r.running_seen or r.last_seen
+        if end < since or (r.submitted_at or r.last_seen) >= until:
+            continue
+        waited, ongoing = r.waited_s(min(until, float(r.last_seen)))
+        if waited is None:
+            continue
+        uu = users.setdefault(r.owner, UserUsage(r.owner))
+        uu.waited_s += waited
+        uu.waits_known += 1
+        uu.still_waiting += int(ongoing)
+        for s in by_name.get(r.name, []):
+            s.waited_s = (s.waited_s or 0.0) + waited
+    return True
+
+
+def _add_audit(
+    path: Path | None,
+    since: float,
+    until: float,
+    sessions: dict[tuple[str, int], SessionUsage],
+    users: dict[str, UserUsage],
+    notes: list[str],
+) -> int:
+    """Count notices and teardowns per owner and session; returns the `reap --yes` runs."""
+    if path is None:
+        return 0
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - AUDIT_TAIL_BYTES))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        notes.append(f"no audit log at {path}: no reap notices or teardowns recorded")
+        return 0
+    except OSError as exc:
+        notes.append(f"reap notices and teardowns unknown: cannot read {path}: {exc.strerror}")
+        return 0
+    final: dict[tuple[str, str], tuple[str, str, bool]] = {}  # (run, subject) -> did, owner, ok
+    runs = 0
+    for raw in lines:
+        try:
+            rec = json.loads(raw)
+            when = parse_ts(rec.get("ts"), "audit log") if isinstance(rec, dict) else None
+        except (ValueError, RecursionError, EvidenceError):
+            continue
+        if when is None or not since <= when < until:
+            continue
+        if rec.get("event") == "run":
+            runs += 1
+        elif rec.get("event") == "action":
+            key = (str(rec.get("run_id")), str(rec.get("subject")))
+            final[key] = (str(rec.get("did")), str(rec.get("owner")), rec.get("ok") is True)
+    by_name: dict[str, list[SessionUsage]] = defaultdict(list)
+    for s in sessions.values():
+        by_name[s.cluster].append(s)
+    for (_run, subject), (did, owner, ok) in final.items():
+        if not ok or did not in ("warned", "torn-down"):
+            continue
+        uu = users.setdefault(owner, UserUsage(owner))
+        targets = by_name.get(subject, [])
+        if did == "warned":
+            uu.notices += 1
+            for s in targets[-1:]:
+                s.notices += 1
+        else:
+            uu.teardowns += 1
+            for s in targets[-1:]:
+                s.teardowns += 1
+    return runs
+
+
+def make(settings: Any, *, since_s: float, now: float, user: str | None = None) -> Report:
+    """The report of the last `since_s` seconds from the history `settings` names."""
+    with open_readonly(settings.history_file) as db:
+        return build(
+            db,
+            since=now - since_s,
+            until=now,
+            threshold_pct=settings.util_threshold_pct,
+            max_gap_s=settings.max_sample_gap_s,
+            user=user,
+            audit_file=settings.audit_file,
+        )
+
+
+def text_lines(report: Report) -> list[str]:
+    """The report as plain text: the box, then users, then sessions."""
+    d = report.to_dict()
+    b = d["box"]
+    out = [
+        f"deskgpu report {d['since']} .. {d['until']}"
+        + (f" (user {report.user_filter})" if report.user_filter else ""),
+        f"box: {b['gpus']} GPU(s), observed {b['observed_h']} of {b['window_h']} h; "
+        f"{b['gpu_hours_allocated']} GPU-h allocated = {b['gpu_hours_busy']} busy "
+        f"(>= {report.threshold_pct:g}% util) + {b['gpu_hours_idle']} held idle"
+        + (f" + {b['gpu_hours_unknown']} unknown" if b["gpu_hours_unknown"] else "")
+        + f"; {b['gpu_hours_free']} free; {b['reap_runs']} reap run(s)",
+    ]
+    for g in b["gaps"]:
+        out.append(f"gap: {g['from']} .. {g['to']} ({g['hours']} h, not counted)")
+    for label, key in (("busiest hours", "busiest_hours"), ("idlest hours", "idlest_hours")):
+        if b[key]:
+            field_ = "gpu_hours_busy" if key == "busiest_hours" else "gpu_hours_idle"
+            out.append(f"{label}: " + ", ".join(f"{h['hour']} ({h[field_]} GPU-h)" for h in b[key]))
+    rows = [("USER", "SESS", "ALLOC_H", "BUSY_H", "IDLE_H", "IDLE%", "PEAK_VRAM", "QUEUED_H",
+             "NOTICES", "TEARDOWNS")]  # fmt: skip
+    for u in d["users"]:
+        alloc = u["gpu_hours_allocated"]
+        rows.append(
+            (
+                u["user"],
+                str(u["sessions"]),
+                f"{alloc:.2f}",
+                f"{u['gpu_hours_busy']:.2f}",
+                f"{u['gpu_hours_idle']:.2f}",
+                f"{100 * u['gpu_hours_idle'] / alloc:.0f}%" if alloc else "-",
+                f"{u['peak_vram_mib']} MiB",
+                "?" if u["waited_queued_h"] is None else f"{u['waited_queued_h']:.2f}",
+                str(u["reap_notices"]),
+                str(u["teardowns"]),
+            )
+        )
+    out += ["", *_table(rows)]
+    srows = [("SESSION", "OWNER", "JOB", "KIND", "GPUS", "ALLOC_H", "BUSY_H", "IDLE_H",
+              "PEAK_VRAM", "QUEUED_H")]  # fmt: skip
+    for s in d["sessions"]:
+        srows.append(
+            (
+                s["cluster"],
+                s["owner"],
+                s["job"],
+                s["kind"],
+                ",".join(map(str, s["gpus"])),
+                f"{s['gpu_hours_allocated']:.2f}",
+                f"{s['gpu_hours_busy']:.2f}",
+                f"{s['gpu_hours_idle']:.2f}",
+                f"{s['peak_vram_mib']} MiB",
+                "?" if s["waited_queued_h"] is None else f"{s['waited_queued_h']:.2f}",
+            )
+        )
+    out += ["", *_table(srows)]
+    return out
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
