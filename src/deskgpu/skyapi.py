@@ -630,17 +630,35 @@ def cluster_jobs(cluster_name: str, config: HostConfig, timeout_s: float = 30.0)
     return count_cluster_jobs([record_dict(r) for r in records if isinstance(r, dict)])
 
 
-def down_cluster(cluster_name: str, config: HostConfig) -> None:
+# A teardown on the box's k3s takes seconds to a minute; a server that has not finished
+# one in this long is stuck, and reap (cron, holding its lock) must not wait on it forever.
+DOWN_TIMEOUT_S = 600.0
+
+
+def down_cluster(cluster_name: str, config: HostConfig, timeout_s: float = DOWN_TIMEOUT_S) -> None:
     """`sky down <cluster>` and wait for it; any failure is one clean `OutsideError` line."""
     endpoint = prepare_environment(config)
-    sky = import_sky()
-    try:
-        with _quiet_sdk():
-            sky.get(sky.down(cluster_name, purge=False, graceful=False))
-    except Exception as exc:
-        name = type(exc).__name__
-        if name == "ClusterDoesNotExist":
+
+    def work() -> None:
+        sky = import_sky()
+        try:
+            with _quiet_sdk():
+                sky.get(sky.down(cluster_name, purge=False, graceful=False))
+        except Exception as exc:
+            name = type(exc).__name__
+            if name == "ClusterDoesNotExist":
+                raise OutsideError(
+                    f"{cluster_name}: already gone (SkyPilot has no such cluster)"
+                ) from None
             raise OutsideError(
-                f"{cluster_name}: already gone (SkyPilot has no such cluster)"
+                f"{cluster_name}: teardown failed: {explain(exc, endpoint)}"
             ) from None
-        raise OutsideError(f"{cluster_name}: teardown failed: {explain(exc, endpoint)}") from None
+
+    bounded(
+        work,
+        Deadline.after(timeout_s),
+        lambda: (
+            f"{cluster_name}: teardown not confirmed within {timeout_s:g} s: it may still "
+            "finish (see `deskgpu queue`)"
+        ),
+    )
