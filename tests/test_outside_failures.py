@@ -251,3 +251,41 @@ def test_a_failed_refresh_keeps_the_last_good_frame() -> None:
     # A refresh that failed outright (no snapshot at all) shows the last frame.
     again, lines = last.fill(None)
     assert again is shown and lines[0].startswith("showing the last frame")
+
+
+def test_a_request_that_failed_on_the_server_is_its_error_not_http_500(monkeypatch) -> None:
+    """SkyPilot answers `GET /api/get` of a failed request with HTTP 500 and the request
+    record (its error as JSON) as `detail`: that is SkyPilot's verdict, said as the SDK would."""
+    from deskgpu import skyapi
+    from deskgpu.config import HostConfig
+
+    health = json.dumps({"status": "healthy", "api_version": "62"}).encode()
+    error = {"type": "AssertionError", "message": "Kubernetes({'A6000': 1})"}
+    failed = json.dumps({"detail": {"status": "FAILED", "error": json.dumps(error)}}).encode()
+    empty_jobs = json.dumps({"status": "SUCCEEDED", "return_value": '{"jobs": []}'}).encode()
+
+    def server(conn, head: bytes, _stop) -> None:
+        line = head.split(b"\r\n", 1)[0]
+        if line.startswith(b"GET /api/health"):
+            badservers._answer(conn, "200 OK", health, "application/json")
+        elif line.startswith(b"POST /status"):
+            badservers._answer(
+                conn, "200 OK", b"null", "application/json", {"X-SkyPilot-Request-ID": "status-1"}
+            )
+        elif line.startswith(b"POST /jobs/queue/v2"):
+            badservers._answer(
+                conn, "200 OK", b"null", "application/json", {"X-SkyPilot-Request-ID": "jobs-1"}
+            )
+        elif b"request_id=status-1" in line:
+            badservers._answer(conn, "500 Internal Server Error", failed, "application/json")
+        else:
+            badservers._answer(conn, "200 OK", empty_jobs, "application/json")
+
+    with badservers.serving(server) as bad:
+        monkeypatch.setenv("SKYPILOT_API_SERVER_ENDPOINT", bad.url)
+        view = skyapi.fetch_queue(HostConfig(), timeout_s=10)
+    assert view.available and view.jobs == []
+    assert view.notes == [
+        "clusters unavailable: SkyPilot rejected the request (AssertionError): "
+        "Kubernetes({'A6000': 1})"
+    ]

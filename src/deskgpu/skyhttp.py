@@ -291,9 +291,11 @@ def call(endpoint: str, route: str, body: dict[str, Any], deadline: Deadline) ->
         raise OutsideError(not_skypilot(endpoint, f"POST /{route} named no request id"))
     query = urllib.parse.urlencode({"request_id": request_id})
     got = request("GET", f"{base}/api/get?{query}", timeout_s=deadline.left())
-    _check(got, endpoint, deadline)
+    result = _failed_request(got)  # a request that failed comes back as HTTP 500
+    if result is None:
+        _check(got, endpoint, deadline)
     try:
-        result = got.json()
+        result = result or got.json()
         status = str(result["status"]).upper()
         if status == "SUCCEEDED":
             value = result.get("return_value")
@@ -307,6 +309,18 @@ def call(endpoint: str, route: str, body: dict[str, Any], deadline: Deadline) ->
     if isinstance(error, dict):
         raise RequestFailed(str(error.get("type") or status), str(error.get("message") or ""))
     raise RequestFailed(status, f"request {status.lower()}")
+
+
+def _failed_request(reply: Reply) -> dict[str, Any] | None:
+    """`GET /api/get` of a request that failed: HTTP 500 with the request record (its
+    status and pickled-and-described error) as FastAPI's `detail`."""
+    if reply.status != 500:
+        return None
+    with contextlib.suppress(ValueError):
+        detail = reply.json().get("detail") if isinstance(reply.json(), dict) else None
+        if isinstance(detail, dict) and "status" in detail and "error" in detail:
+            return detail
+    return None
 
 
 def _check(reply: Reply, endpoint: str, deadline: Deadline) -> None:
