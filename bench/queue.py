@@ -5,16 +5,24 @@
 
 SkyPilot half: `deskgpu queue --json` versus `sky status -u` plus `sky jobs queue -u`, each a
 fresh process (what a researcher types), after one warm-up call (a fresh server answers its
-first request slowly). GPU half, where a GPU exists: one NVML snapshot (`deskgpu.nvml.read`,
-in-process) versus `nvidia-smi --query-gpu=... --format=csv`.
+first request slowly). The private server runs as the box's does (consolidation mode: the
+jobs controller is the API server) and is measured twice: empty, then with `--clusters`
+clusters and `--jobs` managed jobs written into its own databases by SkyPilot's own state
+functions (`global_user_state.add_or_update_cluster`, `jobs.state` from PENDING through
+STARTING and RUNNING to a final state), so both sides make the server read real rows.
+The clusters have no autostop and the jobs are all finished: the server has no pod or
+controller behind them, and a refresh of either would be work neither side asked for.
+
+GPU half, where a GPU exists: one NVML snapshot (`deskgpu.nvml.read`, in-process) versus
+`nvidia-smi --query-gpu=... --format=csv`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +31,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Run as a script, this file's directory comes first on sys.path and its name hides the
+# standard library's `queue` (which SkyPilot's imports need in --fill).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 BIN = Path(sys.executable).parent
 QUERY = (
     "index,uuid,name,memory.used,memory.total,utilization.gpu,temperature.gpu,power.draw,"
@@ -51,47 +62,146 @@ def show(name: str, times: list[float]) -> float:
     return med
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def sky_half(endpoint: str, env: dict[str, str], runs: int, label: str) -> float:
+    deskgpu = [str(BIN / "deskgpu"), "queue", "--json", "--timeout", "300"]
+    sky = str(BIN / "sky")
+    warm = timed(lambda: run(deskgpu, env), 1)[0]
+    print(f"SkyPilot half, {label} ({endpoint}; warm-up call {warm:.1f} s), {runs} runs:")
+    # Both sides must really answer: a fast failure is not a fast queue.
+    doc = json.loads(subprocess.run(deskgpu, env=env, capture_output=True, text=True).stdout)
+    if not doc["sky"]["available"] or doc["sky"]["notes"]:
+        why = doc["sky"]["error"] or doc["sky"]["notes"]
+        raise SystemExit(f"deskgpu did not read SkyPilot: {why}")
+    for argv in ([sky, "status", "-u"], [sky, "jobs", "queue", "-u"]):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-2000:]}")
+    print(
+        f"  (all answered; deskgpu read {len(doc['sky']['clusters'])} clusters and "
+        f"{len(doc['sky']['jobs'])} managed jobs)"
+    )
+    ours = show("deskgpu queue --json", timed(lambda: run(deskgpu, env), runs))
+    status = show("sky status -u", timed(lambda: run([sky, "status", "-u"], env), runs))
+    jobs = show("sky jobs queue -u", timed(lambda: run([sky, "jobs", "queue", "-u"], env), runs))
+    ratio = ours / (status + jobs)
+    print(
+        f"  ratio ({label}): deskgpu {ours:.2f} s / sky status+jobs queue {status + jobs:.2f} s "
+        f"= {ratio:.2f}",
+        flush=True,
+    )
+    return ratio
+
+
+def fill_state(clusters: int, jobs: int) -> None:
+    """In a process whose HOME is the server's: rows through SkyPilot's own state functions."""
+    import asyncio
+    import random
+
+    import sky
+    from sky import global_user_state, models
+    from sky.backends.cloud_vm_ray_backend import CloudVmRayResourceHandle
+    from sky.jobs import state
+    from sky.provision.kubernetes.utils import KubernetesInstanceType
+
+    rng = random.Random(14)
+    users = [f"user{i:02d}" for i in range(12)]
+    hashes = {user: f"b{i:07x}" for i, user in enumerate(users)}  # SkyPilot user ids
+    for user, user_hash in hashes.items():
+        global_user_state.add_or_update_user(models.User(id=user_hash, name=user))
+    for i in range(clusters):
+        user = users[i % len(users)]
+        os.environ["SKYPILOT_USER_ID"] = hashes[user]  # the owner add_or_update_cluster records
+        name = f"{user}-dev{i:02d}"
+        gpus = 1 + i % 2
+        res = sky.Resources(
+            infra="k8s/default",  # k3s's context
+            instance_type=KubernetesInstanceType.from_resources(
+                4 * gpus, 16 * gpus, gpus, "A6000"
+            ).name,
+            accelerators={"A6000": gpus},
+            labels={"deskgpu.io/user": user, "deskgpu.io/kind": "interactive"},
+        )
+        handle = CloudVmRayResourceHandle(
+            cluster_name=name,
+            cluster_name_on_cloud=f"{name}-{i:04x}",
+            cluster_yaml=None,
+            launched_nodes=1,
+            launched_resources=res,
+        )
+        global_user_state.add_or_update_cluster(name, handle, requested_resources={res}, ready=True)
+
+    async def noop(*_args: object, **_kw: object) -> None:
+        return None
+
+    async def finish(job_id: int, name: str, resources: str, how: str) -> None:
+        now = time.time()
+        await state.set_starting_async(job_id, 0, f"run-{job_id}", now, resources, {}, noop)
+        await state.set_started_async(job_id, 0, now, noop)
+        if how == "succeeded":
+            await state.set_succeeded_async(job_id, 0, now + 60, noop)
+        else:
+            state.set_failed(job_id, 0, state.ManagedJobStatus.FAILED, "exit code 1")
+
+    for i in range(jobs):
+        user = users[i % len(users)]
+        name = f"{user}-train{i:03d}"
+        resources = f"1x[A6000:{1 + i % 4}]"
+        job_id = state.set_job_info_without_job_id(
+            name, "default", "deskgpu submit", None, None, hashes[user]
+        )
+        state.set_pending(job_id, 0, name, resources, "{}")
+        how = rng.choices(["succeeded", "failed", "cancelled"], [75, 15, 10])[0]
+        if how == "cancelled":
+            state.set_pending_cancelled(job_id)
+        else:
+            asyncio.run(finish(job_id, name, resources, how))
+        state.scheduler_set_done(job_id, idempotent=True)
+    print(f"  wrote {clusters} clusters and {jobs} managed jobs into {os.environ['HOME']}/.sky")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--endpoint", help="a running SkyPilot API server (default: start one)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--clusters", type=int, default=50)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--fill", action="store_true", help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
+    if args.fill:
+        fill_state(args.clusters, args.jobs)
+        return
 
     env = {**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
-    home = None
+    ratios = []
     if args.endpoint:
-        endpoint = args.endpoint
+        env["SKYPILOT_API_SERVER_ENDPOINT"] = args.endpoint
+        ratios.append(sky_half(args.endpoint, env, args.runs, "as it is"))
     else:
-        home = tempfile.mkdtemp(prefix="deskgpu-bench-")
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        env["HOME"] = home
-        print(f"starting a local SkyPilot API server at {endpoint} ...", flush=True)
-        run([str(BIN / "sky"), "api", "start", "--host", "127.0.0.1", "--port", str(port)], env)
-    env["SKYPILOT_API_SERVER_ENDPOINT"] = endpoint
-    deskgpu = [str(BIN / "deskgpu"), "queue", "--json", "--timeout", "300"]
-    sky = str(BIN / "sky")
-    try:
-        warm = timed(lambda: run(deskgpu, env), 1)[0]
-        print(f"SkyPilot half ({endpoint}; warm-up call took {warm:.1f} s), {args.runs} runs:")
-        ours = show("deskgpu queue --json", timed(lambda: run(deskgpu, env), args.runs))
-        status = show("sky status -u", timed(lambda: run([sky, "status", "-u"], env), args.runs))
-        jobs = show(
-            "sky jobs queue -u", timed(lambda: run([sky, "jobs", "queue", "-u"], env), args.runs)
-        )
-        print(
-            f"  ratio: deskgpu {ours:.2f} s / sky status+jobs queue {status + jobs:.2f} s "
-            f"= {ours / (status + jobs):.2f}"
-        )
-    finally:
-        if home is not None:
-            run([sky, "api", "stop"], env)
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.apiserver import running_api_server
+
+        home = Path(tempfile.mkdtemp(prefix="deskgpu-bench-"))
+        print("starting a private SkyPilot API server (consolidation mode) ...", flush=True)
+        config = "jobs:\n  controller:\n    consolidation_mode: true\n"
+        try:
+            with running_api_server(
+                home / "home", config_yaml=config, deploy=True, warm_up=True
+            ) as url:
+                env.update({"HOME": str(home / "home"), "SKYPILOT_API_SERVER_ENDPOINT": url})
+                ratios.append(sky_half(url, env, args.runs, "empty server"))
+                fill = [sys.executable, __file__, "--fill", "--clusters", str(args.clusters)]
+                filled = subprocess.run(
+                    [*fill, "--jobs", str(args.jobs)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=600,
+                )
+                print(filled.stdout.strip().splitlines()[-1], flush=True)  # not SkyPilot's log
+                label = f"{args.clusters} clusters, {args.jobs} managed jobs"
+                ratios.append(sky_half(url, env, args.runs, label))
+        finally:
             shutil.rmtree(home, ignore_errors=True)
 
     from deskgpu import nvml
@@ -100,12 +210,13 @@ def main() -> None:
     smi = shutil.which("nvidia-smi")
     if not view.available or smi is None:
         print(f"GPU half: skipped ({view.error or 'nvidia-smi not found'})")
-        return
-    print(f"GPU half ({len(view.gpus)} GPU(s)), {max(args.runs, 10)} runs:")
-    one = show("deskgpu.nvml.read() (in-process)", timed(nvml.read, max(args.runs, 10)))
-    cmd = [smi, f"--query-gpu={QUERY}", "--format=csv"]
-    other = show("nvidia-smi --query-gpu=... --format=csv", timed(lambda: run(cmd, env), 10))
-    print(f"  ratio: {one / other:.2f}")
+    else:
+        print(f"GPU half ({len(view.gpus)} GPU(s)), {max(args.runs, 10)} runs:")
+        one = show("deskgpu.nvml.read() (in-process)", timed(nvml.read, max(args.runs, 10)))
+        cmd = [smi, f"--query-gpu={QUERY}", "--format=csv"]
+        other = show("nvidia-smi --query-gpu=... --format=csv", timed(lambda: run(cmd, env), 10))
+        print(f"  ratio (GPU half): {one / other:.2f}")
+    print("SkyPilot half ratios: " + ", ".join(f"{r:.2f}" for r in ratios))
 
 
 if __name__ == "__main__":

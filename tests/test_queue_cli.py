@@ -114,7 +114,7 @@ def _fake_live(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 
     snap = recorded(name)
     monkeypatch.setattr(nvml, "read", lambda: snap.nvml)
-    monkeypatch.setattr(skyapi, "fetch_queue", lambda _config: snap.sky)
+    monkeypatch.setattr(skyapi, "fetch_queue", lambda _config, **_kw: snap.sky)
 
 
 def test_watch_json_prints_one_document_per_refresh(cli, monkeypatch) -> None:

@@ -64,7 +64,7 @@ def fake_live(
 
     recorded = Snapshot.from_dict(BUSY)
     monkeypatch.setattr(nvml_module, "read", lambda: nvml or recorded.nvml)
-    monkeypatch.setattr(skyapi, "fetch_queue", lambda _config: sky or recorded.sky)
+    monkeypatch.setattr(skyapi, "fetch_queue", lambda _config, **_kw: sky or recorded.sky)
     # The recorded halves were seen at TAKEN_AT: so is this look (ages, "(due)").
     monkeypatch.setattr(survey.time, "time", lambda: TAKEN_AT)
 

@@ -12,13 +12,17 @@ import io
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from deskgpu import skyhttp
 from deskgpu.config import HostConfig
+from deskgpu.deadline import Deadline, DeadlineExpired, bounded
 from deskgpu.errors import OutsideError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:46580"
@@ -30,14 +34,64 @@ def prepare_environment(config: HostConfig, environ: dict[str, str] | None = Non
     """Point the SDK at the box's one shared API server and forbid private auto-started ones.
 
     An SDK with no endpoint silently starts a per-user server that sees only that user's
-    jobs (DESIGN.md); deskgpu would rather fail loudly. Returns the endpoint used.
+    jobs (DESIGN.md); deskgpu would rather fail loudly. Returns the endpoint used; raises
+    `OutsideError` when none is configured anywhere (what the SDK would say, at once).
     """
     env = os.environ if environ is None else environ
     env["SKYPILOT_DISABLE_LOCAL_API_SERVER"] = "1"  # not setdefault: `=0` must not re-enable it
     env.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
     if config.api_server and not env.get("SKYPILOT_API_SERVER_ENDPOINT"):
         env["SKYPILOT_API_SERVER_ENDPOINT"] = config.api_server
-    return env.get("SKYPILOT_API_SERVER_ENDPOINT") or config.api_server or DEFAULT_ENDPOINT
+    endpoint, source = resolve_endpoint(dict(env), config, _client_config_text(env))
+    if source == "default":
+        raise OutsideError(_NOT_CONFIGURED)
+    return endpoint
+
+
+def resolve_endpoint(
+    env: dict[str, str], config: HostConfig, client_config_text: str | None
+) -> tuple[str, str]:
+    """The API server endpoint a deskgpu/SkyPilot client on this host talks to, and why."""
+    if env.get("SKYPILOT_API_SERVER_ENDPOINT"):
+        return env["SKYPILOT_API_SERVER_ENDPOINT"], "env SKYPILOT_API_SERVER_ENDPOINT"
+    if config.api_server:
+        return config.api_server, "host config api_server"
+    endpoint = _yaml_get(client_config_text, ("api_server", "endpoint"))
+    if isinstance(endpoint, str) and endpoint:
+        return endpoint, "~/.sky/config.yaml api_server.endpoint"
+    return DEFAULT_ENDPOINT, "default"
+
+
+def _client_config_text(env: Any) -> str | None:
+    """The SDK's client config (~/.sky/config.yaml, or $SKYPILOT_GLOBAL_CONFIG), if any."""
+    path = env.get("SKYPILOT_GLOBAL_CONFIG") or "~/.sky/config.yaml"
+    try:
+        return Path(path).expanduser().read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _yaml_get(text: str | None, path: tuple[str, ...]) -> Any:
+    if not text:
+        return None
+    import yaml
+
+    try:
+        node: Any = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+_NOT_CONFIGURED = (
+    "no SkyPilot API server is configured: set `api_server:` in the host config "
+    "(/etc/deskgpu/config.yaml, or the file in $DESKGPU_CONFIG / --config) or export "
+    "SKYPILOT_API_SERVER_ENDPOINT"
+)
 
 
 def import_sky() -> ModuleType:
@@ -61,10 +115,7 @@ def explain(exc: BaseException, endpoint: str) -> OutsideError:
     """Turn any SkyPilot failure into one line a researcher can act on."""
     name = type(exc).__name__
     message = clean_message(exc)
-    unreachable = OutsideError(
-        f"SkyPilot API server at {endpoint} is unreachable: ask the box's admin to start it "
-        "(`systemctl start skypilot-api`), or set api_server in the host config"
-    )
+    unreachable = OutsideError(skyhttp.unreachable_message(endpoint))
     if name in ("ApiServerConnectionError", "ConnectionError", "ConnectTimeout"):
         return unreachable
     if "No SkyPilot API server endpoint is configured" in message:
@@ -72,11 +123,7 @@ def explain(exc: BaseException, endpoint: str) -> OutsideError:
         # a private server there: with an endpoint configured, that server is simply down.
         if os.environ.get("SKYPILOT_API_SERVER_ENDPOINT"):
             return unreachable
-        return OutsideError(
-            "no SkyPilot API server is configured: set `api_server:` in the host config "
-            "(/etc/deskgpu/config.yaml, or the file in $DESKGPU_CONFIG / --config) or export "
-            "SKYPILOT_API_SERVER_ENDPOINT"
-        )
+        return OutsideError(_NOT_CONFIGURED)
     if name == "NoCloudAccessError":
         return OutsideError(
             "SkyPilot has no infrastructure enabled on the API server at "
@@ -129,6 +176,22 @@ class Submitted:
     job_id: int | None = None
 
 
+# What a command that loads the SDK may take beyond the user's budget: `import sky` (about
+# 2 s here, more on a loaded machine) and one request it cannot take back.
+SDK_GRACE_S = 5.0
+
+
+def reach(config: HostConfig, deadline: Deadline) -> str:
+    """Point the SDK at the shared server and prove one answers there, before `import sky`.
+
+    Raises `OutsideError` with the one line for what is wrong (unreachable, silent, not
+    SkyPilot, an HTTP error); returns the endpoint.
+    """
+    endpoint = prepare_environment(config)
+    skyhttp.probe(endpoint, deadline)
+    return endpoint
+
+
 def submit(
     task_config: dict[str, Any],
     *,
@@ -138,8 +201,14 @@ def submit(
     config: HostConfig,
     wait_s: float = 30.0,
     user: str | None = None,
+    deadline: Deadline | None = None,
 ) -> Submitted:
-    """Hand a task to the shared API server; wait up to `wait_s` for an early verdict.
+    """Hand a task to the shared API server; wait until `deadline` for an early verdict.
+
+    `deadline` (default: `wait_s` from now) bounds the whole submission: the probe, `import
+    sky`, the request and the wait. Past it (plus `SDK_GRACE_S` for loading the SDK), a
+    submission the server already took is reported as submitted, one it may or may not
+    have taken as one `OutsideError` line saying so.
 
     `user`: who the task was shaped for; the server is told the same name (SkyPilot takes
     the request's user from `SKYPILOT_USER`, which a stray export would otherwise make
@@ -149,33 +218,55 @@ def submit(
     session ends): managed jobs retry until GPUs free up, and a session's pod waits
     Pending with `provision_timeout: -1`.
     """
-    endpoint = prepare_environment(config)
+    deadline = deadline or Deadline.after(wait_s)
+    # Even `--wait 0` may take a second to learn that nobody answers.
+    endpoint = reach(config, Deadline(max(deadline.at, time.monotonic() + 1.0), deadline.budget_s))
     if user:
         os.environ["SKYPILOT_USER"] = user
-    sky = import_sky()
+    progress: dict[str, str] = {"phase": "loading SkyPilot"}
+
+    def work() -> Submitted:
+        sky = import_sky()
+        try:
+            with _quiet_sdk():
+                task = sky.Task.from_yaml_config(copy.deepcopy(task_config))
+                progress["phase"] = "sending the job"
+                if managed:
+                    request_id = sky.jobs.launch(task, name=cluster_name)
+                else:
+                    request_id = sky.launch(
+                        task,
+                        cluster_name=cluster_name,
+                        idle_minutes_to_autostop=idle_minutes,
+                        down=True,
+                    )
+                progress["request_id"] = str(request_id)
+                return _await_verdict(sky, str(request_id), cluster_name, managed, deadline)
+        except OutsideError:
+            raise
+        except Exception as exc:
+            raise explain(exc, endpoint) from None
+
+    def expired() -> str:
+        spent = f"{deadline.budget_s + SDK_GRACE_S:g} s"
+        if progress["phase"] == "loading SkyPilot":
+            return f"gave up after {spent} while loading SkyPilot: nothing was submitted"
+        return (
+            f"SkyPilot API server at {endpoint} did not confirm the submission within {spent}: "
+            f"it may still have taken it (see `deskgpu queue` before submitting again)"
+        )
+
     try:
-        with _quiet_sdk():
-            task = sky.Task.from_yaml_config(copy.deepcopy(task_config))
-            if managed:
-                request_id = sky.jobs.launch(task, name=cluster_name)
-            else:
-                request_id = sky.launch(
-                    task,
-                    cluster_name=cluster_name,
-                    idle_minutes_to_autostop=idle_minutes,
-                    down=True,
-                )
-            return _await_verdict(sky, str(request_id), cluster_name, managed, wait_s)
-    except OutsideError:
+        return bounded(work, deadline.extended(SDK_GRACE_S), expired)
+    except DeadlineExpired:
+        if "request_id" in progress:  # taken; only the verdict is late
+            return Submitted(progress["request_id"], cluster_name, managed, "submitted")
         raise
-    except Exception as exc:
-        raise explain(exc, endpoint) from None
 
 
 def _await_verdict(
-    sky: ModuleType, request_id: str, cluster_name: str, managed: bool, wait_s: float
+    sky: ModuleType, request_id: str, cluster_name: str, managed: bool, deadline: Deadline
 ) -> Submitted:
-    deadline = time.monotonic() + wait_s
     while True:
         payloads = sky.api_status([request_id])
         status = str(payloads[0].status).upper() if payloads else "PENDING"
@@ -184,9 +275,9 @@ def _await_verdict(
             result = sky.get(request_id)  # raises the server-side error on FAILED
             job_id = _first_job_id(result)
             return Submitted(request_id, cluster_name, managed, "done", job_id)
-        if time.monotonic() >= deadline:
+        if deadline.expired:
             return Submitted(request_id, cluster_name, managed, "submitted")
-        time.sleep(0.5)
+        time.sleep(min(0.5, deadline.left()))
 
 
 def _first_job_id(result: Any) -> int | None:
@@ -238,49 +329,92 @@ _WAITING = re.compile(
 _ACCEL = re.compile(r"([A-Za-z][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*)\s*['\"]?\s*:\s*(\d+(?:\.\d+)?)")
 
 
-def fetch_queue(config: HostConfig, timeout_s: float = 30.0) -> Any:
+def fetch_queue(
+    config: HostConfig, timeout_s: float = 30.0, deadline: Deadline | None = None
+) -> Any:
     """All users' clusters and managed jobs as a `SkyView`; never raises.
 
-    Both requests go to the API server at once; a failure of either becomes a note (or
-    the view's `error` when nothing came back), so the GPU half still renders.
+    Plain HTTP (`skyhttp.call`), not the SDK: `import sky` alone costs more than both
+    answers. The server gets both requests at once; a failure of either becomes a note
+    (or the view's `error` when nothing came back), so the GPU half still renders.
     """
     from deskgpu.snapshot import SkyView
 
-    endpoint = prepare_environment(config)
-    view = SkyView(available=False, endpoint=endpoint)
+    deadline = deadline or Deadline.after(timeout_s)
+    view = SkyView(available=False)
     try:
-        sky = import_sky()
-        with _quiet_sdk():
-            status_req = sky.status(all_users=True)
-            jobs_req = sky.jobs.queue_v2(
-                refresh=False, skip_finished=False, all_users=True, fields=QUEUE_JOB_FIELDS
-            )
-    except Exception as exc:
-        view.error = str(exc if isinstance(exc, OutsideError) else explain(exc, endpoint))
+        view.endpoint = endpoint = prepare_environment(config)
+        skyhttp.probe(endpoint, deadline)
+    except OutsideError as exc:
+        view.error = str(exc)
         return view
+    answers: dict[str, Any] = {}
+
+    def ask(name: str, route: str, body: dict[str, Any]) -> None:
+        try:
+            answers[name] = skyhttp.call(endpoint, route, body, deadline)
+        except (OutsideError, skyhttp.RequestFailed) as exc:
+            answers[name] = exc
+
+    asks = [
+        threading.Thread(target=ask, args=("clusters", "status", STATUS_BODY), daemon=True),
+        threading.Thread(target=ask, args=("jobs", "jobs/queue/v2", jobs_body()), daemon=True),
+    ]
+    for thread in asks:
+        thread.start()
+    for thread in asks:
+        thread.join()  # each exchange ends by the deadline on its own
     got_any = False
-    try:
-        with _quiet_sdk():
-            view.clusters = parse_clusters([record_dict(r) for r in sky.get(status_req)])
+    clusters = answers.get("clusters")
+    if isinstance(clusters, list):
+        view.clusters = parse_clusters([record_dict(r) for r in clusters])
         got_any = True
-    except Exception as exc:
-        view.notes.append(f"clusters unavailable: {explain(exc, endpoint)}")
-    try:
-        with _quiet_sdk():
-            result = sky.get(jobs_req)
-        records = result[0] if isinstance(result, tuple) else result
+    else:
+        view.notes.append(f"clusters unavailable: {_failure(clusters, endpoint)}")
+    jobs = answers.get("jobs")
+    if isinstance(jobs, skyhttp.RequestFailed) and jobs.type_name == "ClusterNotUpError":
+        got_any = True  # no managed job ever launched: an empty queue
+    elif isinstance(jobs, (dict, list)):
+        records = jobs.get("jobs", []) if isinstance(jobs, dict) else jobs
         view.jobs = parse_jobs([record_dict(r) for r in records])
         got_any = True
-    except Exception as exc:
-        if type(exc).__name__ == "ClusterNotUpError":  # no managed job ever launched
-            got_any = True
-        else:
-            view.notes.append(f"managed jobs unavailable: {explain(exc, endpoint)}")
+    else:
+        view.notes.append(f"managed jobs unavailable: {_failure(jobs, endpoint)}")
     view.available = got_any
     if not got_any:
-        view.error = view.notes[0].split(": ", 1)[1] if view.notes else "no answer"
+        first = view.notes[0].split(": ", 1)[1] if view.notes else "no answer"
+        both_same = len({n.split(": ", 1)[1] for n in view.notes}) == 1
+        view.error = first if both_same else "; ".join(view.notes)
         view.notes = []
     return view
+
+
+# The SDK's `sky.status(all_users=True)` and `sky.jobs.queue_v2(...)` request bodies
+# (sky/server/requests/payloads.py StatusBody, JobsQueueV2Body), minus what queue ignores.
+STATUS_BODY: dict[str, Any] = {
+    "refresh": "NONE",
+    "all_users": True,
+    "include_credentials": False,
+    "include_handle": False,
+}
+
+
+def jobs_body() -> dict[str, Any]:
+    return {
+        "refresh": False,
+        "skip_finished": False,
+        "all_users": True,
+        "fields": QUEUE_JOB_FIELDS,
+    }
+
+
+def _failure(answer: Any, endpoint: str) -> str:
+    if isinstance(answer, OutsideError):
+        return str(answer)
+    if isinstance(answer, skyhttp.RequestFailed):
+        message = clean_message(Exception(answer.message)) if answer.message else ""
+        return f"SkyPilot rejected the request ({answer.type_name}): {message}".rstrip(": ")
+    return skyhttp.not_skypilot(endpoint, f"unexpected answer {type(answer).__name__}")
 
 
 def record_dict(record: Any) -> dict[str, Any]:
@@ -477,31 +611,54 @@ def count_cluster_jobs(records: list[dict[str, Any]]) -> tuple[int, int]:
     return running, pending
 
 
-def cluster_jobs(cluster_name: str, config: HostConfig) -> tuple[int, int]:
-    """(running, pending) jobs on a cluster, all users'; raises `OutsideError`."""
+def cluster_jobs(cluster_name: str, config: HostConfig, timeout_s: float = 30.0) -> tuple[int, int]:
+    """(running, pending) jobs on a cluster, all users'; raises `OutsideError`.
+
+    Plain HTTP like the queue (`sky queue` would cost an `import sky` per reap run).
+    """
     endpoint = prepare_environment(config)
-    sky = import_sky()
+    body = {"cluster_name": cluster_name, "skip_finished": True, "all_users": True}
     try:
-        with _quiet_sdk():
-            records = sky.get(sky.queue(cluster_name, skip_finished=True, all_users=True))
-    except Exception as exc:
-        raise OutsideError(
-            f"{cluster_name}: job queue unavailable: {explain(exc, endpoint)}"
-        ) from None
-    return count_cluster_jobs([record_dict(r) for r in records or []])
+        records = skyhttp.call(endpoint, "queue", body, Deadline.after(timeout_s))
+    except OutsideError as exc:
+        raise OutsideError(f"{cluster_name}: job queue unavailable: {exc}") from None
+    except skyhttp.RequestFailed as exc:
+        failure = _failure(exc, endpoint)
+        raise OutsideError(f"{cluster_name}: job queue unavailable: {failure}") from None
+    if not isinstance(records, list):
+        raise OutsideError(f"{cluster_name}: job queue unavailable: not a list of jobs")
+    return count_cluster_jobs([record_dict(r) for r in records if isinstance(r, dict)])
 
 
-def down_cluster(cluster_name: str, config: HostConfig) -> None:
+# A teardown on the box's k3s takes seconds to a minute; a server that has not finished
+# one in this long is stuck, and reap (cron, holding its lock) must not wait on it forever.
+DOWN_TIMEOUT_S = 600.0
+
+
+def down_cluster(cluster_name: str, config: HostConfig, timeout_s: float = DOWN_TIMEOUT_S) -> None:
     """`sky down <cluster>` and wait for it; any failure is one clean `OutsideError` line."""
     endpoint = prepare_environment(config)
-    sky = import_sky()
-    try:
-        with _quiet_sdk():
-            sky.get(sky.down(cluster_name, purge=False, graceful=False))
-    except Exception as exc:
-        name = type(exc).__name__
-        if name == "ClusterDoesNotExist":
+
+    def work() -> None:
+        sky = import_sky()
+        try:
+            with _quiet_sdk():
+                sky.get(sky.down(cluster_name, purge=False, graceful=False))
+        except Exception as exc:
+            name = type(exc).__name__
+            if name == "ClusterDoesNotExist":
+                raise OutsideError(
+                    f"{cluster_name}: already gone (SkyPilot has no such cluster)"
+                ) from None
             raise OutsideError(
-                f"{cluster_name}: already gone (SkyPilot has no such cluster)"
+                f"{cluster_name}: teardown failed: {explain(exc, endpoint)}"
             ) from None
-        raise OutsideError(f"{cluster_name}: teardown failed: {explain(exc, endpoint)}") from None
+
+    bounded(
+        work,
+        Deadline.after(timeout_s),
+        lambda: (
+            f"{cluster_name}: teardown not confirmed within {timeout_s:g} s: it may still "
+            "finish (see `deskgpu queue`)"
+        ),
+    )

@@ -11,6 +11,7 @@ from typing import Any
 
 from deskgpu import __version__, gpumodels
 from deskgpu.config import HostConfig
+from deskgpu.deadline import Deadline
 from deskgpu.errors import ExitStatus, SpecError
 from deskgpu.expand import Expansion, expand, redacted
 from deskgpu.house_rules import check_house_rules
@@ -144,8 +145,11 @@ class SubmitResult:
         return lines
 
 
-def submit(p: Plan, config: HostConfig, wait_s: float = 30.0) -> SubmitResult:
-    from deskgpu import skyapi  # SkyPilot costs seconds to import: only when submitting
+def submit(
+    p: Plan, config: HostConfig, wait_s: float = 30.0, deadline: Deadline | None = None
+) -> SubmitResult:
+    """`deadline`: when the whole command must be done (default `wait_s` from now)."""
+    from deskgpu import skyapi  # loads SkyPilot only past the API server's health probe
 
     exp = p.expansion
     done = skyapi.submit(
@@ -156,6 +160,7 @@ def submit(p: Plan, config: HostConfig, wait_s: float = 30.0) -> SubmitResult:
         config=config,
         wait_s=wait_s,
         user=p.user,
+        deadline=deadline,
     )
     return SubmitResult(
         cluster_name=exp.cluster_name,

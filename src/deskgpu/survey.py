@@ -8,6 +8,7 @@ that does not answer in time becomes a one-line error, never a hang or a crash.
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 from deskgpu import attribution
 from deskgpu.config import HostConfig
+from deskgpu.deadline import Deadline, abandon
 from deskgpu.errors import DeskgpuError, UsageError
 from deskgpu.recorded import read_document
 from deskgpu.snapshot import (
@@ -37,6 +39,8 @@ from deskgpu.snapshot import (
 )
 
 SKY_TIMEOUT_S = 30.0
+# The live fetch ends at the deadline on its own; this covers turning its answer into data.
+_JOIN_SLACK_S = 0.5
 
 
 @dataclass
@@ -60,15 +64,20 @@ def take(
     on_gpus: Callable[[Snapshot], None] | None = None,
     sky_timeout_s: float = SKY_TIMEOUT_S,
     require_gpus: bool = False,
+    deadline: Deadline | None = None,
 ) -> Snapshot:
     """Look at the box once. Never raises for an outside failure: it becomes data.
+
+    SkyPilot's half is done by `deadline` (default: `sky_timeout_s` from now), or missing
+    with a line that says so; the wait for it never outlasts the deadline.
 
     `require_gpus` (reap, observe: useless without GPU readings) reads the GPUs before
     SkyPilot is asked, and without them does not ask it at all: a host without a driver
     fails in a second, not after an `import sky` and an API server's timeout.
     """
     src = sources or Sources()
-    fetch_sky = src.fetch_sky or _live_sky
+    deadline = deadline or Deadline.after(sky_timeout_s)
+    fetch_sky = src.fetch_sky or functools.partial(_live_sky, deadline=deadline)
     sky_result: list[SkyView] = []
     worker = threading.Thread(
         target=lambda: sky_result.append(_safe_sky(fetch_sky, config)),
@@ -93,13 +102,14 @@ def take(
         on_gpus(snap)
     snap.notices, snap.notices_error = _safe_notices(src.read_notices or _live_notices, config)
 
-    worker.join(sky_timeout_s)
+    worker.join(deadline.left() + _JOIN_SLACK_S)
     if sky_result:
         snap.sky = sky_result[0]
     else:
+        abandon(worker)  # the process must not wait for it on the way out
         snap.sky = SkyView(
             available=False,
-            error=f"SkyPilot API server did not answer within {sky_timeout_s:g} s",
+            error=f"SkyPilot API server did not answer within {deadline.budget_s:g} s",
         )
     attribution.link_skypilot(snap)
     return snap
@@ -138,10 +148,10 @@ def _live_nvml() -> NvmlView:
     return nvml.read()
 
 
-def _live_sky(config: HostConfig) -> SkyView:
+def _live_sky(config: HostConfig, deadline: Deadline) -> SkyView:
     from deskgpu import skyapi
 
-    view: SkyView = skyapi.fetch_queue(config)
+    view: SkyView = skyapi.fetch_queue(config, deadline=deadline)
     return view
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -51,11 +52,14 @@ app.add_typer(setup.app, name="setup")
 
 
 def main() -> None:
-    """Console-script entry point; the last resort against tracebacks."""
+    """Console-script entry point; the last resort against tracebacks and hangs."""
     try:
         app(prog_name="deskgpu")
-    except SystemExit:
-        raise
+    except SystemExit as done:
+        _leave(done.code)
+    except BrokenPipeError:  # `deskgpu queue --watch --json | head -3`: the reader is done
+        _mute_stdout()
+        _leave(0)
     except Exception as exc:
         if os.environ.get("DESKGPU_DEBUG"):
             raise
@@ -64,4 +68,28 @@ def main() -> None:
             "(rerun with DESKGPU_DEBUG=1 and report it)",
             file=sys.stderr,
         )
-        sys.exit(1)
+        _leave(1)
+    _leave(0)
+
+
+def _leave(code: object) -> None:
+    """Exit with `code`. A call the deadline gave up on may still be running in a thread
+    (an SDK retry loop, a request to a hung server) and SkyPilot's exit hooks would wait on
+    it: then flush what was said and end the process at once."""
+    from deskgpu.deadline import abandoned
+
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    if abandoned():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def _mute_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush finds no broken pipe."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -24,7 +24,12 @@ def queue_command(
     json_out: JsonOption = False,
     watch: Annotated[
         bool,
-        typer.Option("--watch", "-w", help="Refresh until Ctrl-C (with --json: one line each)."),
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Refresh until Ctrl-C: in place on a terminal, else one plain frame per "
+            "refresh (with --json: one document per line).",
+        ),
     ] = False,
     interval: Annotated[
         float, typer.Option("--interval", min=1.0, help="Seconds between --watch refreshes.")
@@ -58,7 +63,12 @@ def queue_command(
     ] = None,
     timeout: Annotated[
         float,
-        typer.Option("--timeout", min=0.1, help="Seconds to wait for the SkyPilot API server."),
+        typer.Option(
+            "--timeout",
+            min=0.1,
+            help="Seconds the SkyPilot half may take (each refresh, with --watch); past them it "
+            "is shown as missing.",
+        ),
     ] = 30.0,
     show_all: Annotated[bool, typer.Option("--all", "-a", help="Also list finished jobs.")] = False,
     config_path: ConfigOption = None,
@@ -69,6 +79,9 @@ def queue_command(
     Exit 0 when at least one half (GPUs or SkyPilot) could be read; the missing half is a
     warning on stderr. Exit 1 when neither could.
     """
+    from deskgpu.deadline import Deadline
+
+    started = Deadline.after(timeout)  # the user's budget counts from here
     from deskgpu import survey
     from deskgpu.errors import UsageError
 
@@ -95,7 +108,7 @@ def queue_command(
             if table is not None:
                 console.print(table)
 
-    snap = survey.take(config, on_gpus=paint_gpus, sky_timeout_s=timeout)
+    snap = survey.take(config, on_gpus=paint_gpus, deadline=started)
     _finish(snap, user, json_out, show_all, record, out, painted_gpus=True, console=console)
 
 
@@ -152,50 +165,144 @@ def _watch(
     out: TextIO,
     timeout: float,
 ) -> None:
-    from rich.console import Group
-    from rich.live import Live
-    from rich.text import Text
+    """Refresh until Ctrl-C. A refresh that fails shows the last good frame with its error
+    line; it never ends the loop. On a terminal the frame is redrawn in place; in a pipe or
+    a log each refresh is written out whole, with no screen control codes."""
+    from deskgpu import survey
+    from deskgpu.deadline import Deadline
 
-    from deskgpu import render_queue, survey
-
-    def frame(snap: Snapshot, waiting: bool = False) -> Group:
-        notes = [Text(f"! {line}", style="yellow") for line in survey.problems(snap)]
-        if waiting:
-            table = render_queue.gpu_half(snap)
-            extra = Text("… waiting for SkyPilot", style="dim")
-            return Group(*([table] if table is not None else []), *notes, extra)
-        stamp = Text(time.strftime("%H:%M:%S", time.localtime(snap.taken_at)), style="dim")
-        return Group(render_queue.screen(snap, show_all), *notes, stamp)
-
+    last = _LastGood()
+    live = _LiveScreen(out, show_all) if not json_out and out.isatty() else None
     try:
-        if json_out:
-            while True:
-                snap = survey.take(config, sky_timeout_s=timeout)
+        while True:
+            started = time.monotonic()
+            snap: Snapshot | None = None
+            lines: list[str] = []
+            try:
+                early = live.waiting if live is not None and last.empty else None
+                snap = survey.take(config, on_gpus=early, deadline=Deadline.after(timeout))
                 snap = survey.for_user(snap, user) if user else snap
-                doc = survey.document(snap)
-                out.write(to_json(doc, indent=None) + "\n")
-                out.flush()
-                if record is not None:
-                    _write(record, doc)
-                time.sleep(interval)
-        console = _console(out)
-        with Live(console=console, auto_refresh=False) as live:
-            first = True
-            while True:
-
-                def early(partial: Snapshot, show: bool = first) -> None:
-                    if show:
-                        live.update(frame(partial, waiting=True), refresh=True)
-
-                snap = survey.take(config, on_gpus=early, sky_timeout_s=timeout)
-                snap = survey.for_user(snap, user) if user else snap
-                live.update(frame(snap), refresh=True)
+                lines = survey.problems(snap)
                 if record is not None:
                     _write(record, survey.document(snap))
-                first = False
-                time.sleep(interval)
+            except BrokenPipeError:
+                raise
+            except Exception as exc:  # the loop outlives any one refresh
+                lines.append(f"refresh failed: {' '.join(_lines(exc))}")
+            if json_out:
+                if snap is not None:
+                    out.write(to_json(survey.document(snap), indent=None) + "\n")
+                for line in lines if snap is None else []:
+                    warn(line)
+                out.flush()
+            else:
+                shown, stale = last.fill(snap)
+                if shown is None:
+                    for line in lines:
+                        warn(line)
+                elif live is not None:
+                    live.show(shown, lines + stale)
+                else:
+                    _print_frame(out, shown, show_all, lines + stale)
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
     except KeyboardInterrupt:
         return
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def _lines(exc: Exception) -> list[str]:
+    from deskgpu.errors import DeskgpuError
+
+    return exc.lines() if isinstance(exc, DeskgpuError) else [f"{type(exc).__name__}: {exc}"]
+
+
+class _LastGood:
+    """The last refresh that read each half, so a failed one can still show something."""
+
+    def __init__(self) -> None:
+        self.gpus: Snapshot | None = None
+        self.sky: Snapshot | None = None
+        self.any: Snapshot | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.any is None
+
+    def fill(self, snap: Snapshot | None) -> tuple[Snapshot | None, list[str]]:
+        """What to draw: this refresh, any half it could not read taken from the last one
+        that did, and a line saying how old that is. Remembers what this refresh read."""
+        from dataclasses import replace
+
+        if snap is None:
+            if self.any is None:
+                return None, []
+            return self.any, [f"showing the last frame, of {_clock(self.any.taken_at)}"]
+        stale = []
+        shown = snap
+        if snap.nvml.available:
+            self.gpus = snap
+        elif self.gpus is not None:
+            shown = replace(shown, nvml=self.gpus.nvml)
+            stale.append(f"GPUs as of {_clock(self.gpus.taken_at)}")
+        if snap.sky.available:
+            self.sky = snap
+        elif self.sky is not None:
+            shown = replace(shown, sky=replace(self.sky.sky, notes=[]))
+            stale.append(f"jobs and sessions as of {_clock(self.sky.taken_at)}")
+        self.any = shown
+        return shown, ([f"showing {' and '.join(stale)}"] if stale else [])
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
+def _frame(snap: Snapshot, show_all: bool, lines: list[str], waiting: bool = False) -> Any:
+    """The screen with its problem lines (those of the refresh, not of a half kept over)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from deskgpu import render_queue
+
+    notes = [Text(f"! {line}", style="yellow") for line in lines]
+    if waiting:
+        table = render_queue.gpu_half(snap)
+        wait = Text("… waiting for SkyPilot", style="dim")
+        return Group(*([table] if table is not None else []), *notes, wait)
+    return Group(render_queue.screen(snap, show_all), *notes, Text(_clock(snap.taken_at)))
+
+
+def _print_frame(out: TextIO, snap: Snapshot, show_all: bool, lines: list[str]) -> None:
+    """One refresh, written out whole for a pipe or a log: plain text, a blank line after."""
+    console = _console(out)
+    console.print(_frame(snap, show_all, lines))
+    console.print()
+    out.flush()
+
+
+class _LiveScreen:
+    """The terminal's frame, redrawn in place (rich's Live)."""
+
+    def __init__(self, out: TextIO, show_all: bool) -> None:
+        from rich.live import Live
+
+        self.show_all = show_all
+        self._live = Live(console=_console(out), auto_refresh=False)
+        self._live.start()
+
+    def waiting(self, partial: Snapshot) -> None:
+        from deskgpu import survey
+
+        lines = survey.gpu_problems(partial)
+        self._live.update(_frame(partial, self.show_all, lines, waiting=True), refresh=True)
+
+    def show(self, snap: Snapshot, lines: list[str]) -> None:
+        self._live.update(_frame(snap, self.show_all, lines), refresh=True)
+
+    def stop(self) -> None:
+        self._live.stop()
 
 
 def _console(out: TextIO) -> Console:

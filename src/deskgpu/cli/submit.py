@@ -35,7 +35,9 @@ def submit_command(
             "--wait",
             min=0,
             max=3600,
-            help="Seconds to wait for the API server's first verdict before returning.",
+            help="Seconds the command may take (SkyPilot's loading included) waiting for the API "
+            "server's first verdict; past them it returns with the job still queued. Loading "
+            "SkyPilot may add up to 5 s.",
         ),
     ] = 30.0,
     config_path: ConfigOption = None,
@@ -43,7 +45,6 @@ def submit_command(
     """Submit a job spec. Batch jobs queue when the GPUs are busy; sessions print how to connect."""
     import math
 
-    from deskgpu import submission
     from deskgpu.errors import UsageError
 
     if not math.isfinite(wait):
@@ -53,6 +54,10 @@ def submit_command(
             "--show-secrets only changes what --dry-run prints: add --dry-run (a submitted "
             "job's secrets go to SkyPilot, never to your terminal)"
         )
+    from deskgpu.deadline import Deadline
+
+    started = Deadline.after(wait)  # the user's budget counts from here
+    from deskgpu import submission
     from deskgpu.identity import current_user
 
     config = get_config(config_path)
@@ -69,7 +74,7 @@ def submit_command(
         if p.expansion.task.get("secrets") and not show_secrets:
             warn(f"{len(p.expansion.task['secrets'])} secret value(s) shown as <redacted>")
         return
-    result = submission.submit(p, config, wait_s=wait)
+    result = submission.submit(p, config, wait_s=wait, deadline=started)
     if json_out:
         print_json(result.as_json())
     else:

@@ -26,9 +26,7 @@ import socket
 import stat
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -209,40 +207,17 @@ def _parent_unsearchable(p: Path) -> str | None:
 
 
 def http_get(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[HttpFact, dict[str, str]]:
-    """GET `url` with a timeout; returns the fact and the response headers."""
-    start = time.monotonic()
-    fact = HttpFact(url=url)
-    headers: dict[str, str] = {}
-    if urllib.parse.urlparse(url).scheme not in ("http", "https"):
-        fact.error = "not an http(s) URL"
-        return fact, headers
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310 - scheme checked above
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - scheme checked above
-            fact.status_code = response.status
-            fact.body = response.read(MAX_TEXT).decode("utf-8", errors="replace")
-            headers = {k.lower(): v for k, v in response.headers.items()}
-    except urllib.error.HTTPError as exc:
-        fact.status_code = exc.code
-        fact.error = f"HTTP {exc.code} {exc.reason}"
-    except urllib.error.URLError as exc:
-        fact.error = _reason(exc.reason)
-    except TimeoutError:
-        fact.error = f"no answer within {timeout_s:g} s"
-    except (OSError, ValueError) as exc:
-        fact.error = str(exc) or type(exc).__name__
-    fact.elapsed_s = round(time.monotonic() - start, 3)
-    return fact, headers
+    """GET `url`, all of it within `timeout_s`; returns the fact and the response headers."""
+    from deskgpu import skyhttp  # the one HTTP client (a trickling server cannot hold it)
 
-
-def _reason(reason: object) -> str:
-    if isinstance(reason, (TimeoutError, socket.timeout)):
-        return "timed out"
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror.lower()
-    return str(reason)
+    reply = skyhttp.request("GET", url, timeout_s=timeout_s, max_bytes=MAX_TEXT)
+    fact = HttpFact(url=url, status_code=reply.status, error=reply.error)
+    if reply.error is None and reply.status is not None and reply.status >= 400:
+        fact.error = f"HTTP {reply.status} {reply.reason}".rstrip()
+    elif reply.error is None:
+        fact.body = reply.text()
+    fact.elapsed_s = reply.elapsed_s
+    return fact, reply.headers if reply.error is None else {}
 
 
 # ---------------------------------------------------------------------------------------

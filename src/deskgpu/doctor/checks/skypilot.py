@@ -28,6 +28,7 @@ from deskgpu.doctor.facts import (
 )
 from deskgpu.doctor.settings import Settings
 from deskgpu.skyapi import DEFAULT_ENDPOINT
+from deskgpu.skyapi import resolve_endpoint as resolve_endpoint  # its home is skyapi
 
 DOC_API_SERVER = (
     "https://docs.skypilot.co/en/latest/reference/api-server/api-server-admin-deploy.html"
@@ -36,20 +37,6 @@ DOC_KUEUE = "https://kueue.sigs.k8s.io/docs/installation/"
 
 _sky = _Component("skypilot")
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")  # noqa: S104 - names, not binds
-
-
-def resolve_endpoint(
-    env: dict[str, str], config: HostConfig, client_config_text: str | None
-) -> tuple[str, str]:
-    """The API server endpoint a deskgpu/SkyPilot client on this host talks to, and why."""
-    if env.get("SKYPILOT_API_SERVER_ENDPOINT"):
-        return env["SKYPILOT_API_SERVER_ENDPOINT"], "env SKYPILOT_API_SERVER_ENDPOINT"
-    if config.api_server:
-        return config.api_server, "host config api_server"
-    endpoint = _yaml_get(client_config_text, ("api_server", "endpoint"))
-    if isinstance(endpoint, str) and endpoint:
-        return endpoint, "~/.sky/config.yaml api_server.endpoint"
-    return DEFAULT_ENDPOINT, "default"
 
 
 def _yaml_get(text: str | None, path: tuple[str, ...]) -> Any:
