@@ -18,7 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     # Plain help: rendering it with rich costs ~0.4 s on every `--help`.
     rich_markup_mode=None,
-    add_completion=False,
+    add_completion=True,  # typer's own --install-completion / --show-completion
     # Specs can carry tokens: never print locals in a traceback.
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,

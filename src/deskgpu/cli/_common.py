@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option(
         "--config",
+        metavar="FILE",
         help="Host config file (default: $DESKGPU_CONFIG, else /etc/deskgpu/config.yaml).",
         show_default=False,
         dir_okay=False,
@@ -29,6 +31,26 @@ ConfigOption = Annotated[
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")
 ]
+
+
+def seconds(low: float, high: float) -> Callable[[str], float]:
+    """A `--timeout`-like option's parser: a finite number of seconds in [low, high].
+
+    `nan`, `inf` and out-of-range values are usage errors (exit 2) with the range in the
+    message, the same for every command (click's own float range lets `nan` through).
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"{text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise typer.BadParameter(f"{text} is not between {low:g} and {high:g} seconds")
+        return value
+
+    parse.__name__ = "SECONDS"
+    return parse
 
 
 def warn(message: str) -> None:

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from deskgpu.cli._common import ConfigOption, JsonOption, exits_cleanly, get_config, print_json
+from deskgpu.cli._common import (
+    ConfigOption,
+    JsonOption,
+    exits_cleanly,
+    get_config,
+    print_json,
+    seconds,
+)
 
 
 @exits_cleanly
@@ -17,6 +24,7 @@ def doctor_command(
         Path | None,
         typer.Option(
             "--record",
+            metavar="FILE",
             help="Also write the gathered host facts to FILE (JSON) for support or replay.",
             dir_okay=False,
             show_default=False,
@@ -26,6 +34,7 @@ def doctor_command(
         Path | None,
         typer.Option(
             "--facts",
+            metavar="FILE",
             help="Judge facts recorded with --record instead of probing this host.",
             dir_okay=False,
             show_default=False,
@@ -35,7 +44,8 @@ def doctor_command(
         float | None,
         typer.Option(
             "--timeout",
-            min=0.5,
+            metavar="SECONDS",
+            parser=seconds(0.5, 60),
             help="Seconds each probe may take (default: doctor.probe_timeout_s, else 4).",
             show_default=False,
         ),

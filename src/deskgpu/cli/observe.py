@@ -27,10 +27,10 @@ def observe_command(
         Path | None,
         typer.Option(
             "--textfile",
+            metavar="DIR",
             help="Also write DIR/deskgpu.prom for node_exporter's textfile collector.",
             file_okay=False,
             show_default=False,
-            metavar="DIR",
         ),
     ] = None,
     config_path: ConfigOption = None,
@@ -40,6 +40,9 @@ def observe_command(
     Meant for a systemd timer or cron every 5 minutes, as root. Also gives the first notice
     to owners of sessions that just became zombies (reap.warn_on_observe), so the grace
     period has run out by the time the weekly `deskgpu reap --yes` comes.
+
+    Exit 0: observed; 2: bad flags or host config; 1: no GPU readings, SkyPilot unreachable
+    or the history cannot be written.
     """
     from deskgpu.reap import run
     from deskgpu.reap.settings import load_settings

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
-from deskgpu.cli._common import ConfigOption, JsonOption, exits_cleanly, get_config, warn
+from deskgpu.cli._common import ConfigOption, JsonOption, exits_cleanly, get_config, seconds, warn
 from deskgpu.recorded import to_json
 
 if TYPE_CHECKING:
@@ -32,12 +32,19 @@ def queue_command(
         ),
     ] = False,
     interval: Annotated[
-        float, typer.Option("--interval", min=1.0, help="Seconds between --watch refreshes.")
+        float,
+        typer.Option(
+            "--interval",
+            metavar="SECONDS",
+            parser=seconds(1, 86400),
+            help="Seconds between --watch refreshes.",
+        ),
     ] = 5.0,
     record: Annotated[
         Path | None,
         typer.Option(
             "--record",
+            metavar="FILE",
             help="Also write the snapshot shown to FILE (JSON; replay it with --snapshot).",
             dir_okay=False,
             show_default=False,
@@ -47,6 +54,7 @@ def queue_command(
         Path | None,
         typer.Option(
             "--snapshot",
+            metavar="FILE",
             help="Render a recorded snapshot; no NVML, kube or SkyPilot calls.",
             dir_okay=False,
             show_default=False,
@@ -57,6 +65,7 @@ def queue_command(
         typer.Option(
             "--user",
             "-u",
+            metavar="USER",
             help="Only this user's jobs and sessions (GPUs: all).",
             show_default=False,
         ),
@@ -65,7 +74,8 @@ def queue_command(
         float,
         typer.Option(
             "--timeout",
-            min=0.1,
+            metavar="SECONDS",
+            parser=seconds(0.1, 3600),
             help="Seconds the SkyPilot half may take (each refresh, with --watch); past them it "
             "is shown as missing.",
         ),

@@ -34,6 +34,7 @@ def reap_command(
         Path | None,
         typer.Option(
             "--evidence",
+            metavar="FILE",
             help="Re-decide a recorded evidence document (JSON or .json.gz); no live calls.",
             dir_okay=False,
             show_default=False,
@@ -42,7 +43,10 @@ def reap_command(
     record: Annotated[
         Path | None,
         typer.Option(
-            "--record", help="Write the evidence document this run decided from.", dir_okay=False
+            "--record",
+            metavar="FILE",
+            help="Write the evidence document this run decided from.",
+            dir_okay=False,
         ),
     ] = None,
     kill_unmanaged: Annotated[

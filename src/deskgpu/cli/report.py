@@ -16,16 +16,21 @@ if TYPE_CHECKING:
 @exits_cleanly
 def report_command(
     since: Annotated[
-        str, typer.Option("--since", help="How far back: a duration like 7d, 36h, 1d12h.")
+        str,
+        typer.Option(
+            "--since", metavar="DURATION", help="How far back: a duration like 7d, 36h, 1d12h."
+        ),
     ] = "7d",
     user: Annotated[
-        str | None, typer.Option("--user", help="Only this user's figures (box totals stay).")
+        str | None,
+        typer.Option("--user", metavar="USER", help="Only this user's figures (box totals stay)."),
     ] = None,
     json_out: JsonOption = False,
     html: Annotated[
         Path | None,
         typer.Option(
             "--html",
+            metavar="FILE",
             help="Also write one self-contained HTML page (heat-map, per-user bars).",
             dir_okay=False,
             show_default=False,

@@ -37,6 +37,7 @@ def render_command(
         Path,
         typer.Option(
             "--out",
+            metavar="DIR",
             help="Directory to write into (paths mirror where each file is installed).",
             file_okay=False,
             show_default=False,
@@ -46,6 +47,7 @@ def render_command(
         str | None,
         typer.Option(
             "--python",
+            metavar="PATH",
             help="Absolute path of the Python with deskgpu + SkyPilot that runs the API server, "
             "e.g. /opt/deskgpu/bin/python (default: the one running this command; refused "
             "inside a source checkout).",
@@ -56,6 +58,7 @@ def render_command(
         str | None,
         typer.Option(
             "--deskgpu",
+            metavar="PATH",
             help="Absolute path of the deskgpu command the timers run, e.g. "
             "/opt/deskgpu/bin/deskgpu (default: the one installed next to --python, else the "
             "one running; refused inside a source checkout).",
@@ -65,7 +68,11 @@ def render_command(
     json_out: JsonOption = False,
     config_path: ConfigOption = None,
 ) -> None:
-    """Write the setup files for this box's host config into DIR; install with DIR/install.sh."""
+    """Write the setup files for this box's host config into DIR; install with DIR/install.sh.
+
+    Exit 0: written; 2: bad flags, host config, --python/--deskgpu, or a DIR that cannot be
+    written.
+    """
     from deskgpu.errors import UsageError
     from deskgpu.setup.render import is_config_file, render, write
     from deskgpu.setup.tools import box_tools

@@ -13,13 +13,16 @@ from deskgpu.cli._common import (
     exits_cleanly,
     get_config,
     print_json,
+    seconds,
     warn,
 )
 
 
 @exits_cleanly
 def submit_command(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", show_default=False)],
+    spec: Annotated[
+        Path, typer.Argument(help="The job spec (YAML).", metavar="SPEC", show_default=False)
+    ],
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print the complete SkyPilot task YAML; submit nothing."),
@@ -33,8 +36,8 @@ def submit_command(
         float,
         typer.Option(
             "--wait",
-            min=0,
-            max=3600,
+            metavar="SECONDS",
+            parser=seconds(0, 3600),
             help="Seconds the command may take (SkyPilot's loading included) waiting for the API "
             "server's first verdict; past them it returns with the job still queued. Loading "
             "SkyPilot may add up to 5 s.",
@@ -42,7 +45,12 @@ def submit_command(
     ] = 30.0,
     config_path: ConfigOption = None,
 ) -> None:
-    """Submit a job spec. Batch jobs queue when the GPUs are busy; sessions print how to connect."""
+    """Submit a job spec. Batch jobs queue when the GPUs are busy; sessions print how to connect.
+
+    Exit 0: submitted (or queued, or the dry run printed); 2: the spec, a flag or the host
+    config is wrong (each problem at its file:line); 1: the API server is unreachable or
+    refused the job.
+    """
     import math
 
     from deskgpu.errors import UsageError
