@@ -438,9 +438,9 @@ def test_doctor_skip_cascades_too() -> None:
     assert found["kubernetes.gpu_labels"].detail == "needs kubernetes.nodes, which is skip"
 
 
-def test_readme_check_table_is_the_registrys() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert readme_table() in readme, "regenerate: uv run python -m deskgpu.doctor.registry"
+def test_doctor_docs_check_table_is_the_registrys() -> None:
+    doc = (ROOT / "docs" / "doctor.md").read_text()
+    assert readme_table() in doc, "regenerate: uv run python -m deskgpu.docs"
 
 
 # -- what an attacker's review found: each a way doctor said ok while nothing ran ------------------

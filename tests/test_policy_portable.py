@@ -334,10 +334,10 @@ def test_registering_a_hostpath_volume_is_refused_by_the_guard() -> None:
     assert volume_apply_refusal("/launch", body) is None
 
 
-def test_readme_allow_list_is_the_codes() -> None:
+def test_house_rules_doc_allow_list_is_the_codes() -> None:
     from deskgpu.house_rules.podspec import readme_section
     from tests.conftest import ROOT
 
-    assert readme_section() in (ROOT / "README.md").read_text(), (
-        "regenerate: uv run python -m deskgpu.house_rules"
+    assert readme_section() in (ROOT / "docs" / "house-rules.md").read_text(), (
+        "regenerate: uv run python -m deskgpu.docs"
     )

@@ -1,9 +1,9 @@
-"""Every doctor check, declared once: its id, component, what it needs, and its README row.
+"""Every doctor check, declared once: its id, component, what it needs, and its docs row.
 
 The runner (`deskgpu.doctor.checks.run_checks`) walks this table in order: a check whose
 `needs` did not pass (fail or skip) is skipped, saying which, so skips cascade by
 construction; the host config's `doctor.skip` may name only ids from here (else exit 2), and
-the README's check table is generated from it (`python -m deskgpu.doctor.registry`, held equal
+docs/doctor.md's check table is generated from it (`python -m deskgpu.docs`, held equal
 by a test). Imports nothing: the config loader reads it.
 """
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 class CheckSpec:
     id: str  # "component.name"
     needs: tuple[str, ...]  # checks that must be ok or warn for this one to mean anything
-    when: str  # README: when it fails (or warns)
-    fix: str  # README: the fix it gives
+    when: str  # docs: when it fails (or warns)
+    fix: str  # docs: the fix it gives
 
     @property
     def component(self) -> str:
@@ -230,7 +230,7 @@ CHECK_IDS = tuple(BY_ID)
 
 
 def readme_table() -> str:
-    """The README's check table (Markdown), one row per check, in report order."""
+    """docs/doctor.md's check table (Markdown), one row per check, in report order."""
     rows = ["| id | fails / warns when | fix it gives | needs |", "|---|---|---|---|"]
     for spec in REGISTRY:
         needs = ", ".join(f"`{n}`" for n in spec.needs)

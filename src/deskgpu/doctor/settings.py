@@ -21,7 +21,7 @@ RETIRED = {
 
 @dataclass(frozen=True)
 class DoctorSettings:
-    """`doctor:` with its defaults (see the README's table)."""
+    """`doctor:` with its defaults (docs/doctor.md's table is generated from them)."""
 
     min_free_pct: float = 5.0
     warn_free_pct: float = 15.0

@@ -1,4 +1,5 @@
-"""`python -m deskgpu.house_rules`: print the README's pod_config allow-list section."""
+"""`python -m deskgpu.house_rules`: print docs/house-rules.md's pod_config allow-list
+section (`python -m deskgpu.docs` writes it there)."""
 
 from deskgpu.house_rules.podspec import readme_section
 

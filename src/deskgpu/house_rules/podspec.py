@@ -3,7 +3,7 @@
 `POD_CONFIG` says, key by key, what a `pod_config` may hold; anything it does not name is
 refused. `walk(shape, value, where, ctx)` yields a `Violation(rule, problem, fix)` for each
 departure, the problem starting with the path (`config.kubernetes.pod_config.spec.hostPID`).
-The README's allow-list section is `readme_section()` (a test keeps them equal).
+docs/house-rules.md's allow-list section is `readme_section()` (a test keeps them equal).
 
 `sky_config_violations` applies it to the `kubernetes` / `ssh` sections of a SkyPilot config
 mapping: a task's own `config`, and the request's whole SkyPilot config (the client's
@@ -58,7 +58,7 @@ def pod_config_violation(where: str, problem: str, fix: str | None = None) -> Vi
         f"{where} {problem}",
         fix
         or "remove it; a pod_config may set only what the box's allow-list names "
-        "(see `deskgpu` README, House rules)",
+        "(see deskgpu's docs/house-rules.md)",
     )
 
 
@@ -67,7 +67,7 @@ def pod_config_violation(where: str, problem: str, fix: str | None = None) -> Vi
 
 
 class Shape:
-    """What a value may be; `describe()` is its README text."""
+    """What a value may be; `describe()` is its docs text."""
 
     def describe(self) -> str:
         return "any value"
@@ -484,7 +484,7 @@ _TABLES = (POD_CONFIG, POD_SPEC, CONTAINER, MOUNT, RESOURCES, POD_SECURITY, CONT
 
 
 def readme_section() -> str:
-    """The README's allow-list: every key each part of a pod_config may hold, and how."""
+    """docs/house-rules.md's allow-list: every key each part of a pod_config may hold, and how."""
     lines = [
         "<!-- generated from src/deskgpu/house_rules/podspec.py: "
         "uv run python -m deskgpu.house_rules -->",

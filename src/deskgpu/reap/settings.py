@@ -13,7 +13,7 @@ from deskgpu.config import HostConfig
 from deskgpu.errors import SpecError
 from deskgpu.units import parse_duration_s
 
-# key in the host config -> (attribute, kind, default). The README table is this table.
+# key in the host config -> (attribute, kind, default). docs/reap.md's table is generated from it.
 KEYS: dict[str, tuple[str, str, Any]] = {
     "min_age": ("min_age_s", "duration", "24h"),
     "idle_window": ("idle_window_s", "duration", "6h"),
@@ -76,11 +76,6 @@ class ReapSettings:
     @property
     def evidence_dir(self) -> Path:
         return Path(self.state_dir) / "evidence"
-
-
-def defaults_table() -> list[tuple[str, str]]:
-    """(key, default) pairs in documentation order."""
-    return [(key, str(spec[2])) for key, spec in KEYS.items()]
 
 
 def load_settings(config: HostConfig) -> ReapSettings:

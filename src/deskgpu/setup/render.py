@@ -573,7 +573,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         "[ -d /run/systemd/system ] || need 'systemd is not running as PID 1 "
         "(no /run/systemd/system): the units need it'",
         f"[ -f {K3S_KUBECONFIG} ] || need 'no {K3S_KUBECONFIG}: install k3s first "
-        "(README, Setting up the box, step 1)'",
+        "(deskgpu docs/setup.md, step 1)'",
     ]
     for flag, path, what in (
         ("--python", tools.python, "the Python that runs the API server"),
@@ -582,8 +582,8 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         lines.append(
             f"{{ [ -f {q(path)} ] && [ -x {q(path)} ]; }} || need "
             + q(
-                f"{path} ({what}) is not an executable file: install deskgpu (README step 1) "
-                f"or render again with {flag} <path>"
+                f"{path} ({what}) is not an executable file: install deskgpu "
+                f"(docs/setup.md, step 1) or render again with {flag} <path>"
             )
         )
     for command in ("useradd", "install", "systemctl", "systemd-tmpfiles"):
@@ -592,8 +592,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
     lines += [
         f"[ -x {COPY} ] || need 'no {COPY}: the units copy the kubeconfig with it'",
         "if ! command -v kubectl >/dev/null 2>&1 && ! command -v k3s >/dev/null 2>&1; then",
-        "    need 'no kubectl or k3s command: install k3s first (README, Setting up the box, "
-        "step 1)'",
+        "    need 'no kubectl or k3s command: install k3s first (docs/setup.md, step 1)'",
         f"elif [ -f {K3S_KUBECONFIG} ] && ! kube get --raw /apis/{cluster.ADMISSION_API} "
         f"2>/dev/null | grep -q '\"{vap}\"'; then",
         "    need 'the k3s API does not answer, or serves no ValidatingAdmissionPolicy "

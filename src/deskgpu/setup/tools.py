@@ -5,7 +5,7 @@ to it (else the one running). A path is refused (`UsageError`, exit 2) when it i
 absolute path to an executable file, or when it lives in a source checkout: a directory above
 it (as given, or with its symlinks resolved) holds `.git`, or a `pyproject.toml` naming
 deskgpu. Services must not run a working tree that changes with every checkout and
-`uv sync`; README step 1 installs deskgpu into /opt/deskgpu for them.
+`uv sync`; docs/setup.md step 1 installs deskgpu into /opt/deskgpu for them.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def default_deskgpu(python: str) -> str | None:
 def check(flag: str, path: str, what: str, default: str | None) -> None:
     """Refuse `path` for `flag` unless it is an installed executable outside any checkout."""
     given = f"{flag} {path}" + (f" (the default: {default})" if default else "")
-    fix = f"install deskgpu (README step 1) and pass {flag} {INSTALLED[flag]}"
+    fix = f"install deskgpu (docs/setup.md step 1) and pass {flag} {INSTALLED[flag]}"
     if not path or not Path(path).is_absolute():
         raise UsageError(f"{given}: {what} must be an absolute path; {fix}")
     if not Path(path).is_file() or not os.access(path, os.X_OK):

@@ -332,7 +332,7 @@ def _check_policy(facts: HostFacts, s: Settings) -> Check:
         readable[0].path if readable else s.skypilot_server_config
     ) or "the server's ~/.sky/config.yaml"
     fix = (
-        f"add `admin_policy: deskgpu.policy.<Class>` (see the README) to {where}, then "
+        f"add `admin_policy: deskgpu.policy.<Class>` (see docs/house-rules.md) to {where}, then "
         "restart the API server"
     )
     if other:
