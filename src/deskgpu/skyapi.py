@@ -56,7 +56,7 @@ def resolve_endpoint(
         return env["SKYPILOT_API_SERVER_ENDPOINT"], "env SKYPILOT_API_SERVER_ENDPOINT"
     if config.api_server:
         return config.api_server, "host config api_server"
-    endpoint = _yaml_get(client_config_text, ("api_server", "endpoint"))
+    endpoint = yaml_get(client_config_text, ("api_server", "endpoint"))
     if isinstance(endpoint, str) and endpoint:
         return endpoint, "~/.sky/config.yaml api_server.endpoint"
     return DEFAULT_ENDPOINT, "default"
@@ -71,7 +71,8 @@ def _client_config_text(env: Any) -> str | None:
         return None
 
 
-def _yaml_get(text: str | None, path: tuple[str, ...]) -> Any:
+def yaml_get(text: str | None, path: tuple[str, ...]) -> Any:
+    """The value at `path` in a YAML text, or None (unparseable, absent, not a mapping)."""
     if not text:
         return None
     import yaml

@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
 from deskgpu.config import HostConfig
 from deskgpu.doctor.checks.base import (
     FAIL,
@@ -27,7 +25,7 @@ from deskgpu.doctor.facts import (
     ServerProcess,
 )
 from deskgpu.doctor.settings import Settings
-from deskgpu.skyapi import DEFAULT_ENDPOINT
+from deskgpu.skyapi import DEFAULT_ENDPOINT, yaml_get
 from deskgpu.skyapi import resolve_endpoint as resolve_endpoint  # its home is skyapi
 
 DOC_API_SERVER = (
@@ -37,20 +35,6 @@ DOC_KUEUE = "https://kueue.sigs.k8s.io/docs/installation/"
 
 _sky = _Component("skypilot")
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")  # noqa: S104 - names, not binds
-
-
-def _yaml_get(text: str | None, path: tuple[str, ...]) -> Any:
-    if not text:
-        return None
-    try:
-        node: Any = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None
-    for key in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
 
 
 def _endpoint_port(endpoint: str) -> tuple[str, int]:
@@ -310,7 +294,7 @@ def _check_infra(facts: HostFacts, config: HostConfig) -> Check:
 
 
 def _admin_policy(fact: FileFact) -> Any:
-    return _yaml_get(fact.text, ("admin_policy",))
+    return yaml_get(fact.text, ("admin_policy",))
 
 
 def _check_policy(facts: HostFacts, s: Settings) -> Check:
