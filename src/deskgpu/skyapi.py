@@ -688,13 +688,22 @@ def tail_logs(
     sky = import_sky()
     try:
         if job_id is not None:
-            sky.jobs.tail_logs(job_id=job_id, follow=follow, tail=tail)
+            code = sky.jobs.tail_logs(job_id=job_id, follow=follow, tail=tail)
         else:
-            sky.tail_logs(cluster, job_id=None, follow=follow, tail=tail or 0)
+            code = sky.tail_logs(cluster, job_id=None, follow=follow, tail=tail or 0)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
         raise _logs_error(exc, endpoint) from None
+    # The job's own outcome (sky.exceptions.JobExitCode: 0, 100 failed, 101 not finished,
+    # 103 cancelled) is not a failure to show its logs; anything else (255: ssh to the pod
+    # failed, 102: no such job there) is.
+    if isinstance(code, int) and code not in _JOB_OUTCOMES:
+        what = f"managed job {job_id}" if job_id is not None else f"session {cluster}"
+        raise OutsideError(f"SkyPilot could not fetch the logs of {what} (exit {code})")
+
+
+_JOB_OUTCOMES = {0, 100, 101, 103}
 
 
 def _logs_error(exc: BaseException, endpoint: str) -> OutsideError:
