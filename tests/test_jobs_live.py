@@ -26,6 +26,7 @@ from tests.conftest import ROOT
 from tests.jobstate import ME, SSH_IP
 
 NOBODY = 65534
+FIXTURES = Path(__file__).parent / "fixtures" / "sky"
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +254,17 @@ def _as_researcher(endpoint: str, *args: str) -> dict[str, Any]:
         return dict(json.loads(b"".join(chunks)))
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+# ---- recorded: the SDK's half of a cancel, replayed to the unmodified SDK ----
+
+
+def test_recorded_cancel_reaches_skypilot_as_a_job_id(sky_replay) -> None:
+    from deskgpu.config import load_config
+    from deskgpu.deadline import Deadline
+    from deskgpu.skyapi import cancel_job
+
+    server = sky_replay.load(FIXTURES / "jobs-cancel-by-id.json")
+    cancel_job(4, load_config(None), Deadline.after(30))
+    (sent,) = [json.loads(s["body"]) for s in server.seen if s["key"] == "POST /jobs/cancel"]
+    assert sent["job_ids"] == [4] and not sent["all_users"] and sent["name"] is None
