@@ -663,3 +663,118 @@ def down_cluster(cluster_name: str, config: HostConfig, timeout_s: float = DOWN_
             "finish (see `deskgpu queue`)"
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# deskgpu logs / cancel / ssh: one job or session the researcher named (deskgpu.jobs resolves
+# the name over plain HTTP first, so a dead server has already answered before `import sky`).
+# ---------------------------------------------------------------------------------------------
+
+
+def tail_logs(
+    *,
+    config: HostConfig,
+    deadline: Deadline,
+    follow: bool,
+    tail: int | None,
+    job_id: int | None = None,
+    cluster: str | None = None,
+) -> None:
+    """Stream a managed job's logs (`job_id`) or a session's job logs (`cluster`) to stdout.
+
+    The logs are the product, so SkyPilot's own writer prints them; with `follow` this
+    returns when the job ends or on Ctrl-C (a `KeyboardInterrupt`, exit 130 above).
+    """
+    endpoint = reach(config, deadline)
+    sky = import_sky()
+    try:
+        if job_id is not None:
+            code = sky.jobs.tail_logs(job_id=job_id, follow=follow, tail=tail)
+        else:
+            code = sky.tail_logs(cluster, job_id=None, follow=follow, tail=tail or 0)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        raise _logs_error(exc, endpoint) from None
+    # The job's own outcome (sky.exceptions.JobExitCode: 0, 100 failed, 101 not finished,
+    # 103 cancelled) is not a failure to show its logs; anything else (255: ssh to the pod
+    # failed, 102: no such job there) is.
+    if isinstance(code, int) and code not in _JOB_OUTCOMES:
+        what = f"managed job {job_id}" if job_id is not None else f"session {cluster}"
+        raise OutsideError(f"SkyPilot could not fetch the logs of {what} (exit {code})")
+
+
+_JOB_OUTCOMES = {0, 100, 101, 103}
+
+
+def _logs_error(exc: BaseException, endpoint: str) -> OutsideError:
+    if type(exc).__name__ == "ClusterNotUpError":
+        return OutsideError(f"no logs to show: {clean_message(exc)}")
+    return explain(exc, endpoint)
+
+
+def cancel_job(job_id: int, config: HostConfig, deadline: Deadline) -> None:
+    """`sky jobs cancel JOB_ID` and wait for the server's answer, within `deadline`."""
+    endpoint = reach(config, deadline)
+
+    def work() -> None:
+        sky = import_sky()
+        try:
+            with _quiet_sdk():
+                sky.get(sky.jobs.cancel(job_ids=[job_id]))
+        except Exception as exc:
+            raise OutsideError(
+                f"managed job {job_id}: cancel failed: {explain(exc, endpoint)}"
+            ) from None
+
+    bounded(
+        work,
+        deadline.extended(SDK_GRACE_S),
+        lambda: (
+            f"managed job {job_id}: cancel not confirmed within {deadline.budget_s:g} s: it may "
+            "still happen (see `deskgpu queue`)"
+        ),
+    )
+
+
+def ssh_config_file(cluster: str, config: HostConfig, deadline: Deadline) -> Path:
+    """(Re)write SkyPilot's ssh entry for `cluster` the way `sky status CLUSTER` does, and
+    return its file (`~/.sky/generated/ssh/<cluster>`, a `Host <cluster>` block; on
+    Kubernetes its ProxyCommand tunnels through the API server).
+
+    SkyPilot 0.14 keeps that writer in its CLI module
+    (`_get_cluster_records_and_set_ssh_config`); without it, or without an entry after it
+    (a session not up yet), this raises `OutsideError` rather than guess an ssh config.
+    """
+    endpoint = reach(config, deadline)
+
+    def work() -> Path:
+        import_sky()
+        try:
+            from sky.client.cli import command
+            from sky.utils import cluster_utils
+        except ImportError as exc:  # pragma: no cover - a SkyPilot that moved them
+            raise OutsideError(f"this SkyPilot cannot write ssh entries ({exc})") from None
+        writer = getattr(command, "_get_cluster_records_and_set_ssh_config", None)
+        if writer is None:  # pragma: no cover - a SkyPilot that renamed it
+            raise OutsideError("this SkyPilot has no ssh-entry writer: use `sky status` + ssh")
+        try:
+            with _quiet_sdk():
+                writer([cluster])
+        except Exception as exc:
+            raise explain(exc, endpoint) from None
+        path = Path(cluster_utils.SSHConfigHelper.ssh_cluster_path.format(cluster)).expanduser()
+        if not path.is_file():
+            raise OutsideError(
+                f"session {cluster} has no ssh address yet (not up, or its pod is gone): "
+                "see `deskgpu queue`"
+            )
+        return path
+
+    return bounded(
+        work,
+        deadline.extended(SDK_GRACE_S),
+        lambda: (
+            f"SkyPilot API server at {endpoint} gave no ssh details within {deadline.budget_s:g} s"
+        ),
+    )

@@ -9,7 +9,7 @@ import sys
 import typer
 
 from deskgpu import __version__
-from deskgpu.cli import doctor, observe, queue, reap, report, setup, submit
+from deskgpu.cli import doctor, jobs, observe, queue, reap, report, setup, submit
 
 app = typer.Typer(
     name="deskgpu",
@@ -44,6 +44,9 @@ def _root(
 # In the order a researcher meets them, then the admin's.
 app.command("submit")(submit.submit_command)
 app.command("queue")(queue.queue_command)
+app.command("logs")(jobs.logs_command)
+app.command("cancel")(jobs.cancel_command)
+app.command("ssh")(jobs.ssh_command)
 app.command("reap")(reap.reap_command)
 app.command("observe")(observe.observe_command)
 app.command("report")(report.report_command)

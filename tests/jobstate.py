@@ -1,0 +1,103 @@
+"""Jobs and sessions for a test API server, written into its HOME by SkyPilot's own state
+functions before it starts (as bench/queue.py does): the server has no Kubernetes, so a
+session that is up, or a job that got as far as the queue, cannot be made the live way.
+
+`python -m tests.jobstate` in a process whose HOME is the server's writes:
+
+- the caller's (`ME`, the Unix user running the suite): session `ME-dev` (UP, with an ssh
+  address and a cluster YAML naming its ssh user and key, as a launch on k8s leaves them),
+  managed jobs `ME-old` (1, SUCCEEDED), `ME-train` (2, PENDING, waiting for the
+  controller), two PENDING jobs both named `ME-twin` (4, 5) and `ME-doomed` (6, for cancel);
+- bob's: session `bob-notebook` (UP) and managed job `bob-train` (3, PENDING).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from deskgpu.identity import current_user, safe_user
+
+ME = safe_user(current_user())
+USERS = {ME: "a0000001", "bob": "b0000002"}  # SkyPilot user ids
+SSH_IP = "10.42.0.7"
+
+
+def _cluster(name: str, owner: str, home: str) -> None:
+    import sky
+    from sky import global_user_state
+    from sky.backends.cloud_vm_ray_backend import CloudVmRayResourceHandle
+    from sky.provision.kubernetes.utils import KubernetesInstanceType
+    from sky.utils import auth_utils
+
+    os.environ["SKYPILOT_USER_ID"] = USERS[owner]  # the owner add_or_update_cluster records
+    key, _ = auth_utils.get_or_generate_keys()  # the owner's key pair, as a launch makes it
+    res = sky.Resources(
+        infra="k8s/default",
+        instance_type=KubernetesInstanceType.from_resources(2, 8, 0, None).name,
+        labels={"deskgpu.io/user": owner, "deskgpu.io/kind": "interactive"},
+    )
+    yaml_path = f"{home}/.sky/generated/{name}.yml"
+    global_user_state.set_cluster_yaml(
+        name,
+        "cluster_name: " + name + "-2ea4\n"
+        "provider: {module: sky.provision.kubernetes}\n"
+        f"auth: {{ssh_user: sky, ssh_private_key: '{key}'}}\n",
+    )
+    handle = CloudVmRayResourceHandle(
+        cluster_name=name,
+        cluster_name_on_cloud=f"{name}-2ea4",
+        cluster_yaml=yaml_path,
+        launched_nodes=1,
+        launched_resources=res.copy(cloud=sky.clouds.Kubernetes(), region="default"),
+        stable_internal_external_ips=[(SSH_IP, SSH_IP)],
+        stable_ssh_ports=[22],
+    )
+    handle._ssh_user = "sky"  # what a launch caches on the handle (no public setter)
+    global_user_state.add_or_update_cluster(name, handle, requested_resources={res}, ready=True)
+
+
+def _job(name: str, owner: str, finish: bool = False) -> int:
+    from sky.jobs import state
+
+    job_id = int(
+        state.set_job_info_without_job_id(
+            name, "default", "deskgpu submit", None, None, USERS[owner]
+        )
+    )
+    state.set_pending(job_id, 0, name, "1x[CPU:1]", "{}")
+    if finish:
+
+        async def noop(*_args: object, **_kw: object) -> None:
+            return None
+
+        async def run() -> None:
+            now = time.time()
+            await state.set_starting_async(job_id, 0, f"run-{job_id}", now, "1x[CPU:1]", {}, noop)
+            await state.set_started_async(job_id, 0, now, noop)
+            await state.set_succeeded_async(job_id, 0, now + 60, noop)
+
+        asyncio.run(run())
+        state.scheduler_set_done(job_id, idempotent=True)
+    return job_id
+
+
+def fill() -> None:
+    from sky import global_user_state, models
+
+    home = os.environ["HOME"]
+    for user, user_hash in USERS.items():
+        global_user_state.add_or_update_user(models.User(id=user_hash, name=user))
+    _cluster(f"{ME}-dev", ME, home)
+    _cluster("bob-notebook", "bob", home)
+    _job(f"{ME}-old", ME, finish=True)
+    _job(f"{ME}-train", ME)
+    _job("bob-train", "bob")
+    _job(f"{ME}-twin", ME)
+    _job(f"{ME}-twin", ME)
+    _job(f"{ME}-doomed", ME)
+
+
+if __name__ == "__main__":
+    fill()
