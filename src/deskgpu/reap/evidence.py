@@ -30,12 +30,11 @@ class EvidenceError(ValueError):
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return (
-        dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc)
-        .replace(microsecond=0)
-        .isoformat()
-        .replace("+00:00", "Z")
-    )
+    # Whole seconds as written; a fraction is kept (microseconds) so a document read back
+    # decides exactly as before.
+    moment = dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc)
+    spec = "seconds" if moment.microsecond == 0 else "microseconds"
+    return moment.isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 def parse_ts(value: Any, where: str) -> float | None:
@@ -46,6 +45,10 @@ def parse_ts(value: Any, where: str) -> float | None:
         raise EvidenceError(f"{where}: expected a time, got {value!r}")
     if isinstance(value, (int, float)):
         ts = _finite(value, where)
+        if 0 <= ts <= MAX_TS and ts != int(ts):
+            # To the microsecond, as the document writes it back (`iso`): a read-back
+            # document decides exactly as this one.
+            ts = dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).timestamp()
     elif isinstance(value, str):
         try:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
