@@ -19,10 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from typer.testing import CliRunner
 
 from tests.apiserver import BackgroundApiServer
 from tests.guards import PortRecorder, leftover_processes
+
+# Property tests and fuzzers check the same examples on every run (CI is not a lottery);
+# `DESKGPU_HYPOTHESIS=explore uv run pytest ...` draws new ones to hunt for bugs.
+hypothesis_settings.register_profile("deskgpu", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore", derandomize=False, max_examples=2000)
+hypothesis_settings.load_profile(os.environ.get("DESKGPU_HYPOTHESIS", "deskgpu"))
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
