@@ -38,6 +38,7 @@ import yaml
 from deskgpu.config import SYSTEM_CONFIG, load_config
 from deskgpu.setup.render import GUARD_CLASS, SERVER_UNIT, Tools, render, write
 from tests.apiserver import free_port, running_api_server
+from tests.asuser import as_nobody
 from tests.conftest import HOST_CONFIG
 from tests.raw_request import body_for, post, wait
 
@@ -590,27 +591,16 @@ def test_a_researcher_cannot_rewrite_the_servers_config(box: Box) -> None:
 
 def _post_as_nobody(url: str, doc: dict[str, Any], want: str = "request_id") -> str:
     """POST from a forked child that dropped to uid 65534 (nobody): the connection is theirs."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no exec, so nothing it runs needs to be readable by nobody
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgid(65534)
-            os.setuid(65534)
-            status, headers, _raw = post(url, doc)
-            lowered = {k.lower(): v for k, v in headers.items()}
-            answer = str(status) if want == "status" else lowered.get("x-skypilot-request-id")
-            os.write(write_end, (answer or "").encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        request_id = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and request_id, "the request as nobody failed"
-    return request_id
+
+    def send() -> dict[str, Any]:
+        status, headers, _raw = post(url, doc)
+        lowered = {k.lower(): v for k, v in headers.items()}
+        answer = str(status) if want == "status" else lowered.get("x-skypilot-request-id")
+        return {"answer": answer or ""}
+
+    answer = str(as_nobody(send)["answer"])
+    assert answer, "the request as nobody failed"
+    return answer
 
 
 def test_a_user_id_is_not_a_path(box: Box, tmp_path: Path) -> None:

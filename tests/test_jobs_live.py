@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 from tests.apiserver import running_api_server
+from tests.asuser import as_nobody
 from tests.conftest import ROOT
 from tests.jobstate import ME, SSH_IP
 
-NOBODY = 65534
 FIXTURES = Path(__file__).parent / "fixtures" / "sky"
 
 
@@ -231,27 +231,7 @@ def _as_researcher(endpoint: str, *args: str) -> dict[str, Any]:
     try:
         if os.getuid() != 0:
             return invoke()
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports through the pipe
-            code = 1
-            try:
-                os.close(read)
-                os.setgroups([])
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-                os.write(write, json.dumps(invoke()).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        chunks = []
-        while chunk := os.read(read, 65536):
-            chunks.append(chunk)
-        os.close(read)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, "the non-root child failed"
-        return dict(json.loads(b"".join(chunks)))
+        return as_nobody(invoke)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 

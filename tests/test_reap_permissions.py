@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from tests.asuser import as_nobody
+
 CORPUS = Path(__file__).parent / "fixtures" / "reap"
-NOBODY = 65534
 
 
 @pytest.fixture
@@ -42,27 +43,7 @@ def as_researcher(*args: str) -> dict[str, Any]:
     if os.getuid() != 0:
         return invoke(*args)
     invoke(*args)  # as root first: every lazy import is loaded before the fork
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        code = 1
-        try:
-            os.close(read)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            os.write(write, json.dumps(invoke(*args)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the non-root child failed"
-    return dict(json.loads(b"".join(chunks)))
+    return as_nobody(lambda: invoke(*args))
 
 
 def setup(shared: Path, name: str) -> tuple[Path, Path]:
