@@ -30,7 +30,7 @@ from deskgpu.attribution import (
     PodIndex,
     container_id_from_cgroup,
     pod_from_kubelet,
-    pod_uid_from_cgroup,
+    pod_processes,
 )
 from deskgpu.labels import LABEL_JOB, LABEL_KIND, LABEL_USER
 from deskgpu.snapshot import (
@@ -148,17 +148,10 @@ def from_environ(
     index = _index_of(gpus)
     found: dict[str, _Pod] = {}
     try:
-        entries = [p for p in proc_root.iterdir() if p.name.isdigit()]
+        processes = list(pod_processes(proc_root))
     except OSError as exc:
         return AllocationView(note=f"cannot list {proc_root} ({exc.strerror or exc})")
-    for entry in entries:
-        try:
-            text = (entry / "cgroup").read_text()
-        except OSError:
-            continue
-        uid = pod_uid_from_cgroup(text)
-        if uid is None:
-            continue
+    for entry, uid, text in processes:
         container = container_id_from_cgroup(text) or "?"
         found.setdefault(uid, _Pod()).containers.setdefault(container, []).append(entry)
     out: list[PodAllocation] = []

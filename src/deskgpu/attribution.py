@@ -19,7 +19,7 @@ import pwd
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,23 @@ def pod_uid_from_cgroup(text: str) -> str | None:
         if match:
             return match.group(1).replace("_", "-")
     return None
+
+
+def pod_processes(proc_root: Path = PROC) -> Iterator[tuple[Path, str, str]]:
+    """`(/proc/<pid>, pod UID, cgroup text)` for every process in a Kubernetes pod.
+
+    Listing `proc_root` failing raises `OSError` (the caller says what is then unknown); a
+    process that vanished or is hidden is skipped.
+    """
+    entries = [p for p in proc_root.iterdir() if p.name.isdigit()]
+    for entry in entries:
+        try:
+            text = (entry / "cgroup").read_text()
+        except OSError:
+            continue
+        uid = pod_uid_from_cgroup(text)
+        if uid is not None:
+            yield entry, uid, text
 
 
 def container_id_from_cgroup(text: str) -> str | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from deskgpu.attribution import LABEL_SKY_CLUSTER, PodIndex, pod_uid_from_cgroup
+from deskgpu.attribution import LABEL_SKY_CLUSTER, PodIndex, pod_processes
 from deskgpu.errors import OutsideError
 from deskgpu.labels import LABEL_USER
 from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess
@@ -258,15 +258,10 @@ def _read_activity(
     cgroup_of: dict[str, str] = {}
     readable: set[str] = set()
     try:
-        entries = [p for p in proc_root.iterdir() if p.name.isdigit()]
+        processes = list(pod_processes(proc_root))
     except OSError as exc:
         return [f"cannot list {proc_root} ({exc.strerror or exc}): SSH and CPU use unknown"]
-    for entry in entries:
-        try:
-            text = (entry / "cgroup").read_text()
-        except OSError:
-            continue
-        uid = pod_uid_from_cgroup(text)
+    for entry, uid, text in processes:
         if uid not in wanted:
             continue
         cgroup_of.setdefault(uid, text)
