@@ -164,9 +164,8 @@ def write_document(
     """
     if str(path) in ("", "."):
         raise failure(f"{what}: an empty path")
-    check = check_writable_target
     try:
-        check(path, what)
+        check_writable_target(path, what)
     except UsageError as exc:
         raise failure(str(exc)) from None
     try:

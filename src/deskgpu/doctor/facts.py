@@ -9,7 +9,7 @@ and the tests, exercise. No I/O and no foreign imports here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deskgpu import typedload
@@ -278,37 +278,3 @@ class HostFacts:
             return typedload.load(cls, doc, "")
         except typedload.TypedLoadError as exc:
             raise FactsFormatError(str(exc)) from None
-
-
-def _pick(cls: type, data: dict[str, Any], **override: Any) -> dict[str, Any]:
-    """The known fields of `data` (unknown keys from newer recorders are ignored)."""
-    names = {f.name for f in fields(cls)}
-    picked = {k: v for k, v in data.items() if k in names}
-    picked.update(override)
-    return picked
-
-
-def _file(data: dict[str, Any] | None) -> FileFact | None:
-    return None if data is None else FileFact(**_pick(FileFact, data))
-
-
-def _file_required(data: dict[str, Any]) -> FileFact:
-    return FileFact(**_pick(FileFact, data))
-
-
-def _http(data: dict[str, Any] | None) -> HttpFact | None:
-    return None if data is None else HttpFact(**_pick(HttpFact, data))
-
-
-def _nvml(data: dict[str, Any]) -> NvmlFacts:
-    gpus = [
-        GpuReading(
-            **_pick(
-                GpuReading,
-                g,
-                samples=[GpuSample(**_pick(GpuSample, s)) for s in g.get("samples", [])],
-            )
-        )
-        for g in data.get("gpus", [])
-    ]
-    return NvmlFacts(**_pick(NvmlFacts, data, gpus=gpus))

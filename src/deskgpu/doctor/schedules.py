@@ -343,11 +343,6 @@ def merged_settings(texts: list[str | None]) -> dict[str, dict[str, list[str]]]:
     return merged
 
 
-def exec_starts(text: str | None) -> list[str]:
-    """The ExecStart= command lines of a unit's [Service] (prefix characters kept)."""
-    return unit_settings(text).get("Service", {}).get("ExecStart", [])
-
-
 def _units(files: dict[str, FileFact]) -> dict[str, tuple[FileFact, list[FileFact]]]:
     """Each unit name: the copy systemd loads (highest precedence) and its drop-ins."""
     copies: dict[str, list[tuple[int, FileFact]]] = {}

@@ -44,14 +44,14 @@ from deskgpu.house_rules.common import (
     user_checkpoint_root,
     user_prefixed,
 )
-from deskgpu.house_rules.podspec import POD_SPEC_KEYS, sky_config_violations
+from deskgpu.house_rules.podspec import sky_config_violations
 from deskgpu.house_rules.taskdict import idle_minutes_of, lifted_config, on_box, own_standard_mounts
 from deskgpu.labels import LABEL_JOB, LABEL_KIND, LABEL_USER
 
 __all__ = [
     "BATCH", "CHECKPOINT_MOUNT", "CHECKPOINT_VOLUME", "DATA_MOUNT", "DATA_VOLUME",
     "GPU_VISIBILITY_ENV", "HOSTPATH_VOLUME", "INTERACTIVE", "KINDS", "LABEL_JOB", "LABEL_KIND",
-    "LABEL_USER", "MAIN_CONTAINER", "POD_SPEC_KEYS", "RESERVED_ENV_PREFIX",
+    "LABEL_USER", "MAIN_CONTAINER", "RESERVED_ENV_PREFIX",
     "SAFE_REMOTE_IDENTITIES", "UNNAMED", "Violation", "apply_house_rules", "check_house_rules",
     "checkpoint_dir", "cluster_name_violation", "host_mounts_pod_config", "idle_minutes_of",
     "is_secret_name", "job_of", "label_value", "lifted_config", "on_box", "own_standard_mounts",

@@ -477,8 +477,6 @@ POD_CONFIG = Obj(
     {"apiVersion": AnyValue(), "kind": AnyValue(), "metadata": METADATA, "spec": POD_SPEC},
     title="`pod_config`",
 )
-# Pod spec keys a request may set freely (the rest: `Only` values, or refused).
-POD_SPEC_KEYS = frozenset(k for k, s in POD_SPEC.fields.items() if not isinstance(s, Only))
 _TABLES = (POD_CONFIG, POD_SPEC, CONTAINER, MOUNT, RESOURCES, POD_SECURITY, CONTAINER_SECURITY,
            METADATA)  # fmt: skip
 
