@@ -492,11 +492,11 @@ class GuardMiddleware:
             more = bool(message.get("more_body"))
         body = b"".join(chunks)
         try:
-            body = self._scrubbed(scope, body, uid)
+            body, doc = self._scrubbed(scope, body, uid)
         except BadRequest as exc:
             await _refuse(send, 400, str(exc))
             return
-        refusal = self._refusal(scope, body)
+        refusal = self._refusal(scope, doc) if doc is not None else None
         if refusal:
             await _refuse(send, 403, refusal)
             return
@@ -513,14 +513,9 @@ class GuardMiddleware:
         headers.append((b"content-length", str(len(body)).encode()))
         await self.app({**scope, "headers": headers}, replay, send)
 
-    def _refusal(self, scope: Scope, body: bytes) -> str | None:
+    def _refusal(self, scope: Scope, doc: dict[str, Any]) -> str | None:
+        """The body rule on the scrubbed request (what SkyPilot will see)."""
         if self.body_rule is None:
-            return None
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return None
-        if not isinstance(doc, dict):
             return None
         try:
             return self.body_rule(str(scope.get("path") or ""), doc)
@@ -529,13 +524,16 @@ class GuardMiddleware:
             return "the deskgpu guard could not check this request (see the server log)"
 
     @staticmethod
-    def _scrubbed(scope: Scope, body: bytes, uid: int | None = None) -> bytes:
+    def _scrubbed(
+        scope: Scope, body: bytes, uid: int | None = None
+    ) -> tuple[bytes, dict[str, Any] | None]:
+        """The body SkyPilot gets, and the JSON object it holds (None: not an object)."""
         try:
             doc = json.loads(body)
         except ValueError:
-            return body  # not JSON: SkyPilot cannot parse it into a request either
+            return body, None  # not JSON: SkyPilot cannot parse it into a request either
         if not isinstance(doc, dict):
-            return body
+            return body, None
         check_user_ids(doc, "")
         removed = scrub_request_body(doc)
         if removed:
@@ -551,7 +549,7 @@ class GuardMiddleware:
             env[PEER_UID_ENV] = str(uid)
         # Always re-serialized: SkyPilot parses exactly what was checked (duplicate keys,
         # odd encodings and the like cannot differ between this parser and its).
-        return json.dumps(doc).encode()
+        return json.dumps(doc).encode(), doc
 
 
 async def _refuse(send: Send, status: int, text: str) -> None:

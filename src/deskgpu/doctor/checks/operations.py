@@ -55,9 +55,10 @@ def check_operations(facts: HostFacts, config: HostConfig, s: Settings) -> list[
     found = find_scheduled(
         facts.files, crontab.stdout if crontab and crontab.ok else None, facts.user
     )
+    gap = _max_sample_gap_s(config)
     return [
-        _check_schedule(facts, OBSERVE, found, _max_sample_gap_s(config)),
-        _check_observe_fresh(facts, config),
+        _check_schedule(facts, OBSERVE, found, gap),
+        _check_observe_fresh(facts, gap),
         _check_schedule(facts, REAP, found, REAP_RAN_WITHIN_S),
         _check_reap_ran(facts),
     ]
@@ -279,7 +280,8 @@ def _max_sample_gap_s(config: HostConfig) -> int:
         return ReapSettings.max_sample_gap_s
 
 
-def _check_observe_fresh(facts: HostFacts, config: HostConfig) -> Check:
+def _check_observe_fresh(facts: HostFacts, gap: int) -> Check:
+    """`gap`: reap's own freshness rule (`reap.max_sample_gap`)."""
     name = "observe_fresh"
     records = facts.records
     fix = (
@@ -297,7 +299,6 @@ def _check_observe_fresh(facts: HostFacts, config: HostConfig) -> Check:
     if records.history_latest is None:
         return _ops(name, FAIL, f"the history {where} holds no observation yet", fix)
     age = facts.gathered_at - records.history_latest
-    gap = _max_sample_gap_s(config)
     if age < -60:
         return _ops(
             name,
