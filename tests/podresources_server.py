@@ -2,7 +2,8 @@
 
 It encodes with the full v1 message shapes (cpu_ids, memory and topology included, as a
 kubelet sends them), declared here apart from `deskgpu.podresources`, which reads a subset:
-so the client is tested against bytes it did not write itself.
+so the client is tested against bytes it did not write itself (only the descriptor
+builder, `podresources.build_messages`, is shared).
 """
 
 from __future__ import annotations
@@ -58,27 +59,8 @@ _FULL = [
 
 
 def full_messages() -> dict[str, Any]:
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="tests/kubelet/podresources/v1/api.proto", package="v1", syntax="proto3"
-    )
-    for name, declared in _FULL:
-        message = proto.message_type.add(name=name)
-        for field, number, kind, repeated, type_name in declared:
-            message.field.add(
-                name=field,
-                number=number,
-                type=kind,
-                label=3 if repeated else 1,
-                type_name=f".v1.{type_name}" if type_name else None,
-            )
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"v1.{name}"))
-        for name, _ in _FULL
-    }
+    """The kubelet's full shapes (declared here), built by the same descriptor builder."""
+    return podresources.build_messages("tests/kubelet/podresources/v1/api.proto", _FULL)
 
 
 @contextlib.contextmanager

@@ -67,12 +67,16 @@ class ContainerDevices:
 @functools.cache
 def messages() -> dict[str, Any]:
     """The message classes, built from the declaration above in a private descriptor pool."""
+    return build_messages("deskgpu/podresources/v1/api.proto", _MESSAGES)
+
+
+def build_messages(filename: str, declarations: Any) -> dict[str, Any]:
+    """Message classes for `(name, [(field, number, type, repeated, message type)])` rows, in
+    package `v1` of a descriptor pool of their own (no generated code, no global registry)."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="deskgpu/podresources/v1/api.proto", package="v1", syntax="proto3"
-    )
-    for name, declared in _MESSAGES:
+    proto = descriptor_pb2.FileDescriptorProto(name=filename, package="v1", syntax="proto3")
+    for name, declared in declarations:
         message = proto.message_type.add(name=name)
         for field, number, kind, repeated, type_name in declared:
             message.field.add(
@@ -89,7 +93,7 @@ def messages() -> dict[str, Any]:
     pool.Add(proto)
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"v1.{name}"))
-        for name, _ in _MESSAGES
+        for name, _ in declarations
     }
 
 
