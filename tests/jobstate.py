@@ -9,6 +9,9 @@ session that is up, or a job that got as far as the queue, cannot be made the li
   managed jobs `ME-old` (1, SUCCEEDED), `ME-train` (2, PENDING, waiting for the
   controller), two PENDING jobs both named `ME-twin` (4, 5) and `ME-doomed` (6, for cancel);
 - bob's: session `bob-notebook` (UP) and managed job `bob-train` (3, PENDING).
+
+`python -m tests.jobstate alice bob` instead writes `<user>-dev` and `<user>-train` (jobs 1,
+2, ... in that order) for each account named, as the guard would have recorded them.
 """
 
 from __future__ import annotations
@@ -83,6 +86,23 @@ def _job(name: str, owner: str, finish: bool = False) -> int:
     return job_id
 
 
+def fill_bound(users: list[str]) -> None:
+    """For a server behind the guard: each of `users` owns session `<user>-dev` and managed
+    job `<user>-train`, recorded under the id the guard gives the account."""
+    from sky import global_user_state, models
+
+    from deskgpu.callers import user_id_for
+
+    home = os.environ["HOME"]
+    for user in users:
+        USERS[user] = user_id_for(user)
+        global_user_state.add_or_update_user(models.User(id=USERS[user], name=user))
+    for user in users:
+        _cluster(f"{user}-dev", user, home)
+    for user in users:
+        _job(f"{user}-train", user)
+
+
 def fill() -> None:
     from sky import global_user_state, models
 
@@ -100,4 +120,9 @@ def fill() -> None:
 
 
 if __name__ == "__main__":
-    fill()
+    import sys
+
+    if sys.argv[1:]:
+        fill_bound(sys.argv[1:])
+    else:
+        fill()

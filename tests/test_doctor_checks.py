@@ -421,6 +421,10 @@ def _active(**changes: object) -> dict[str, object]:
         "guard": "active",
         "admin_policy": "deskgpu.policy.HouseRules",
         "host_config": str(SYSTEM_CONFIG),
+        "host_config_error": None,
+        "identity": "bound to the connecting Unix account",
+        "trusted_frontends": [],
+        "trusted_frontends_problems": [],
     }
     doc.update(changes)
     return doc
@@ -457,6 +461,27 @@ def test_a_guard_enforcing_another_host_config_warns() -> None:
     check = _hardening(_with_guard(200, _active(host_config="/srv/other.yaml")))
     assert check.status == WARN
     assert "/srv/other.yaml" in check.detail and "--config /srv/other.yaml" in check.fix
+
+
+def test_a_guard_without_its_host_config_fails_and_says_why() -> None:
+    missing = f"the box's deskgpu host config {SYSTEM_CONFIG} is missing, ..."
+    check = _hardening(_with_guard(200, _active(host_config_error=missing)))
+    assert check.status == FAIL and "refuses every request" in check.detail
+    assert str(SYSTEM_CONFIG) in check.detail and "empty file" in check.fix
+
+
+def test_an_older_guard_that_believes_the_client_fails() -> None:
+    older = {k: v for k, v in _active().items() if k in ("guard", "admin_policy", "host_config")}
+    check = _hardening(_with_guard(200, older))
+    assert check.status == FAIL and "submit as another" in check.detail
+
+
+def test_the_trusted_frontends_are_shown_and_a_wrong_one_warns() -> None:
+    check = _hardening(_with_guard(200, _active(trusted_frontends=["transformerlab"])))
+    assert check.status == OK and "transformerlab" in check.detail
+    wrong = _active(trusted_frontends=["tl"], trusted_frontends_problems=["tl: no such account"])
+    check = _hardening(_with_guard(200, wrong))
+    assert check.status == WARN and "tl: no such account" in check.detail
 
 
 @pytest.mark.parametrize("body", ["not json", '{"guard": "inactive"}', "[]"])

@@ -255,6 +255,19 @@ class _Recorder:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
+def _seen(inner: Any) -> Any:
+    """What reached SkyPilot, less the peer uid the guard adds for the policy."""
+    doc = json.loads(inner.body)
+    if isinstance(doc, dict) and isinstance(doc.get("env_vars"), dict):
+        doc["env_vars"].pop(hardening.PEER_UID_ENV, None)
+    return doc
+
+
+def _as_root(scope: Any) -> int:
+    """The connection's owner for tests of the scrubbing itself: root, taken at its word."""
+    return 0
+
+
 def _drive(
     app: GuardMiddleware, body: bytes, *, content_type: bytes = b"application/json"
 ) -> list[Any]:
@@ -284,12 +297,12 @@ def _drive(
 
 def test_middleware_scrubs_a_chunked_client_body() -> None:
     inner = _Recorder()
-    app = GuardMiddleware(inner, is_internal=lambda scope: False)
+    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=_as_root)
     doc = {"env_vars": {"SKYPILOT_USER": "a", "PATH": "/evil"}, "is_launched_by_jobs_controller": 1}
     sent = _drive(app, json.dumps(doc).encode())
     assert sent[0]["status"] == 200
     assert inner.body is not None
-    assert json.loads(inner.body) == {"env_vars": {"SKYPILOT_USER": "a"}}
+    assert _seen(inner) == {"env_vars": {"SKYPILOT_USER": "a"}}
     assert inner.headers[b"content-length"] == str(len(inner.body)).encode()
     assert inner.internal is False
 
@@ -298,22 +311,22 @@ def test_middleware_parses_duplicate_keys_as_skypilot_would_and_forwards_one() -
     """`{"env_vars": {}, "env_vars": {"PATH": ...}}`: the last wins in both parsers; what goes
     on is re-serialized, so there is no second reading."""
     inner = _Recorder()
-    app = GuardMiddleware(inner, is_internal=lambda scope: False)
+    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=_as_root)
     _drive(app, b'{"env_vars": {}, "env_vars": {"PATH": "/evil", "SKYPILOT_USER": "a"}}')
-    assert inner.body == b'{"env_vars": {"SKYPILOT_USER": "a"}}'
+    assert _seen(inner) == {"env_vars": {"SKYPILOT_USER": "a"}}
 
 
 def test_middleware_whatever_the_content_type_says() -> None:
     """FastAPI parses a body without a JSON content type too (no header at all): scrubbed."""
     inner = _Recorder()
-    app = GuardMiddleware(inner, is_internal=lambda scope: False)
+    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=_as_root)
     _drive(app, b'{"env_vars": {"HOME": "/x"}}', content_type=b"text/plain")
-    assert inner.body == b'{"env_vars": {}}'
+    assert _seen(inner) == {"env_vars": {}}
 
 
 def test_middleware_leaves_form_uploads_and_non_json_alone() -> None:
     inner = _Recorder()
-    app = GuardMiddleware(inner, is_internal=lambda scope: False)
+    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=_as_root)
     _drive(app, b"--b\r\nbinary", content_type=b"multipart/form-data; boundary=b")
     assert inner.body == b"--b\r\nbinary"
     _drive(app, b"not json at all")
@@ -335,25 +348,26 @@ def test_middleware_fails_closed_when_it_cannot_tell() -> None:
         raise OSError("/proc is not mounted")
 
     inner = _Recorder()
-    _drive(GuardMiddleware(inner, is_internal=broken), b'{"is_launched_by_jobs_controller": true}')
-    assert inner.body == b"{}" and inner.internal is False
+    app = GuardMiddleware(inner, is_internal=broken, peer_uid=_as_root)
+    _drive(app, b'{"is_launched_by_jobs_controller": true}')
+    assert _seen(inner) == {} and inner.internal is False
 
 
 def test_the_guard_tells_the_policy_who_connected_and_no_client_can() -> None:
     inner = _Recorder()
-    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=lambda scope: 1234)
-    doc = {"env_vars": {"SKYPILOT_USER": "a", hardening.PEER_UID_ENV: "0"}}
+    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=_as_root)
+    doc = {"env_vars": {"SKYPILOT_USER": "a", hardening.PEER_UID_ENV: "1234"}}
     _drive(app, json.dumps(doc).encode())
     assert inner.body is not None
     assert json.loads(inner.body)["env_vars"] == {
         "SKYPILOT_USER": "a",
-        hardening.PEER_UID_ENV: "1234",
+        hardening.PEER_UID_ENV: "0",
     }
 
 
 def test_a_user_id_that_is_a_path_is_refused() -> None:
     inner = _Recorder()
-    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=lambda scope: None)
+    app = GuardMiddleware(inner, is_internal=lambda scope: False, peer_uid=_as_root)
     sent = _drive(app, json.dumps({"env_vars": {"SKYPILOT_USER_ID": "../../x"}}).encode())
     assert sent[0]["status"] == 400 and inner.body is None
     sent = _drive(app, json.dumps({"env_vars": {"SKYPILOT_USER_ID": "1a2b3c4d"}}).encode())

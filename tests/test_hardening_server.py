@@ -39,7 +39,7 @@ from deskgpu.config import SYSTEM_CONFIG, load_config
 from deskgpu.setup.render import GUARD_CLASS, SERVER_UNIT, Tools, render, write
 from tests.apiserver import free_port, running_api_server
 from tests.asuser import as_nobody
-from tests.conftest import HOST_CONFIG
+from tests.conftest import HOST_CONFIG, ROOT
 from tests.raw_request import body_for, post, wait
 
 pytestmark = pytest.mark.apiserver
@@ -157,11 +157,16 @@ def _error(error: Any) -> dict[str, Any]:
     return {"error_type": error.get("type"), "error": str(error.get("message") or "")}
 
 
-def _rendered(tmp: Path, port: int, *, guard: bool) -> tuple[Path, dict[str, str], Path]:
-    """Render the box's files for a host config on `port`; returns HOME, env and the config."""
+def _rendered(
+    tmp: Path, port: int, *, guard: bool, extra: str = ""
+) -> tuple[Path, dict[str, str], Path]:
+    """Render the box's files for a host config on `port` (the example's, plus `extra`);
+    returns HOME, env and the config."""
     host_config = tmp / "host-config.yaml"
     text = HOST_CONFIG.read_text().replace("127.0.0.1:46580", f"127.0.0.1:{port}")
-    host_config.write_text(text + "doctor:\n  require_admin_policy: true\n")
+    overridden = {line.split(":", 1)[0] + ":" for line in extra.splitlines() if line[:1].isalpha()}
+    text = "".join(line for line in text.splitlines(True) if not line.startswith(tuple(overridden)))
+    host_config.write_text(text + extra + "doctor:\n  require_admin_policy: true\n")
     config = load_config(host_config)
     out = tmp / "rendered"
     tools = Tools(python=sys.executable, deskgpu="deskgpu")
@@ -195,9 +200,25 @@ def _rendered(tmp: Path, port: int, *, guard: bool) -> tuple[Path, dict[str, str
 
 
 @contextlib.contextmanager
-def _box(tmp: Path, *, guard: bool) -> Iterator[Box]:
+def _box(tmp: Path, *, guard: bool, extra: str = "", owners: tuple[str, ...] = ()) -> Iterator[Box]:
+    """A server from rendered files; `owners`: accounts whose session `<name>-dev` and
+    managed job `<name>-train` SkyPilot's state functions write first (tests/jobstate.py)."""
     port = free_port()
-    home, env, host_config = _rendered(tmp, port, guard=guard)
+    home, env, host_config = _rendered(tmp, port, guard=guard, extra=extra)
+    if owners:
+        subprocess.run(
+            [sys.executable, "-m", "tests.jobstate", *owners],
+            env={
+                "HOME": str(home),
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+                "PYTHONPATH": str(ROOT),
+            },
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
     with running_api_server(
         home, deploy=True, port=port, extra_env={**env, "SKYPILOT_API_SERVER_ENDPOINT": None}
     ) as url:
@@ -569,8 +590,8 @@ def test_file_mounts_cannot_copy_what_only_the_server_can_read(
         )
     else:  # without a mapping the source stays the server's own path
         task = f"name: fm\nresources: {{cpus: 1}}\nfile_mounts: {{/mnt/k: {secret}}}\nrun: x\n"
-    doc = body_for(path, task, "alice-fm")
-    doc["env_vars"]["SKYPILOT_USER"] = "alice"
+    doc = body_for(path, task, "nobody-fm")
+    doc["env_vars"]["SKYPILOT_USER"] = "nobody"  # runs as the account that sends it
     request_id = _post_as_nobody(box.url + path, doc)
     result = wait(box.url, request_id, 240)
     error = result.get("error") or {}

@@ -41,6 +41,8 @@ class HostConfig:
     images_allow: tuple[str, ...] = ()
     images_deny: tuple[str, ...] = ()
     admin_group: str | None = None
+    trusted_frontends: tuple[str, ...] = ()
+    shared_logs: bool = False
     state_dir: str = "/var/lib/deskgpu"
     metrics_textfile_dir: str | None = None  # node_exporter's textfile directory
     protected: tuple[str, ...] = ()
@@ -106,7 +108,7 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
     path = config_path(explicit, environ)
     if path is None:
         return HostConfig()
-    doc = read_located(path)
+    doc = read_located(path, empty_ok=True)  # an empty file: the built-in defaults
     problems = schema_problems(doc, load_schema("hostconfig-v1.json"), "host config")
     if problems:
         raise SpecError(problems)
@@ -121,8 +123,9 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
             hint = f"did you mean {close[0]}?" if close else "`deskgpu doctor --json` lists the ids"
             raise SpecError([doc.problem(("doctor", "skip", i), f"no check {check_id!r}", hint)])
     config = HostConfig(
-        **{k: v for k, v in data.items() if k != "protected"},
+        **{k: v for k, v in data.items() if k not in ("protected", "trusted_frontends")},
         protected=tuple(data.get("protected", ())),
+        trusted_frontends=tuple(data.get("trusted_frontends") or ()),
         images_allow=tuple(images.get("allow", ())),
         images_deny=tuple(images.get("deny", ())),
         source=str(path),

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deskgpu import callers
+
 logger = logging.getLogger("deskgpu.hardening")
 
 # The request environment SkyPilot's own client sends that the server may apply: who is
@@ -98,9 +100,24 @@ def is_admin_path(method: str, path: str) -> bool:
     return any(clean == p.rstrip("/") or clean.startswith(p.rstrip("/") + "/") for p in ADMIN_PATHS)
 
 
+@dataclass(frozen=True)
+class GuardSettings:
+    """What the guard needs from the box's host config, read per request (cached by the
+    caller). `error`: the config is missing or broken, and every request is refused."""
+
+    frontends: tuple[str, ...] = ()
+    admin_group: str | None = None
+    shared_logs: bool = False
+    error: str | None = None
+
+
 # Set by the guard in a client request's environment (after dropping any the client sent):
 # the uid of the process on the other end of the connection, read from /proc.
 PEER_UID_ENV = "DESKGPU_PEER_UID"
+
+# Set by the guard on a request from a trusted front end (after dropping any the client
+# sent): the front end's account, for the policy (its cluster names are its own).
+FRONTEND_ENV = "DESKGPU_FRONTEND"
 
 # True while the current HTTP request comes from a SkyPilot controller of this server.
 INTERNAL_REQUEST: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -421,14 +438,21 @@ class GuardMiddleware:
         app: ASGIApp,
         is_internal: Callable[[Mapping[str, Any]], bool] | None = None,
         peer_uid: Callable[[Mapping[str, Any]], int | None] | None = None,
-        body_rule: Callable[[str, Mapping[str, Any]], str | None] | None = None,
+        body_rule: Callable[[str, Mapping[str, Any], callers.Acting], str | None] | None = None,
+        settings: Callable[[], GuardSettings] | None = None,
+        server_uid: int | None = None,
+        open_paths: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.is_internal = is_internal or _is_internal
         self.peer_uid = peer_uid or _peer_uid
-        # Requests SkyPilot never hands the admin policy (`sky volumes apply`): the rule says
-        # why one is refused (403), or None.
+        # What the admin policy never sees (`sky volumes apply`, `sky down`, `sky jobs cancel`,
+        # logs): the rule says why a bound request is refused (403), or None.
         self.body_rule = body_rule
+        self.settings = settings or GuardSettings
+        self.server_uid = os.geteuid() if server_uid is None else server_uid
+        # Answered whoever asks and whatever the host config: health and the guard's status.
+        self.open_paths = frozenset(OPEN_PATHS) | frozenset(open_paths)
 
     def _uid(self, scope: Scope) -> int | None:
         """The connecting uid, or None when it cannot be read (then trusted for nothing)."""
@@ -461,17 +485,38 @@ class GuardMiddleware:
             await _refuse(send, 400, str(exc))
             return
         method = str(scope.get("method") or "")
-        admin = is_admin_path(method, str(scope.get("path") or ""))
-        reads_body = method in ("POST", "PUT", "PATCH") and not _is_form(scope.get("headers") or [])
-        uid = self._uid(scope) if admin or reads_body else None  # /proc only when needed
-        if admin and uid not in (0, os.geteuid()):
+        path = str(scope.get("path") or "")
+        if _clean_path(path) in self.open_paths and method in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        settings = self._settings()
+        if settings.error:
+            await _refuse(send, 403, settings.error)
+            return
+        uid = self._uid(scope)
+        caller = callers.caller_for_uid(
+            uid, server_uid=self.server_uid, frontends=settings.frontends
+        )
+        if caller is None:
             await _refuse(
                 send,
                 403,
-                f"{scope.get('path')} changes the API server itself: on this box only root "
-                "may call it (deskgpu guard)",
+                "the deskgpu guard cannot tell which account this connection comes from, so "
+                "it is refused (connect from this host, to 127.0.0.1)",
             )
             return
+        if is_admin_path(method, path) and not caller.exempt:
+            await _refuse(
+                send,
+                403,
+                f"{path} changes the API server itself: on this box only root may call it "
+                "(deskgpu guard)",
+            )
+            return
+        if caller.role == callers.USER and "user_hash=" in query:
+            # An upload lands under the id its launch will carry: the account's.
+            scope = {**scope, "query_string": _bound_query(query, caller.account).encode()}
+        reads_body = method in ("POST", "PUT", "PATCH") and not _is_form(scope.get("headers") or [])
         if not reads_body:
             await self.app(scope, receive, send)
             return
@@ -492,12 +537,23 @@ class GuardMiddleware:
             more = bool(message.get("more_body"))
         body = b"".join(chunks)
         try:
-            body, doc = self._scrubbed(scope, body, uid)
+            body, doc, acting = self._scrubbed(scope, body, uid, caller, settings)
         except BadRequest as exc:
             await _refuse(send, 400, str(exc))
             return
-        refusal = self._refusal(scope, doc) if doc is not None else None
+        except callers.Refused as exc:
+            logger.warning(
+                "deskgpu guard: %s %s from %s (uid %s): refused: %s",
+                method, path, caller.account, caller.uid, exc,
+            )  # fmt: skip
+            await _refuse(send, 403, str(exc))
+            return
+        refusal = self._refusal(scope, doc, acting) if doc is not None else None
         if refusal:
+            logger.warning(
+                "deskgpu guard: %s %s from %s (uid %s): refused: %s",
+                method, path, caller.account, caller.uid, refusal.splitlines()[0],
+            )  # fmt: skip
             await _refuse(send, 403, refusal)
             return
         sent = False
@@ -513,29 +569,63 @@ class GuardMiddleware:
         headers.append((b"content-length", str(len(body)).encode()))
         await self.app({**scope, "headers": headers}, replay, send)
 
-    def _refusal(self, scope: Scope, doc: dict[str, Any]) -> str | None:
-        """The body rule on the scrubbed request (what SkyPilot will see)."""
-        if self.body_rule is None:
+    def _settings(self) -> GuardSettings:
+        try:
+            return self.settings()
+        except Exception:  # a broken loader must fail closed
+            logger.exception("deskgpu guard: could not read the host config")
+            return GuardSettings(
+                error="the deskgpu guard could not read the box's host config, so every "
+                "request is refused (see the server log; the admin runs `deskgpu doctor`)"
+            )
+
+    def _refusal(
+        self, scope: Scope, doc: dict[str, Any], acting: callers.Acting | None
+    ) -> str | None:
+        """The body rule on the scrubbed, bound request (what SkyPilot will see)."""
+        if self.body_rule is None or acting is None:
             return None
         try:
-            return self.body_rule(str(scope.get("path") or ""), doc)
+            return self.body_rule(str(scope.get("path") or ""), doc, acting)
         except Exception:  # a broken rule must fail closed, never let the request through
             logger.exception("deskgpu guard: the request rule failed")
             return "the deskgpu guard could not check this request (see the server log)"
 
-    @staticmethod
     def _scrubbed(
-        scope: Scope, body: bytes, uid: int | None = None
-    ) -> tuple[bytes, dict[str, Any] | None]:
-        """The body SkyPilot gets, and the JSON object it holds (None: not an object)."""
+        self,
+        scope: Scope,
+        body: bytes,
+        uid: int | None = None,
+        caller: callers.Caller | None = None,
+        settings: GuardSettings | None = None,
+    ) -> tuple[bytes, dict[str, Any] | None, callers.Acting | None]:
+        """The body SkyPilot gets, the JSON object it holds (None: not an object), and whom
+        it runs as (None: not bound)."""
         try:
             doc = json.loads(body)
         except ValueError:
-            return body, None  # not JSON: SkyPilot cannot parse it into a request either
+            return body, None, None  # not JSON: SkyPilot cannot parse it into a request either
         if not isinstance(doc, dict):
-            return body, None
+            return body, None, None
         check_user_ids(doc, "")
         removed = scrub_request_body(doc)
+        acting = None
+        if caller is not None:
+            env = doc.get("env_vars")
+            if not isinstance(env, dict):
+                env = {} if caller.exempt else doc.setdefault("env_vars", {})
+            acting = callers.bind(
+                env,
+                caller,
+                server_uid=self.server_uid,
+                admin_group=(settings or GuardSettings()).admin_group,
+            )
+            if caller.role == callers.FRONTEND:
+                env[FRONTEND_ENV] = caller.account
+            if not acting.admin and str(scope.get("path") or "").rstrip("/") == API_CANCEL:
+                # SkyPilot scopes a cancel to its caller only when it authenticates them
+                # (sky/server/requests/role_filter.py); on the box the guard does.
+                doc["user_id"] = callers.user_id_for(acting.user)
         if removed:
             logger.warning(
                 "deskgpu guard: %s %s from %s: removed %s (set by the server, not clients)",
@@ -549,7 +639,26 @@ class GuardMiddleware:
             env[PEER_UID_ENV] = str(uid)
         # Always re-serialized: SkyPilot parses exactly what was checked (duplicate keys,
         # odd encodings and the like cannot differ between this parser and its).
-        return json.dumps(doc).encode(), doc
+        return json.dumps(doc).encode(), doc, acting
+
+
+API_CANCEL = "/api/cancel"
+OPEN_PATHS = ("/api/health",)
+
+
+def _clean_path(path: str) -> str:
+    import posixpath
+
+    return posixpath.normpath("/" + path.lstrip("/"))
+
+
+def _bound_query(query: str, account: str) -> str:
+    """`query` with every `user_hash` replaced by `account`'s SkyPilot user id."""
+    from urllib.parse import parse_qsl, urlencode
+
+    pairs = parse_qsl(query, keep_blank_values=True)
+    bound = callers.user_id_for(account)
+    return urlencode([(k, bound if k == "user_hash" else v) for k, v in pairs])
 
 
 async def _refuse(send: Send, status: int, text: str) -> None:

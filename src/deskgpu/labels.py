@@ -9,3 +9,7 @@ LABEL_USER = f"{LABEL_PREFIX}/user"
 LABEL_JOB = f"{LABEL_PREFIX}/job"
 LABEL_KIND = f"{LABEL_PREFIX}/kind"
 LABEL_KEEP = f"{LABEL_PREFIX}/keep"
+# Set by the admin policy only, on a request from a trusted front end (the host config's
+# `trusted_frontends`): which front end launched it, and the front end's own job id.
+LABEL_VIA = f"{LABEL_PREFIX}/via"
+LABEL_FRONTEND_JOB = f"{LABEL_PREFIX}/frontend-job"

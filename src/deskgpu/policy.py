@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import getpass
 import os
+import re
 import stat
 import sys
 from collections.abc import Mapping
@@ -33,8 +34,8 @@ import sky
 from sky import exceptions as sky_exceptions
 from sky.server import plugins as sky_plugins
 
-from deskgpu import hardening
-from deskgpu.config import HostConfig, config_path, load_config
+from deskgpu import callers, hardening, owners
+from deskgpu.config import CONFIG_ENV, SYSTEM_CONFIG, HostConfig, load_config
 from deskgpu.errors import DeskgpuError
 from deskgpu.house_rules import (
     BATCH,
@@ -48,7 +49,7 @@ from deskgpu.house_rules import (
     sky_config_violations,
     volume_registration_violation,
 )
-from deskgpu.labels import LABEL_USER
+from deskgpu.labels import LABEL_FRONTEND_JOB, LABEL_USER, LABEL_VIA
 
 # What each SkyPilot request is, for the house rules (sky/server/requests/request_names.py).
 _BATCH_REQUESTS = {
@@ -204,6 +205,13 @@ def file_source_violations(
     return found
 
 
+def _frontend() -> str | None:
+    """The trusted front end the guard says sent this request (never a client; and only
+    where the guard runs: without it, `DESKGPU_*` in a request's env would be the client's)."""
+    value = os.environ.get(hardening.FRONTEND_ENV, "")
+    return value if value and GUARD.active else None
+
+
 def _peer_uid() -> int | None:
     """The connecting uid the guard put into this request's environment (never a client)."""
     value = os.environ.get(hardening.PEER_UID_ENV, "")
@@ -231,25 +239,71 @@ def shape_task_config(
     volume_host_paths: Mapping[str, str | None] | None = None,
     internal: bool = False,
     in_job_group: bool = False,
+    frontend: str | None = None,
 ) -> tuple[dict[str, Any], list[Violation]]:
-    """The policy without SkyPilot objects: a task dict in, the shaped dict and violations out."""
+    """The policy without SkyPilot objects: a task dict in, the shaped dict and violations out.
+
+    `frontend`: the trusted front end that sent the request for `user` (told by the guard):
+    its cluster names are its own (unique by its job ids, and it finds its clusters by
+    them), and the task is labelled with it and its job id.
+    """
     decision = decide(request_name, has_request_options, internal)
     shaped = dict(task_config)
     if decision.kind is not None:
         if not shaped.get("name") and cluster_name:
             shaped["name"] = cluster_name
-        shaped = apply_house_rules(shaped, config, user, decision.kind, keep_name=in_job_group)
+        # A controller relaunches what the first pass shaped: its name stays (a job group's
+        # `server` and `client` are addresses; a prefixed name is prefixed already).
+        keep = in_job_group or decision.relaunch
+        shaped = apply_house_rules(shaped, config, user, decision.kind, keep_name=keep)
+        if not decision.relaunch:
+            mark_frontend(shaped, frontend)
     found: list[Violation] = []
     if decision.check:
         judged = without_controller_annotations(shaped) if decision.relaunch else shaped
         found = check_house_rules(judged, config, user, volume_host_paths=volume_host_paths)
     else:
         found = sky_config_violations(lifted_config(shaped), config, user, where="config")
-    if decision.check_cluster_name:
+    if decision.check_cluster_name and not frontend:
         bad = cluster_name_violation(cluster_name, user)
         if bad:
             found.insert(0, bad)
     return shaped, found
+
+
+# The task env in which a front end carries its own job id (Transformer Lab: `_TFL_JOB_ID`,
+# seen in shared/recordings/transformerlab).
+FRONTEND_JOB_ENVS = ("_TFL_JOB_ID",)
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def mark_frontend(task: dict[str, Any], frontend: str | None) -> None:
+    """Label `task` (in place) with the front end that sent it and its job id; a task that
+    did not come from one loses any such labels its sender wrote."""
+    ours = (LABEL_VIA, LABEL_FRONTEND_JOB)
+    res = task.get("resources")
+    parts = [res] if isinstance(res, dict) else []
+    if isinstance(res, dict):
+        parts += [
+            c for key in ("any_of", "ordered") for c in res.get(key) or [] if isinstance(c, dict)
+        ]
+    for part in parts:
+        if isinstance(part.get("labels"), dict):
+            for key in ours:
+                part["labels"].pop(key, None)
+    if not frontend or not isinstance(res, dict):
+        return
+    marks = {LABEL_VIA: frontend}
+    given = [task.get(k) for k in ("envs", "secrets")]
+    sources: list[Mapping[str, Any]] = [g for g in given if isinstance(g, Mapping)]
+    for key in FRONTEND_JOB_ENVS:
+        value = str(next((src[key] for src in sources if src.get(key)), ""))
+        if _LABEL_VALUE.match(value):
+            marks[LABEL_FRONTEND_JOB] = value
+            break
+    for part in parts:
+        if part is res or "labels" in part:
+            part["labels"] = {**(part.get("labels") or {}), **marks}
 
 
 def rejection_text(violations: list[Violation], config: HostConfig) -> str:
@@ -325,13 +379,16 @@ _FRAMES_TO_APPLY = 12  # apply -> policy.apply -> validate_and_mutate -> mutate 
 VOLUME_APPLY_PATH = "/volumes/apply"  # sky/volumes/server/server.py volume_apply
 
 
-def volume_apply_refusal(path: str, body: Mapping[str, Any]) -> str | None:
+def volume_apply_refusal(
+    path: str, body: Mapping[str, Any], acting: callers.Acting | None = None
+) -> str | None:
     """Why the guard refuses a client's `sky volumes apply` (None: it may go on)."""
     if path.rstrip("/") != VOLUME_APPLY_PATH:
         return None
     config = load_server_config()
     env = body.get("env_vars")
-    user = str((env if isinstance(env, Mapping) else {}).get("SKYPILOT_USER") or "this user")
+    claimed = (env if isinstance(env, Mapping) else {}).get("SKYPILOT_USER")
+    user = acting.user if acting is not None else str(claimed or "this user")
     cfg = body.get("config")
     bad = volume_registration_violation(
         str(body.get("volume_type") or ""),
@@ -399,6 +456,7 @@ def mutate(user_request: Any, config: HostConfig, *, internal: bool | None = Non
         volume_host_paths=_volume_host_paths(original),
         internal=internal,
         in_job_group=enclosing_job_group() is not None,
+        frontend=_frontend(),
     )
     if name in _UPLOADED_SOURCE_REQUESTS and not decision.relaunch:
         user_id = getattr(user_request.user, "id", None) if user_request.user else None
@@ -424,13 +482,21 @@ def mutate(user_request: Any, config: HostConfig, *, internal: bool | None = Non
     return sky.MutatedUserRequest(task=new_task, skypilot_config=user_request.skypilot_config)
 
 
-def server_config_path() -> Path | None:
-    """The host config file this server enforces (None: built-in defaults).
+def looked_for(environ: Mapping[str, str]) -> Path:
+    """The host config a server started with `environ` enforces: `$DESKGPU_CONFIG`, else
+    /etc/deskgpu/config.yaml. Unlike the CLI, a server never falls back to built-in
+    defaults when the file is missing: it refuses every request (`load_server_config`)."""
+    value = environ.get(CONFIG_ENV)
+    return Path(value) if value else SYSTEM_CONFIG
+
+
+def server_config_path() -> Path:
+    """The host config file this server enforces.
 
     Decided by the server's start-up environment (the guard's capture, else SkyPilot's clean
     snapshot of it), never by what a request put into `os.environ`.
     """
-    if GUARD.active:
+    if GUARD.active and GUARD.config_path is not None:
         return GUARD.config_path
     startup: Mapping[str, str] | None = None
     try:
@@ -439,7 +505,7 @@ def server_config_path() -> Path | None:
         startup = clean_env.get_clean_server_env()
     except ImportError:  # pragma: no cover - part of every SkyPilot 0.14 install
         startup = None
-    return config_path(None, dict(startup if startup is not None else os.environ))
+    return looked_for(dict(startup if startup is not None else os.environ))
 
 
 def untrusted_config_reason(path: Path | None) -> str | None:
@@ -457,8 +523,19 @@ def untrusted_config_reason(path: Path | None) -> str | None:
     return None
 
 
+def missing_config_text(path: Path) -> str:
+    return (
+        f"the box's deskgpu host config {path} is missing, so no request can be checked and "
+        f"every request is refused: install it (`deskgpu setup render` writes it, its "
+        "install.sh installs it; an empty file means the built-in defaults), then run "
+        "`deskgpu doctor`"
+    )
+
+
 def load_server_config() -> HostConfig:
     path = server_config_path()
+    if not path.exists():
+        raise _reject(missing_config_text(path))
     reason = untrusted_config_reason(path)
     if reason:
         raise _reject(
@@ -491,6 +568,7 @@ class _GuardState:
         self.in_controller = False  # this process is a jobs/serve controller of the server
         self.admin_policy = POLICY_CLASS
         self.config_path: Path | None = None
+        self.cached: tuple[tuple[int, int, int, int], hardening.GuardSettings] | None = None
 
 
 POLICY_CLASS = f"{__name__}.HouseRules"
@@ -523,7 +601,7 @@ class Guard(sky_plugins.BasePlugin):
 
     def install(self, extension_context: Any) -> None:
         if not GUARD.active:
-            GUARD.config_path = config_path(None, dict(os.environ))
+            GUARD.config_path = looked_for(dict(os.environ))
             GUARD.admin_policy = self.admin_policy
             _pin_admin_policy(self.admin_policy)
             GUARD.active = True
@@ -533,15 +611,100 @@ class Guard(sky_plugins.BasePlugin):
         app = getattr(extension_context, "app", None)
         if app is not None and not getattr(app.state, "deskgpu_guard", False):
             app.state.deskgpu_guard = True
-            app.add_middleware(hardening.GuardMiddleware, body_rule=volume_apply_refusal)
+            app.add_middleware(
+                hardening.GuardMiddleware,
+                body_rule=guard_body_rule,
+                settings=guard_settings,
+                open_paths=(GUARD_ROUTE,),
+            )
             app.add_api_route(GUARD_ROUTE, guard_status, methods=["GET"])
 
 
+def guard_settings() -> hardening.GuardSettings:
+    """What the guard needs from the host config this server enforces, re-read when the file
+    changes; a missing, untrusted or broken file is an error that refuses every request."""
+    path = server_config_path()
+    try:
+        st = path.stat()
+    except OSError:
+        GUARD.cached = None
+        return hardening.GuardSettings(error=missing_config_text(path) + " (deskgpu guard)")
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+    if GUARD.cached is not None and GUARD.cached[0] == key:
+        return GUARD.cached[1]
+    try:
+        config = load_server_config()
+    except sky_exceptions.UserRequestRejectedByPolicy as exc:
+        settings = hardening.GuardSettings(error=f"{exc} (deskgpu guard)")
+    else:
+        settings = hardening.GuardSettings(
+            frontends=config.trusted_frontends,
+            admin_group=config.admin_group,
+            shared_logs=config.shared_logs,
+        )
+    GUARD.cached = (key, settings)
+    return settings
+
+
+def _cluster_record(name: str) -> owners.Found | None:
+    from sky import global_user_state
+
+    record = global_user_state.get_cluster_from_name(name, summary_response=True)
+    if record is None:
+        return None
+    return owners.Found(owner=record.get("user_name") or None)
+
+
+def _job_record(job_id: int) -> owners.Found | None:
+    from sky import global_user_state
+    from sky.jobs import state as jobs_state
+
+    row = jobs_state.get_job_info_row(job_id)
+    if row is None:
+        return None
+    user = global_user_state.get_user(row.user_hash) if row.user_hash else None
+    return owners.Found(owner=(user.name if user is not None else None) or None)
+
+
+def _live_jobs_named(name: str) -> list[int]:
+    from sky.jobs import state as jobs_state
+
+    return list(jobs_state.get_nonterminal_job_ids_by_name(name, all_users=True))
+
+
+SKY_LOOKUPS = owners.Lookups(
+    cluster=_cluster_record, job=_job_record, live_jobs_named=_live_jobs_named
+)
+
+
+def guard_body_rule(path: str, body: Mapping[str, Any], acting: callers.Acting) -> str | None:
+    """What the guard refuses that SkyPilot never hands the admin policy: a volume
+    registration outside the house rules, and acting on someone else's cluster or job."""
+    refused = volume_apply_refusal(path, body, acting)
+    if refused:
+        return refused
+    settings = guard_settings()
+    return owners.refusal(
+        path,
+        body,
+        acting,
+        SKY_LOOKUPS,
+        shared_logs=settings.shared_logs,
+        admin_group=settings.admin_group,
+    )
+
+
 def guard_status() -> dict[str, Any]:
+    settings = guard_settings() if GUARD.active else hardening.GuardSettings()
     return {
         "guard": "active" if GUARD.active else "inactive",
         "admin_policy": GUARD.admin_policy,
         "host_config": str(GUARD.config_path) if GUARD.config_path else None,
+        "host_config_error": settings.error,
+        "identity": "bound to the connecting Unix account",
+        "trusted_frontends": list(settings.frontends),
+        "trusted_frontends_problems": callers.frontends_problems(settings.frontends),
+        "shared_logs": settings.shared_logs,
         "request_env_allowed": sorted(hardening.ALLOWED_REQUEST_ENV),
     }
 

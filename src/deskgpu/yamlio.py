@@ -180,8 +180,12 @@ def _too_big(source: str, size: int) -> SpecError:
     )
 
 
-def load_located(text_or_bytes: bytes | str, source: str) -> Located:
-    """Parse one YAML document; every problem becomes a located `SpecError`."""
+def load_located(text_or_bytes: bytes | str, source: str, *, empty_ok: bool = False) -> Located:
+    """Parse one YAML document; every problem becomes a located `SpecError`.
+
+    `empty_ok`: an empty document (or only comments) is an empty mapping, as a host config
+    that means "the built-in defaults" is written; a spec must say something.
+    """
     if len(text_or_bytes) > MAX_BYTES:
         raise _too_big(source, len(text_or_bytes))
     if isinstance(text_or_bytes, bytes):
@@ -204,6 +208,8 @@ def load_located(text_or_bytes: bytes | str, source: str) -> Located:
     if not text.strip() or all(
         not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
     ):
+        if empty_ok:
+            return Located(source=source, data={})
         raise SpecError([f"{source}:1:1: file is empty (write at least `name:` and `run:`)"])
     try:
         loader = yaml.SafeLoader(text)
@@ -261,7 +267,7 @@ def _describe_yaml_error(exc: yaml.MarkedYAMLError, source: str) -> str:
     )
 
 
-def read_located(path: Path, source: str | None = None) -> Located:
+def read_located(path: Path, source: str | None = None, *, empty_ok: bool = False) -> Located:
     """Read and parse a YAML file; unreadable files become a located `SpecError`."""
     label = source or str(path)
     try:
@@ -280,4 +286,4 @@ def read_located(path: Path, source: str | None = None) -> Located:
         raise SpecError([f"{label}: permission denied (check the file's mode)"]) from None
     except OSError as exc:
         raise SpecError([f"{label}: cannot read: {exc.strerror or exc}"]) from None
-    return load_located(raw, label)
+    return load_located(raw, label, empty_ok=empty_ok)

@@ -388,10 +388,45 @@ def _check_hardening(facts: HostFacts, config: HostConfig, s: Settings) -> Check
             f"the guard pins admin policy {policy or '(none)'}, not deskgpu's",
             fix,
         )
+    broken = body.get("host_config_error")
+    if broken:
+        return _sky(
+            "hardening",
+            FAIL,
+            f"the guard refuses every request: {broken}",
+            f"install the host config: `{RENDER}`, then `{INSTALL}` (an empty file means the "
+            "built-in defaults)",
+        )
+    frontends = body.get("trusted_frontends")
+    who = (
+        "requests bound to the connecting account"
+        if body.get("identity")
+        else "requests NOT bound to the connecting account (an older guard)"
+    )
+    trusted = (
+        f"front ends trusted to name a researcher: {', '.join(map(str, frontends))}"
+        if isinstance(frontends, list) and frontends
+        else "no trusted front ends"
+    )
     detail = (
         f"guard active: {policy} whatever a request sends; host config "
-        f"{enforced or '(built-in defaults)'}"
+        f"{enforced or '(built-in defaults)'}; {who}; {trusted}"
     )
+    if not body.get("identity"):
+        return _sky(
+            "hardening",
+            FAIL,
+            detail + ": any researcher can submit as another",
+            "upgrade deskgpu in the server's venv, then `sudo systemctl restart skypilot-api`",
+        )
+    unknown = body.get("trusted_frontends_problems")
+    if isinstance(unknown, list) and unknown:
+        return _sky(
+            "hardening",
+            WARN,
+            f"{detail}; trusted_frontends: {'; '.join(map(str, unknown))}",
+            "list only the accounts front ends run as (`getent passwd NAME`)",
+        )
     mine = config.source if config.source.startswith("/") else None
     if mine and enforced and str(enforced) != mine:
         return _sky(

@@ -1,0 +1,231 @@
+"""The guard's identity binding and owner rule without a server (the server tests are in
+tests/test_identity_server.py): the account on the connection decides, and owners act on
+their own things."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+from typing import Any
+
+import pytest
+
+from deskgpu import callers, hardening, owners
+from deskgpu.callers import FRONTEND, ROOT, SERVER, USER, Acting, Caller, Refused, bind
+from deskgpu.hardening import GuardMiddleware, GuardSettings
+
+
+def _user(name: str = "bob", groups: frozenset[str] = frozenset()) -> Caller:
+    return Caller(uid=54321, account=name, role=USER, groups=groups)
+
+
+def test_the_user_id_is_skypilots_auth_proxy_derivation() -> None:
+    """sky/server/server.py `_extract_user_from_header`: md5 of the name, 8 hex digits."""
+    import hashlib
+
+    assert callers.user_id_for("alice") == hashlib.md5(b"alice").hexdigest()[:8]
+    assert callers.user_id_for("alice") != callers.user_id_for("bob")
+    assert hardening.USER_ID.fullmatch(callers.user_id_for("john.doe"))
+
+
+def test_an_ordinary_account_runs_as_itself_whatever_id_it_sends() -> None:
+    env: dict[str, object] = {"SKYPILOT_USER_ID": "a0000001", "SKYPILOT_CLIENT_USER_HASH": "x"}
+    acting = bind(env, _user(), server_uid=999, admin_group=None)
+    assert acting == Acting(_user(), "bob", admin=False)
+    assert env == {"SKYPILOT_USER": "bob", "SKYPILOT_USER_ID": callers.user_id_for("bob")}
+
+
+def test_naming_someone_else_is_refused_naming_both() -> None:
+    with pytest.raises(Refused) as caught:
+        bind({"SKYPILOT_USER": "alice"}, _user(), server_uid=999, admin_group=None)
+    text = str(caught.value)
+    assert "says it is from alice" in text and "Unix account bob" in text
+
+
+def test_admin_group_membership_makes_an_admin_not_a_claim() -> None:
+    member = _user(groups=frozenset({"gpuadmin"}))
+    assert bind({}, member, server_uid=999, admin_group="gpuadmin").admin
+    assert not bind({}, _user(), server_uid=999, admin_group="gpuadmin").admin
+    assert not bind({}, member, server_uid=999, admin_group=None).admin
+
+
+def test_root_and_the_server_are_taken_at_their_word() -> None:
+    for role in (ROOT, SERVER):
+        env: dict[str, object] = {"SKYPILOT_USER": "alice", "SKYPILOT_USER_ID": "a0000001"}
+        acting = bind(env, Caller(0, "root", role), server_uid=999, admin_group=None)
+        assert acting.user == "alice" and acting.admin
+        assert env["SKYPILOT_USER_ID"] == "a0000001"
+
+
+def test_a_frontend_must_name_a_real_ordinary_account() -> None:
+    tl = Caller(uid=54322, account="transformerlab", role=FRONTEND)
+    with pytest.raises(Refused, match="must name the researcher"):
+        bind({}, tl, server_uid=999, admin_group=None)
+    with pytest.raises(Refused, match="is root"):
+        bind({"SKYPILOT_USER": "root"}, tl, server_uid=999, admin_group=None)
+    with pytest.raises(Refused, match="not an account"):
+        bind({"SKYPILOT_USER": "no-such-person-x"}, tl, server_uid=999, admin_group=None)
+    system = next(p for p in pwd.getpwall() if 0 < p.pw_uid < callers.uid_min())
+    with pytest.raises(Refused, match="system account"):
+        bind({"SKYPILOT_USER": system.pw_name}, tl, server_uid=999, admin_group=None)
+
+
+def test_a_frontend_never_gets_admin_rights() -> None:
+    tl = Caller(54322, "transformerlab", FRONTEND, frozenset({"gpuadmin"}))
+    server = pwd.getpwuid(os.geteuid()).pw_name
+    with pytest.raises(Refused, match=r"API server's own account|is root"):
+        bind({"SKYPILOT_USER": server}, tl, server_uid=os.geteuid(), admin_group="gpuadmin")
+
+
+def test_uid_min_comes_from_login_defs(tmp_path: Any) -> None:
+    defs = tmp_path / "login.defs"
+    defs.write_text("# comment\nUID_MIN\t\t 2000\nUID_MAX 60000\n")
+    assert callers.uid_min(defs) == 2000
+    assert callers.uid_min(tmp_path / "missing") == 1000
+
+
+# ---- the owner rule over recorded owners ---------------------------------------------------
+
+RECORDS = owners.Lookups(
+    cluster=lambda name: {"alice-dev": owners.Found("alice"), "orphan": owners.Found(None)}.get(
+        name
+    ),
+    job=lambda job_id: {1: owners.Found("alice"), 2: owners.Found("bob")}.get(job_id),
+    live_jobs_named=lambda name: {"alice-train": [1], "twin": [1, 2]}.get(name, []),
+)
+BOB = Acting(_user(), "bob", admin=False)
+ALICE = Acting(_user("alice"), "alice", admin=False)
+
+
+@pytest.mark.parametrize("path", sorted(owners.CLUSTER_ACTIONS))
+def test_every_cluster_action_is_the_owners(path: str) -> None:
+    doc = {"cluster_name": "alice-dev"}
+    why = owners.refusal(path, doc, BOB, RECORDS, admin_group="gpuadmin")
+    assert why is not None and "belongs to alice" in why and "gpuadmin" in why
+    assert owners.refusal(path, doc, ALICE, RECORDS) is None
+    assert owners.refusal(path, {"cluster_name": "not-there"}, BOB, RECORDS) is None
+    assert owners.refusal(path, {"cluster_name": "orphan"}, ALICE, RECORDS) is not None
+
+
+def test_shared_logs_open_only_the_logs() -> None:
+    for path, (_, reads_logs) in {**owners.CLUSTER_ACTIONS}.items():
+        why = owners.refusal(path, {"cluster_name": "alice-dev"}, BOB, RECORDS, shared_logs=True)
+        assert (why is None) is reads_logs, path
+
+
+@pytest.mark.parametrize(
+    ("doc", "refused"),
+    [
+        ({"job_ids": [1]}, True),
+        ({"job_ids": ["1"]}, True),
+        ({"job_ids": [2]}, False),
+        ({"name": "alice-train"}, True),
+        ({"name": "twin"}, True),
+        ({"all": True}, False),
+        ({"all_users": True}, True),
+        ({"pool": "p"}, True),
+        ({"job_ids": [99]}, False),
+    ],
+)
+def test_managed_job_cancel_is_the_owners(doc: dict[str, Any], refused: bool) -> None:
+    assert (owners.refusal("/jobs/cancel", doc, BOB, RECORDS) is not None) is refused
+
+
+def test_job_logs_need_a_job_and_the_controllers_log_an_admin() -> None:
+    assert "must name" in str(owners.refusal("/jobs/logs", {}, BOB, RECORDS))
+    assert "controller" in str(owners.refusal("/jobs/logs", {"controller": True}, BOB, RECORDS))
+    assert owners.refusal("/jobs/logs", {"job_id": 2}, BOB, RECORDS) is None
+    admin = Acting(_user(), "bob", admin=True)
+    assert owners.refusal("/jobs/logs", {"job_id": 1}, admin, RECORDS) is None
+
+
+def test_a_path_spelled_oddly_is_still_the_same_endpoint() -> None:
+    assert owners.refusal("//down/", {"cluster_name": "alice-dev"}, BOB, RECORDS)
+
+
+# ---- the middleware binds before SkyPilot parses -------------------------------------------
+
+
+class _Inner:
+    def __init__(self) -> None:
+        self.body: bytes | None = None
+        self.query: bytes | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.query = scope.get("query_string")
+        message = await receive()
+        self.body = message.get("body", b"")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _drive(app: GuardMiddleware, path: str, doc: Any, query: bytes = b"") -> list[Any]:
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": json.dumps(doc).encode(), "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": query}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def _app(inner: _Inner, uid: int | None = 54321, **kw: Any) -> GuardMiddleware:
+    return GuardMiddleware(
+        inner, is_internal=lambda s: False, peer_uid=lambda s: uid, server_uid=999, **kw
+    )
+
+
+def test_the_middleware_rewrites_identity_and_uploads() -> None:
+    inner = _Inner()
+    sent = _drive(_app(inner), "/launch", {"env_vars": {"SKYPILOT_USER_ID": "a0000001"}})
+    assert sent[0]["status"] == 200
+    env = json.loads(inner.body or b"{}")["env_vars"]
+    assert env["SKYPILOT_USER"] == "uid54321"  # no passwd entry: named by its uid
+    assert env["SKYPILOT_USER_ID"] == callers.user_id_for("uid54321")
+    _drive(_app(inner), "/upload", {}, query=b"user_hash=a0000001&upload_id=u&chunk_index=0")
+    assert (
+        inner.query
+        == f"user_hash={callers.user_id_for('uid54321')}&upload_id=u&chunk_index=0".encode()
+    )
+
+
+def test_a_non_admin_api_cancel_is_scoped_to_the_caller() -> None:
+    inner = _Inner()
+    _drive(_app(inner), "/api/cancel", {"request_ids": None, "user_id": None, "env_vars": {}})
+    assert json.loads(inner.body or b"{}")["user_id"] == callers.user_id_for("uid54321")
+
+
+def test_an_unknown_connection_and_a_missing_config_are_refused() -> None:
+    inner = _Inner()
+    sent = _drive(_app(inner, uid=None), "/launch", {})
+    assert sent[0]["status"] == 403 and inner.body is None
+    broken = GuardSettings(error="the box's deskgpu host config /etc/x is missing")
+    sent = _drive(_app(inner, uid=0, settings=lambda: broken), "/launch", {})
+    assert sent[0]["status"] == 403 and b"/etc/x is missing" in sent[1]["body"]
+
+
+def test_a_broken_settings_loader_fails_closed() -> None:
+    def broken() -> GuardSettings:
+        raise OSError("disk gone")
+
+    inner = _Inner()
+    sent = _drive(_app(inner, uid=0, settings=broken), "/launch", {})
+    assert sent[0]["status"] == 403 and inner.body is None
+
+
+def test_the_body_rule_sees_whom_the_request_runs_as() -> None:
+    seen: list[Acting] = []
+
+    def rule(path: str, doc: Any, acting: Acting) -> str | None:
+        seen.append(acting)
+        return "no" if path == "/down" else None
+
+    inner = _Inner()
+    sent = _drive(_app(inner, body_rule=rule), "/down", {"cluster_name": "x"})
+    assert sent[0]["status"] == 403 and seen[0].user == "uid54321" and not seen[0].admin
