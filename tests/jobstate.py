@@ -11,7 +11,8 @@ session that is up, or a job that got as far as the queue, cannot be made the li
 - bob's: session `bob-notebook` (UP) and managed job `bob-train` (3, PENDING).
 
 `python -m tests.jobstate alice bob` instead writes `<user>-dev` and `<user>-train` (jobs 1,
-2, ... in that order) for each account named, as the guard would have recorded them.
+2, ... in that order) for each account named, as the guard would have recorded them, and the
+session Transformer Lab launched for the first (`TL_CLUSTER`, INIT: waiting for GPUs).
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ from deskgpu.identity import current_user, safe_user
 ME = safe_user(current_user())
 USERS = {ME: "a0000001", "bob": "b0000002"}  # SkyPilot user ids
 SSH_IP = "10.42.0.7"
+# Transformer Lab's first recorded launch (tests/fixtures/transformerlab).
+TL_CLUSTER = "finetune-demo-5d0e9df8"
+TL_JOB = "5d0e9df8-6a9d-43b3-9507-454e8cf9285e"
 
 
-def _cluster(name: str, owner: str, home: str) -> None:
+def _cluster(
+    name: str, owner: str, home: str, *, ready: bool = True, labels: dict[str, str] | None = None
+) -> None:
     import sky
     from sky import global_user_state
     from sky.backends.cloud_vm_ray_backend import CloudVmRayResourceHandle
@@ -39,7 +45,7 @@ def _cluster(name: str, owner: str, home: str) -> None:
     res = sky.Resources(
         infra="k8s/default",
         instance_type=KubernetesInstanceType.from_resources(2, 8, 0, None).name,
-        labels={"deskgpu.io/user": owner, "deskgpu.io/kind": "interactive"},
+        labels={"deskgpu.io/user": owner, "deskgpu.io/kind": "interactive", **(labels or {})},
     )
     yaml_path = f"{home}/.sky/generated/{name}.yml"
     global_user_state.set_cluster_yaml(
@@ -58,7 +64,7 @@ def _cluster(name: str, owner: str, home: str) -> None:
         stable_ssh_ports=[22],
     )
     handle._ssh_user = "sky"  # what a launch caches on the handle (no public setter)
-    global_user_state.add_or_update_cluster(name, handle, requested_resources={res}, ready=True)
+    global_user_state.add_or_update_cluster(name, handle, requested_resources={res}, ready=ready)
 
 
 def _job(name: str, owner: str, finish: bool = False) -> int:
@@ -101,6 +107,14 @@ def fill_bound(users: list[str]) -> None:
         _cluster(f"{user}-dev", user, home)
     for user in users:
         _job(f"{user}-train", user)
+    # What Transformer Lab launched for the first of them: still INIT, waiting for GPUs.
+    _cluster(
+        TL_CLUSTER,
+        users[0],
+        home,
+        ready=False,
+        labels={"deskgpu.io/via": "transformerlab", "deskgpu.io/frontend-job": TL_JOB},
+    )
 
 
 def fill() -> None:

@@ -45,10 +45,15 @@ def body_for(path: str, task_yaml: str, cluster: str | None) -> dict[str, Any]:
     return doc
 
 
-def post(url: str, doc: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+def post(
+    url: str, doc: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     data = json.dumps(doc).encode()
     request = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json"}, method="POST"
+        url,
+        data=data,
+        headers={"Content-Type": "application/json", **(headers or {})},
+        method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:

@@ -93,7 +93,8 @@ RECORDS = owners.Lookups(
         name
     ),
     job=lambda job_id: {1: owners.Found("alice"), 2: owners.Found("bob")}.get(job_id),
-    live_jobs_named=lambda name: {"alice-train": [1], "twin": [1, 2]}.get(name, []),
+    jobs_named=lambda name: {"alice-train": [1], "twin": [1, 2]}.get(name, []),
+    volume=lambda name: {"alice-vol": owners.Found("alice")}.get(name),
 )
 BOB = Acting(_user(), "bob", admin=False)
 ALICE = Acting(_user("alice"), "alice", admin=False)
@@ -139,6 +140,15 @@ def test_job_logs_need_a_job_and_the_controllers_log_an_admin() -> None:
     assert owners.refusal("/jobs/logs", {"job_id": 2}, BOB, RECORDS) is None
     admin = Acting(_user(), "bob", admin=True)
     assert owners.refusal("/jobs/logs", {"job_id": 1}, admin, RECORDS) is None
+
+
+def test_volumes_are_the_owners_and_buckets_an_admins() -> None:
+    doc = {"names": ["bob-vol", "alice-vol"]}
+    assert "volume alice-vol belongs to alice" in str(
+        owners.refusal("/volumes/delete", doc, BOB, RECORDS)
+    )
+    assert owners.refusal("/volumes/delete", doc, ALICE, RECORDS) is None
+    assert "storage bucket" in str(owners.refusal("/storage/delete", {"name": "b"}, BOB, RECORDS))
 
 
 def test_a_path_spelled_oddly_is_still_the_same_endpoint() -> None:

@@ -3,6 +3,7 @@ with the real CLI, every relative link lands, and the README stays a five-minute
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -241,3 +242,35 @@ def test_formats_lists_every_field_of_the_queue_snapshot() -> None:
     formats = (ROOT / "docs" / "formats.md").read_text()
     missing = sorted(k for k in keys if f"`{k}`" not in formats)
     assert not missing
+
+
+def test_the_transformer_lab_page_settings_hold_together(tmp_path: Path) -> None:
+    """docs/transformerlab.md: its host-config block is a valid host config, and deskgpu's
+    `frontend_gives_up_after` is the wait Transformer Lab's settings there allow."""
+    from deskgpu.config import load_config
+    from deskgpu.units import parse_duration_s
+
+    page = ROOT / "docs" / "transformerlab.md"
+    yaml_blocks = [
+        "\n".join(line.strip() for _, line in body) for info, body in blocks(page) if info == "yaml"
+    ]
+    assert len(yaml_blocks) == 1
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml_blocks[0] + "\n")
+    config = load_config(config_file)
+    assert config.trusted_frontends == ("transformerlab",)
+    text = page.read_text()
+    threshold = int(re.search(r"EMPTY_PROVIDER_JOBS_TERMINAL_THRESHOLD=(\d+)", text).group(1))  # type: ignore[union-attr]
+    interval = int(re.search(r"REMOTE_JOB_STATUS_INTERVAL_SECONDS=(\d+)", text).group(1))  # type: ignore[union-attr]
+    assert threshold > 1  # 0, -1 and 1 fail a job on its first empty poll
+    waits = threshold * interval
+    assert abs(config.frontend_gives_up_after_s - waits) <= 86400, (
+        waits,
+        config.frontend_gives_up_after,
+    )
+    assert config.frontend_gives_up_after_s <= waits  # never "orphan" while still watched
+    json_blocks = [
+        "\n".join(line for _, line in body) for info, body in blocks(page) if info == "json"
+    ]
+    assert json.loads(json_blocks[0])["default_env_vars"]["SKYPILOT_USER"] == "alice"
+    assert parse_duration_s("17d") == config.frontend_gives_up_after_s

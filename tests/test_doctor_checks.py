@@ -484,6 +484,32 @@ def test_the_trusted_frontends_are_shown_and_a_wrong_one_warns() -> None:
     assert check.status == WARN and "tl: no such account" in check.detail
 
 
+def test_a_frontend_client_the_server_does_not_accept_warns() -> None:
+    """The range is SkyPilot's own, as the guard reads it (sky/server/constants.py)."""
+    server = {"api_version": 62, "min_compatible_api_version": 24}
+    ok = {"transformerlab": {"api_version": "48", "version": "0.12.1"}}
+    check = _hardening(
+        _with_guard(
+            200,
+            _active(trusted_frontends=["transformerlab"], frontend_clients=ok, server_api=server),
+        )
+    )
+    assert check.status == OK
+    old = {"transformerlab": {"api_version": "20", "version": "0.9.3"}}
+    check = _hardening(
+        _with_guard(
+            200,
+            _active(trusted_frontends=["transformerlab"], frontend_clients=old, server_api=server),
+        )
+    )
+    assert check.status == WARN
+    assert (
+        "transformerlab's SkyPilot client 0.9.3 speaks API version 20, outside 24..62"
+        in check.detail
+    )
+    assert "docs/transformerlab.md" in check.fix
+
+
 @pytest.mark.parametrize("body", ["not json", '{"guard": "inactive"}', "[]"])
 def test_a_guard_answer_that_is_not_active_fails(body: str) -> None:
     assert _hardening(_with_guard(200, body)).status == FAIL

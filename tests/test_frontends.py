@@ -110,3 +110,88 @@ def test_a_job_group_member_keeps_its_name_when_the_controller_relaunches_it(
     )
     assert again["name"] == "server"
     assert again["resources"]["labels"][LABEL_USER] == "alice"
+
+
+# ---------------------------------------------------------------------------------------------
+# The queue and reap: the researcher, "via Transformer Lab" and its job id, likely orphans
+
+SNAPSHOT = Path(__file__).parent / "fixtures" / "snapshots" / "transformerlab_queued.json"
+
+
+def test_queue_json_shows_the_researcher_and_the_transformer_lab_job(cli: Any) -> None:
+    import json
+
+    result = cli("queue", "--snapshot", str(SNAPSHOT), "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    sessions = {s["cluster"]: s for s in doc["summary"]["frontend_sessions"]}
+    old = sessions["finetune-demo-5d0e9df8"]
+    assert old == {
+        "cluster": "finetune-demo-5d0e9df8",
+        "user": "alice",
+        "via": "transformerlab",
+        "frontend_job": "5d0e9df8-6a9d-43b3-9507-454e8cf9285e",
+        "state": "Queued",
+        "likely_orphan": True,  # 2 h waiting; Transformer Lab gave up after 225 s
+    }
+    assert sessions["finetune-demo-7bc9ca4e"]["likely_orphan"] is False  # 1 min: still watched
+    assert doc["summary"]["likely_orphans"] == ["finetune-demo-5d0e9df8"]
+
+
+def test_queue_screen_says_via_transformer_lab_and_likely_orphan(cli: Any) -> None:
+    result = cli("queue", "--snapshot", str(SNAPSHOT))
+    assert result.exit_code == 0, result.stderr
+    screen = " ".join(result.stdout.split())
+    assert (
+        "via Transformer Lab job 5d0e9df8-6a9d-43b3-9507-454e8cf9285e" in screen.replace("- ", "-")
+        or "via Transformer Lab job" in screen
+    )
+    assert "likely orphan" in screen and "1 likely orphan" in screen
+
+
+def test_a_raised_frontend_limit_is_no_orphan(tmp_path: Path) -> None:
+    import json
+
+    from deskgpu import survey
+    from deskgpu.snapshot import Snapshot
+
+    doc = json.loads(SNAPSHOT.read_text())
+    doc["frontend_gives_up_after_s"] = 17 * 86400.0  # EMPTY_PROVIDER_JOBS_TERMINAL_THRESHOLD raised
+    snap = Snapshot.from_dict(doc)
+    assert survey.summarize(snap).likely_orphans == []
+
+
+def test_reap_dry_run_lists_the_likely_orphan_and_touches_it_not(tmp_path: Path) -> None:
+    import json
+
+    from deskgpu.config import HostConfig
+    from deskgpu.reap import run
+    from deskgpu.reap.act import Actor
+    from deskgpu.reap.settings import load_settings
+    from deskgpu.snapshot import Snapshot
+
+    doc = json.loads(SNAPSHOT.read_text())
+    doc["nvml"] = {"available": True, "gpus": []}
+    snap = Snapshot.from_dict(doc)
+    downs: list[str] = []
+    now = [snap.taken_at]
+    live = run.Live(
+        snapshot=lambda _c: snap,
+        pods=lambda: None,
+        cluster_jobs=lambda _n, _c: (0, 0),
+        down=lambda name, _c: downs.append(name),
+        proc_root=tmp_path / "proc",
+        cgroup_root=tmp_path / "cgroup",
+        clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+    )
+    config = HostConfig(state_dir=str(tmp_path / "state"), reap={"live_window": "10s"})
+    result = run.reap(
+        config, load_settings(config), yes=False, actor=Actor("root", 0, frozenset()), live=live
+    )
+    orphan = [n for n in result.notes if n.startswith("likely orphan")]
+    assert (
+        len(orphan) == 1 and "finetune-demo-5d0e9df8 (alice, via Transformer Lab job" in orphan[0]
+    )
+    assert "deskgpu cancel finetune-demo-5d0e9df8" in orphan[0]
+    assert downs == [] and not any(d.subject.startswith("finetune") for d in result.zombies)

@@ -165,7 +165,13 @@ def _rendered(
     host_config = tmp / "host-config.yaml"
     text = HOST_CONFIG.read_text().replace("127.0.0.1:46580", f"127.0.0.1:{port}")
     overridden = {line.split(":", 1)[0] + ":" for line in extra.splitlines() if line[:1].isalpha()}
-    text = "".join(line for line in text.splitlines(True) if not line.startswith(tuple(overridden)))
+    kept, skipping = [], False
+    for line in text.splitlines(True):  # an overridden key goes with its indented block
+        if not line[:1].isspace():
+            skipping = line.startswith(tuple(overridden)) if overridden else False
+        if not skipping:
+            kept.append(line)
+    text = "".join(kept)
     host_config.write_text(text + extra + "doctor:\n  require_admin_policy: true\n")
     config = load_config(host_config)
     out = tmp / "rendered"

@@ -34,7 +34,10 @@ from tests.test_hardening_server import CLEAN, Box, _box
 pytestmark = pytest.mark.apiserver
 
 FIXTURES = Path(__file__).parent / "fixtures" / "doctor"
-EXTRA = f"admin_group: {ADMIN_GROUP}\ntrusted_frontends: [{FRONTEND}]\n"
+# The box has the GPU Transformer Lab's recorded launch asks for (H100:1).
+EXTRA = (
+    f"admin_group: {ADMIN_GROUP}\ntrusted_frontends: [{FRONTEND}]\ngpus: {{A6000: 4, H100: 2}}\n"
+)
 # Jobs as tests/jobstate.py numbers them for ("alice", "bob").
 ALICE_JOB, BOB_JOB = 1, 2
 
@@ -56,6 +59,7 @@ def _send(
     *,
     query: str = "",
     wait_s: float = 0,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """POST `doc` to `path` from a process running as `account`; the HTTP status, the guard's
     refusal (`detail`) and, with `wait_s`, the request's final status and error."""
@@ -64,7 +68,7 @@ def _send(
     doc.setdefault("env_vars", {}).setdefault("SKYPILOT_USER", account)
 
     def run() -> dict[str, Any]:
-        status, headers, raw = post(f"{url}{path}{query}", doc)
+        status, answered, raw = post(f"{url}{path}{query}", doc, headers)
         out: dict[str, Any] = {"http": status}
         if status != 200:
             try:
@@ -73,7 +77,7 @@ def _send(
                 detail = raw.decode("utf-8", "replace")
             out["detail"] = detail if isinstance(detail, str) else json.dumps(detail)
             return out
-        lowered = {k.lower(): v for k, v in headers.items()}
+        lowered = {k.lower(): v for k, v in answered.items()}
         out["request_id"] = lowered.get("x-skypilot-request-id")
         if wait_s and out["request_id"]:
             from tests.raw_request import wait
@@ -82,6 +86,8 @@ def _send(
             error = result.get("error") or {}
             error = json.loads(error) if isinstance(error, str) else error
             out["status"] = result.get("status")
+            out["user_name"] = result.get("user_name")
+            out["user_id"] = result.get("user_id")
             out["error_type"] = error.get("type") if isinstance(error, dict) else None
             out["error"] = str(error.get("message") if isinstance(error, dict) else error)
         return out
@@ -386,3 +392,94 @@ def test_deskgpu_queue_and_logs_work_for_a_researcher_and_root(lab: Box) -> None
     theirs = _deskgpu_as("bob", lab, "cancel", "alice-dev")
     assert theirs["code"] == 2 and "alice" in theirs["stderr"], theirs
     assert "Traceback" not in theirs["stderr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Transformer Lab's recorded traffic, replayed (tests/fixtures/transformerlab)
+
+
+def test_a_replayed_transformer_lab_launch_runs_as_the_researcher_it_names(lab: Box) -> None:
+    """Sent from the `transformerlab` account: past the house rules as alice (no Kubernetes
+    here, so provisioning is as far as it gets), with her id, whatever the provider's id."""
+    from tests.tlrecording import as_0_14, recorded, recorded_headers
+
+    body = as_0_14("/launch", recorded("/launch")[0])
+    assert body["env_vars"]["SKYPILOT_USER"] == "alice"
+    assert body["env_vars"]["SKYPILOT_USER_ID"] == "alice123"  # one per provider, not hers
+    headers = recorded_headers("/launch")
+    answer = _send(FRONTEND, lab.url, "/launch", body, wait_s=240, headers=headers)
+    assert answer["http"] == 200, answer
+    assert answer["error_type"] != "UserRequestRejectedByPolicy", answer
+    # Past the policy, SkyPilot goes on to the optimizer, which needs the H100's catalog: a
+    # box without network fails there (issue: offline catalog) or, with one, at the missing
+    # cloud access. Either is after the house rules.
+    assert answer["error_type"] in ("NoCloudAccessError", "ConnectionError"), answer
+    if answer["error_type"] == "ConnectionError":
+        assert "catalog" in answer["error"].lower(), answer
+    assert answer["user_id"] == user_id_for("alice"), answer  # hers, not the provider's
+    log = (lab.home / "api-server.log").read_text(errors="replace")
+    assert "TFL_STORAGE_URI" not in log and "27016375-324b" not in log  # task envs never logged
+    # The guard noted the SkyPilot client Transformer Lab speaks (doctor checks the range).
+    import urllib.request
+
+    with urllib.request.urlopen(f"{lab.url}/plugins/api/deskgpu/guard", timeout=30) as r:
+        status = json.loads(r.read())
+    seen = status["frontend_clients"][FRONTEND]
+    assert (seen["api_version"], seen["version"]) == ("48", "0.12.1")
+    from sky.server import constants
+
+    assert status["server_api"] == {
+        "api_version": constants.API_VERSION,
+        "min_compatible_api_version": constants.MIN_COMPATIBLE_API_VERSION,
+    }
+
+
+def test_the_same_transformer_lab_body_from_an_ordinary_account_is_refused(lab: Box) -> None:
+    from tests.tlrecording import as_0_14, recorded
+
+    body = as_0_14("/launch", recorded("/launch")[0])
+    _refused(_send("bob", lab.url, "/launch", body), "from alice", "Unix account bob")
+
+
+# Transformer Lab's rule (api/transformerlab/services/remote_job_status_service.py, quoted
+# in docs/transformerlab.md): every poll whose job list is empty (a cluster that is not up yet
+# counts) adds one to a counter; `counter >= EMPTY_PROVIDER_JOBS_TERMINAL_THRESHOLD` ends the
+# job, FAILED when it was never seen. Polls are REMOTE_JOB_STATUS_INTERVAL_SECONDS apart.
+TL_DEFAULTS = {
+    "EMPTY_PROVIDER_JOBS_TERMINAL_THRESHOLD": 15,
+    "REMOTE_JOB_STATUS_INTERVAL_SECONDS": 15,
+}
+
+
+def _tl_status_after(polls_empty: int, settings: dict[str, int]) -> str:
+    for empty in range(1, polls_empty + 1):  # the counter after each empty poll
+        if empty >= settings["EMPTY_PROVIDER_JOBS_TERMINAL_THRESHOLD"]:
+            return "FAILED"
+    return "LAUNCHING"
+
+
+def test_transformer_lab_polls_of_a_held_job_and_its_rule(lab: Box) -> None:
+    """The replayed `POST /queue {cluster_name, all_users: false}` of a session that waits for
+    GPUs (INIT): SkyPilot answers that the cluster is not up, which Transformer Lab counts as
+    an empty poll. SkyPilot's answer is left as it is; the doc's settings keep the job
+    LAUNCHING for as long as a wait on the box can take."""
+    import re
+
+    from tests.jobstate import TL_CLUSTER
+    from tests.tlrecording import as_0_14, recorded
+
+    poll = recorded("/queue")[0]
+    assert poll["cluster_name"] == TL_CLUSTER and poll["all_users"] is False
+    answer = _send(FRONTEND, lab.url, "/queue", as_0_14("/queue", poll), wait_s=120)
+    assert answer["http"] == 200, answer  # past the guard: alice's own session
+    assert answer["status"] == "FAILED", answer
+    assert answer["error_type"] == "ClusterNotUpError", answer  # an empty poll to Transformer Lab
+    assert "status: INIT" in answer["error"] and "only allowed for UP" in answer["error"]
+    doc = (Path(__file__).parent.parent / "docs" / "transformerlab.md").read_text()
+    settings = {
+        key: int(re.search(rf"{key}=(\d+)", doc).group(1))  # type: ignore[union-attr]
+        for key in TL_DEFAULTS
+    }
+    two_weeks = 14 * 86400 // settings["REMOTE_JOB_STATUS_INTERVAL_SECONDS"]
+    assert _tl_status_after(2 * 3600 // 15, TL_DEFAULTS) == "FAILED"  # 225 s, then FAILED
+    assert _tl_status_after(two_weeks, settings) == "LAUNCHING"

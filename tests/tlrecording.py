@@ -29,3 +29,11 @@ def as_0_14(path: str, body: dict[str, Any]) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(model(**known).model_dump_json())
     doc["env_vars"] = dict(body.get("env_vars") or {})  # as sent, secrets and all
     return doc
+
+
+def recorded_headers(path: str) -> dict[str, str]:
+    """The SkyPilot version headers Transformer Lab's client sent to `path`."""
+    for e in exchanges():
+        if e["path"] == path:
+            return {k: v for k, v in e["headers"].items() if k.lower().startswith("x-skypilot")}
+    return {}

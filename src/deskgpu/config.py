@@ -43,6 +43,7 @@ class HostConfig:
     admin_group: str | None = None
     trusted_frontends: tuple[str, ...] = ()
     shared_logs: bool = False
+    frontend_gives_up_after: str = "4m"
     state_dir: str = "/var/lib/deskgpu"
     metrics_textfile_dir: str | None = None  # node_exporter's textfile directory
     protected: tuple[str, ...] = ()
@@ -62,6 +63,10 @@ class HostConfig:
     @property
     def idle_timeout_s(self) -> int:
         return parse_duration_s(self.idle_timeout)
+
+    @property
+    def frontend_gives_up_after_s(self) -> int:
+        return parse_duration_s(self.frontend_gives_up_after)
 
     @property
     def max_idle_timeout_s(self) -> int:

@@ -422,6 +422,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MAX_BODY = 64 * 1024 * 1024  # a request SkyPilot parses as JSON in memory anyway
 
 
+def _headers(scope: Scope, *names: bytes) -> tuple[str | None, ...]:
+    """The values of `names` (lower case) in the request's headers, None where absent."""
+    found: dict[bytes, str] = {}
+    for name, value in scope.get("headers") or []:
+        found.setdefault(name.lower(), value.decode("latin-1")[:40])
+    return tuple(found.get(n) for n in names)
+
+
 def _is_form(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name.lower() == b"content-type":
@@ -442,6 +450,7 @@ class GuardMiddleware:
         settings: Callable[[], GuardSettings] | None = None,
         server_uid: int | None = None,
         open_paths: Iterable[str] = (),
+        frontend_seen: Callable[[str, str | None, str | None], None] | None = None,
     ) -> None:
         self.app = app
         self.is_internal = is_internal or _is_internal
@@ -453,6 +462,8 @@ class GuardMiddleware:
         self.server_uid = os.geteuid() if server_uid is None else server_uid
         # Answered whoever asks and whatever the host config: health and the guard's status.
         self.open_paths = frozenset(OPEN_PATHS) | frozenset(open_paths)
+        # Told the SkyPilot API version of each trusted front end's client (doctor checks it).
+        self.frontend_seen = frontend_seen
 
     def _uid(self, scope: Scope) -> int | None:
         """The connecting uid, or None when it cannot be read (then trusted for nothing)."""
@@ -505,6 +516,13 @@ class GuardMiddleware:
                 "it is refused (connect from this host, to 127.0.0.1)",
             )
             return
+        if caller.role == callers.FRONTEND and self.frontend_seen is not None:
+            found = _headers(scope, b"x-skypilot-api-version", b"x-skypilot-version")
+            try:
+                if found[0] is not None:  # SkyPilot's client says it on every request it sends
+                    self.frontend_seen(caller.account, *found)
+            except Exception:  # a note for doctor, never a reason to fail a request
+                logger.exception("deskgpu guard: could not note a front end's client version")
         if is_admin_path(method, path) and not caller.exempt:
             await _refuse(
                 send,
@@ -626,13 +644,14 @@ class GuardMiddleware:
                 # SkyPilot scopes a cancel to its caller only when it authenticates them
                 # (sky/server/requests/role_filter.py); on the box the guard does.
                 doc["user_id"] = callers.user_id_for(acting.user)
-        if removed:
+        attempt = noteworthy(removed, caller)
+        if attempt:
             logger.warning(
                 "deskgpu guard: %s %s from %s: removed %s (set by the server, not clients)",
                 scope.get("method"),
                 scope.get("path"),
-                (scope.get("client") or ("?",))[0],
-                removed,
+                caller.account if caller is not None else (scope.get("client") or ("?",))[0],
+                attempt,
             )
         env = doc.get("env_vars")
         if uid is not None and isinstance(env, dict):
@@ -640,6 +659,28 @@ class GuardMiddleware:
         # Always re-serialized: SkyPilot parses exactly what was checked (duplicate keys,
         # odd encodings and the like cannot differ between this parser and its).
         return json.dumps(doc).encode(), doc, acting
+
+
+# What SkyPilot's own client (and so deskgpu's) forwards from a researcher's shell on every
+# request (payloads.request_body_env_vars: every SKYPILOT_* but SKYPILOT_SERVER_*): client
+# settings, dropped without a word. Anything else dropped is worth a line in the server log.
+ROUTINE_CLIENT_ENV = frozenset(
+    {
+        "SKYPILOT_API_SERVER_ENDPOINT",
+        "SKYPILOT_API_SERVER_LOCAL_PORT",
+        "SKYPILOT_DISABLE_LOCAL_API_SERVER",
+        "SKYPILOT_DEV",
+    }
+)
+
+
+def noteworthy(removed: Scrubbed, caller: callers.Caller | None) -> Scrubbed:
+    """What of `removed` the server log should show: not the routine client settings, and
+    nothing of a trusted front end's env (its task envs, secrets among them, ride along)."""
+    env: tuple[str, ...] = ()
+    if caller is None or caller.role != callers.FRONTEND:
+        env = tuple(name for name in removed.env if name not in ROUTINE_CLIENT_ENV)
+    return Scrubbed(env, removed.config, removed.flags)
 
 
 API_CANCEL = "/api/cancel"

@@ -43,6 +43,10 @@ JOB_ACTIONS: Mapping[str, tuple[str, bool]] = {
     "/jobs/logs": ("read the logs of", True),
     "/jobs/download_logs": ("download the logs of", True),
 }
+# `sky volumes delete NAMES` (payloads.VolumeDeleteBody); `sky storage delete` removes a
+# bucket SkyPilot keeps no owner of that the box uses: an admin's.
+VOLUME_DELETE = "/volumes/delete"
+ADMIN_ONLY: Mapping[str, str] = {"/storage/delete": "delete a storage bucket"}
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,12 @@ class Found:
 
 @dataclass(frozen=True)
 class Lookups:
-    """Reads of SkyPilot's own records (None: there is no such cluster or job)."""
+    """Reads of SkyPilot's own records (None: there is no such cluster, job or volume)."""
 
     cluster: Callable[[str], Found | None]
     job: Callable[[int], Found | None]
-    live_jobs_named: Callable[[str], list[int]]
+    jobs_named: Callable[[str], list[int]]  # every managed job of that name, any state
+    volume: Callable[[str], Found | None] = lambda _name: None
 
 
 def _clean(path: str) -> str:
@@ -106,6 +111,16 @@ def refusal(
         if reads_logs and shared_logs:
             return None
         return _job_refusal(path, verb, doc, acting, lookups, admin_group)
+    if path == VOLUME_DELETE:
+        names = doc.get("names")
+        for name in names if isinstance(names, list) else []:
+            found = lookups.volume(str(name))
+            if found is not None and not may_act_for(acting, found.owner):
+                return _refused(acting, "delete", f"volume {name}", found.owner, admin_group)
+        return None
+    if path in ADMIN_ONLY:
+        rights = describe_rights(admin_group).replace("its owner, ", "")
+        return f"{acting.via} may not {ADMIN_ONLY[path]}; only {rights} may (deskgpu guard)"
     return None
 
 
@@ -138,7 +153,7 @@ def _job_refusal(
     ids = list(_ids(doc.get("job_ids"))) + list(_ids(doc.get("job_id")))
     name = doc.get("name")
     if isinstance(name, str) and name:
-        ids += lookups.live_jobs_named(name)
+        ids += lookups.jobs_named(name)
     elif not ids and path != "/jobs/cancel":
         # No id and no name: SkyPilot picks the newest job, whoever's it is.
         return f"{acting.via} must name the managed job to {verb} (its id or name) (deskgpu guard)"

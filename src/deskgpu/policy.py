@@ -569,6 +569,7 @@ class _GuardState:
         self.admin_policy = POLICY_CLASS
         self.config_path: Path | None = None
         self.cached: tuple[tuple[int, int, int, int], hardening.GuardSettings] | None = None
+        self.frontend_clients: dict[str, dict[str, str | None]] = {}
 
 
 POLICY_CLASS = f"{__name__}.HouseRules"
@@ -616,6 +617,7 @@ class Guard(sky_plugins.BasePlugin):
                 body_rule=guard_body_rule,
                 settings=guard_settings,
                 open_paths=(GUARD_ROUTE,),
+                frontend_seen=note_frontend_client,
             )
             app.add_api_route(GUARD_ROUTE, guard_status, methods=["GET"])
 
@@ -666,14 +668,25 @@ def _job_record(job_id: int) -> owners.Found | None:
     return owners.Found(owner=(user.name if user is not None else None) or None)
 
 
-def _live_jobs_named(name: str) -> list[int]:
+def _jobs_named(name: str) -> list[int]:
     from sky.jobs import state as jobs_state
 
-    return list(jobs_state.get_nonterminal_job_ids_by_name(name, all_users=True))
+    return list(jobs_state.get_all_job_ids_by_name(name))
+
+
+def _volume_record(name: str) -> owners.Found | None:
+    from sky import global_user_state
+
+    record = global_user_state.get_volume_by_name(name)
+    if record is None:
+        return None
+    user_hash = record.get("user_hash")
+    user = global_user_state.get_user(user_hash) if user_hash else None
+    return owners.Found(owner=(user.name if user is not None else None) or None)
 
 
 SKY_LOOKUPS = owners.Lookups(
-    cluster=_cluster_record, job=_job_record, live_jobs_named=_live_jobs_named
+    cluster=_cluster_record, job=_job_record, jobs_named=_jobs_named, volume=_volume_record
 )
 
 
@@ -694,6 +707,49 @@ def guard_body_rule(path: str, body: Mapping[str, Any], acting: callers.Acting) 
     )
 
 
+def _frontends_file() -> Path:
+    """Where the server's processes share the client versions front ends were seen with."""
+    return Path("~/.sky").expanduser() / "deskgpu-frontends.json"
+
+
+def _seen_frontends() -> dict[str, Any]:
+    import json
+
+    try:
+        doc = json.loads(_frontends_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def note_frontend_client(account: str, api_version: str | None, version: str | None) -> None:
+    """Remember the SkyPilot client a trusted front end speaks (written when it changes)."""
+    import json
+    import time
+
+    seen = {"api_version": api_version, "version": version}
+    if GUARD.frontend_clients.get(account) == seen:
+        return
+    GUARD.frontend_clients[account] = seen
+    doc = _seen_frontends()
+    doc[account] = {**seen, "seen_at": time.time()}
+    path = _frontends_file()
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    temp.write_text(json.dumps(doc, sort_keys=True))
+    temp.replace(path)
+
+
+def _server_api_range() -> dict[str, Any]:
+    """SkyPilot's own compatibility range (sky/server/constants.py; sky/server/versions.py
+    refuses a client below MIN_COMPATIBLE_API_VERSION)."""
+    from sky.server import constants as server_constants
+
+    return {
+        "api_version": int(server_constants.API_VERSION),
+        "min_compatible_api_version": int(server_constants.MIN_COMPATIBLE_API_VERSION),
+    }
+
+
 def guard_status() -> dict[str, Any]:
     settings = guard_settings() if GUARD.active else hardening.GuardSettings()
     return {
@@ -705,6 +761,8 @@ def guard_status() -> dict[str, Any]:
         "trusted_frontends": list(settings.frontends),
         "trusted_frontends_problems": callers.frontends_problems(settings.frontends),
         "shared_logs": settings.shared_logs,
+        "frontend_clients": {k: v for k, v in _seen_frontends().items() if k in settings.frontends},
+        "server_api": _server_api_range(),
         "request_env_allowed": sorted(hardening.ALLOWED_REQUEST_ENV),
     }
 

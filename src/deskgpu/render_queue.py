@@ -13,7 +13,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderR
 from rich.table import Table
 from rich.text import Text
 
-from deskgpu import survey
+from deskgpu import frontends, survey
 from deskgpu.snapshot import (
     ACTIVE_STATES,
     CANCELLED,
@@ -242,6 +242,7 @@ def _job_for(job: Job, now: float) -> str:
 
 def session_table(snap: Snapshot) -> _Fitted:
     notices = {n.cluster: n for n in current_notices(snap)}
+    orphaned = {o.cluster for o in survey.orphans(snap)}
     rows: list[dict[str, RenderableType]] = []
     for row in survey.sessions(snap):
         c, use = row.cluster, row.use
@@ -266,6 +267,15 @@ def session_table(snap: Snapshot) -> _Fitted:
                 "": _flags(row.zombie_suspect, notices.get(c.name), snap.taken_at),
             }
         )
+        where = frontends.via(c.labels)
+        if where is not None:
+            flags = rows[-1][""]
+            assert isinstance(flags, Text)
+            if flags.plain:
+                flags.append("\n")
+            flags.append(str(where), style="cyan")
+            if c.name in orphaned:
+                flags.append("\nlikely orphan", style="bold yellow")
     return _Fitted("Sessions", _SESSION_LAYOUTS, rows, wrap=frozenset({"", "State"}))
 
 

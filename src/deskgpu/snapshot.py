@@ -253,6 +253,9 @@ class Snapshot:
     notices_error: str | None = None  # why the reap history could not be read
     # Added in schema 1 without a bump: older recordings read back with allocation unknown.
     allocation: AllocationView = field(default_factory=AllocationView)
+    # Added in schema 1 without a bump: the host config's `frontend_gives_up_after` when this
+    # was taken (a front end's session Queued longer is a likely orphan; deskgpu.frontends).
+    frontend_gives_up_after_s: float = 240.0
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"kind": DOCUMENT_KIND, "schema_version": self.schema_version}

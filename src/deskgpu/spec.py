@@ -158,7 +158,8 @@ def spec_from_located(doc: Located, config: HostConfig, user: str) -> JobSpec:
 HOST_CONFIG_ONLY = frozenset(
     {"box_name", "data_root", "checkpoint_root", "default_image", "api_server",
      "kueue_local_queue", "max_idle_timeout", "max_gpus_per_job", "images", "admin_group",
-     "trusted_frontends", "shared_logs", "state_dir", "protected", "reap", "doctor"}
+     "trusted_frontends", "shared_logs", "frontend_gives_up_after", "state_dir", "protected",
+     "reap", "doctor"}
 )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deskgpu import attribution
+from deskgpu import attribution, frontends
 from deskgpu.config import HostConfig
 from deskgpu.deadline import Deadline, abandon
 from deskgpu.errors import DeskgpuError, UsageError
@@ -84,7 +84,11 @@ def take(
         name="deskgpu-sky",
         daemon=True,  # a hung API server must not keep the process alive
     )
-    snap = Snapshot(taken_at=time.time(), host=socket.gethostname())
+    snap = Snapshot(
+        taken_at=time.time(),
+        host=socket.gethostname(),
+        frontend_gives_up_after_s=config.frontend_gives_up_after_s,
+    )
     if not require_gpus:
         worker.start()
     snap.nvml = (src.read_nvml or _live_nvml)()
@@ -234,6 +238,9 @@ class Summary:
     zombie_suspects: list[str] = field(default_factory=list)
     reap_notices: list[str] = field(default_factory=list)  # sessions warned by reap
     gpus_allocated_idle: int = 0  # held through the device plugin, no process on them
+    # Sessions a front end launched: {cluster, user, via, frontend_job, likely_orphan}.
+    frontend_sessions: list[dict[str, Any]] = field(default_factory=list)
+    likely_orphans: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         parts = []
@@ -254,6 +261,9 @@ class Summary:
         if self.reap_notices:
             n = len(self.reap_notices)
             parts.append(f"{n} reap notice{'' if n == 1 else 's'}")
+        if self.likely_orphans:
+            n = len(self.likely_orphans)
+            parts.append(f"{n} likely orphan{'' if n == 1 else 's'}")
         return " · ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -266,6 +276,8 @@ class Summary:
             "running": self.running,
             "zombie_suspects": list(self.zombie_suspects),
             "reap_notices": list(self.reap_notices),
+            "frontend_sessions": [dict(f) for f in self.frontend_sessions],
+            "likely_orphans": list(self.likely_orphans),
             "line": self.line(),
         }
 
@@ -296,7 +308,34 @@ def summarize(snap: Snapshot) -> Summary:
         else None,
         zombie_suspects=[row.cluster.name for row in sessions(snap) if row.zombie_suspect],
         reap_notices=[n.cluster for n in current_notices(snap)],
+        frontend_sessions=frontend_sessions(snap),
+        likely_orphans=[o.cluster for o in orphans(snap)],
     )
+
+
+def orphans(snap: Snapshot) -> list[frontends.Orphan]:
+    return frontends.likely_orphans(
+        snap.sky.clusters, snap.taken_at, snap.frontend_gives_up_after_s
+    )
+
+
+def frontend_sessions(snap: Snapshot) -> list[dict[str, Any]]:
+    orphaned = {o.cluster for o in orphans(snap)}
+    out = []
+    for c in snap.sky.clusters:
+        where = frontends.via(c.labels)
+        if where is not None:
+            out.append(
+                {
+                    "cluster": c.name,
+                    "user": c.user,
+                    "via": where.account,
+                    "frontend_job": where.job,
+                    "state": c.state,
+                    "likely_orphan": c.name in orphaned,
+                }
+            )
+    return out
 
 
 def document(snap: Snapshot) -> dict[str, Any]:

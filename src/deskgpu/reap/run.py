@@ -22,6 +22,7 @@ from typing import Any
 
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError, UsageError
+from deskgpu.frontends import likely_orphans
 from deskgpu.reap import act, audit, gather
 from deskgpu.reap.evidence import Evidence, Session, iso
 from deskgpu.reap.history import History, Notice, history_copy, open_history
@@ -201,6 +202,9 @@ def collect(
     snap = live.take(config)
     view = gather.live_view(snap, live.pod_index(), live.proc_root, live.cgroup_root)
     now = snap.taken_at
+    # Shown, never acted on: a session that waits for GPUs holds none, and is nobody's zombie.
+    gives_up = config.frontend_gives_up_after_s
+    notes += [o.note(gives_up) for o in likely_orphans(snap.sky.clusters, now, gives_up)]
     host = config.box_name or socket.gethostname()
     fresh = False
     path = settings.history_file

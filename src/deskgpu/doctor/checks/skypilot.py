@@ -419,6 +419,15 @@ def _check_hardening(facts: HostFacts, config: HostConfig, s: Settings) -> Check
             detail + ": any researcher can submit as another",
             "upgrade deskgpu in the server's venv, then `sudo systemctl restart skypilot-api`",
         )
+    skewed = frontend_version_problems(body)
+    if skewed:
+        return _sky(
+            "hardening",
+            WARN,
+            f"{detail}; {'; '.join(skewed)}",
+            "install a SkyPilot client the server accepts in the front end's environment "
+            "(docs/transformerlab.md, Versions)",
+        )
     unknown = body.get("trusted_frontends_problems")
     if isinstance(unknown, list) and unknown:
         return _sky(
@@ -437,6 +446,28 @@ def _check_hardening(facts: HostFacts, config: HostConfig, s: Settings) -> Check
             f"or judge the config it enforces: `deskgpu doctor --config {enforced}`",
         )
     return _sky("hardening", OK, detail)
+
+
+def frontend_version_problems(status: dict[str, Any]) -> list[str]:
+    """A trusted front end whose SkyPilot client speaks an API version outside what the
+    running server accepts (its own range, as the guard reads it from SkyPilot)."""
+    server = status.get("server_api")
+    clients = status.get("frontend_clients")
+    if not isinstance(server, dict) or not isinstance(clients, dict):
+        return []
+    low, high = server.get("min_compatible_api_version"), server.get("api_version")
+    problems = []
+    for account, seen in sorted(clients.items()):
+        raw = seen.get("api_version") if isinstance(seen, dict) else None
+        if not (isinstance(raw, str) and raw.isdigit()) or not isinstance(low, int):
+            continue
+        if int(raw) < low or (isinstance(high, int) and int(raw) > high):
+            version = seen.get("version") or "?"
+            problems.append(
+                f"{account}'s SkyPilot client {version} speaks API version {raw}, outside "
+                f"{low}..{high} that this server accepts"
+            )
+    return problems
 
 
 def _check_kueue(facts: HostFacts, config: HostConfig) -> Check:
