@@ -62,17 +62,20 @@ class Target:
 def parse_name(raw: str, user: str) -> Query:
     """Validate NAME before anything reaches SkyPilot; raises `UsageError`."""
     text = raw.strip()
+    shown = _shown(raw)
+    if len(text) > _MAX_NAME:
+        raise UsageError(f"{shown}: {len(text)} characters, too long for a job name or a path")
     if text.isdigit() and text.isascii():
-        job_id = int(text)
-        if not 0 < job_id <= _MAX_JOB_ID:
-            raise UsageError(f"{raw}: not a managed job id")
-        return Query(raw, job_id=job_id)
+        # Compared as text first: int() of thousands of digits is refused by Python itself.
+        if len(text.lstrip("0")) > len(str(_MAX_JOB_ID)) or not 0 < int(text) <= _MAX_JOB_ID:
+            raise UsageError(f"{shown}: not a managed job id")
+        return Query(raw, job_id=int(text))
     path = Path(text)
-    if text.endswith((".yaml", ".yml")) or "/" in text or path.is_file():
+    if text.endswith((".yaml", ".yml")) or "/" in text or _exists(path):
         return _spec_query(raw, path, user)
     if not is_dns_label(text):
         raise UsageError(
-            f"{raw!r}: not a job name (lowercase letters, digits and '-', as in the spec's "
+            f"{_shown(raw)!r}: not a job name (lowercase letters, digits and '-', as in the spec's "
             "`name:`), a managed job id or a spec file"
         )
     return Query(raw, names=_names(text, user))
@@ -88,10 +91,17 @@ def _spec_query(raw: str, path: Path, user: str) -> Query:
     no longer submits still names its job)."""
     import yaml
 
+    from deskgpu.recorded import read_bounded
+    from deskgpu.yamlio import MAX_BYTES
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{raw}: cannot read the spec file ({_reason(exc)})") from None
+        # A regular file of a spec's size only: never a FIFO, /dev/zero or a 50 MB file.
+        text = read_bounded(path, "a spec", MAX_BYTES).decode("utf-8")
+    except UsageError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        raise UsageError(f"{_shown(raw)}: cannot read the spec file ({reason})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{_shown(raw)}: cannot read the spec file ({_reason(exc)})") from None
     try:
         doc: Any = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -102,6 +112,22 @@ def _spec_query(raw: str, path: Path, user: str) -> Query:
         raise UsageError(f"{raw}: the spec has no valid `name:` to look up")
     kind = SESSION if doc.get("interactive") is True else MANAGED_JOB
     return Query(raw, names=(cluster_name(user, name),), kind=kind)
+
+
+_MAX_NAME = 4096  # PATH_MAX: longer is neither a name nor a path
+
+
+def _shown(raw: str) -> str:
+    """NAME as an error line quotes it: cut to a readable length."""
+    return raw if len(raw) <= 80 else f"{raw[:60]}... ({len(raw)} characters)"
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` names something (a name too long for the file system names nothing)."""
+    try:
+        return path.exists() or path.is_symlink()
+    except (OSError, ValueError):
+        return False
 
 
 def _reason(exc: BaseException) -> str:

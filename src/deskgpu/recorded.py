@@ -162,20 +162,28 @@ def write_document(
     files pass `failure=OutsideError`. A path that exists and is not a regular file (a FIFO,
     a device, a symlink) is never replaced.
     """
+    try:
+        text = dumps(document, indent=indent)
+    except ValueError as exc:
+        raise failure(f"{path}: {what} holds a value JSON cannot carry ({exc})") from None
+    data = (text + "\n").encode("utf-8")
+    write_file(path, gzip.compress(data) if path.suffix == ".gz" else data, what, failure=failure)
+
+
+def write_file(
+    path: Path, data: bytes, what: str, *, failure: type[DeskgpuError] = UsageError
+) -> None:
+    """Replace the regular file `path` (or create it) with `data`, atomically: never a FIFO,
+    a device or a symlink's target (`check_writable_target`)."""
     if str(path) in ("", "."):
         raise failure(f"{what}: an empty path")
     try:
         check_writable_target(path, what)
     except UsageError as exc:
         raise failure(str(exc)) from None
-    try:
-        text = dumps(document, indent=indent)
-    except ValueError as exc:
-        raise failure(f"{path}: {what} holds a value JSON cannot carry ({exc})") from None
-    data = (text + "\n").encode("utf-8")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+        tmp.write_bytes(data)
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -267,10 +267,12 @@ class Snapshot:
         """Read a recorded snapshot (or `queue --json` output). Unknown keys are ignored."""
         if not isinstance(doc, dict):
             raise SnapshotFormatError("a snapshot is a JSON object")
+        from deskgpu.typedload import shown
+
         version = doc.get("schema_version")
         if version != SCHEMA_VERSION:
             raise SnapshotFormatError(
-                f"snapshot schema_version {version!r} is not {SCHEMA_VERSION}: "
+                f"snapshot schema_version {shown(version)} is not {SCHEMA_VERSION}: "
                 "record it again with this deskgpu"
             )
         if "taken_at" not in doc:

@@ -22,7 +22,8 @@ class TypedLoadError(ValueError):
     """Where in the document a value has the wrong type."""
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A value as an error line quotes it: its repr, cut to a readable length."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -49,39 +50,39 @@ def _check(tp: Any, value: Any, where: str) -> Any:
             except TypedLoadError as exc:
                 errors.append(str(exc))
         raise TypedLoadError(
-            errors[0] if len(errors) == 1 else f"{where}: unexpected {_shown(value)}"
+            errors[0] if len(errors) == 1 else f"{where}: unexpected {shown(value)}"
         )
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise TypedLoadError(f"{where}: expected a list, got {_shown(value)}")
+            raise TypedLoadError(f"{where}: expected a list, got {shown(value)}")
         args = typing.get_args(tp)
         item = args[0] if args else Any
         out = [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypedLoadError(f"{where}: expected an object, got {_shown(value)}")
+            raise TypedLoadError(f"{where}: expected an object, got {shown(value)}")
         _, item = typing.get_args(tp) or (str, Any)
         return {str(k): _check(item, v, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return load(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise TypedLoadError(f"{where}: expected true or false, got {_shown(value)}")
+            raise TypedLoadError(f"{where}: expected true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypedLoadError(f"{where}: expected an integer, got {_shown(value)}")
+            raise TypedLoadError(f"{where}: expected an integer, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypedLoadError(f"{where}: expected a number, got {_shown(value)}")
+            raise TypedLoadError(f"{where}: expected a number, got {shown(value)}")
         if not math.isfinite(value):
-            raise TypedLoadError(f"{where}: expected a finite number, got {_shown(value)}")
+            raise TypedLoadError(f"{where}: expected a finite number, got {shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise TypedLoadError(f"{where}: expected a string, got {_shown(value)}")
+            raise TypedLoadError(f"{where}: expected a string, got {shown(value)}")
         return value
     raise TypeError(f"typedload cannot check {tp!r} ({where})")  # a deskgpu bug, not input
 
@@ -89,7 +90,7 @@ def _check(tp: Any, value: Any, where: str) -> Any:
 def load(cls: type[T], data: Any, where: str) -> T:
     """`cls(**data)` with every field's type checked; `where` names the document's path."""
     if not isinstance(data, dict):
-        raise TypedLoadError(f"{where}: expected an object, got {_shown(data)}")
+        raise TypedLoadError(f"{where}: expected an object, got {shown(data)}")
     hints = _hints(typing.cast(Any, cls))
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]

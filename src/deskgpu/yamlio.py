@@ -157,12 +157,24 @@ class _Builder:
             ValueError, TypeError, OverflowError, KeyError, yaml.constructor.ConstructorError,
         ) as exc:  # fmt: skip
             # e.g. a timestamp out of range, an unknown `!!tag`, `!!bool maybe`
+            where = f"{self.loc.source}:{line}:{col}"
+            if node.tag == "tag:yaml.org,2002:merge":
+                raise SpecError(
+                    [f"{where}: a merge key (`<<:`) is not supported (write the keys out)"]
+                ) from None
+            if isinstance(exc, yaml.constructor.ConstructorError) and node.tag.startswith("!"):
+                raise SpecError(
+                    [f"{where}: YAML tag {node.tag[:40]} is not supported (remove it, or quote "
+                     "the value)"]
+                ) from None  # fmt: skip
+            problem = getattr(exc, "problem", None)
             why = f"{type(exc).__name__} {exc}" if isinstance(exc, KeyError) else str(exc)
+            if isinstance(exc, yaml.constructor.ConstructorError) and problem:
+                why = problem  # PyYAML's own context lines repeat the file: one line is ours
             if "integer string conversion" in why:
                 why = "a number with thousands of digits"
-            raise SpecError(
-                [f"{self.loc.source}:{line}:{col}: value cannot be read: {why} (quote it)"]
-            ) from None
+            why = " ".join(why.split())[:200]
+            raise SpecError([f"{where}: value cannot be read: {why} (quote it)"]) from None
         if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63:
             raise SpecError(
                 [f"{self.loc.source}:{line}:{col}: a number too large for any setting "

@@ -70,6 +70,21 @@ def get_config(path: Path | None) -> HostConfig:
     return load_config(path)
 
 
+MAX_ERROR_LINE = 1000  # characters: an error names the problem, it does not quote a file
+
+
+def error_line(text: str) -> str:
+    """One error line as printed: control and other non-printable characters escaped (text
+    from a server or a file never drives the terminal), and cut to a readable length."""
+    out = "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+    if len(out) > MAX_ERROR_LINE:
+        out = out[: MAX_ERROR_LINE - 40] + f"... ({len(out) - MAX_ERROR_LINE + 40} more characters)"
+    return out
+
+
 def exits_cleanly(func: F) -> F:
     """The single error boundary: typed errors become one line on stderr and their exit code."""
 
@@ -79,6 +94,7 @@ def exits_cleanly(func: F) -> F:
             return func(*args, **kwargs)
         except DeskgpuError as exc:
             for line in exc.lines():
+                line = error_line(line)
                 print(
                     f"deskgpu: {line}" if exc.exit_status != ExitStatus.USAGE else line,
                     file=sys.stderr,

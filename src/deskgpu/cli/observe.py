@@ -41,8 +41,9 @@ def observe_command(
     to owners of sessions that just became zombies (reap.warn_on_observe), so the grace
     period has run out by the time the weekly `deskgpu reap --yes` comes.
 
-    Exit 0: observed; 2: bad flags or host config; 1: no GPU readings, SkyPilot unreachable
-    or the history cannot be written.
+    Exit 0: observed; 2: bad flags or host config, or a --textfile DIR that is not a
+    writable directory (or whose deskgpu.prom is not a regular file); 1: no GPU readings,
+    SkyPilot unreachable or the history cannot be written.
     """
     from deskgpu.reap import run
     from deskgpu.reap.settings import load_settings

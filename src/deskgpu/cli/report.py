@@ -58,6 +58,8 @@ def report_command(
         raise UsageError(f"--since: not a duration: {since!r} (e.g. 7d, 36h, 1d12h)") from None
     if since_s < 60:
         raise UsageError("--since: at least a minute")
+    if since_s > MAX_SINCE_S:
+        raise UsageError(f"--since: at most {MAX_SINCE_S // 86400}d (the history keeps less)")
     settings = load_settings(get_config(config_path))
     result = report.make(settings, since_s=since_s, now=time.time(), user=user)
     if html is not None:
@@ -71,11 +73,12 @@ def report_command(
         typer.echo(f"deskgpu: {note}", err=True)
 
 
+MAX_SINCE_S = 3650 * 86400  # ten years: longer than any history deskgpu keeps
+
+
 def write_html(path: Path, result: Report) -> None:
-    from deskgpu.errors import UsageError
+    from deskgpu.recorded import write_file
     from deskgpu.usage import html
 
-    try:
-        path.write_text(html.page(result), encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"--html {path}: cannot write it: {exc.strerror or exc}") from None
+    # As `--record` writes: a regular file replaced whole, never a FIFO or a symlink's target.
+    write_file(path, html.page(result).encode("utf-8"), "the --html page")

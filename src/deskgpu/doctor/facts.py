@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deskgpu import typedload
+from deskgpu.typedload import shown
 
 FACTS_VERSION = 1
 DOCUMENT_KIND = "deskgpu.doctor/facts"
@@ -270,7 +271,8 @@ class HostFacts:
         version = doc.get("facts_version")
         if version != FACTS_VERSION:
             raise FactsFormatError(
-                f"recorded facts have facts_version {version!r}; this deskgpu reads {FACTS_VERSION}"
+                f"recorded facts have facts_version {shown(version)}; "
+                f"this deskgpu reads {FACTS_VERSION}"
             )
         if "gathered_at" not in doc:
             raise FactsFormatError("recorded facts lack `gathered_at`")

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from deskgpu.typedload import shown
+
 SCHEMA_VERSION = 1  # fields added since (allocated_gpus, ...) are additions: no field changed
 KINDS = ("interactive", "batch")
 ALLOCATION_SOURCES = ("pod-resources", "environ")  # snapshot.ALLOCATION_*
@@ -42,7 +44,7 @@ def parse_ts(value: Any, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise EvidenceError(f"{where}: expected a time, got {value!r}")
+        raise EvidenceError(f"{where}: expected a time, got {shown(value)}")
     if isinstance(value, (int, float)):
         ts = _finite(value, where)
         if 0 <= ts <= MAX_TS and ts != int(ts):
@@ -56,11 +58,11 @@ def parse_ts(value: Any, where: str) -> float | None:
                 parsed = parsed.replace(tzinfo=dt.timezone.utc)
             ts = parsed.timestamp()
         except (ValueError, OverflowError):
-            raise EvidenceError(f"{where}: not an ISO 8601 time: {value!r}") from None
+            raise EvidenceError(f"{where}: not an ISO 8601 time: {shown(value)}") from None
     else:
-        raise EvidenceError(f"{where}: expected a time, got {value!r}")
+        raise EvidenceError(f"{where}: expected a time, got {shown(value)}")
     if not 0 <= ts <= MAX_TS:  # before 1970 or past year 9999: no reading was taken then
-        raise EvidenceError(f"{where}: time out of range: {value!r}")
+        raise EvidenceError(f"{where}: time out of range: {shown(value)}")
     return ts
 
 
@@ -68,9 +70,9 @@ def _finite(value: Any, where: str) -> float:
     try:
         number = float(value)
     except OverflowError:  # an integer too big for a float
-        raise EvidenceError(f"{where}: number out of range: {value!r}") from None
+        raise EvidenceError(f"{where}: number out of range: {shown(value)}") from None
     if not math.isfinite(number):  # NaN compares false with every threshold: it would look idle
-        raise EvidenceError(f"{where}: expected a finite number, got {value!r}")
+        raise EvidenceError(f"{where}: expected a finite number, got {shown(value)}")
     return number
 
 
@@ -79,16 +81,16 @@ def _num(value: Any, where: str, *, negative: bool = False) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise EvidenceError(f"{where}: expected a number or null, got {value!r}")
+        raise EvidenceError(f"{where}: expected a number or null, got {shown(value)}")
     number = _finite(value, where)
     if number < 0 and not negative:
-        raise EvidenceError(f"{where}: expected a number >= 0 or null, got {value!r}")
+        raise EvidenceError(f"{where}: expected a number >= 0 or null, got {shown(value)}")
     return number
 
 
 def _row_ts(value: Any, row: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise EvidenceError(f"{where}: ts is required Unix seconds, got {row!r}")
+        raise EvidenceError(f"{where}: ts is required Unix seconds, got {shown(row)}")
     ts = parse_ts(value, where)
     assert ts is not None  # a number, checked above
     return ts
@@ -96,7 +98,7 @@ def _row_ts(value: Any, row: Any, where: str) -> float:
 
 def _index(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise EvidenceError(f"{where}: expected an index >= 0, got {value!r}")
+        raise EvidenceError(f"{where}: expected an index >= 0, got {shown(value)}")
     return value
 
 
@@ -134,7 +136,9 @@ class GpuSample:
     @classmethod
     def from_row(cls, row: Any, where: str) -> GpuSample:
         if not isinstance(row, list) or len(row) != 4:
-            raise EvidenceError(f"{where}: expected [ts, gpu, util_pct, vram_mib], got {row!r}")
+            raise EvidenceError(
+                f"{where}: expected [ts, gpu, util_pct, vram_mib], got {shown(row)}"
+            )
         ts = _row_ts(row[0], row, where)
         gpu = _index(row[1], where)
         return cls(ts, gpu, _num(row[2], where), _num(row[3], where))
@@ -158,7 +162,7 @@ class ActivitySample:
     @classmethod
     def from_row(cls, row: Any, where: str) -> ActivitySample:
         if not isinstance(row, list) or len(row) != 3:
-            raise EvidenceError(f"{where}: expected [ts, ssh_sessions, cpu_pct], got {row!r}")
+            raise EvidenceError(f"{where}: expected [ts, ssh_sessions, cpu_pct], got {shown(row)}")
         ts = _row_ts(row[0], row, where)
         ssh = _num(row[1], where)
         return cls(ts, None if ssh is None else int(ssh), _num(row[2], where))
@@ -221,7 +225,9 @@ class Session:
             if not isinstance(data.get(key), str) or not data[key]:
                 raise EvidenceError(f"{where}.{key}: required text")
         if data["kind"] not in KINDS:
-            raise EvidenceError(f"{where}.kind: one of {', '.join(KINDS)}, got {data['kind']!r}")
+            raise EvidenceError(
+                f"{where}.kind: one of {', '.join(KINDS)}, got {shown(data['kind'])}"
+            )
         labels = data.get("labels") or {}
         if not isinstance(labels, dict):
             raise EvidenceError(f"{where}.labels: expected a mapping")
@@ -234,7 +240,7 @@ class Session:
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):
-                raise EvidenceError(f"{where}.{key}: a count or null, got {value!r}")
+                raise EvidenceError(f"{where}.{key}: a count or null, got {shown(value)}")
             counts[key] = value
         gpus = _indices(data.get("gpus") or [], f"{where}.gpus")
         allocated = data.get("allocated_gpus")
@@ -250,7 +256,7 @@ class Session:
         label = labels.get(LABEL_KIND)
         if label in KINDS and label != data["kind"]:
             raise EvidenceError(
-                f"{where}.kind: {data['kind']!r}, but its label {LABEL_KIND} says {label!r}: "
+                f"{where}.kind: {shown(data['kind'])}, but its label {LABEL_KIND} says {label!r}: "
                 "the evidence contradicts itself"
             )
         present = data.get("pod_present", True)
@@ -390,7 +396,7 @@ class Evidence:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise EvidenceError(
-                f"evidence: schema_version {version!r} is not supported (this deskgpu reads "
+                f"evidence: schema_version {shown(version)} is not supported (this deskgpu reads "
                 f"{SCHEMA_VERSION})"
             )
         collected = parse_ts(data.get("collected_at"), "evidence.collected_at")

@@ -800,7 +800,11 @@ def write(rendered: Rendered, out: Path) -> list[Path]:
     `out` must be a directory (or not exist yet); a path that cannot be written is a usage
     error naming it (exit 2), never a traceback.
     """
-    if out.exists() and not out.is_dir():
+    try:
+        not_a_dir = out.exists() and not out.is_dir()
+    except OSError as exc:  # a directory on the way this user cannot search
+        raise UsageError(f"{out}: cannot look at it ({exc.strerror or exc})") from None
+    if not_a_dir:
         raise UsageError(f"{out}: not a directory (--out names the directory to write into)")
     written = []
     for f in rendered.files:

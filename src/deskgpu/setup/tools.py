@@ -4,8 +4,10 @@ The defaults are the interpreter running `deskgpu setup render` and the `deskgpu
 to it (else the one running). A path is refused (`UsageError`, exit 2) when it is not an
 absolute path to an executable file, or when it lives in a source checkout: a directory above
 it (as given, or with its symlinks resolved) holds `.git`, or a `pyproject.toml` naming
-deskgpu. Services must not run a working tree that changes with every checkout and
-`uv sync`; docs/setup.md step 1 installs deskgpu into /opt/deskgpu for them.
+deskgpu. A venv's interpreter resolves into its base Python, which may sit in a git clone of
+its own (pyenv's `~/.pyenv`): there only a deskgpu tree counts. Services must not run a
+working tree that changes with every checkout and `uv sync`; docs/setup.md step 1 installs
+deskgpu into /opt/deskgpu for them.
 """
 
 from __future__ import annotations
@@ -64,9 +66,15 @@ def check(flag: str, path: str, what: str, default: str | None) -> None:
     fix = f"install deskgpu (docs/setup.md step 1) and pass {flag} {INSTALLED[flag]}"
     if not path or not Path(path).is_absolute():
         raise UsageError(f"{given}: {what} must be an absolute path; {fix}")
-    if not Path(path).is_file() or not os.access(path, os.X_OK):
+    try:
+        executable = Path(path).is_file() and os.access(path, os.X_OK)
+        checkout = source_checkout(Path(path)) if executable else None
+    except OSError as exc:  # a directory on the way this user cannot search (root's 0700 home)
+        raise UsageError(
+            f"{given}: cannot look at {what} ({exc.strerror or exc}); run as root, or {fix}"
+        ) from None
+    if not executable:
         raise UsageError(f"{given}: {what} is not an executable file; {fix}")
-    checkout = source_checkout(Path(path))
     if checkout is not None:
         raise UsageError(
             f"{given}: {what} lives in the source checkout {checkout}, which changes with every "
@@ -76,9 +84,15 @@ def check(flag: str, path: str, what: str, default: str | None) -> None:
 
 def source_checkout(path: Path) -> Path | None:
     """The nearest directory above `path` (as given, then resolved) that is a source tree."""
-    for candidate in (path.absolute(), path.resolve()):
+    given = path.absolute()
+    # A venv's interpreter is a link to its base Python, which may live in a git clone of
+    # its own (pyenv's ~/.pyenv): the install is the venv, as given.
+    in_venv = (given.parent.parent / "pyvenv.cfg").is_file()
+    for candidate, git_counts in ((given, True), (path.resolve(), not in_venv)):
         for parent in candidate.parents:
-            if (parent / ".git").exists() or _names_deskgpu(parent / "pyproject.toml"):
+            if (git_counts and (parent / ".git").exists()) or _names_deskgpu(
+                parent / "pyproject.toml"
+            ):
                 return parent
     return None
 

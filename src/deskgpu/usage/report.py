@@ -254,8 +254,18 @@ def build(
     user: str | None = None,
     audit_file: Path | None = None,
 ) -> Report:
-    """The report of `[since, until)` from an open history."""
+    """The report of `[since, until)` from an open history.
+
+    A window reaching back past the history starts at its first observation (what came
+    before is not a gap, it is before deskgpu looked): the report, and its page, grow with
+    the data, not with the window asked for."""
     notes: list[str] = []
+    first = db.execute("SELECT MIN(ts) FROM observations").fetchone()[0]
+    start = float(first) if first is not None else until - HOUR
+    if since < start:
+        if first is not None:
+            notes.append(f"the history starts at {iso(start)}: the report covers from there")
+        since = start
     obs = [
         int(r[0])
         for r in db.execute(

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from deskgpu.errors import OutsideError
+from deskgpu.errors import OutsideError, UsageError
 
 FILENAME = "deskgpu.prom"
 MIB = 1024 * 1024
@@ -210,12 +210,19 @@ def render(
 
 
 def write(directory: Path, text: str) -> Path:
-    """Replace `directory/deskgpu.prom` atomically; failures are `OutsideError`s."""
+    """Replace `directory/deskgpu.prom` atomically, as `--record` writes: a directory that is
+    not one, or a `deskgpu.prom` that is a FIFO, a device or a symlink, is a usage error
+    (exit 2), never replaced; a write that fails on the way is an `OutsideError`."""
+    from deskgpu.recorded import check_writable_target
+
     target = directory / FILENAME
+    if not directory.is_dir():
+        raise UsageError(f"--textfile {directory}: not a directory")
+    check_writable_target(target, "--textfile")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".deskgpu.", suffix=".prom.tmp", dir=directory)
     except OSError as exc:
-        raise OutsideError(
+        raise UsageError(
             f"--textfile {directory}: cannot write there ({exc.strerror or exc})"
         ) from None
     try:
