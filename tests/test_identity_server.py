@@ -394,6 +394,25 @@ def test_deskgpu_queue_and_logs_work_for_a_researcher_and_root(lab: Box) -> None
     assert "Traceback" not in theirs["stderr"]
 
 
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="SkyPilot's jobs launch needs rsync")
+def test_deskgpu_submit_works_for_a_researcher(lab: Box) -> None:
+    """The stock SDK inside `deskgpu submit`, from root's account and then bob's: each
+    queued as its own. (Root's run first also loads every module the command needs: bob's
+    child cannot import more from a Python under root's 0700 home.)"""
+    spec = Path("/tmp") / f"deskgpu-spec-{os.getpid()}.yaml"
+    spec.write_text("name: cpu-job\ngpus: 0\nrun: echo hi\n")
+    spec.chmod(0o644)
+    try:
+        as_root = _deskgpu_as("root", lab, "submit", str(spec), "--json")
+        as_bob = _deskgpu_as("bob", lab, "submit", str(spec), "--json")
+    finally:
+        spec.unlink()
+    for who, submitted in (("root", as_root), ("bob", as_bob)):
+        assert submitted["code"] == 0, submitted
+        doc = json.loads(submitted["stdout"])
+        assert doc["name"] == f"{who}-cpu-job", doc
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Transformer Lab's recorded traffic, replayed (tests/fixtures/transformerlab)
 
