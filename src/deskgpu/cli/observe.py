@@ -15,6 +15,7 @@ from deskgpu.cli._common import (
     print_json,
     warn,
 )
+from deskgpu.errors import ExitStatus
 
 
 @exits_cleanly
@@ -43,7 +44,8 @@ def observe_command(
 
     Exit 0: observed; 2: bad flags or host config, or a --textfile DIR that is not a
     writable directory (or whose deskgpu.prom is not a regular file); 1: no GPU readings,
-    SkyPilot unreachable or the history cannot be written.
+    SkyPilot unreachable, the history cannot be written, or the reap lock is broken so no
+    notice can be given (said even with --quiet; the observation is kept).
     """
     from deskgpu.reap import run
     from deskgpu.reap.settings import load_settings
@@ -58,14 +60,17 @@ def observe_command(
     if not quiet:
         for note in result.notes:
             warn(note)
+    for problem in result.problems:  # even with --quiet: cron mails it
+        warn(problem)
     if json_out:
         print_json(result.to_dict())
-        return
-    if result.warned:
+    elif result.warned:
         typer.echo("warned: " + ", ".join(result.warned))
-    if not quiet:
+    if not quiet and not json_out:
         typer.echo(
             f"observed {result.sessions} session(s) on {result.gpus} GPU(s), "
             f"{result.unmanaged} unmanaged process(es)"
             + (f"; notices cleared: {', '.join(result.cleared)}" if result.cleared else "")
         )
+    if result.problems:
+        raise typer.Exit(int(ExitStatus.OUTSIDE_FAILURE))

@@ -24,6 +24,10 @@ from deskgpu.recorded import read_document, write_document
 EVIDENCE_KEEP = 200  # evidence files kept; older ones are deleted
 
 
+class LockBusy(OutsideError):
+    """Another run holds the reap lock (not a fault: try again later)."""
+
+
 @contextlib.contextmanager
 def run_lock(path: Path, timeout_s: float, poll_s: float = 0.2) -> Iterator[None]:
     """Serialize reap runs (and observe's warnings) on an flock; released on any exit."""
@@ -42,7 +46,7 @@ def run_lock(path: Path, timeout_s: float, poll_s: float = 0.2) -> Iterator[None
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise OutsideError(f"cannot lock {path}: {exc.strerror}") from None
                 if time.monotonic() >= deadline:
-                    raise OutsideError(
+                    raise LockBusy(
                         f"another reap holds {path} for over {timeout_s:g} s; try again later"
                     ) from None
                 time.sleep(poll_s)
@@ -71,15 +75,35 @@ class AuditLog:
             ) from None
 
     def append(self, record: dict[str, Any]) -> None:
+        """Write one record whole, or nothing: a short write (a full disk, `ulimit -f`) is
+        cut back off and raised, and a torn last line left by a killed writer is closed off
+        first, so the next record never fuses with a fragment. Callers hold the reap lock
+        (one writer at a time)."""
         line = json.dumps(record, sort_keys=False, default=str, separators=(",", ":")) + "\n"
+        data = line.encode()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as exc:
             raise OutsideError(f"cannot append to the audit log {self.path}: {exc}") from None
+        size = None
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # fence a torn tail off: it stays unreadable on its own
+            written = 0
+            while written < len(data):
+                n = os.write(fd, data[written:])
+                if n <= 0:
+                    raise OSError(errno.EIO, "wrote nothing")
+                written += n
+        except OSError as exc:
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)  # no half record left behind
+            reason = exc.strerror or str(exc)
+            raise OutsideError(f"cannot append to the audit log {self.path}: {reason}") from None
+        finally:
+            os.close(fd)
 
 
 RUN_EVENT = "run"  # the line every `reap --yes` run ends with, whatever it found
@@ -121,7 +145,13 @@ def last_reap_run(path: Path) -> tuple[float, str] | None:
 
 def save_evidence(directory: Path, run_id: str, evidence: Evidence) -> Path:
     """Write the run's whole evidence document (gzipped JSON); keep the newest files only."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where the folder goes, a read-only disk
+        raise OutsideError(
+            f"cannot keep the evidence in {directory} ({exc.strerror or exc}): reap acts only "
+            "when it can record why"
+        ) from None
     path = directory / f"{run_id}.json.gz"
     write_document(path, evidence.to_dict(), "the evidence", indent=None, failure=OutsideError)
     old = sorted(directory.glob("*.json.gz"))[:-EVIDENCE_KEEP]

@@ -10,7 +10,10 @@ The same store keeps the notices given to owners (the grace period's clock), whi
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
+import stat
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -185,6 +188,30 @@ class History:
         return [Notice(*row) for row in rows]
 
 
+def check_regular(p: Path) -> None:
+    """The history is a regular file: a FIFO would hang every reader, a device never end.
+    Raises `OSError` (FileNotFoundError, PermissionError) as `stat` does."""
+    st = p.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise OutsideError(
+            f"{p}: not a regular file; the observation history is a SQLite file of deskgpu's "
+            "(move it away; `deskgpu observe` makes a new one)"
+        )
+
+
+def _foreign(db: sqlite3.Connection) -> str | None:
+    """Why an existing database is not a deskgpu history (None: it is one, or empty)."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return None
+    if (
+        "meta" in tables
+        and db.execute("SELECT 1 FROM meta WHERE key = 'format'").fetchone() is not None
+    ):
+        return None
+    return f"a SQLite database of something else (tables: {', '.join(sorted(tables)[:5])})"
+
+
 @contextmanager
 def open_history(path: Path | str, *, create: bool = True) -> Iterator[History]:
     """Open (and create, with its directory) the history; a failure is an `OutsideError`."""
@@ -196,11 +223,16 @@ def open_history(path: Path | str, *, create: bool = True) -> Iterator[History]:
                 raise OutsideError(f"no observation history at {p}: is `deskgpu observe` running?")
             if create:
                 p.parent.mkdir(parents=True, exist_ok=True)
+            if p.exists() or p.is_symlink():
+                check_regular(p)
         db = sqlite3.connect(where, timeout=30.0)
     except (OSError, sqlite3.Error) as exc:
         raise OutsideError(f"cannot open the observation history {where}: {exc}") from None
     try:
         try:
+            foreign = _foreign(db)
+            if foreign:  # never create deskgpu's tables in someone else's database
+                raise OutsideError(f"{where}: {foreign}, not deskgpu's observation history")
             if create:
                 db.executescript(_SCHEMA)
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
@@ -222,18 +254,10 @@ def history_copy(path: Path | str) -> Iterator[History]:
     run would, and leaves the shared history as it was.
     """
     p = Path(path)
-    try:
-        source = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
-    except (OSError, sqlite3.Error) as exc:
-        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
     copy = sqlite3.connect(":memory:")
     try:
-        try:
+        with read_only(p, timeout_s=30.0) as source:
             source.backup(copy)
-        except sqlite3.Error as exc:
-            raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
-        finally:
-            source.close()
         yield History(copy, str(p))
     except sqlite3.Error as exc:
         raise OutsideError(f"observation history {p}: {exc}") from None
@@ -241,7 +265,55 @@ def history_copy(path: Path | str) -> Iterator[History]:
         copy.close()
 
 
-def read_notices(path: Path | str, timeout_s: float = 1.0) -> list[Notice]:
+@contextmanager
+def read_only(p: Path, timeout_s: float) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the history that never writes to it, and never fails on a
+    hot journal: after a writer was killed mid-transaction, a `mode=ro` connection cannot
+    roll the journal back ("attempt to write a readonly database"), so the history and its
+    journal are copied to a private directory, where SQLite rolls the copy back. Waits for a
+    lock at most `timeout_s`. Failures are `OutsideError`s."""
+    try:
+        check_regular(p)
+        db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s)
+    except (OSError, sqlite3.Error) as exc:
+        if isinstance(exc, OutsideError):
+            raise
+        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
+    scratch: str | None = None
+    try:
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc) and "read-only" not in str(exc):
+                raise
+            db.close()
+            scratch, db = _rolled_back_copy(p, timeout_s)
+        yield db
+    except sqlite3.Error as exc:
+        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
+    finally:
+        db.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _rolled_back_copy(p: Path, timeout_s: float) -> tuple[str, sqlite3.Connection]:
+    scratch = tempfile.mkdtemp(prefix="deskgpu-history-")
+    try:
+        copy = Path(scratch) / p.name
+        shutil.copyfile(p, copy)
+        journal = p.with_name(p.name + "-journal")
+        if journal.exists():
+            shutil.copyfile(journal, copy.with_name(copy.name + "-journal"))
+        db = sqlite3.connect(copy, timeout=timeout_s)
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # rolls the copy back
+    except (OSError, sqlite3.Error) as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
+    return scratch, db
+
+
+def read_notices(path: Path | str, timeout_s: float = 5.0) -> list[Notice]:
     """The pending notices, for `deskgpu queue`: read-only, never creating or waiting long.
 
     No history (observe never ran) is no notices; one this user may not read (the state
@@ -258,25 +330,17 @@ def read_notices(path: Path | str, timeout_s: float = 1.0) -> list[Notice]:
         raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
     if not os.access(p, os.R_OK):
         raise HistoryDenied(f"the observation history {p} is not readable by this user")
-    uri = f"{p.resolve().as_uri()}?mode=ro"  # `mode=ro`: a file gone meanwhile is not re-created
-    try:
-        db = sqlite3.connect(uri, uri=True, timeout=timeout_s)
-    except sqlite3.Error as exc:
-        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
-    try:
+    # `mode=ro`: a file gone meanwhile is not re-created
+    with read_only(p, timeout_s) as db:
         found = db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'notices'"
         ).fetchone()
         if found is None:
             return []
         return History(db, str(p)).notices()
-    except sqlite3.Error as exc:
-        raise OutsideError(f"cannot read the observation history {p}: {exc}") from None
-    finally:
-        db.close()
 
 
-def latest_observation(path: Path | str, timeout_s: float = 1.0) -> float | None:
+def latest_observation(path: Path | str, timeout_s: float = 5.0) -> float | None:
     """The newest observation's time, read-only (for `deskgpu doctor`); None: none yet.
 
     Raises `HistoryDenied` when this user may not read it, `FileNotFoundError` when there is
@@ -286,16 +350,11 @@ def latest_observation(path: Path | str, timeout_s: float = 1.0) -> float | None
     p.stat()  # FileNotFoundError / PermissionError say it plainly
     if not os.access(p, os.R_OK):
         raise HistoryDenied(f"permission denied: {p}")
-    try:
-        db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s)
-    except sqlite3.Error as exc:
-        raise OutsideError(f"cannot open it: {exc}") from None
-    try:
-        return History(db, str(p)).latest()
-    except sqlite3.Error as exc:
-        raise OutsideError(f"not a deskgpu history: {exc}") from None
-    finally:
-        db.close()
+    with read_only(p, timeout_s) as db:
+        try:
+            return History(db, str(p)).latest()
+        except sqlite3.Error as exc:
+            raise OutsideError(f"not a deskgpu history: {exc}") from None
 
 
 def _int(value: float | None) -> int | None:

@@ -520,6 +520,8 @@ class ObserveResult:
     notes: list[str] = field(default_factory=list)
     suspects: list[tuple[str, str]] = field(default_factory=list)  # zombies now: (cluster, owner)
     snapshot: Snapshot | None = None  # what it observed (for `observe --textfile`)
+    # Faults that need the admin even under --quiet (exit 1); the observation itself is kept.
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -530,6 +532,7 @@ class ObserveResult:
             "warned": self.warned,
             "cleared": self.cleared,
             "notes": self.notes,
+            "problems": self.problems,
         }
 
 
@@ -553,8 +556,10 @@ def observe(config: HostConfig, settings: ReapSettings, live: Live | None = None
         try:
             with audit.run_lock(settings.lock_file, 0):
                 _observe_notices(config, settings, live, view, history, now, result)
-        except OutsideError as exc:
+        except audit.LockBusy as exc:  # a reap run is at it: the next observation gives them
             result.notes.append(f"notices skipped this time: {exc}")
+        except OutsideError as exc:  # a broken lock: notices would never be given
+            result.problems.append(f"notices cannot be given: {exc}")
     return result
 
 

@@ -232,16 +232,13 @@ def open_readonly(path: Path) -> Iterator[sqlite3.Connection]:
         raise OutsideError(f"cannot read the observation history {path}: {exc}") from None
     if not os.access(path, os.R_OK):
         raise OutsideError(f"the observation history {path} is not readable by this user")
-    try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
-    except sqlite3.Error as exc:
-        raise OutsideError(f"cannot read the observation history {path}: {exc}") from None
-    try:
-        yield db
-    except sqlite3.Error as exc:
-        raise OutsideError(f"observation history {path}: {exc}") from None
-    finally:
-        db.close()
+    from deskgpu.reap.history import read_only
+
+    with read_only(path, timeout_s=30.0) as db:  # a hot journal is rolled back privately
+        try:
+            yield db
+        except sqlite3.Error as exc:
+            raise OutsideError(f"observation history {path}: {exc}") from None
 
 
 def build(

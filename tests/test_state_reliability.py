@@ -1,0 +1,204 @@
+"""The history and the audit log under kill -9, bad files and full disks: nothing lost, nothing
+locked, every failure one line. Each test is named after the case a reliability probe
+reproduced; the crashes are real (a child process SIGKILLs itself mid-transaction)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deskgpu.errors import OutsideError
+from deskgpu.reap import audit
+from deskgpu.reap.history import (
+    Notice,
+    SessionSample,
+    history_copy,
+    latest_observation,
+    open_history,
+    read_notices,
+)
+from deskgpu.usage.report import open_readonly
+from tests.test_reap_live import Box, make_config
+
+T0 = 1_767_000_000
+
+
+def _history_with_a_notice(path: Path, observations: int = 12) -> None:
+    with open_history(path) as h:
+        for i in range(observations):
+            h.append(T0 + 300 * i, [SessionSample("alice-dbg", ((0, 0.0, 20000.0),), 0, 1.0)])
+        h.record_notice(Notice("alice-dbg", "alice", T0, T0 + 3600, T0 + 90000, "idle"))
+
+
+def _killed_inside_a_transaction(path: Path) -> None:
+    """Open the history, BEGIN, insert 50,000 samples, SIGKILL ourselves: a hot journal."""
+    code = (
+        "import os, signal, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('BEGIN')\n"
+        "db.executemany('INSERT INTO gpu_samples VALUES (?, ?, ?, ?, ?)',\n"
+        "               [('bob-nb', 1767100000 + i, 0, 0, 1) for i in range(50000)])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], timeout=60, check=False)
+    assert done.returncode == -signal.SIGKILL
+    journal = path.with_name(path.name + "-journal")
+    assert journal.exists() and journal.stat().st_size > 0  # hot: a reader must roll it back
+
+
+def test_a_hot_journal_does_not_blind_the_readers(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    _history_with_a_notice(path)
+    before = path.read_bytes()
+    _killed_inside_a_transaction(path)
+    assert [n.cluster for n in read_notices(path)] == ["alice-dbg"]
+    assert latest_observation(path) == T0 + 300 * 11
+    with history_copy(path) as copy:
+        assert copy.latest() == T0 + 300 * 11
+        rows = copy.db.execute("SELECT count(*) FROM gpu_samples").fetchone()[0]
+        assert rows == 12  # the killed transaction's 50,000 rows are rolled back
+    with open_readonly(path) as db:
+        assert db.execute("SELECT count(*) FROM observations").fetchone()[0] == 12
+    # The readers changed nothing: the next writer rolls the journal back itself.
+    assert path.read_bytes() == before or path.with_name(path.name + "-journal").exists()
+    with open_history(path) as h:
+        assert h.latest() == T0 + 300 * 11
+
+
+def test_report_after_a_kill_inside_observe_answers(cli, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    _history_with_a_notice(state / "history.sqlite")
+    _killed_inside_a_transaction(state / "history.sqlite")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state_dir: {state}\n")
+    result = cli("report", "--since", "3650d", "--json", "--config", str(config))
+    assert result.exit_code == 0, result.stderr
+    assert "readonly" not in result.stderr
+
+
+def test_a_fifo_at_the_history_path_hangs_nothing(tmp_path: Path) -> None:
+    """Each reader in a child with a hard timeout: a regression fails instead of hanging."""
+    fifo = tmp_path / "history.sqlite"
+    os.mkfifo(fifo)
+    code = (
+        "import sys\n"
+        "from deskgpu.errors import OutsideError\n"
+        "from deskgpu.reap.history import read_notices, latest_observation, history_copy, "
+        "open_history\n"
+        "from deskgpu.usage.report import open_readonly\n"
+        "p = sys.argv[1]\n"
+        "calls = [lambda: read_notices(p), lambda: latest_observation(p),\n"
+        "         lambda: history_copy(p).__enter__(), lambda: open_history(p).__enter__(),\n"
+        "         lambda: open_readonly(__import__('pathlib').Path(p)).__enter__()]\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "        print('no error')\n"
+        "    except OutsideError as exc:\n"
+        "        print('refused:', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=30
+    )
+    lines = done.stdout.splitlines()
+    assert len(lines) == 5, done.stderr[-2000:]
+    assert all("not a regular file" in line for line in lines), lines
+
+
+def test_observe_never_writes_into_a_foreign_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE photos (id INTEGER)")
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(OutsideError, match="not deskgpu's observation history"), open_history(path):
+        pass
+    assert path.read_bytes() == before
+
+
+def test_reap_yes_with_a_file_where_the_evidence_folder_goes_is_one_line(tmp_path: Path) -> None:
+    from deskgpu.reap.evidence import Evidence
+
+    folder = tmp_path / "evidence"
+    folder.write_text("not a folder")
+    with pytest.raises(OutsideError, match="cannot keep the evidence"):
+        audit.save_evidence(folder, "run-1", Evidence(collected_at=float(T0)))
+
+
+def test_a_short_audit_write_leaves_no_half_record(tmp_path: Path) -> None:
+    """`ulimit -f` just above the log's size: the record is not written at all."""
+    log = tmp_path / "audit.jsonl"
+    log.write_text(json.dumps({"event": "run", "n": 0}) + "\n")
+    size = log.stat().st_size
+    code = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from deskgpu.errors import OutsideError\n"
+        "from deskgpu.reap.audit import AuditLog\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size + 100}, {size + 100}))\n"
+        "try:\n"
+        "    AuditLog(Path(sys.argv[1])).append({'event': 'warned', 'pad': 'x' * 1700})\n"
+        "    print('written')\n"
+        "except OutsideError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout.startswith("refused:"), (done.stdout, done.stderr[-2000:])
+    assert log.stat().st_size == size  # cut back: no fragment for the next record to fuse with
+
+
+def test_a_torn_audit_tail_is_fenced_off_before_the_next_record(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    log.write_text(json.dumps({"event": "run"}) + '\n{"event": "warned", "clus')
+    audit.AuditLog(log).append({"event": "run", "run_id": "r2"})
+    lines = log.read_text().splitlines()
+    assert json.loads(lines[-1]) == {"event": "run", "run_id": "r2"}  # whole, on its own line
+    assert lines[-2] == '{"event": "warned", "clus'  # the fragment stays alone, unreadable
+
+
+def test_observe_quiet_does_not_hide_a_broken_lock(tmp_path: Path) -> None:
+    """`reap.lock` a directory: the observation is kept, and the fault is a problem (said
+    even with --quiet, exit 1), not a note."""
+    from deskgpu.reap import run
+    from deskgpu.reap.settings import load_settings
+
+    box = Box(tmp_path)
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    settings.lock_file.mkdir(parents=True)
+    result = run.observe(config, settings, box.live())
+    assert result.problems and "notices cannot be given" in result.problems[0]
+    assert "reap lock" in result.problems[0]
+    with open_history(settings.history_file, create=False) as h:
+        assert h.latest() == box.now
+
+
+def test_history_readers_wait_for_a_writer_within_their_deadline(tmp_path: Path) -> None:
+    """A writer holding the lock for a moment makes a reader wait, not fail (1 s once did)."""
+    import threading
+    import time
+
+    path = tmp_path / "history.sqlite"
+    _history_with_a_notice(path)
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN EXCLUSIVE")
+    released = threading.Timer(1.5, lambda: writer.execute("COMMIT"))
+    released.start()
+    started = time.monotonic()
+    try:
+        assert [n.cluster for n in read_notices(path)] == ["alice-dbg"]
+    finally:
+        released.join()
+        writer.close()
+    assert time.monotonic() - started >= 1.0
