@@ -202,3 +202,131 @@ def test_history_readers_wait_for_a_writer_within_their_deadline(tmp_path: Path)
         released.join()
         writer.close()
     assert time.monotonic() - started >= 1.0
+
+
+def test_older_evidence_with_a_gpu_no_longer_listed_still_replays(cli, tmp_path: Path) -> None:
+    """A document kept by a pre-upgrade `reap --yes` (no `gpus_earlier` field), with samples of
+    a GPU its session no longer lists: decided on VRAM, as docs/formats.md promises."""
+    from tests.fixtures.reap import make_corpus
+
+    doc = make_corpus.scenarios()["long_idle_debug_session"]["evidence"]
+    session = doc["sessions"][0]
+    session.pop("gpus_earlier", None)
+    session.pop("allocated_gpus", None)
+    session.pop("allocation_source", None)
+    extra_gpu = max(r[1] for r in session["gpu_samples"]) + 1
+    first_ts = session["gpu_samples"][0][0]
+    session["gpu_samples"] = [[first_ts, extra_gpu, 0, 512], *session["gpu_samples"]]
+    old = tmp_path / "old-evidence.json"
+    old.write_text(json.dumps(doc))
+    result = cli("reap", "--evidence", str(old), "--json")
+    assert result.exit_code in (0, 3), result.stderr
+    decided = json.loads(result.stdout)
+    assert decided["decisions"][0]["subject"] == session["cluster"]
+
+
+def test_deadlines_count_from_the_process_start(tmp_path: Path) -> None:
+    """`--wait`/`--timeout` budgets include the interpreter's start and the imports."""
+    from deskgpu import deadline
+
+    assert 0.0 <= deadline.process_age_s() <= 3600.0
+    stat = tmp_path / "stat"
+    stat.write_text("1 (x) S 0 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 notanumber 0 0\n")
+    assert deadline.process_age_s(str(stat)) == 0.0  # unreadable: counts from now, never fails
+    code = (
+        "import time\n"
+        "time.sleep(1.2)\n"  # a slow start, before the command's first line
+        "from deskgpu import deadline\n"
+        "deadline.mark_process_start()\n"
+        "print(deadline.Deadline.since_start(5.0).left())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    left = float(done.stdout.strip())
+    assert left <= 5.0 - 1.2 + 0.05, left
+
+
+# ---- kill -9 at random points: 50 observes and 50 `reap --yes` -------------------------------
+
+
+def _killed_run(tmp: Path, step: int, mode: str, delay_s: float) -> int:
+    """Run observe or `reap --yes` on the simulated box in a forked child that SIGKILLs itself
+    after `delay_s` (a timer signal lands between any two bytecodes: inside transactions,
+    between the audit line and the notice, in the notify hook's wait). Its exit status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports by its exit status
+        code = 1
+        try:
+            from deskgpu.reap import run
+            from deskgpu.reap.settings import load_settings
+            from tests.test_reap_live import ROOT
+
+            box = Box(tmp)
+            box.now = T0 + 600.0 * step
+            config = make_config(tmp)
+            settings = load_settings(config)
+            signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGKILL))
+            signal.setitimer(signal.ITIMER_REAL, delay_s)
+            if mode == "observe":
+                run.observe(config, settings, box.live())
+            else:
+                run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def _audit_records(path: Path) -> list[dict[str, object]]:
+    records = []
+    for line in path.read_text().splitlines():
+        records.append(json.loads(line))  # not one torn line: a record is whole or absent
+    return records
+
+
+def test_kill_9_at_random_points_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
+    import random
+
+    from deskgpu.reap.settings import load_settings
+    from deskgpu.usage import report
+
+    rng = random.Random(26)  # the same 100 kill points on every run
+    config = make_config(tmp_path)
+    settings = load_settings(config)
+    killed = {"observe": 0, "reap": 0}
+    step = 0
+    while min(killed.values()) < 50 and step < 400:
+        mode = "observe" if step % 2 == 0 else "reap"
+        status = _killed_run(tmp_path, step, mode, rng.uniform(0.0, 0.03))
+        killed[mode] += os.WIFSIGNALED(status)
+        step += 1
+        if not settings.history_file.exists():
+            continue
+        # Every reader answers after every kill.
+        read_notices(settings.history_file)
+        latest_observation(settings.history_file)
+        with history_copy(settings.history_file) as copy:
+            copy.latest()
+        report.make(settings, since_s=86400.0, now=T0 + 600.0 * step)
+    assert min(killed.values()) >= 50, killed  # 50 kills of each, at random points
+    records = _audit_records(settings.audit_file)
+    # No notice given twice for one session incarnation within one idle stretch.
+    open_notice: dict[tuple[object, object], str] = {}
+    final: dict[tuple[object, object], dict[str, object]] = {}
+    for rec in records:
+        if rec.get("event") == "action":
+            final[(rec.get("run_id"), rec.get("subject"))] = rec
+    for rec in final.values():
+        key = (rec.get("subject"), rec.get("session_created_at"))
+        if rec.get("did") == "warned" and rec.get("ok"):
+            assert key not in open_notice, f"notice given twice: {key} ({open_notice[key]})"
+            open_notice[key] = str(rec.get("run_id"))
+        elif rec.get("did") in ("torn-down", "notice-cleared"):
+            open_notice.pop(key, None)
+    # Every notice the history holds has its audit line.
+    with open_history(settings.history_file, create=False) as h:
+        for n in h.notices():
+            assert any(
+                r.get("did") == "warned" and r.get("subject") == n.cluster for r in final.values()
+            ), n

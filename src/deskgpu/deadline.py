@@ -27,6 +27,30 @@ GRACE_S = 1.5
 _abandoned: list[threading.Thread] = []
 
 
+_process_start: list[float] = []  # time.monotonic() of the console command's process start
+
+
+def mark_process_start() -> None:
+    """Called first thing by the console entry point (`deskgpu.cli.main`)."""
+    _process_start[:] = [time.monotonic() - process_age_s()]
+
+
+def process_age_s(stat_path: str = "/proc/self/stat") -> float:
+    """Seconds since this process started (Linux: /proc/self/stat field 22 against the boot
+    clock); 0 where that cannot be read."""
+    import os
+    from pathlib import Path
+
+    try:
+        text = Path(stat_path).read_text(encoding="ascii", errors="replace")
+        ticks = int(text.rsplit(")", 1)[-1].split()[19])  # field 22, after comm's paren
+        started = ticks / os.sysconf("SC_CLK_TCK")
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+    return min(max(0.0, now - started), 3600.0)
+
+
 class DeadlineExpired(OutsideError):
     """The user's budget ran out while a call was still going (exit 1, one line)."""
 
@@ -41,6 +65,15 @@ class Deadline:
     @classmethod
     def after(cls, seconds: float) -> Deadline:
         return cls(time.monotonic() + seconds, seconds)
+
+    @classmethod
+    def since_start(cls, seconds: float) -> Deadline:
+        """A budget for the whole command: counted from when the `deskgpu` process started
+        (`mark_process_start`), so the interpreter's start and the imports before the first
+        line of the command count too (a loaded 2-core box spends seconds there). Called
+        in-process (tests, a library), it counts from now."""
+        start = _process_start[0] if _process_start else time.monotonic()
+        return cls(start + seconds, seconds)
 
     def left(self) -> float:
         return max(0.0, self.at - time.monotonic())

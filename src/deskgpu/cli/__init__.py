@@ -56,6 +56,9 @@ app.add_typer(setup.app, name="setup")
 
 def main() -> None:
     """Console-script entry point; the last resort against tracebacks and hangs."""
+    from deskgpu.deadline import mark_process_start
+
+    mark_process_start()  # `--timeout`/`--wait` count the process start and imports too
     try:
         app(prog_name="deskgpu")
     except SystemExit as done:

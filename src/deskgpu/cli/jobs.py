@@ -54,7 +54,7 @@ def _find(
 
     if not math.isfinite(timeout):
         raise UsageError("--timeout: give a number of seconds")
-    deadline = Deadline.after(timeout)
+    deadline = Deadline.since_start(timeout)
     config = get_config(config_path)
     actor = current_actor()
     target = jobs.lookup(name, config, actor, deadline, verb=verb, sessions_only=sessions_only)

@@ -91,7 +91,7 @@ def queue_command(
     """
     from deskgpu.deadline import Deadline
 
-    started = Deadline.after(timeout)  # the user's budget counts from here
+    started = Deadline.since_start(timeout)  # the user's budget: from the process start
     from deskgpu import survey
     from deskgpu.errors import UsageError
 

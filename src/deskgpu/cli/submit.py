@@ -64,7 +64,7 @@ def submit_command(
         )
     from deskgpu.deadline import Deadline
 
-    started = Deadline.after(wait)  # the user's budget counts from here
+    started = Deadline.since_start(wait)  # the user's budget: from the process start
     from deskgpu import submission
     from deskgpu.identity import current_user
 

@@ -143,6 +143,41 @@ def last_reap_run(path: Path) -> tuple[float, str] | None:
     return None
 
 
+INTENT = "warning"  # a notice about to be given: its line comes first, and is not a notice
+
+
+def newest_actions(path: Path) -> dict[str, dict[str, Any]]:
+    """The newest `action` record per session (subject) in the audit log's tail."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - TAIL_BYTES))
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    newest: dict[str, dict[str, Any]] = {}
+    for raw in lines:
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and record.get("event") == "action":
+            newest[str(record.get("subject"))] = record
+    return newest
+
+
+def cut_short(newest: dict[str, dict[str, Any]], cluster: str, created_at: str | None) -> bool:
+    """Whether the newest line on this session incarnation is a notice's intent that its
+    run never completed (a kill, a crash, between the line and the notice)."""
+    record = newest.get(cluster)
+    return (
+        record is not None
+        and record.get("did") == INTENT
+        and "session_created_at" in record
+        and record.get("session_created_at") == created_at
+    )
+
+
 def save_evidence(directory: Path, run_id: str, evidence: Evidence) -> Path:
     """Write the run's whole evidence document (gzipped JSON); keep the newest files only."""
     try:

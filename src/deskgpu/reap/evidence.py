@@ -270,6 +270,11 @@ class Session:
             GpuSample.from_row(r, f"{where}.gpu_samples[{i}]") for i, r in enumerate(gpu_rows)
         )
         listed = {*gpus, *(allocated or ()), *earlier}
+        if "gpus_earlier" not in data:
+            # Written before the field existed: a sampled GPU the session no longer lists is
+            # one it held earlier, as the formats doc promises (such documents replay).
+            earlier = sorted({*earlier, *(g.gpu for g in samples if g.gpu not in listed)})
+            listed |= set(earlier)
         stray = next((i for i, g in enumerate(samples) if g.gpu not in listed), None)
         if stray is not None:
             raise EvidenceError(

@@ -383,7 +383,31 @@ def _act(
             history = stack.enter_context(open_history(settings.history_file))
         except OutsideError as exc:
             result.notes.append(f"notices cannot be recorded: {exc}")
+        newest = audit.newest_actions(settings.audit_file)
+        if history is not None:
+            complete_cut_short(history, newest, log, result.run_id, actor.user, live.clock())
         for d in result.decisions:
+            session = sessions.get(d.subject)
+            if _gives_notice(d):
+                created = iso(session.created_at) if session else None
+                if not audit.cut_short(newest, d.subject, created):
+                    # The notice's line comes first (no notice without one); its intent is
+                    # not a notice: the `warned` line after it is.
+                    log.append(
+                        {
+                            "ts": iso(live.clock()),
+                            "run_id": result.run_id,
+                            "event": "action",
+                            "actor": actor.user,
+                            "action": d.action.value,
+                            "owner": d.owner,
+                            **act.Outcome(
+                                d.subject, audit.INTENT, True, "giving the first notice"
+                            ).to_dict(),
+                            "session_created_at": created,
+                            "evidence_file": result.evidence_file,
+                        }
+                    )
             try:
                 outcome = _act_one(
                     d, result, config, settings, actor, kill_unmanaged, live, history,
@@ -403,9 +427,48 @@ def _act(
                     "action": d.action.value,
                     "owner": d.owner,
                     **outcome.to_dict(),
+                    "session_created_at": iso(session.created_at) if session else None,
                     "evidence_file": result.evidence_file,
                 }
             )
+
+
+def complete_cut_short(
+    history: History,
+    newest: dict[str, dict[str, Any]],
+    log: audit.AuditLog,
+    run_id: str,
+    actor: str,
+    now: float,
+) -> None:
+    """A notice the history holds whose newest audit line is still its intent (the run was
+    cut short after recording it): write the `warned` line it never got, once."""
+    for n in history.notices():
+        if not audit.cut_short(newest, n.cluster, iso(n.created_at)):
+            continue
+        record = {
+            "ts": iso(now),
+            "run_id": run_id,
+            "event": "action",
+            "actor": actor,
+            "action": Action.WARN.value,
+            "owner": n.owner,
+            **act.Outcome(
+                n.cluster,
+                "warned",
+                True,
+                f"notice recorded at {iso(n.warned_at)} by a run cut short",
+            ).to_dict(),
+            "session_created_at": iso(n.created_at),
+        }
+        with contextlib.suppress(OutsideError):
+            log.append(record)
+            newest[n.cluster] = record
+
+
+def _gives_notice(d: Decision) -> bool:
+    """A first notice this run will try to give (what `_act_one` hands to `give_notice`)."""
+    return d.action is Action.WARN and d.refused is None and d.warned_at is None
 
 
 def _act_one(
@@ -584,6 +647,8 @@ def _observe_notices(
     log = audit.AuditLog(settings.audit_file)
     run_id = f"observe-{new_run_id(now)}"
     sessions = {s.cluster: s for s in evidence.sessions}
+    newest = audit.newest_actions(settings.audit_file)
+    complete_cut_short(history, newest, log, run_id, "observe", now)
 
     def record(d: Decision, outcome: act.Outcome, session: Session) -> None:
         log.append(
@@ -595,6 +660,7 @@ def _observe_notices(
                 "action": d.action.value,
                 "owner": d.owner,
                 **outcome.to_dict(),
+                "session_created_at": iso(session.created_at),
                 "reasons": list(d.reasons),
                 "evidence": _evidence_summary(session),
             }
@@ -618,17 +684,28 @@ def _observe_notices(
                 with contextlib.suppress(OutsideError):
                     record(d, act.Outcome(d.subject, "notice-cleared", True, d.summary), session)
             continue
-        try:
-            record(d, act.Outcome(d.subject, "warned", True, "giving the first notice"), session)
-        except OutsideError as exc:
-            result.notes.append(f"{d.subject}: no notice given: {exc}")
-            continue
+        if audit.cut_short(newest, d.subject, iso(session.created_at)):
+            result.notes.append(f"{d.subject}: giving the notice a run cut short never gave")
+        else:
+            try:
+                record(
+                    d,
+                    act.Outcome(d.subject, audit.INTENT, True, "giving the first notice"),
+                    session,
+                )
+            except OutsideError as exc:
+                result.notes.append(f"{d.subject}: no notice given: {exc}")
+                continue
         try:
             outcome = give_notice(d, config, settings, history, session.created_at, now, host)
         except (DeskgpuError, OSError, sqlite3.Error) as exc:
             outcome = act.Outcome(d.subject, "failed", False, f"notice: {exc}")
         if outcome.ok:
             result.warned.append(d.subject)
+            try:
+                record(d, outcome, session)  # the notice's own line: what reports count
+            except OutsideError as exc:  # its intent line stands; the next run completes it
+                result.notes.append(f"{d.subject}: notice given, its audit line not: {exc}")
         else:
             result.notes.append(f"{d.subject}: {outcome.message}")
             with contextlib.suppress(OutsideError):
