@@ -330,3 +330,97 @@ def test_kill_9_at_random_points_loses_nothing_and_doubles_nothing(tmp_path: Pat
             assert any(
                 r.get("did") == "warned" and r.get("subject") == n.cluster for r in final.values()
             ), n
+
+
+def test_pruning_a_month_down_to_a_week_gives_the_space_back(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    with open_history(path) as h:
+        for i in range(31 * 24):  # hourly, a month, 20 sessions
+            h.append(
+                T0 + 3600 * i,
+                [SessionSample(f"s{k}", ((k, 0.0, 1.0),), 0, float(i)) for k in range(20)],
+            )
+    full = path.stat().st_size
+    with open_history(path) as h:
+        h.prune(T0 + 3600 * (31 - 8) * 24)
+        assert h.since() == T0 + 3600 * (31 - 8) * 24
+    assert path.stat().st_size < full * 0.5, (full, path.stat().st_size)
+
+
+def _worker(role: str, tmp: Path, until: float, write_fd: int) -> None:  # pragma: no cover
+    """One of the four commands' cores in a loop until `until`; reports its counts."""
+    import time
+
+    from deskgpu.reap import run
+    from deskgpu.reap.settings import load_settings
+    from deskgpu.usage import report
+    from tests.test_reap_live import ROOT
+
+    config = make_config(tmp, retention="40d")
+    settings = load_settings(config)
+    done = errors = 0
+    messages: list[str] = []
+    step = 0
+    while time.monotonic() < until:
+        step += 1
+        box = Box(tmp)
+        box.now = T0 + 31 * 86400 + 60.0 * step
+        try:
+            if role == "observe":
+                run.observe(config, settings, box.live())
+            elif role == "reap":
+                run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
+            elif role == "report":
+                report.make(settings, since_s=31 * 86400.0, now=box.now)
+            else:
+                read_notices(settings.history_file)  # what `deskgpu queue` reads
+            done += 1
+        except Exception as exc:  # counted, not raised: the parent asserts on them
+            errors += 1
+            messages.append(f"{type(exc).__name__}: {exc}"[:200])
+    os.write(write_fd, json.dumps({"role": role, "done": done, "errors": messages}).encode())
+
+
+def test_observe_reap_report_and_queue_together_for_a_minute(tmp_path: Path) -> None:
+    """On a month's history (20 sessions, every 5 minutes), the four at once: 0 lock errors."""
+    import time
+
+    from deskgpu.reap.settings import load_settings
+
+    config = make_config(tmp_path, retention="40d")
+    settings = load_settings(config)
+    with open_history(settings.history_file) as h:
+        for i in range(31 * 288):
+            h.append(
+                T0 + 300 * i,
+                [
+                    SessionSample(f"s{k}-dbg", ((k % 8, 0.0, 100.0),), 0, float(i))
+                    for k in range(20)
+                ],
+            )
+    until = time.monotonic() + 60
+    children = []
+    for role in ("observe", "reap", "report", "queue"):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover
+            code = 1
+            try:
+                os.close(read)
+                _worker(role, tmp_path, until, write)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        children.append((pid, read))
+    results = []
+    for pid, read in children:
+        chunks = []
+        while chunk := os.read(read, 65536):
+            chunks.append(chunk)
+        os.close(read)
+        os.waitpid(pid, 0)
+        results.append(json.loads(b"".join(chunks)))
+    for r in results:
+        assert r["done"] > 0, r
+        assert r["errors"] == [], r
