@@ -239,3 +239,18 @@ def test_the_body_rule_sees_whom_the_request_runs_as() -> None:
     inner = _Inner()
     sent = _drive(_app(inner, body_rule=rule), "/down", {"cluster_name": "x"})
     assert sent[0]["status"] == 403 and seen[0].user == "uid54321" and not seen[0].admin
+
+
+def test_the_guard_logs_attempts_not_what_skypilots_own_client_sends() -> None:
+    """deskgpu's (and SkyPilot's) client forwards its SKYPILOT_* settings on every request:
+    133 warnings for 133 requests once hid real attempts."""
+    from deskgpu.hardening import Scrubbed, noteworthy
+
+    routine = Scrubbed(env=("SKYPILOT_API_SERVER_ENDPOINT", "SKYPILOT_DISABLE_LOCAL_API_SERVER"))
+    assert not noteworthy(routine, _user())
+    attempt = Scrubbed(env=("SKYPILOT_API_SERVER_ENDPOINT", "SKYPILOT_CONFIG"))
+    assert noteworthy(attempt, _user()).env == ("SKYPILOT_CONFIG",)
+    flags = Scrubbed(flags=("is_launched_by_jobs_controller",))
+    assert noteworthy(flags, _user())  # a forged controller flag is always worth a line
+    tl = Caller(54322, "transformerlab", FRONTEND)
+    assert not noteworthy(Scrubbed(env=("_TFL_JOB_ID", "HF_TOKEN")), tl)  # task envs, secrets
