@@ -34,7 +34,8 @@ def test_accepted_batch_job_prints_id_and_how_to_follow(cli, sky_replay) -> None
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].endswith("-preprocess: managed job 7 submitted")
-    assert "sky jobs logs 7" in result.stdout
+    assert "deskgpu logs 7" in result.stdout and "deskgpu cancel 7" in result.stdout
+    assert "sky " not in result.stdout  # the hints name deskgpu's own commands
     assert "deskgpu queue" in result.stdout
     # What reached SkyPilot carries the house rules.
     assert "deskgpu.io/user" in sent and "provision_timeout: -1" in sent
@@ -55,7 +56,7 @@ def test_busy_box_job_waits_instead_of_failing(cli, sky_replay) -> None:
     result = cli("submit", str(EXAMPLES / "cpu-only.yaml"), "--wait", "1")
     assert result.exit_code == 0, result.stderr
     assert "queued (waiting for GPUs" in result.stdout
-    assert "sky api logs" in result.stdout
+    assert "deskgpu logs " in result.stdout and "sky " not in result.stdout
 
 
 def test_accepted_session_prints_how_to_connect(cli, sky_replay, interactive_spec) -> None:

@@ -225,7 +225,7 @@ def job_table(snap: Snapshot, show_finished: bool = False) -> _Fitted:
             }
         )
     hidden = len(snap.sky.jobs) - len(shown)
-    caption = f"+{hidden} finished (see --json)" if hidden else None
+    caption = f"+{hidden} finished (`deskgpu queue --all` lists them)" if hidden else None
     return _Fitted("Jobs", _JOB_LAYOUTS, rows, caption, wrap=frozenset({"Reason", "For"}))
 
 

@@ -435,6 +435,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def plain(text: str | None) -> str | None:
+    """SkyPilot's text without its terminal escape codes (`Run: \x1b[1msky check\x1b[0m`):
+    the queue's tables, `--json` and messages carry the words, not the colours."""
+    return None if text is None else _ANSI.sub("", text)
+
+
 def parse_clusters(records: list[dict[str, Any]]) -> list[Any]:
     """`sky status -u` records -> deskgpu `Cluster`s (managed jobs' and controllers' left out)."""
     from deskgpu.labels import LABEL_KIND
@@ -447,7 +456,9 @@ def parse_clusters(records: list[dict[str, Any]]) -> list[Any]:
             continue
         labels = {str(k): str(v) for k, v in (rec.get("labels") or {}).items()}
         state, reason = cluster_state(
-            _enum_name(rec.get("status")), rec.get("init_kind"), rec.get("init_status_reason")
+            _enum_name(rec.get("status")),
+            rec.get("init_kind"),
+            plain(rec.get("init_status_reason")),
         )
         autostop = rec.get("autostop")
         clusters.append(
@@ -481,8 +492,8 @@ def parse_jobs(records: list[dict[str, Any]]) -> list[Any]:
         state, reason = job_state(
             _enum_name(rec.get("status")),
             rec.get("schedule_state"),
-            rec.get("details"),
-            rec.get("failure_reason"),
+            plain(rec.get("details")),
+            plain(rec.get("failure_reason")),
         )
         jobs[job_id] = Job(
             id=job_id,

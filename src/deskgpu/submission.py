@@ -113,6 +113,7 @@ class SubmitResult:
     accepted: bool  # the API server finished the request (False: still queued/provisioning)
     job_id: int | None
     exit_status: ExitStatus = ExitStatus.OK
+    wants_gpus: bool = True  # a `gpus: 0` session waits for no GPU
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -130,18 +131,18 @@ class SubmitResult:
             what = f"managed job {self.job_id}" if self.job_id is not None else "managed job"
             state = "submitted" if self.accepted else "queued (waiting for GPUs or the controller)"
             lines.append(f"{self.cluster_name}: {what} {state}")
+            # The id names this one job; the name may be shared by an earlier run.
+            name = str(self.job_id) if self.job_id is not None else self.cluster_name
             lines.append("  see it:     deskgpu queue")
-            if self.job_id is not None:
-                lines.append(f"  its logs:   sky jobs logs {self.job_id}")
-            else:
-                lines.append(f"  request:    sky api logs {self.request_id}")
-            lines.append(f"  cancel it:  sky jobs cancel -n {self.cluster_name}")
+            lines.append(f"  its logs:   deskgpu logs {name}")
+            lines.append(f"  cancel it:  deskgpu cancel {name}")
         else:
-            state = "is up" if self.accepted else "is starting (waits for free GPUs)"
+            waiting = "is starting (waits for free GPUs)" if self.wants_gpus else "is starting"
+            state = "is up" if self.accepted else waiting
             lines.append(f"{self.cluster_name}: interactive session {state}")
-            lines.append(f"  connect:    ssh {self.cluster_name}")
-            lines.append(f"  progress:   sky api logs {self.request_id}")
-            lines.append(f"  end it:     sky down {self.cluster_name}")
+            lines.append(f"  connect:    deskgpu ssh {self.cluster_name}")
+            lines.append(f"  progress:   deskgpu logs {self.cluster_name}")
+            lines.append(f"  end it:     deskgpu cancel {self.cluster_name}")
         return lines
 
 
@@ -169,4 +170,5 @@ def submit(
         request_id=done.request_id,
         accepted=done.state == "done",
         job_id=done.job_id,
+        wants_gpus=p.spec.gpus.count > 0,
     )

@@ -7,7 +7,6 @@ session it found before it acts.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from deskgpu.cli._common import ConfigOption, exits_cleanly, get_config, warn
+from deskgpu.cli._common import ConfigOption, exits_cleanly, get_config, seconds, warn
 from deskgpu.errors import OutsideError, UsageError
 
 if TYPE_CHECKING:
@@ -37,10 +36,20 @@ TimeoutOption = Annotated[
     float,
     typer.Option(
         "--timeout",
-        min=0.1,
-        max=3600,
-        help="Seconds for finding the job and for SkyPilot's answer (loading SkyPilot may add "
-        "up to 5 s); a followed log stream is not bounded.",
+        metavar="SECONDS",
+        parser=seconds(0.1, 3600),
+        help="Seconds for finding the job and for SkyPilot's answer, counted from the start "
+        "(loading SkyPilot may add up to 5 s).",
+    ),
+]
+LogsTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        parser=seconds(0.1, 3600),
+        help="Seconds for finding the job and for SkyPilot's answer, counted from the start "
+        "(loading SkyPilot may add up to 5 s); a followed log stream is not bounded.",
     ),
 ]
 
@@ -52,8 +61,6 @@ def _find(
     from deskgpu.deadline import Deadline
     from deskgpu.reap.act import current_actor
 
-    if not math.isfinite(timeout):
-        raise UsageError("--timeout: give a number of seconds")
     deadline = Deadline.since_start(timeout)
     config = get_config(config_path)
     actor = current_actor()
@@ -78,10 +85,15 @@ def logs_command(
     tail: Annotated[
         int | None,
         typer.Option(
-            "--tail", "-n", min=1, help="Only the last N lines to start with.", show_default=False
+            "--tail",
+            "-n",
+            min=1,
+            metavar="N",
+            help="Only the last N lines to start with.",
+            show_default=False,
         ),
     ] = None,
-    timeout: TimeoutOption = 30.0,
+    timeout: LogsTimeoutOption = 30.0,
     config_path: ConfigOption = None,
 ) -> None:
     """Print a job's logs: a managed job's run, or the latest job on a session."""
@@ -116,10 +128,10 @@ def cancel_command(
         float,
         typer.Option(
             "--timeout",
-            min=0.1,
-            max=3600,
+            metavar="SECONDS",
+            parser=seconds(0.1, 3600),
             help="Seconds for finding the job and for SkyPilot to confirm the cancel or "
-            "teardown (loading SkyPilot may add up to 5 s).",
+            "teardown, counted from the start (loading SkyPilot may add up to 5 s).",
         ),
     ] = 120.0,
     config_path: ConfigOption = None,

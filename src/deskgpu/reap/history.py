@@ -158,10 +158,7 @@ class History:
                     new_gpu(ts=float(ts), gpu=gpu, util_pct=_float(util), vram_mib=_float(vram))
                     for ts, gpu, util, vram in gpu_rows
                 ],
-                [
-                    new_act(ts=float(ts), ssh_sessions=ssh, cpu_pct=cpu)
-                    for ts, ssh, cpu in act_rows
-                ],
+                [new_act(ts=float(ts), ssh_sessions=ssh, cpu_pct=cpu) for ts, ssh, cpu in act_rows],
             )
         return out
 

@@ -1,0 +1,90 @@
+"""What a newcomer trips on (an admin's and a researcher's first day), each test named after
+what a trial of the docs reproduced."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from deskgpu.doctor.schedules import Parsed, parse_args
+from deskgpu.submission import SubmitResult
+
+
+def _suggested(lines: list[str]) -> list[list[str]]:
+    """The deskgpu commands a message tells the user to run."""
+    found = []
+    for line in lines:
+        if "deskgpu " in line:
+            words = shlex.split(line.split("deskgpu ", 1)[1])
+            found.append(words)
+    return found
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        SubmitResult("alice-train", "batch", True, "r1", True, 7),
+        SubmitResult("alice-train", "batch", True, "r1", False, None),
+        SubmitResult("alice-dev", "interactive", False, "r2", False, None),
+        SubmitResult("alice-dev", "interactive", False, "r2", True, None),
+    ],
+    ids=["job-accepted", "job-queued", "session-starting", "session-up"],
+)
+def test_submit_hints_name_deskgpus_own_commands_and_they_parse(result: SubmitResult) -> None:
+    lines = result.follow_lines()
+    assert not any(" sky " in f" {line} " for line in lines), lines  # no `sky jobs logs 1`
+    commands = _suggested(lines)
+    assert commands, lines
+    for words in commands:
+        assert isinstance(parse_args(words), Parsed), words  # the real CLI takes each one
+
+
+def test_a_cpu_only_session_does_not_say_it_waits_for_gpus() -> None:
+    cpu = SubmitResult("alice-dev", "interactive", False, "r", False, None, wants_gpus=False)
+    assert "waits for free GPUs" not in " ".join(cpu.follow_lines())
+    gpu = SubmitResult("alice-dev", "interactive", False, "r", False, None)
+    assert "waits for free GPUs" in " ".join(gpu.follow_lines())
+
+
+def test_escape_codes_from_skypilot_never_reach_the_queue(cli, tmp_path: Path) -> None:
+    """`Run: \\x1b[1msky check\\x1b[0m` once showed in the Reason column and in --json."""
+    from deskgpu.skyapi import parse_clusters, parse_jobs
+
+    jobs = parse_jobs(
+        [
+            {
+                "job_id": 3,
+                "job_name": "alice-x",
+                "status": "FAILED_PRECHECKS",
+                "failure_reason": "Cloud access is not set up. Run: \x1b[1msky check\x1b[0m",
+            }
+        ]
+    )
+    assert jobs[0].reason is not None and "\x1b" not in jobs[0].reason
+    assert "Run: sky check" in jobs[0].reason
+    clusters = parse_clusters(
+        [{"name": "alice-dev", "status": "INIT", "init_status_reason": "\x1b[33mpending\x1b[0m"}]
+    )
+    assert clusters[0].reason == "pending"
+
+
+def test_the_queue_points_at_all_for_finished_jobs(cli) -> None:
+    snap = Path(__file__).parent / "fixtures" / "snapshots" / "busy_box.json"
+    result = cli("queue", "--snapshot", str(snap))
+    assert result.exit_code == 0, result.stderr
+    if "finished" in result.stdout:
+        assert "(see --json)" not in result.stdout and "--all" in result.stdout
+
+
+def test_help_shows_metavars_that_say_what_to_write(cli) -> None:
+    for command in ("logs", "cancel", "ssh", "queue", "submit"):
+        result = cli(command, "--help")
+        assert result.exit_code == 0
+        assert "range>" not in result.stdout, (command, result.stdout)
+
+
+def test_ssh_help_does_not_talk_about_log_streams(cli) -> None:
+    result = cli("ssh", "--help")
+    assert "log stream" not in result.stdout
