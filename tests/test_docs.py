@@ -274,3 +274,11 @@ def test_the_transformer_lab_page_settings_hold_together(tmp_path: Path) -> None
     ]
     assert json.loads(json_blocks[0])["default_env_vars"]["SKYPILOT_USER"] == "alice"
     assert parse_duration_s("17d") == config.frontend_gives_up_after_s
+
+
+def test_the_units_documentation_url_lands_on_a_heading() -> None:
+    """`Documentation=` of the rendered timers once named an anchor no page had."""
+    from deskgpu.setup.render import SCHEDULES_DOC
+
+    page, anchor = SCHEDULES_DOC.split("#")
+    assert anchor in _anchors(ROOT / page)

@@ -429,13 +429,13 @@ def test_a_failed_prerequisite_skips_what_needs_it_saying_which() -> None:
     assert found["driver.nvml"].status == FAIL
     for dependent in ("driver.gpus", "driver.persistence", "driver.ecc", "driver.thermal"):
         assert found[dependent].status == SKIP
-        assert found[dependent].detail == "needs driver.nvml, which is fail"
+        assert found[dependent].detail == "needs driver.nvml to pass; it is fail"
 
 
 def test_doctor_skip_cascades_too() -> None:
     found = judge(facts("healthy-4x-a6000.json"), box_config(doctor={"skip": ["kubernetes.nodes"]}))
     assert found["kubernetes.nodes"].detail == "skipped by doctor.skip in the host config"
-    assert found["kubernetes.gpu_labels"].detail == "needs kubernetes.nodes, which is skip"
+    assert found["kubernetes.gpu_labels"].detail == "needs kubernetes.nodes to pass; it is skip"
 
 
 def test_doctor_docs_check_table_is_the_registrys() -> None:

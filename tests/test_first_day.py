@@ -88,3 +88,17 @@ def test_help_shows_metavars_that_say_what_to_write(cli) -> None:
 def test_ssh_help_does_not_talk_about_log_streams(cli) -> None:
     result = cli("ssh", "--help")
     assert "log stream" not in result.stdout
+
+
+def test_the_data_dir_refusal_names_every_variable_deskgpu_sets(cli, tmp_path: Path) -> None:
+    from deskgpu.config import HostConfig
+    from deskgpu.house_rules import BATCH, DESKGPU_ENV, apply_house_rules
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: x\ngpus: 0\nenv: {DESKGPU_DATA_DIR: /x}\nrun: echo\n")
+    result = cli("submit", str(spec), "--dry-run")
+    assert result.exit_code == 2
+    for name in DESKGPU_ENV:
+        assert name in result.stderr
+    shaped = apply_house_rules({"name": "x", "run": "echo"}, HostConfig(), "alice", BATCH)
+    assert sorted(k for k in shaped["envs"] if k.startswith("DESKGPU_")) == sorted(DESKGPU_ENV)

@@ -10,7 +10,7 @@ from typing import Any
 from deskgpu import gpumodels
 from deskgpu.config import KNOWN_INFRA, SYSTEM_CONFIG, HostConfig, is_box_infra
 from deskgpu.errors import SpecError
-from deskgpu.house_rules import GPU_VISIBILITY_ENV, RESERVED_ENV_PREFIX
+from deskgpu.house_rules import DESKGPU_ENV, GPU_VISIBILITY_ENV, RESERVED_ENV_PREFIX
 from deskgpu.identity import MAX_CLUSTER_NAME, cluster_name, safe_user
 from deskgpu.units import parse_duration_s
 from deskgpu.validate import invalid_fields, load_schema, located_schema_problems
@@ -262,8 +262,7 @@ def semantic_problems(
                 doc.located(
                     ("env", key),
                     f"`{key}` is set by deskgpu",
-                    f"rename it; deskgpu sets {RESERVED_ENV_PREFIX}USER, "
-                    f"{RESERVED_ENV_PREFIX}JOB and {RESERVED_ENV_PREFIX}CHECKPOINT_DIR",
+                    f"rename it; deskgpu sets {', '.join(DESKGPU_ENV[:-1])} and {DESKGPU_ENV[-1]}",
                     key=True,
                 )
             )
@@ -321,7 +320,7 @@ def _gpu_problems(
             return [
                 doc.located(
                     ("gpus",),
-                    f"this box has no {request.model} GPUs (it has {config.describe_gpus()})",
+                    f"this box has no {request.model} GPUs; it has {config.describe_gpus()}",
                     "ask for one of those models, or just a count like `gpus: 1`",
                 )
             ]

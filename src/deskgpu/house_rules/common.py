@@ -39,6 +39,8 @@ KINDS = (BATCH, INTERACTIVE)
 
 
 RESERVED_ENV_PREFIX = "DESKGPU_"
+# What the house rules set in every job's environment (house_rules.apply `_apply_env_rules`).
+DESKGPU_ENV = ("DESKGPU_USER", "DESKGPU_JOB", "DESKGPU_CHECKPOINT_DIR", "DESKGPU_DATA_DIR")
 
 
 UNNAMED = "unnamed"

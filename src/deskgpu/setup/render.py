@@ -54,6 +54,8 @@ ADMISSION_FILE = f"{KUBE_DIR}/deskgpu-admission.yaml"
 KUEUE_FLAVOR = "default-flavor"
 GPU_RESOURCE = "nvidia.com/gpu"
 DOCS = "https://github.com/deskgpu/deskgpu"
+# The page (and heading) the observe and reap units point at; tests/test_docs.py holds it.
+SCHEDULES_DOC = "docs/reap.md#zombie-sessions-deskgpu-observe-and-deskgpu-reap"
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -471,7 +473,7 @@ def _oneshot(
         _header(config).rstrip("\n"),
         "[Unit]",
         f"Description=deskgpu: {what}",
-        f"Documentation={DOCS}#{schedule.unit}",
+        f"Documentation={DOCS}/blob/main/{SCHEDULES_DOC}",
         f"After=network-online.target k3s.service {SERVER_UNIT}",
         "",
         "[Service]",

@@ -74,7 +74,7 @@ def run_checks(facts: HostFacts, config: HostConfig) -> list[Check]:
         elif unmet:
             first = unmet[0]
             check = Check(
-                spec.id, spec.component, SKIP, f"needs {first}, which is {status.get(first)}"
+                spec.id, spec.component, SKIP, f"needs {first} to pass; it is {status.get(first)}"
             )
         elif spec.id in found:
             check = found[spec.id]

@@ -118,8 +118,8 @@ def _check_health(facts: HostFacts, endpoint: str) -> Check:
             "api_server",
             FAIL,
             f"no SkyPilot API server answers at {endpoint}: {why}",
-            "start the shared server (`sudo systemctl start skypilot-api`; not installed yet: "
-            f"{SHARED_SERVER}); see {DOC_API_SERVER}",
+            "start the shared server: `sudo systemctl start skypilot-api`; not installed yet: "
+            f"{SHARED_SERVER}; see {DOC_API_SERVER}",
         )
     body = _json(health.body)
     if not isinstance(body, dict):
