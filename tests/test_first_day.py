@@ -102,3 +102,26 @@ def test_the_data_dir_refusal_names_every_variable_deskgpu_sets(cli, tmp_path: P
         assert name in result.stderr
     shaped = apply_house_rules({"name": "x", "run": "echo"}, HostConfig(), "alice", BATCH)
     assert sorted(k for k in shaped["envs"] if k.startswith("DESKGPU_")) == sorted(DESKGPU_ENV)
+
+
+def test_a_doctor_facts_file_given_to_queue_snapshot_says_what_it_is(cli) -> None:
+    facts = Path(__file__).parent / "fixtures" / "doctor" / "healthy-4x-a6000.json"
+    result = cli("queue", "--snapshot", str(facts))
+    assert result.exit_code == 2
+    assert "deskgpu.doctor/facts' document, not a queue snapshot" in result.stderr
+    assert "schema_version None" not in result.stderr
+
+
+def test_the_report_title_has_no_microseconds() -> None:
+    from deskgpu.reap.history import open_history
+    from deskgpu.usage import html, store
+    from deskgpu.usage.report import build
+
+    with open_history(":memory:") as h:
+        store.ensure(h.db)
+        shown = build(
+            h.db, since=1767000000.123456, until=1767003600.5, threshold_pct=5, max_gap_s=1200
+        )
+        page = html.page(shown)
+    title = page.split("</title>")[0]
+    assert "deskgpu report 2025-12-29" in title and ".123456" not in title

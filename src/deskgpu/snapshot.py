@@ -270,6 +270,12 @@ class Snapshot:
         from deskgpu.typedload import shown
 
         version = doc.get("schema_version")
+        kind = doc.get("kind")
+        if isinstance(kind, str) and kind != DOCUMENT_KIND:
+            raise SnapshotFormatError(
+                f"this is a {shown(kind)} document, not a queue snapshot "
+                "(`deskgpu queue --record FILE` writes one)"
+            )
         if version != SCHEMA_VERSION:
             raise SnapshotFormatError(
                 f"snapshot schema_version {shown(version)} is not {SCHEMA_VERSION}: "

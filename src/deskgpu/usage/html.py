@@ -118,7 +118,7 @@ def user_bars(report: Report) -> str:
 
 
 def page(report: Report) -> str:
-    title = f"deskgpu report {iso(report.since)} .. {iso(report.until)}"
+    title = f"deskgpu report {_minute(report.since)} .. {_minute(report.until)}"
     lines = text_lines(report)
     notes = "".join(f"<li>{escape(n)}</li>" for n in report.notes)
     return (
@@ -139,3 +139,10 @@ def page(report: Report) -> str:
         + escape("\n".join(lines))
         + "</pre></body></html>\n"
     )
+
+
+def _minute(ts: float) -> str:
+    """A title's time: to the minute (the report's own times keep their seconds)."""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
