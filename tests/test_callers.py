@@ -254,3 +254,31 @@ def test_the_guard_logs_attempts_not_what_skypilots_own_client_sends() -> None:
     assert noteworthy(flags, _user())  # a forged controller flag is always worth a line
     tl = Caller(54322, "transformerlab", FRONTEND)
     assert not noteworthy(Scrubbed(env=("_TFL_JOB_ID", "HF_TOKEN")), tl)  # task envs, secrets
+
+
+def test_an_upload_key_spelled_in_percent_escapes_is_bound_too() -> None:
+    """`user%5Fhash=<alice's id>` reached /upload unbound once: the server decodes keys."""
+    inner = _Inner()
+    for query in (b"user%5Fhash=a1ce0001&upload_id=u", b"%75ser_hash=a1ce0001&upload_id=u"):
+        _drive(_app(inner), "/upload", {}, query=query)
+        bound = callers.user_id_for("uid54321")
+        assert inner.query == f"user_hash={bound}&upload_id=u".encode(), query
+
+
+def test_a_dashboard_prefixed_api_cancel_is_scoped_too() -> None:
+    inner = _Inner()
+    _drive(_app(inner), "/internal/dashboard/api/cancel", {"request_ids": ["r"], "env_vars": {}})
+    assert json.loads(inner.body or b"{}")["user_id"] == callers.user_id_for("uid54321")
+
+
+@pytest.mark.parametrize("job_ids", [[1.0], ["1"], [" 1"], [True], ["1_0"], "1"])
+def test_ids_skypilot_would_coerce_are_refused(job_ids: object) -> None:
+    why = owners.refusal("/jobs/cancel", {"job_ids": job_ids}, BOB, RECORDS)
+    assert why is not None and "whole numbers" in why
+
+
+def test_routes_are_named_as_skypilot_routes_them() -> None:
+    from deskgpu.hardening import route_of
+
+    for spelled in ("/internal/dashboard/jobs/cancel", "//jobs/./cancel/", "/jobs/cancel"):
+        assert route_of(spelled) == "/jobs/cancel"

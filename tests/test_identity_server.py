@@ -502,3 +502,32 @@ def test_transformer_lab_polls_of_a_held_job_and_its_rule(lab: Box) -> None:
     two_weeks = 14 * 86400 // settings["REMOTE_JOB_STATUS_INTERVAL_SECONDS"]
     assert _tl_status_after(2 * 3600 // 15, TL_DEFAULTS) == "FAILED"  # 225 s, then FAILED
     assert _tl_status_after(two_weeks, settings) == "LAUNCHING"
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. What an attacker's review got past the guard once (each held now)
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "says"),
+    [
+        ("/internal/dashboard/jobs/cancel", {"job_ids": [ALICE_JOB]}, "belongs to alice"),
+        ("/internal/dashboard/jobs/logs", {"job_id": ALICE_JOB, "follow": False}, "alice"),
+        ("/jobs/cancel", {"job_ids": [1.0]}, "whole numbers"),
+        ("/jobs/cancel", {"job_ids": ["+1"]}, "whole numbers"),
+        ("/jobs/cancel", {"job_ids": [True]}, "whole numbers"),
+        ("/internal/dashboard/storage/delete", {"name": "x"}, "storage bucket"),
+    ],
+    ids=["dashboard-prefix-cancel", "dashboard-prefix-logs", "float-id", "plus-id", "bool-id",
+         "dashboard-prefix-storage"],
+)  # fmt: skip
+def test_spellings_skypilot_reads_the_same_are_judged_the_same(
+    lab: Box, path: str, fields: dict[str, Any], says: str
+) -> None:
+    doc: dict[str, Any] = {"env_vars": {}, **fields}
+    _refused(_send("bob", lab.url, path, doc), says)
+
+
+def test_a_dashboard_prefixed_down_of_alices_session_is_refused(lab: Box) -> None:
+    doc = _cluster_op("/down", "alice-dev")
+    _refused(_send("bob", lab.url, "/internal/dashboard/down", doc), "belongs to alice")

@@ -88,15 +88,25 @@ ADMIN_PATHS = (
 )
 
 
+DASHBOARD_PREFIX = "/internal/dashboard/"  # SkyPilot's InternalDashboardPrefixMiddleware
+
+
+def route_of(path: str) -> str:
+    """The endpoint SkyPilot will route `path` to, as every rule of the guard must name it:
+    SkyPilot strips the dashboard prefix once (after the guard has seen the path), and
+    `.`/`//`/trailing-slash spellings reach the same handler."""
+    import posixpath
+
+    if path.startswith(DASHBOARD_PREFIX):
+        path = path.replace(DASHBOARD_PREFIX, "/", 1)
+    return posixpath.normpath("/" + path.lstrip("/")).rstrip("/") or "/"
+
+
 def is_admin_path(method: str, path: str) -> bool:
     """A state-changing call of an admin endpoint, however the path is spelled."""
     if method in ("GET", "HEAD", "OPTIONS"):
         return False
-    import posixpath
-
-    if path.startswith("/internal/dashboard/"):  # SkyPilot strips this prefix once
-        path = path.replace("/internal/dashboard/", "/", 1)
-    clean = posixpath.normpath("/" + path.lstrip("/"))
+    clean = route_of(path)
     return any(clean == p.rstrip("/") or clean.startswith(p.rstrip("/") + "/") for p in ADMIN_PATHS)
 
 
@@ -497,7 +507,8 @@ class GuardMiddleware:
             return
         method = str(scope.get("method") or "")
         path = str(scope.get("path") or "")
-        if _clean_path(path) in self.open_paths and method in ("GET", "HEAD"):
+        route = route_of(path)  # what every rule below judges: the handler SkyPilot runs
+        if route in self.open_paths and method in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         settings = self._settings()
@@ -531,7 +542,7 @@ class GuardMiddleware:
                 "(deskgpu guard)",
             )
             return
-        if caller.role == callers.USER and "user_hash=" in query:
+        if caller.role == callers.USER and _names_user_hash(query):
             # An upload lands under the id its launch will carry: the account's.
             scope = {**scope, "query_string": _bound_query(query, caller.account).encode()}
         reads_body = method in ("POST", "PUT", "PATCH") and not _is_form(scope.get("headers") or [])
@@ -604,7 +615,7 @@ class GuardMiddleware:
         if self.body_rule is None or acting is None:
             return None
         try:
-            return self.body_rule(str(scope.get("path") or ""), doc, acting)
+            return self.body_rule(route_of(str(scope.get("path") or "")), doc, acting)
         except Exception:  # a broken rule must fail closed, never let the request through
             logger.exception("deskgpu guard: the request rule failed")
             return "the deskgpu guard could not check this request (see the server log)"
@@ -640,7 +651,7 @@ class GuardMiddleware:
             )
             if caller.role == callers.FRONTEND:
                 env[FRONTEND_ENV] = caller.account
-            if not acting.admin and str(scope.get("path") or "").rstrip("/") == API_CANCEL:
+            if not acting.admin and route_of(str(scope.get("path") or "")) == API_CANCEL:
                 # SkyPilot scopes a cancel to its caller only when it authenticates them
                 # (sky/server/requests/role_filter.py); on the box the guard does.
                 doc["user_id"] = callers.user_id_for(acting.user)
@@ -687,10 +698,12 @@ API_CANCEL = "/api/cancel"
 OPEN_PATHS = ("/api/health",)
 
 
-def _clean_path(path: str) -> str:
-    import posixpath
+def _names_user_hash(query: str) -> bool:
+    """Whether the query carries `user_hash` however it is spelled (`user%5Fhash` too: the
+    server decodes the keys before it reads them)."""
+    from urllib.parse import parse_qsl
 
-    return posixpath.normpath("/" + path.lstrip("/"))
+    return any(key == "user_hash" for key, _ in parse_qsl(query, keep_blank_values=True))
 
 
 def _bound_query(query: str, account: str) -> str:

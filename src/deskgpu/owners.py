@@ -14,7 +14,7 @@ Pure Python over three lookups, so the table and the rule are tested without a s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +67,9 @@ class Lookups:
 
 
 def _clean(path: str) -> str:
-    import posixpath
+    from deskgpu.hardening import route_of
 
-    return posixpath.normpath("/" + path.lstrip("/")).rstrip("/") or "/"
+    return route_of(path)
 
 
 def _refused(
@@ -100,8 +100,10 @@ def refusal(
         if reads_logs and shared_logs:
             return None
         name = doc.get("cluster_name")
-        if not isinstance(name, str) or not name:
+        if name is None or name == "":
             return None  # SkyPilot refuses a request without one
+        if not isinstance(name, str):
+            return "a cluster name is text (deskgpu guard)"
         found = lookups.cluster(name)
         if found is None or may_act_for(acting, found.owner):
             return None
@@ -113,7 +115,11 @@ def refusal(
         return _job_refusal(path, verb, doc, acting, lookups, admin_group)
     if path == VOLUME_DELETE:
         names = doc.get("names")
-        for name in names if isinstance(names, list) else []:
+        if names is not None and not (
+            isinstance(names, list) and all(isinstance(n, str) for n in names)
+        ):
+            return "volume names are a list of text (deskgpu guard)"
+        for name in names or []:
             found = lookups.volume(str(name))
             if found is not None and not may_act_for(acting, found.owner):
                 return _refused(acting, "delete", f"volume {name}", found.owner, admin_group)
@@ -124,15 +130,20 @@ def refusal(
     return None
 
 
-def _ids(value: Any) -> Iterable[int]:
+class _NotAnId(ValueError):
+    pass
+
+
+def _ids(value: Any) -> list[int]:
+    """Managed-job ids as the request gives them: whole JSON numbers only. SkyPilot's
+    payloads read `1.0`, `"+1"`, `" 1"`, `"1_0"` or `true` as ids too; the guard cannot
+    judge what it does not read the same way, so a non-admin's request with one is refused."""
+    if value is None:
+        return []
     items = value if isinstance(value, list) else [value]
-    for item in items:
-        if isinstance(item, bool):
-            continue
-        if isinstance(item, int):
-            yield item
-        elif isinstance(item, str) and item.strip().isdigit():
-            yield int(item)
+    if not all(isinstance(item, int) and not isinstance(item, bool) for item in items):
+        raise _NotAnId(str(value)[:40])
+    return list(items)
 
 
 def _job_refusal(
@@ -150,7 +161,10 @@ def _job_refusal(
         return f"{acting.via} may not {verb} every job of pool {doc['pool']}: the pool's jobs are everyone's; only {rights} may (deskgpu guard)"  # noqa: E501
     if doc.get("controller"):
         return f"{acting.via} may not read the jobs controller's log (it covers everyone's jobs); only {rights} may (deskgpu guard)"  # noqa: E501
-    ids = list(_ids(doc.get("job_ids"))) + list(_ids(doc.get("job_id")))
+    try:
+        ids = _ids(doc.get("job_ids")) + _ids(doc.get("job_id"))
+    except _NotAnId as exc:
+        return f"managed job ids are whole numbers, not {exc} (deskgpu guard)"
     name = doc.get("name")
     if isinstance(name, str) and name:
         ids += lookups.jobs_named(name)

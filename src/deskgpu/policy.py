@@ -383,7 +383,7 @@ def volume_apply_refusal(
     path: str, body: Mapping[str, Any], acting: callers.Acting | None = None
 ) -> str | None:
     """Why the guard refuses a client's `sky volumes apply` (None: it may go on)."""
-    if path.rstrip("/") != VOLUME_APPLY_PATH:
+    if hardening.route_of(path) != VOLUME_APPLY_PATH:
         return None
     config = load_server_config()
     env = body.get("env_vars")
