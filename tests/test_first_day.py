@@ -125,3 +125,13 @@ def test_the_report_title_has_no_microseconds() -> None:
         page = html.page(shown)
     title = page.split("</title>")[0]
     assert "deskgpu report 2025-12-29" in title and ".123456" not in title
+
+
+def test_a_reserved_env_no_longer_hides_a_bad_workdir(cli, tmp_path: Path) -> None:
+    """Every problem in one run: an `env.DESKGPU_USER` refusal once hid the bad workdir."""
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: x\ngpus: 0\nworkdir: ./missing\nenv: {DESKGPU_USER: me}\nrun: echo\n")
+    result = cli("submit", str(spec), "--dry-run")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert [line.split(": ", 2)[1] for line in lines] == ["workdir", "env.DESKGPU_USER"]

@@ -74,45 +74,68 @@ class JobSpec:
 
 
 def load_spec(path: Path, config: HostConfig, user: str) -> JobSpec:
-    """Read `path` and return a valid spec, or raise `SpecError` listing every problem."""
+    """Read `path` and return a valid spec, or raise `SpecError` listing every problem
+    (the workdir's too: one run of `--dry-run` names them all)."""
     doc = read_located(path)
-    spec = spec_from_located(doc, config, user)
-    if spec.workdir is None:
-        if spec.uv:
-            raise SpecError(
-                [
-                    doc.problem(
-                        ("uv",),
-                        "builds the env from the workdir's pyproject.toml, and there is no workdir",
-                        "add `workdir: .` next to your pyproject.toml",
-                    )
-                ]
-            )
-        return spec
+    raw = doc.data if isinstance(doc.data, dict) else {}
     try:
-        workdir = (path.parent / spec.workdir).resolve(strict=True)
-        is_dir = workdir.is_dir()
-        has_project = (workdir / "pyproject.toml").is_file()
+        spec = spec_from_located(doc, config, user)
+    except SpecError as exc:
+        workdir = raw.get("workdir")
+        uv = raw.get("uv") is True
+        more, _ = _workdir_problems(doc, path, workdir if isinstance(workdir, str) else None, uv)
+        if not more:
+            raise
+        lines = sorted([*exc.lines(), *(text for _, text in more)], key=_position)
+        raise SpecError(lines) from None
+    found, workdir = _workdir_problems(doc, path, spec.workdir, spec.uv)
+    if found:
+        raise SpecError([text for _, text in sorted(found)])
+    return spec if workdir is None else replace(spec, workdir=workdir)
+
+
+def _position(line: str) -> tuple[int, int]:
+    """`file:LINE:COL: ...` -> (LINE, COL), for merging problems found by different checks."""
+    import re
+
+    found = re.match(r"^.*?:(\d+):(\d+): ", line)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def _workdir_problems(
+    doc: Located, path: Path, workdir: str | None, uv: bool
+) -> tuple[list[tuple[tuple[int, int], str]], str | None]:
+    """The workdir's problems (located), and the resolved workdir when it is fine."""
+    if workdir is None:
+        if uv:
+            return [
+                doc.located(
+                    ("uv",),
+                    "builds the env from the workdir's pyproject.toml, and there is no workdir",
+                    "add `workdir: .` next to your pyproject.toml",
+                )
+            ], None
+        return [], None
+    try:
+        resolved = (path.parent / workdir).resolve(strict=True)
+        is_dir = resolved.is_dir()
+        has_project = (resolved / "pyproject.toml").is_file()
     except (OSError, RuntimeError, ValueError) as exc:  # missing, symlink loop, NUL byte
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise SpecError(
-            [doc.problem(("workdir",), f"cannot use {spec.workdir!r}: {reason}", "fix the path")]
-        ) from None
+        return [
+            doc.located(("workdir",), f"cannot use {workdir!r}: {reason}", "fix the path")
+        ], None
     if not is_dir:
-        raise SpecError(
-            [doc.problem(("workdir",), f"{workdir} is not a directory", "fix the path")]
-        )
-    if spec.uv and not has_project:
-        raise SpecError(
-            [
-                doc.problem(
-                    ("uv",),
-                    f"uv needs a pyproject.toml in the workdir {workdir}",
-                    "run `uv init` there, or set `uv: false`",
-                )
-            ]
-        )
-    return replace(spec, workdir=str(workdir))
+        return [doc.located(("workdir",), f"{resolved} is not a directory", "fix the path")], None
+    if uv and not has_project:
+        return [
+            doc.located(
+                ("uv",),
+                f"uv needs a pyproject.toml in the workdir {resolved}",
+                "run `uv init` there, or set `uv: false`",
+            )
+        ], None
+    return [], str(resolved)
 
 
 def spec_from_located(doc: Located, config: HostConfig, user: str) -> JobSpec:
