@@ -135,3 +135,18 @@ def test_a_reserved_env_no_longer_hides_a_bad_workdir(cli, tmp_path: Path) -> No
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert [line.split(": ", 2)[1] for line in lines] == ["workdir", "env.DESKGPU_USER"]
+
+
+def test_doctor_judges_the_configured_servers_config_not_another_users() -> None:
+    """A researcher's private server on another port once decided `skypilot.admin_policy`."""
+    from deskgpu.config import HostConfig
+    from deskgpu.doctor.facts import ServerProcess
+    from deskgpu.doctor.probes import endpoint_port, server_config_paths
+
+    box = ServerProcess(pid=10, port=46580, home="/var/lib/skypilot")
+    private = ServerProcess(pid=20, port=47123, home="/home/bob")
+    port = endpoint_port("http://127.0.0.1:46580")
+    assert port == 46580
+    paths = server_config_paths(HostConfig(), [private, box], {}, port)
+    assert paths == ["/var/lib/skypilot/.sky/config.yaml"]
+    assert endpoint_port("not a url") is None

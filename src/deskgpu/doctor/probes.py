@@ -422,7 +422,10 @@ def probe_skypilot(config: HostConfig, paths: ProbePaths, env: dict[str, str]) -
         env, config, sky.client_config.text if sky.client_config else None
     )
     sky.processes = find_server_processes(paths.proc)
-    sky.server_configs = [read_file(p) for p in server_config_paths(config, sky.processes, env)]
+    port = endpoint_port(sky.endpoint)
+    sky.server_configs = [
+        read_file(p) for p in server_config_paths(config, sky.processes, env, port)
+    ]
     sky.health, _ = http_get(sky.endpoint.rstrip("/") + "/api/health")
     if sky.health.status_code == 200:
         sky.enabled_infra, sky.enabled_infra_error = read_enabled_infra(sky.endpoint)
@@ -452,15 +455,33 @@ def read_enabled_infra(endpoint: str) -> tuple[list[str] | None, str | None]:
     return [str(x) for x in infra], None
 
 
+def endpoint_port(endpoint: str | None) -> int | None:
+    """The port of the configured API server's URL (None: not a URL with one)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(endpoint or "")
+        return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+
+
 def server_config_paths(
-    config: HostConfig, processes: list[ServerProcess], env: dict[str, str]
+    config: HostConfig,
+    processes: list[ServerProcess],
+    env: dict[str, str],
+    port: int | None = None,
 ) -> list[str]:
-    """Where the API server's own config.yaml may be (admin_policy lives there)."""
+    """Where the configured API server's own config.yaml may be (admin_policy lives there):
+    only a server process listening on the configured endpoint's port counts, never another
+    user's private server on another port."""
     candidates: list[str] = []
     explicit = config.doctor.skypilot_server_config
     if explicit:
         candidates.append(str(explicit))
     for proc in processes:
+        if port is not None and proc.port != port:
+            continue
         if proc.home:
             candidates.append(str(Path(proc.home) / ".sky" / "config.yaml"))
     if env.get("SKYPILOT_GLOBAL_CONFIG"):
