@@ -150,3 +150,21 @@ def test_doctor_judges_the_configured_servers_config_not_another_users() -> None
     paths = server_config_paths(HostConfig(), [private, box], {}, port)
     assert paths == ["/var/lib/skypilot/.sky/config.yaml"]
     assert endpoint_port("not a url") is None
+
+
+def test_the_catalog_error_keeps_its_whole_url() -> None:
+    """`SkyPilot could not fetch its accelerator catalog ...: …` was once cut mid-URL."""
+    from deskgpu.skyapi import explain
+
+    url = "https://raw.githubusercontent.com/skypilot-org/skypilot-catalog/master/catalogs/v8/aws/vms.csv"
+
+    class CloudError(Exception):
+        pass
+
+    text = str(
+        explain(
+            CloudError(f"Failed to fetch catalog: requests error: {url} " + "x" * 300),
+            "http://127.0.0.1:1",
+        )
+    )
+    assert url in text and "accelerator catalog" in text

@@ -26,7 +26,8 @@ from deskgpu.deadline import Deadline, DeadlineExpired, bounded
 from deskgpu.errors import OutsideError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:46580"
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Terminal escape sequences (colours, bold, cursor moves) in SkyPilot's text.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 _FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
@@ -134,10 +135,12 @@ def explain(exc: BaseException, endpoint: str) -> OutsideError:
         return OutsideError(f"SkyPilot API server at {endpoint} refused our login: {message}")
     if name == "APIVersionMismatchError":
         return OutsideError(f"SkyPilot client and API server versions differ: {message}")
-    if name == "CloudError" and "requests error" in message:
-        return OutsideError(
+    if (name == "CloudError" and "requests error" in message) or (
+        name == "ConnectionError" and "catalog" in message.lower()
+    ):
+        return OutsideError(  # whole: the URL it could not fetch is the clue
             "SkyPilot could not fetch its accelerator catalog (no network on the API server?): "
-            + message[:200]
+            + " ".join(_ANSI.sub("", message).split())
         )
     if name == "ResourcesUnavailableError":
         return OutsideError(f"SkyPilot found no resources for the job: {message}")
@@ -433,9 +436,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "value") and not isinstance(value, (int, float, str)):
         return value.value  # enums
     return value
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
 
 def plain(text: str | None) -> str | None:
