@@ -168,3 +168,31 @@ def test_the_catalog_error_keeps_its_whole_url() -> None:
         )
     )
     assert url in text and "accelerator catalog" in text
+
+
+def test_a_gpu_request_checked_against_nothing_says_so(cli, tmp_path: Path) -> None:
+    """`gpus: A6000:16` once passed a dry run off the box without a word."""
+    from deskgpu.nvml import NvmlView
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: big\ngpus: A6000:16\nrun: python train.py\n")
+    config = tmp_path / "empty.yaml"
+    config.write_text("")  # the built-in defaults: no inventory
+    from deskgpu import submission
+
+    original = submission.with_live_inventory
+
+    def no_gpus(cfg, reader=None):  # type: ignore[no-untyped-def]
+        return original(cfg, lambda: NvmlView(available=False, error="no NVIDIA driver"))
+
+    submission.with_live_inventory = no_gpus  # this machine has no GPU either way
+    try:
+        result = cli("submit", str(spec), "--dry-run", "--config", str(config))
+        cpu = tmp_path / "cpu.yaml"
+        cpu.write_text("name: prep\ngpus: 0\nrun: python prep.py\n")
+        quiet = cli("submit", str(cpu), "--dry-run", "--config", str(config))
+    finally:
+        submission.with_live_inventory = original
+    assert result.exit_code == 0, result.stderr
+    assert "the GPU request is not checked here" in result.stderr
+    assert "not checked" not in quiet.stderr

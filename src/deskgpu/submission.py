@@ -49,6 +49,8 @@ def plan(
     """
     config, note = with_live_inventory(config, nvml_reader)
     spec = load_spec(spec_path, config, user)
+    if not config.gpus and not spec.gpus.count:
+        note = None  # a CPU-only job: nothing to check against an inventory
     expansion = expand(spec, config, user)
     if note:
         expansion.notes.insert(0, note)
@@ -74,7 +76,11 @@ def with_live_inventory(
     view = nvml_reader()
     names = [g.name for g in view.gpus if not g.lost] if view.available else []
     if not names:
-        return config, None
+        # Say it: a `gpus: A6000:16` that passes here was checked against nothing.
+        return config, (
+            f"the GPU request is not checked here: the host config ({config.source}) lists "
+            "no GPUs and NVML sees none (on the box, its inventory and the admin policy check it)"
+        )
     seen = gpumodels.inventory(names)
     note = (
         f"the host config ({config.source}) lists no GPUs; using what NVML sees on this box: "
