@@ -337,6 +337,10 @@ def test_without_its_host_config_the_server_refuses_every_request(lab: Box) -> N
         with urllib.request.urlopen(f"{lab.url}/plugins/api/deskgpu/guard", timeout=30) as r:
             status = json.loads(r.read())
         assert "is missing" in str(status["host_config_error"])
+        # What a researcher sees from deskgpu itself: the server's one line, exit 1.
+        said = _deskgpu_as("alice", lab, "logs", "alice-train", "--no-follow")
+        assert said["code"] == 1, said
+        assert "refused" in said["stderr"] and "is missing" in said["stderr"], said
     finally:
         moved.rename(lab.host_config)
     answer = _send("alice", lab.url, "/validate", _launch_doc("/validate", "alice-back"))

@@ -209,8 +209,10 @@ def health_problem(reply: Reply, endpoint: str, budget_s: float) -> str | None:
         return not_skypilot(endpoint, reply.error or "no answer")
     if reply.status >= 500:
         return server_error(endpoint, reply)
-    if reply.status in (401, 403):
-        return f"SkyPilot API server at {endpoint} refused our login (HTTP {reply.status})"
+    if reply.status == 401:
+        return f"SkyPilot API server at {endpoint} refused our login (HTTP 401)"
+    if reply.status == 403:
+        return f"SkyPilot API server at {endpoint} refused: {_detail(reply)}"
     try:
         health = reply.json()
     except ValueError:
@@ -332,8 +334,10 @@ def _check(reply: Reply, endpoint: str, deadline: Deadline) -> None:
         raise OutsideError(not_skypilot(endpoint, reply.error or "no answer"))
     if reply.status >= 500:
         raise OutsideError(server_error(endpoint, reply))
-    if reply.status in (401, 403):
+    if reply.status == 401:
         raise OutsideError(f"SkyPilot API server at {endpoint} refused our login: {_detail(reply)}")
+    if reply.status == 403:  # the box's guard: who is asking, or a host config it lacks
+        raise OutsideError(f"SkyPilot API server at {endpoint} refused: {_detail(reply)}")
     if reply.status != 200:
         raise OutsideError(not_skypilot(endpoint, f"HTTP {reply.status}: {_detail(reply)}"))
 
