@@ -282,3 +282,28 @@ def test_routes_are_named_as_skypilot_routes_them() -> None:
 
     for spelled in ("/internal/dashboard/jobs/cancel", "//jobs/./cancel/", "/jobs/cancel"):
         assert route_of(spelled) == "/jobs/cancel"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/debug/dump_create"),
+        ("GET", "/debug/dump_download/x.zip"),
+        ("GET", "/users/export"),
+    ],
+)
+def test_a_debug_dump_and_the_user_export_are_an_admins(method: str, path: str) -> None:
+    assert hardening.is_admin_path(method, path)
+    assert hardening.is_admin_path(method, "/internal/dashboard" + path)
+
+
+def test_a_job_cannot_join_someone_elses_job_group() -> None:
+    doc = {"task": "...", "parent_job_id": 1}
+    assert "add a job to" in str(owners.refusal("/jobs/launch", doc, BOB, RECORDS))
+    assert owners.refusal("/jobs/launch", doc, ALICE, RECORDS) is None
+    assert owners.refusal("/jobs/launch", {"task": "..."}, BOB, RECORDS) is None
+
+
+@pytest.mark.parametrize("path", ["/serve/down", "/serve/update", "/jobs/pool_down"])
+def test_services_and_pools_are_an_admins_on_the_box(path: str) -> None:
+    assert hardening.is_admin_path("POST", path)

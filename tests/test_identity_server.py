@@ -535,3 +535,75 @@ def test_spellings_skypilot_reads_the_same_are_judged_the_same(
 def test_a_dashboard_prefixed_down_of_alices_session_is_refused(lab: Box) -> None:
     doc = _cluster_op("/down", "alice-dev")
     _refused(_send("bob", lab.url, "/internal/dashboard/down", doc), "belongs to alice")
+
+
+# ---- the second review: keys in /status, websockets, others' requests ----------------------
+
+
+def _get(account: str, url: str) -> dict[str, Any]:
+    """A GET from `account`: its status and body."""
+
+    def run() -> dict[str, Any]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                return {"http": r.status, "body": r.read().decode("utf-8", "replace")}
+        except urllib.error.HTTPError as exc:
+            return {"http": exc.code, "body": exc.read().decode("utf-8", "replace")}
+
+    return as_account(account, run)
+
+
+def test_status_hands_out_no_one_elses_ssh_key(lab: Box) -> None:
+    """SkyPilot's `/status` defaults to every user's clusters with their ssh private keys."""
+    from sky.server.requests import payloads
+
+    answer = _send("bob", lab.url, "/status", _body(payloads.StatusBody()), wait_s=120)
+    assert answer["status"] == "SUCCEEDED", answer
+    got = _get("bob", f"{lab.url}/api/get?request_id={answer['request_id']}")
+    assert got["http"] == 200
+    assert "alice-dev" not in got["body"] and "bob-dev" in got["body"]
+
+
+def test_a_websocket_into_alices_session_is_refused(lab: Box) -> None:
+    """`ssh alice-dev` goes through SkyPilot's websocket SSH proxy: the guard binds it too."""
+    import socket
+
+    host, port = lab.url.removeprefix("http://").split(":")
+
+    def upgrade(cluster: str) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(
+                    (
+                        f"GET /kubernetes-pod-ssh-proxy?cluster_name={cluster}&no_redirect=1 "
+                        f"HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        "Sec-WebSocket-Version: 13\r\n\r\n"
+                    ).encode()
+                )
+                return {"line": sock.recv(4096).split(b"\r\n", 1)[0].decode()}
+
+        return as_account("bob", run)
+
+    assert " 403 " in upgrade("alice-dev")["line"] + " "
+    assert " 101 " in upgrade("bob-dev")["line"] + " "  # his own: the proxy answers
+
+
+def test_another_users_requests_cannot_be_read_or_listed(lab: Box) -> None:
+    from sky.server.requests import payloads
+
+    hers = _send("alice", lab.url, "/status", _body(payloads.StatusBody(all_users=False)))
+    request_id = hers["request_id"]
+    for rid in (request_id, request_id[:8]):
+        for route in ("/api/get", "/api/stream"):
+            got = _get("bob", f"{lab.url}{route}?request_id={rid}&follow=false")
+            assert got["http"] == 403 and "not one of bob's" in got["body"], (route, got)
+    assert _get("alice", f"{lab.url}/api/get?request_id={request_id}")["http"] == 200
+    listing = _get("bob", f"{lab.url}/api/status?all_status=true")
+    assert listing["http"] == 200 and request_id not in listing["body"]
+    assert _get("carol", f"{lab.url}/api/status?all_status=true")["body"].count(request_id) == 1
+    latest = _get("bob", f"{lab.url}/api/stream?follow=false")
+    assert latest["http"] == 403 and "request_id" in latest["body"]

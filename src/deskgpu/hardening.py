@@ -85,6 +85,13 @@ ADMIN_PATHS = (
     "/local_up",
     "/local_down",
     "/kubernetes_label_gpus",
+    # Services and job pools, whose owners the guard does not check: the box runs neither.
+    "/serve/",
+    "/jobs/pool_apply",
+    "/jobs/pool_down",
+    "/jobs/pool_logs",
+    "/jobs/pool_status",
+    "/jobs/pool_sync-down-logs",
 )
 
 
@@ -102,12 +109,26 @@ def route_of(path: str) -> str:
     return posixpath.normpath("/" + path.lstrip("/")).rstrip("/") or "/"
 
 
+# Reads only an admin may make: a debug dump of the whole server (its databases and logs)
+# and the export of every user (sky/server/server.py, sky/users/server.py).
+ADMIN_READ_PATHS = ("/debug/", "/users/export")
+
+
 def is_admin_path(method: str, path: str) -> bool:
-    """A state-changing call of an admin endpoint, however the path is spelled."""
+    """A call of an admin endpoint (a state-changing one, or an admin's read), however the
+    path is spelled."""
+    clean = route_of(path)
+
+    def under(prefixes: Iterable[str]) -> bool:
+        return any(
+            clean == p.rstrip("/") or clean.startswith(p.rstrip("/") + "/") for p in prefixes
+        )
+
+    if under(ADMIN_READ_PATHS):
+        return True
     if method in ("GET", "HEAD", "OPTIONS"):
         return False
-    clean = route_of(path)
-    return any(clean == p.rstrip("/") or clean.startswith(p.rstrip("/") + "/") for p in ADMIN_PATHS)
+    return under(ADMIN_PATHS)
 
 
 @dataclass(frozen=True)
@@ -461,6 +482,7 @@ class GuardMiddleware:
         server_uid: int | None = None,
         open_paths: Iterable[str] = (),
         frontend_seen: Callable[[str, str | None, str | None], None] | None = None,
+        request_owners: Callable[[str], Awaitable[list[str]]] | None = None,
     ) -> None:
         self.app = app
         self.is_internal = is_internal or _is_internal
@@ -474,6 +496,8 @@ class GuardMiddleware:
         self.open_paths = frozenset(OPEN_PATHS) | frozenset(open_paths)
         # Told the SkyPilot API version of each trusted front end's client (doctor checks it).
         self.frontend_seen = frontend_seen
+        # The user ids of the API requests a request-id prefix names (SkyPilot's records).
+        self.request_owners = request_owners
 
     def _uid(self, scope: Scope) -> int | None:
         """The connecting uid, or None when it cannot be read (then trusted for nothing)."""
@@ -484,6 +508,9 @@ class GuardMiddleware:
             return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
@@ -547,6 +574,14 @@ class GuardMiddleware:
             scope = {**scope, "query_string": _bound_query(query, caller.account).encode()}
         reads_body = method in ("POST", "PUT", "PATCH") and not _is_form(scope.get("headers") or [])
         if not reads_body:
+            reader = self._reader(caller, settings)
+            if route in REQUEST_READS and not reader.admin and caller.role != callers.FRONTEND:
+                refusal = await self._request_read_refusal(route, query, reader)
+                if refusal:
+                    await _refuse(send, 403, refusal)
+                    return
+            if route in REQUEST_LISTINGS and not reader.admin and caller.role != callers.FRONTEND:
+                send = _only_own_requests(send, callers.user_id_for(reader.user))
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -597,6 +632,94 @@ class GuardMiddleware:
         headers = [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await self.app({**scope, "headers": headers}, replay, send)
+
+    def _reader(self, caller: callers.Caller, settings: GuardSettings) -> callers.Acting:
+        """Whom a request without a body (a GET, a websocket) runs as: the account itself."""
+        admin = caller.exempt or (
+            caller.role == callers.USER
+            and settings.admin_group is not None
+            and settings.admin_group in caller.groups
+        )
+        return callers.Acting(caller, caller.account, admin=admin)
+
+    async def _request_read_refusal(
+        self, route: str, query: str, reader: callers.Acting
+    ) -> str | None:
+        """`/api/get`, `/api/stream`: a request's result and output are its owner's."""
+        from urllib.parse import parse_qs
+
+        params = parse_qs(query, keep_blank_values=True)
+        request_ids = params.get("request_id") or []
+        if params.get("log_path"):
+            return (
+                f"{reader.via} may not stream a server log file; only an admin may (deskgpu guard)"
+            )
+        if not request_ids:
+            return (
+                f"{reader.via} must name one of their own requests (request_id): the latest "
+                "request on the server may be someone else's (deskgpu guard)"
+            )
+        if self.request_owners is None:
+            return None
+        mine = callers.user_id_for(reader.user)
+        for request_id in request_ids:
+            try:
+                owners_ = await self.request_owners(request_id)
+            except Exception:  # fail closed
+                logger.exception("deskgpu guard: could not look up a request's owner")
+                return "the deskgpu guard could not check this request (see the server log)"
+            if any(owner != mine for owner in owners_):
+                return (
+                    f"request {request_id[:40]} is not one of {reader.via}'s: a request's result "
+                    "and output are its owner's (deskgpu guard)"
+                )
+        return None
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A websocket (SkyPilot's SSH proxies) is bound like any request: the connecting
+        account must own the cluster it names, or be an admin."""
+        try:
+            internal = self.is_internal(scope)
+        except Exception:
+            logger.exception("deskgpu guard: could not tell who is connecting")
+            internal = False
+        if internal:
+            await self.app(scope, receive, send)
+            return
+        settings = self._settings()
+        caller = None
+        if not settings.error:
+            caller = callers.caller_for_uid(
+                self._uid(scope), server_uid=self.server_uid, frontends=settings.frontends
+            )
+        refusal = settings.error or (
+            None if caller is not None else "cannot tell which account is connecting"
+        )
+        route = route_of(str(scope.get("path") or ""))
+        if refusal is None and caller is not None:
+            reader = self._reader(caller, settings)
+            if route in ADMIN_WEBSOCKETS and not reader.admin:
+                refusal = f"{route} is an admin's (deskgpu guard)"
+            elif route in CLUSTER_WEBSOCKETS and self.body_rule is not None:
+                from urllib.parse import parse_qs
+
+                query = (scope.get("query_string") or b"").decode("latin-1")
+                names = parse_qs(query, keep_blank_values=True).get("cluster_name") or []
+                for name in names or [""]:
+                    try:
+                        refusal = self.body_rule(route, {"cluster_name": name}, reader)
+                    except Exception:
+                        logger.exception("deskgpu guard: the websocket rule failed")
+                        refusal = "the deskgpu guard could not check this connection"
+                    if refusal:
+                        break
+        if refusal:
+            logger.warning("deskgpu guard: websocket %s refused: %s", route, refusal)
+            message = await receive()
+            if message.get("type") == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1008, "reason": refusal[:120]})
+            return
+        await self.app(scope, receive, send)
 
     def _settings(self) -> GuardSettings:
         try:
@@ -651,6 +774,15 @@ class GuardMiddleware:
             )
             if caller.role == callers.FRONTEND:
                 env[FRONTEND_ENV] = caller.account
+            route = route_of(str(scope.get("path") or ""))
+            if (
+                route == STATUS
+                and not acting.admin
+                and doc.get("include_credentials", True) is not False
+            ):
+                # SkyPilot's /status hands out each cluster's ssh private key when asked
+                # (its payload's default): only for the caller's own clusters.
+                doc["all_users"] = False
             if not acting.admin and route_of(str(scope.get("path") or "")) == API_CANCEL:
                 # SkyPilot scopes a cancel to its caller only when it authenticates them
                 # (sky/server/requests/role_filter.py); on the box the guard does.
@@ -695,6 +827,49 @@ def noteworthy(removed: Scrubbed, caller: callers.Caller | None) -> Scrubbed:
 
 
 API_CANCEL = "/api/cancel"
+STATUS = "/status"
+# Reads of one API request's result or output, and the listing of all of them: SkyPilot
+# scopes them to their owner only for authenticated users (sky/server/requests/role_filter.py).
+REQUEST_READS = ("/api/get", "/api/stream")
+REQUEST_LISTINGS = ("/api/status",)
+# SkyPilot's websockets (sky/server/server.py): SSH into a named cluster, and the PTY of an
+# interactive SSH authentication (an admin's: SSH node pools).
+CLUSTER_WEBSOCKETS = ("/kubernetes-pod-ssh-proxy", "/slurm-job-ssh-proxy")
+ADMIN_WEBSOCKETS = ("/ssh-interactive-auth",)
+
+
+def _only_own_requests(send: Send, user_id: str) -> Send:
+    """Wrap `send` so a JSON list of requests keeps only `user_id`'s (`/api/status`)."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def filtered(message: Message) -> None:
+        nonlocal start
+        if message.get("type") == "http.response.start":
+            start = message
+            return
+        if message.get("type") != "http.response.body" or start is None:
+            await send(message)
+            return
+        chunks.append(message.get("body", b"") or b"")
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, list):
+            doc = [r for r in doc if isinstance(r, dict) and r.get("user_id") == user_id]
+            body = json.dumps(doc).encode()
+        headers = [(k, v) for k, v in start.get("headers") or [] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return filtered
+
+
 OPEN_PATHS = ("/api/health",)
 
 

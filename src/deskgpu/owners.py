@@ -35,6 +35,9 @@ CLUSTER_ACTIONS: Mapping[str, tuple[str, bool]] = {
     "/download_logs": ("download the logs of", True),
     "/provision_logs": ("read the provision logs of", True),
     "/hook_logs": ("read the hook logs of", True),
+    # SkyPilot's SSH proxies (websockets, `ssh <cluster>`): a shell on it.
+    "/kubernetes-pod-ssh-proxy": ("open a shell on", False),
+    "/slurm-job-ssh-proxy": ("open a shell on", False),
 }
 # Managed-job endpoints: `job_ids` / `job_id` and `name` (payloads.JobsCancelBody,
 # JobsLogsBody, JobsDownloadLogsBody).
@@ -43,6 +46,7 @@ JOB_ACTIONS: Mapping[str, tuple[str, bool]] = {
     "/jobs/logs": ("read the logs of", True),
     "/jobs/download_logs": ("download the logs of", True),
 }
+JOBS_LAUNCH = "/jobs/launch"
 # `sky volumes delete NAMES` (payloads.VolumeDeleteBody); `sky storage delete` removes a
 # bucket SkyPilot keeps no owner of that the box uses: an admin's.
 VOLUME_DELETE = "/volumes/delete"
@@ -108,6 +112,19 @@ def refusal(
         if found is None or may_act_for(acting, found.owner):
             return None
         return _refused(acting, verb, f"cluster {name}", found.owner, admin_group)
+    if path == JOBS_LAUNCH and doc.get("parent_job_id") is not None:
+        # A job launched into another job's group runs beside it, on its network.
+        try:
+            parents = _ids(doc.get("parent_job_id"))
+        except _NotAnId as exc:
+            return f"managed job ids are whole numbers, not {exc} (deskgpu guard)"
+        for job_id in parents:
+            found = lookups.job(job_id)
+            if found is not None and not may_act_for(acting, found.owner):
+                return _refused(
+                    acting, "add a job to", f"managed job {job_id}", found.owner, admin_group
+                )
+        return None
     if path in JOB_ACTIONS:
         verb, reads_logs = JOB_ACTIONS[path]
         if reads_logs and shared_logs:

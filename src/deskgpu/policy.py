@@ -618,6 +618,7 @@ class Guard(sky_plugins.BasePlugin):
                 settings=guard_settings,
                 open_paths=(GUARD_ROUTE,),
                 frontend_seen=note_frontend_client,
+                request_owners=request_owners,
             )
             app.add_api_route(GUARD_ROUTE, guard_status, methods=["GET"])
 
@@ -688,6 +689,17 @@ def _volume_record(name: str) -> owners.Found | None:
 SKY_LOOKUPS = owners.Lookups(
     cluster=_cluster_record, job=_job_record, jobs_named=_jobs_named, volume=_volume_record
 )
+
+
+async def request_owners(request_id: str) -> list[str]:
+    """The user ids of the API requests `request_id` names as a prefix (as `/api/get` and
+    `/api/stream` expand it: sky/server/server.py `get_expanded_request_id`)."""
+    from sky.server.requests import requests as requests_lib
+
+    found = await requests_lib.get_requests_async_with_prefix(
+        request_id, fields=["request_id", "user_id"]
+    )
+    return [str(task.user_id) for task in found or []]
 
 
 def guard_body_rule(path: str, body: Mapping[str, Any], acting: callers.Acting) -> str | None:
