@@ -307,3 +307,36 @@ def test_a_job_cannot_join_someone_elses_job_group() -> None:
 @pytest.mark.parametrize("path", ["/serve/down", "/serve/update", "/jobs/pool_down"])
 def test_services_and_pools_are_an_admins_on_the_box(path: str) -> None:
     assert hardening.is_admin_path("POST", path)
+
+
+def _listing(body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    from deskgpu.hardening import _only_own_requests
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        wrapped = _only_own_requests(send, "b0b00001")
+        await wrapped({"type": "http.response.start", "status": 200, "headers": headers})
+        await wrapped({"type": "http.response.body", "body": body[:5], "more_body": True})
+        await wrapped({"type": "http.response.body", "body": body[5:], "more_body": False})
+
+    asyncio.run(run())
+    return sent[0]["status"], sent[1]["body"]
+
+
+def test_the_request_listing_keeps_only_the_callers_own() -> None:
+    import gzip
+
+    rows = [{"request_id": "a", "user_id": "a1ce0001"}, {"request_id": "b", "user_id": "b0b00001"}]
+    plain = json.dumps(rows).encode()
+    assert _listing(plain, [(b"content-type", b"application/json")]) == (
+        200,
+        json.dumps([rows[1]]).encode(),
+    )
+    zipped = _listing(gzip.compress(plain), [(b"content-encoding", b"gzip")])
+    assert zipped == (200, json.dumps([rows[1]]).encode())
+    status, body = _listing(b"not json at all", [])
+    assert status == 502 and b"a1ce0001" not in body  # unreadable: not passed on

@@ -855,16 +855,34 @@ def _only_own_requests(send: Send, user_id: str) -> Send:
         if message.get("more_body"):
             return
         body = b"".join(chunks)
+        headers = [
+            (k, v)
+            for k, v in start.get("headers") or []
+            if k.lower() not in (b"content-length", b"content-encoding")
+        ]
+        encoding = dict((k.lower(), v) for k, v in start.get("headers") or []).get(
+            b"content-encoding", b""
+        )
         try:
+            if encoding.strip().lower() == b"gzip":
+                import gzip
+
+                body = gzip.decompress(body)
             doc = json.loads(body)
-        except ValueError:
+        except (ValueError, OSError, EOFError):
             doc = None
+        status = int(start.get("status") or 200)
         if isinstance(doc, list):
             doc = [r for r in doc if isinstance(r, dict) and r.get("user_id") == user_id]
             body = json.dumps(doc).encode()
-        headers = [(k, v) for k, v in start.get("headers") or [] if k.lower() != b"content-length"]
+        elif status < 400:
+            # A listing the guard cannot read is not passed on unread (fail closed).
+            status = 502
+            body = json.dumps(
+                {"detail": "the deskgpu guard could not scope this listing to its caller"}
+            ).encode()
         headers.append((b"content-length", str(len(body)).encode()))
-        await send({**start, "headers": headers})
+        await send({**start, "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     return filtered
