@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS notices (
 );
 """
 FORMAT = "1"
+_CREATE = "BEGIN;\n" + _SCHEMA + "INSERT OR IGNORE INTO meta VALUES ('format', '1');\nCOMMIT;\n"  # noqa: S608 - constants only
+# Tables a deskgpu history holds: the schema above and the usage store's (usage/store.py).
+OWN_TABLES = frozenset(
+    {"meta", "observations", "gpu_samples", "activity_samples", "notices",
+     "usage_sessions", "usage_box", "usage_waits"}
+)  # fmt: skip
 
 
 class HistoryDenied(OutsideError):
@@ -229,6 +235,8 @@ def _foreign(db: sqlite3.Connection) -> str | None:
         and db.execute("SELECT 1 FROM meta WHERE key = 'format'").fetchone() is not None
     ):
         return None
+    if tables <= OWN_TABLES:  # ours, its format row not written (a kill, an older deskgpu)
+        return None
     return f"a SQLite database of something else (tables: {', '.join(sorted(tables)[:5])})"
 
 
@@ -254,9 +262,9 @@ def open_history(path: Path | str, *, create: bool = True) -> Iterator[History]:
             if foreign:  # never create deskgpu's tables in someone else's database
                 raise OutsideError(f"{where}: {foreign}, not deskgpu's observation history")
             if create:
-                db.executescript(_SCHEMA)
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
-                db.commit()
+                # One transaction: a kill between the tables and the format row would leave a
+                # file the next run takes for someone else's database.
+                db.executescript(_CREATE)
         except sqlite3.Error as exc:
             raise OutsideError(f"observation history {where}: {exc}") from None
         yield History(db, where)

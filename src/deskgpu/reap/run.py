@@ -408,6 +408,24 @@ def _act(
                             "evidence_file": result.evidence_file,
                         }
                     )
+            elif d.action is Action.REAP and d.refused is None:
+                # A teardown's line comes first too: a run killed between `sky down` and its
+                # `torn-down` line still leaves a record that it was about to act.
+                log.append(
+                    {
+                        "ts": iso(live.clock()),
+                        "run_id": result.run_id,
+                        "event": "action",
+                        "actor": actor.user,
+                        "action": d.action.value,
+                        "owner": d.owner,
+                        **act.Outcome(
+                            d.subject, audit.TEARDOWN_INTENT, True, "tearing it down"
+                        ).to_dict(),
+                        "session_created_at": iso(session.created_at) if session else None,
+                        "evidence_file": result.evidence_file,
+                    }
+                )
             try:
                 outcome = _act_one(
                     d, result, config, settings, actor, kill_unmanaged, live, history,
