@@ -417,7 +417,7 @@ def test_readable_by_follows_unix_modes(mode: int, parent_mode: int, other_can_r
         ("DELETE", "/users/delete", True),
         ("POST", "/users/service-account-tokens/rotate", True),
         ("POST", "/local_up", True),
-        ("GET", "/workspaces/config", False),
+        ("GET", "/workspaces/config", True),  # the whole server config: root reads it
         ("GET", "/workspaces", False),
         ("POST", "/users/me/workspace", False),
         ("POST", "/launch", False),

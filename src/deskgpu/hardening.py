@@ -109,9 +109,10 @@ def route_of(path: str) -> str:
     return posixpath.normpath("/" + path.lstrip("/")).rstrip("/") or "/"
 
 
-# Reads only an admin may make: a debug dump of the whole server (its databases and logs)
-# and the export of every user (sky/server/server.py, sky/users/server.py).
-ADMIN_READ_PATHS = ("/debug/", "/users/export")
+# Reads only an admin may make: a debug dump of the whole server (its databases and logs),
+# the export of every user, the server's whole SkyPilot config and its SSH node pools
+# (sky/server/server.py, sky/users/server.py, sky/workspaces/server.py).
+ADMIN_READ_PATHS = ("/debug/", "/users/export", "/workspaces/config", "/ssh_node_pools")
 
 
 def is_admin_path(method: str, path: str) -> bool:
