@@ -44,7 +44,10 @@ CREATE TABLE IF NOT EXISTS notices (
 );
 """
 FORMAT = "1"
-_CREATE = "BEGIN;\n" + _SCHEMA + "INSERT OR IGNORE INTO meta VALUES ('format', '1');\nCOMMIT;\n"  # noqa: S608 - constants only
+# One transaction, its write lock taken up front (see open_history).
+_CREATE = "\n".join(
+    ["BEGIN IMMEDIATE;", _SCHEMA, "INSERT OR IGNORE INTO meta VALUES ('format', '1');", "COMMIT;"]
+)
 # Tables a deskgpu history holds: the schema above and the usage store's (usage/store.py).
 OWN_TABLES = frozenset(
     {"meta", "observations", "gpu_samples", "activity_samples", "notices",
@@ -253,7 +256,10 @@ def open_history(path: Path | str, *, create: bool = True) -> Iterator[History]:
                 p.parent.mkdir(parents=True, exist_ok=True)
             if p.exists() or p.is_symlink():
                 check_regular(p)
-        db = sqlite3.connect(where, timeout=30.0)
+        # IMMEDIATE: a write transaction takes its lock when it begins, so two writers wait
+        # for each other (busy timeout) instead of one failing at once on a read-to-write
+        # upgrade ("database is locked", seen with observe and reap --yes together).
+        db = sqlite3.connect(where, timeout=30.0, isolation_level="IMMEDIATE")
     except (OSError, sqlite3.Error) as exc:
         raise OutsideError(f"cannot open the observation history {where}: {exc}") from None
     try:

@@ -78,7 +78,8 @@ class WaitRecord:
 
 
 def ensure(db: sqlite3.Connection) -> None:
-    db.executescript(SCHEMA)
+    # IMMEDIATE: the write lock up front, so a concurrent writer waits instead of failing.
+    db.executescript("BEGIN IMMEDIATE;\n" + SCHEMA + "COMMIT;\n")
 
 
 def record(db: sqlite3.Connection, ts: float, sessions: Iterable[Any], snap: Any) -> None:
