@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -32,26 +32,21 @@ NameArgument = Annotated[
         show_default=False,
     ),
 ]
-TimeoutOption = Annotated[
-    float,
-    typer.Option(
+
+
+def _timeout(also: str = "") -> Any:
+    """`--timeout` of logs, cancel and ssh: one option type, its help per command."""
+    return typer.Option(
         "--timeout",
         metavar="SECONDS",
         parser=seconds(0.1, 3600),
         help="Seconds for finding the job and for SkyPilot's answer, counted from the start "
-        "(loading SkyPilot may add up to 5 s).",
-    ),
-]
-LogsTimeoutOption = Annotated[
-    float,
-    typer.Option(
-        "--timeout",
-        metavar="SECONDS",
-        parser=seconds(0.1, 3600),
-        help="Seconds for finding the job and for SkyPilot's answer, counted from the start "
-        "(loading SkyPilot may add up to 5 s); a followed log stream is not bounded.",
-    ),
-]
+        f"(loading SkyPilot may add up to 5 s){also}.",
+    )
+
+
+TimeoutOption = Annotated[float, _timeout()]
+LogsTimeoutOption = Annotated[float, _timeout("; a followed log stream is not bounded")]
 
 
 def _find(

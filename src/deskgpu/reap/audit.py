@@ -110,17 +110,22 @@ RUN_EVENT = "run"  # the line every `reap --yes` run ends with, whatever it foun
 TAIL_BYTES = 1024 * 1024  # the last reap run is near the end: read no more than this
 
 
+def tail_lines(path: Path, limit: int = TAIL_BYTES) -> list[bytes]:
+    """The audit log's last `limit` bytes, as lines (the first may be torn). OSError as
+    opening or reading raises it."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - limit))
+        return f.read().splitlines()
+
+
 def last_reap_run(path: Path) -> tuple[float, str] | None:
     """(time, run id) of the newest `reap --yes` run in the audit log; None: none recorded.
 
     Older deskgpu wrote no `run` line; a non-dry-run `decision` of a reap (not observe) run
     proves such a run too. Raises OSError when the log cannot be read.
     """
-    with path.open("rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - TAIL_BYTES))
-        lines = f.read().splitlines()
-    for raw in reversed(lines):
+    for raw in reversed(tail_lines(path)):
         try:
             record = json.loads(raw)
         except (ValueError, RecursionError):  # a torn first line of the tail, or garbage
@@ -150,10 +155,7 @@ TEARDOWN_INTENT = "tearing-down"  # a teardown about to run: its line comes firs
 def newest_actions(path: Path) -> dict[str, dict[str, Any]]:
     """The newest `action` record per session (subject) in the audit log's tail."""
     try:
-        with path.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - TAIL_BYTES))
-            lines = f.read().splitlines()
+        lines = tail_lines(path)
     except OSError:
         return {}
     newest: dict[str, dict[str, Any]] = {}

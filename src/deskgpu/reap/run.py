@@ -386,6 +386,20 @@ def _act(
         newest = audit.newest_actions(settings.audit_file)
         if history is not None:
             complete_cut_short(history, newest, log, result.run_id, actor.user, live.clock())
+
+        def line(d: Decision, outcome: act.Outcome, session: Session | None) -> dict[str, Any]:
+            return {
+                "ts": iso(live.clock()),
+                "run_id": result.run_id,
+                "event": "action",
+                "actor": actor.user,
+                "action": d.action.value,
+                "owner": d.owner,
+                **outcome.to_dict(),
+                "session_created_at": iso(session.created_at) if session else None,
+                "evidence_file": result.evidence_file,
+            }
+
         for d in result.decisions:
             session = sessions.get(d.subject)
             if _gives_notice(d):
@@ -393,39 +407,13 @@ def _act(
                 if not audit.cut_short(newest, d.subject, created):
                     # The notice's line comes first (no notice without one); its intent is
                     # not a notice: the `warned` line after it is.
-                    log.append(
-                        {
-                            "ts": iso(live.clock()),
-                            "run_id": result.run_id,
-                            "event": "action",
-                            "actor": actor.user,
-                            "action": d.action.value,
-                            "owner": d.owner,
-                            **act.Outcome(
-                                d.subject, audit.INTENT, True, "giving the first notice"
-                            ).to_dict(),
-                            "session_created_at": created,
-                            "evidence_file": result.evidence_file,
-                        }
-                    )
+                    intent = act.Outcome(d.subject, audit.INTENT, True, "giving the first notice")
+                    log.append(line(d, intent, session))
             elif d.action is Action.REAP and d.refused is None:
                 # A teardown's line comes first too: a run killed between `sky down` and its
                 # `torn-down` line still leaves a record that it was about to act.
-                log.append(
-                    {
-                        "ts": iso(live.clock()),
-                        "run_id": result.run_id,
-                        "event": "action",
-                        "actor": actor.user,
-                        "action": d.action.value,
-                        "owner": d.owner,
-                        **act.Outcome(
-                            d.subject, audit.TEARDOWN_INTENT, True, "tearing it down"
-                        ).to_dict(),
-                        "session_created_at": iso(session.created_at) if session else None,
-                        "evidence_file": result.evidence_file,
-                    }
-                )
+                intent = act.Outcome(d.subject, audit.TEARDOWN_INTENT, True, "tearing it down")
+                log.append(line(d, intent, session))
             try:
                 outcome = _act_one(
                     d, result, config, settings, actor, kill_unmanaged, live, history,
@@ -436,19 +424,8 @@ def _act(
             if outcome is None:
                 continue
             result.outcomes.append(outcome)
-            log.append(  # a failure here ends the run: reap never acts without a record
-                {
-                    "ts": iso(live.clock()),
-                    "run_id": result.run_id,
-                    "event": "action",
-                    "actor": actor.user,
-                    "action": d.action.value,
-                    "owner": d.owner,
-                    **outcome.to_dict(),
-                    "session_created_at": iso(session.created_at) if session else None,
-                    "evidence_file": result.evidence_file,
-                }
-            )
+            # A failure here ends the run: reap never acts without a record.
+            log.append(line(d, outcome, session))
 
 
 def complete_cut_short(

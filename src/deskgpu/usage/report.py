@@ -444,10 +444,9 @@ def _add_audit(
     if path is None:
         return 0
     try:
-        with path.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - AUDIT_TAIL_BYTES))
-            lines = f.read().splitlines()
+        from deskgpu.reap.audit import tail_lines
+
+        lines = tail_lines(path, AUDIT_TAIL_BYTES)
     except FileNotFoundError:
         notes.append(f"no audit log at {path}: no reap notices or teardowns recorded")
         return 0
