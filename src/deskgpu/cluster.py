@@ -30,6 +30,7 @@ from deskgpu.kubenames import (
     DELETE_POLICY,
     JOB_SERVICE_ACCOUNT,
     JOBS_NAMESPACE,
+    NVIDIA_RUNTIME_CLASS,
 )
 from deskgpu.labels import LABEL_USER
 
@@ -37,6 +38,7 @@ JOB_ROLE = JOB_SERVICE_ACCOUNT
 JOB_USERNAME = f"system:serviceaccount:{JOBS_NAMESPACE}:{JOB_SERVICE_ACCOUNT}"
 RBAC_API = "rbac.authorization.k8s.io/v1"
 ADMISSION_API = "admissionregistration.k8s.io/v1"
+NODE_API = "node.k8s.io/v1"
 # ValidatingAdmissionPolicy is GA (admissionregistration.k8s.io/v1) since Kubernetes 1.30; the
 # tests validate the manifests against this version's OpenAPI schemas.
 KUBERNETES_VERSION = "1.30"
@@ -104,6 +106,20 @@ def job_identity_objects() -> list[dict[str, Any]]:
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": JOB_ROLE},
         },
     ]
+
+
+def nvidia_runtime_class() -> dict[str, Any]:
+    """The RuntimeClass that runs a pod with the NVIDIA container runtime: its handler is the
+    runtime k3s adds to its containerd config when it finds nvidia-container-runtime."""
+    return {
+        "apiVersion": NODE_API,
+        "kind": "RuntimeClass",
+        "metadata": {
+            "name": NVIDIA_RUNTIME_CLASS,
+            "labels": {"app.kubernetes.io/managed-by": "deskgpu"},
+        },
+        "handler": NVIDIA_RUNTIME_CLASS,
+    }
 
 
 def host_paths(config: HostConfig) -> tuple[str, str]:

@@ -11,3 +11,17 @@ JOB_SERVICE_ACCOUNT = "deskgpu-job"
 ADMISSION_POLICY = "deskgpu-job-pods"
 DELETE_POLICY = "deskgpu-job-deletes"
 POLICIES = (ADMISSION_POLICY, DELETE_POLICY)
+# The RuntimeClass of the NVIDIA container runtime. SkyPilot 0.14 sets `runtimeClassName:
+# nvidia` on every GPU pod when a RuntimeClass of this name exists
+# (sky/provision/kubernetes/instance.py _configure_runtime_class); k3s v1.29+ creates it when
+# it finds nvidia-container-runtime, and install.sh applies deskgpu's copy when it is absent.
+NVIDIA_RUNTIME_CLASS = "nvidia"
+# The node label SkyPilot reads a GPU's type from when GPU Feature Discovery's
+# `nvidia.com/gpu.product` is absent; its value is the accelerator name in lower case
+# (sky/provision/kubernetes/utils.py SkyPilotLabelFormatter).
+ACCELERATOR_LABEL = "skypilot.co/accelerator"
+
+
+def accelerator_label_value(model: str) -> str:
+    """`A6000` -> `a6000`: the value SkyPilot matches `accelerators: A6000:N` against."""
+    return model.lower()

@@ -27,7 +27,13 @@ from deskgpu import cluster
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.doctor.settings import DoctorSettings
 from deskgpu.errors import UsageError
-from deskgpu.kubenames import JOB_SERVICE_ACCOUNT, JOBS_NAMESPACE
+from deskgpu.kubenames import (
+    ACCELERATOR_LABEL,
+    JOB_SERVICE_ACCOUNT,
+    JOBS_NAMESPACE,
+    NVIDIA_RUNTIME_CLASS,
+    accelerator_label_value,
+)
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP, Schedule
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
@@ -51,6 +57,7 @@ KUEUE_NAMESPACE = JOBS_NAMESPACE  # SkyPilot's pods land in the kube context's n
 KUBE_DIR = "kube"  # manifests install.sh applies to the cluster
 JOB_IDENTITY_FILE = f"{KUBE_DIR}/deskgpu-job.yaml"
 ADMISSION_FILE = f"{KUBE_DIR}/deskgpu-admission.yaml"
+RUNTIME_CLASS_FILE = f"{KUBE_DIR}/nvidia-runtimeclass.yaml"
 KUEUE_FLAVOR = "default-flavor"
 GPU_RESOURCE = "nvidia.com/gpu"
 DOCS = "https://github.com/deskgpu/deskgpu"
@@ -79,6 +86,8 @@ class SetupFile:
     optional: bool = False  # installed by hand (Kueue, the cron alternative)
     install_to: str | None = ""  # "": at "/" + path; None: not copied (applied, or run)
     apply: bool = False  # install.sh applies it to the cluster (`kubectl apply -f`)
+    # With `apply`: applied only when this object (`kind/name`) does not exist yet.
+    unless_exists: str | None = None
 
     @property
     def destination(self) -> str | None:
@@ -431,6 +440,28 @@ def admission_manifest(config: HostConfig) -> str:
     return _manifest(config, ADMISSION_FILE, about, cluster.admission_objects(config))
 
 
+def runtime_class_manifest(config: HostConfig) -> str:
+    about = [
+        f"The RuntimeClass `{NVIDIA_RUNTIME_CLASS}`: SkyPilot sets it on every GPU pod when it",
+        "exists, so the pod starts with the NVIDIA container runtime (k3s v1.29+ creates it",
+        "itself when it finds nvidia-container-runtime; install.sh applies this copy only when",
+        "it is absent).",
+    ]
+    return _manifest(config, RUNTIME_CLASS_FILE, about, [cluster.nvidia_runtime_class()])
+
+
+def node_label_lines(config: HostConfig) -> list[str]:
+    """install.sh lines labelling the box's node with its GPU type, for SkyPilot."""
+    if len(config.gpus) != 1:
+        return []
+    (model,) = config.gpus
+    value = accelerator_label_value(model)
+    return [
+        f"# The GPU type SkyPilot matches `accelerators: {model}:N` against (one box: every node).",
+        f"kube label nodes --all --overwrite {ACCELERATOR_LABEL}={shlex.quote(value)} >/dev/null",
+    ]
+
+
 def kueue_manifest(config: HostConfig) -> str:
     body = "---\n".join(_yaml(obj) for obj in kueue_objects(config))
     return (
@@ -549,6 +580,13 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
     q = shlex.quote
     installed = [f for f in files if not f.optional and f.destination is not None]
     applied = [f for f in files if f.apply]
+
+    def apply(f: SetupFile) -> str:
+        line = f'kube apply -f "$here/{f.path}"'
+        if f.unless_exists:
+            return f"kube get {f.unless_exists} >/dev/null 2>&1 || {line}"
+        return line
+
     kube = f"--kubeconfig {K3S_KUBECONFIG}"
     units = [KUBECONFIG_PATH_UNIT, SERVER_UNIT, OBSERVE.timer_unit, REAP.timer_unit]
     lines = [
@@ -618,8 +656,10 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         owner = f"-o {q(f.owner)} -g {q(f.owner)} " if f.owner != "root" else ""
         lines.append(f'install -D {owner}-m {f.mode:04o} "$here/{f.path}" {q(f.destination or "")}')
     lines += [
-        "# The jobs' identity and the admission policy, before the server can start a job.",
-        *(f'kube apply -f "$here/{f.path}"' for f in applied),
+        "# The jobs' identity, the admission policy and the NVIDIA runtime class, before the",
+        "# server can start a job.",
+        *(apply(f) for f in applied),
+        *node_label_lines(config),
         "systemd-tmpfiles --create /etc/tmpfiles.d/deskgpu.conf",
         "systemctl daemon-reload",
         f"if systemctl is-active --quiet {SERVER_UNIT}; then",
@@ -652,6 +692,11 @@ def render(config: HostConfig, tools: Tools, config_text: str | None = None) -> 
         notes.append(
             "the host config lists no GPUs (gpus: {MODEL: COUNT}); Kueue's GPU quota is 0 "
             "until it does"
+        )
+    if len(config.gpus) > 1:
+        notes.append(
+            f"the host config lists {len(config.gpus)} GPU models: install.sh labels no node "
+            f"with {ACCELERATOR_LABEL}; label each node with its own (docs/setup.md)"
         )
     if not config.kueue_local_queue:
         notes.append(
@@ -766,6 +811,16 @@ def render(config: HostConfig, tools: Tools, config_text: str | None = None) -> 
             "volumes, nothing privileged (kubectl apply -f, by install.sh)",
             install_to=None,
             apply=True,
+        ),
+        SetupFile(
+            RUNTIME_CLASS_FILE,
+            runtime_class_manifest(config),
+            0o644,
+            f"the RuntimeClass {NVIDIA_RUNTIME_CLASS}: GPU pods start with the NVIDIA container "
+            "runtime (kubectl apply -f, by install.sh, when k3s has not made one)",
+            install_to=None,
+            apply=True,
+            unless_exists=f"runtimeclass/{NVIDIA_RUNTIME_CLASS}",
         ),
         SetupFile(
             f"kueue/{_k8s_name(config.box_name)}.yaml",

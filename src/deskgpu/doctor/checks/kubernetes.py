@@ -20,7 +20,13 @@ from deskgpu.doctor.facts import (
     HostFacts,
 )
 from deskgpu.doctor.settings import Settings
-from deskgpu.kubenames import JOB_SERVICE_ACCOUNT, JOBS_NAMESPACE, POLICIES
+from deskgpu.kubenames import (
+    ACCELERATOR_LABEL,
+    JOB_SERVICE_ACCOUNT,
+    JOBS_NAMESPACE,
+    POLICIES,
+    accelerator_label_value,
+)
 
 DOC_K8S_GPU = "https://docs.skypilot.co/en/latest/reference/kubernetes/kubernetes-setup.html"
 
@@ -28,7 +34,7 @@ _k8s = _Component("kubernetes")
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_LABELS = (
     "nvidia.com/gpu.product",
-    "skypilot.co/accelerator",
+    ACCELERATOR_LABEL,
     "cloud.google.com/gke-accelerator",
 )
 
@@ -235,8 +241,8 @@ def _check_gpu_labels(nodes: list[dict[str, Any]], facts: HostFacts, config: Hos
             WARN,
             f"node {', '.join(n for n, _ in missing)} has no GPU product label: SkyPilot "
             "cannot match `accelerators: TYPE:N` to it",
-            f"`kubectl label node {first} skypilot.co/accelerator={model.lower()}` (or deploy "
-            "NVIDIA GPU Feature Discovery)",
+            f"`kubectl label node {first} {ACCELERATOR_LABEL}={accelerator_label_value(model)}` "
+            "(the rendered install.sh does it; or deploy NVIDIA GPU Feature Discovery)",
         )
     return _k8s("gpu_labels", OK, "; ".join(f"{n}: {', '.join(h)}" for n, h in found))
 
