@@ -105,3 +105,56 @@ def render_command(
         where = f"-> {f.destination}" if f.destination else ""
         typer.echo(f"{f.path:<{width}}  {f.purpose} {where}".rstrip())
     typer.echo(f"review, then: sudo sh {out / 'install.sh'} && deskgpu doctor")
+
+
+@app.command("trial")
+@exits_cleanly
+def trial_command(
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Directory for the trial: its server's HOME, host config, server.sh and env.sh.",
+            file_okay=False,
+            show_default=False,
+        ),
+    ],
+    port: Annotated[
+        int,
+        typer.Option(
+            "--port",
+            metavar="PORT",
+            min=1024,
+            max=65535,
+            help="Loopback port of the trial server (never the box's 46580).",
+        ),
+    ] = 46590,
+    config_path: ConfigOption = None,
+) -> None:
+    """Write a private trial of the box into DIR: a SkyPilot API server with the house rules,
+    run as you (DIR/server.sh), and `. DIR/env.sh` to point this shell's deskgpu at it.
+
+    Exit 0: written; 2: bad flags, host config, or a DIR that cannot be written.
+    """
+    import sys
+
+    from deskgpu.errors import UsageError
+    from deskgpu.setup.render import DEFAULT_ENDPOINT, Tools, server_port
+    from deskgpu.setup.trial import ENV_SCRIPT, SERVER_SCRIPT, trial_files, write
+
+    box_port = server_port(dataclasses.replace(get_config(None), api_server=DEFAULT_ENDPOINT))
+    if port == box_port:
+        raise UsageError(f"--port {port} is the box's shared API server's: pick another")
+    config = get_config(config_path)
+    # The trial runs the Python running this command: a checkout's venv is fine for a trial.
+    tools = Tools(python=sys.executable, deskgpu=sys.argv[0] if sys.argv else "deskgpu")
+    where = out.absolute()
+    files = trial_files(config, tools, where, port)
+    write(files, where)
+    for f in files:
+        typer.echo(f"{f.path}  {f.purpose}")
+    typer.echo(
+        f"start it: {where / SERVER_SCRIPT}   then, in another shell: . {where / ENV_SCRIPT} "
+        "&& deskgpu submit job.yaml"
+    )
