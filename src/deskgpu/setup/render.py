@@ -63,6 +63,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 DOCS = "https://github.com/deskgpu/deskgpu"
 # The page (and heading) the observe and reap units point at; tests/test_docs.py holds it.
 SCHEDULES_DOC = "docs/reap.md#zombie-sessions-deskgpu-observe-and-deskgpu-reap"
+INSTALL_DOC = "docs/setup.md#3-deskgpu-into-optdeskgpu"
+K3S_DOC = "docs/setup.md#5-k3s-with-the-nvidia-runtime"
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -613,7 +615,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         "[ -d /run/systemd/system ] || need 'systemd is not running as PID 1 "
         "(no /run/systemd/system): the units need it'",
         f"[ -f {K3S_KUBECONFIG} ] || need 'no {K3S_KUBECONFIG}: install k3s first "
-        "(deskgpu docs/setup.md, step 1)'",
+        f"(deskgpu {K3S_DOC})'",
     ]
     for flag, path, what in (
         ("--python", tools.python, "the Python that runs the API server"),
@@ -623,7 +625,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
             f"{{ [ -f {q(path)} ] && [ -x {q(path)} ]; }} || need "
             + q(
                 f"{path} ({what}) is not an executable file: install deskgpu "
-                f"(docs/setup.md, step 1) or render again with {flag} <path>"
+                f"({INSTALL_DOC}) or render again with {flag} <path>"
             )
         )
     for command in ("useradd", "install", "systemctl", "systemd-tmpfiles"):
@@ -632,7 +634,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
     lines += [
         f"[ -x {COPY} ] || need 'no {COPY}: the units copy the kubeconfig with it'",
         "if ! command -v kubectl >/dev/null 2>&1 && ! command -v k3s >/dev/null 2>&1; then",
-        "    need 'no kubectl or k3s command: install k3s first (docs/setup.md, step 1)'",
+        f"    need 'no kubectl or k3s command: install k3s first ({K3S_DOC})'",
         f"elif [ -f {K3S_KUBECONFIG} ] && ! kube get --raw /apis/{cluster.ADMISSION_API} "
         f"2>/dev/null | grep -q '\"{vap}\"'; then",
         "    need 'the k3s API does not answer, or serves no ValidatingAdmissionPolicy "
