@@ -4,6 +4,9 @@ what a trial of the docs reproduced."""
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -196,3 +199,128 @@ def test_a_gpu_request_checked_against_nothing_says_so(cli, tmp_path: Path) -> N
     assert result.exit_code == 0, result.stderr
     assert "the GPU request is not checked here" in result.stderr
     assert "not checked" not in quiet.stderr
+
+
+# ---- item 5: a batch job that fails its prechecks is not "submitted" ----
+
+SKY_FIXTURES = Path(__file__).parent / "fixtures" / "sky"
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def box_like_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real API server run as the box runs it (`--deploy`: the jobs controller inside the
+    server), with no infrastructure enabled; a server that is not in consolidation mode
+    refuses a managed job at once (tests/test_submit_live.py)."""
+    from tests.apiserver import running_api_server
+
+    home = tmp_path_factory.mktemp("first-day-server")
+    with running_api_server(home, deploy=True, warm_up=True) as url:
+        yield url
+
+
+@pytest.mark.apiserver
+def test_a_batch_job_that_fails_its_prechecks_exits_1_with_skypilots_reason(
+    box_like_server: str, tmp_path: Path, hermetic
+) -> None:
+    """`managed job 1 submitted`, exit 0, and FAILED_PRECHECKS seconds later (issue #24 item 5):
+    the interactive submit to the same server already exited 1."""
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
+    env = hermetic.subprocess_env(SKYPILOT_API_SERVER_ENDPOINT=box_like_server)
+    result = subprocess.run(
+        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "90"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "-job failed before it started (FAILED_PRECHECKS)" in line, line
+    assert "no infrastructure enabled" in line and "sky check" in line
+    assert "\x1b" not in line
+
+
+def test_a_recorded_prechecks_failure_is_exit_1_and_names_the_job(cli, sky_replay) -> None:
+    """The same, replayed (tests/fixtures/sky/jobs-launch-failed-prechecks.json): the job was
+    taken (PENDING, STARTING), then failed; one line, nothing on stdout, not even --json."""
+    sky_replay.load(SKY_FIXTURES / "jobs-launch-failed-prechecks.json")
+    result = cli("submit", str(EXAMPLES / "cpu-only.yaml"), "--json")
+    assert result.exit_code == 1, result.stdout
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("deskgpu: managed job 1 ") and "(FAILED_PRECHECKS)" in line
+    assert "SkyPilot has no infrastructure enabled on the API server at" in line
+
+
+@pytest.mark.parametrize(
+    ("record", "state"),
+    [
+        (
+            {
+                "status": "PENDING",
+                "schedule_state": "WAITING",
+                "details": "Waiting for other jobs to launch",
+            },
+            None,
+        ),
+        ({"status": "STARTING", "schedule_state": "LAUNCHING"}, None),
+        (
+            {
+                "status": "STARTING",
+                "schedule_state": "LAUNCHING",
+                "cluster_name_on_cloud": "alice-train-7-2ea4",
+            },
+            "Starting",
+        ),
+        ({"status": "STARTING", "schedule_state": "ALIVE_BACKOFF"}, "Queued"),
+        (
+            {
+                "status": "PENDING",
+                "schedule_state": "ALIVE_BACKOFF",
+                "details": "Job is in backoff",
+            },
+            "Queued",
+        ),
+        ({"status": "RUNNING", "schedule_state": "ALIVE"}, "Running"),
+        (
+            {
+                "status": "FAILED_PRECHECKS",
+                "schedule_state": "DONE",
+                "failure_reason": "[sky.exceptions.NoCloudAccessError] x",
+            },
+            "Failed",
+        ),
+    ],
+    ids=[
+        "controller-queue",
+        "launching",
+        "provisioning",
+        "backoff",
+        "backoff-pending",
+        "running",
+        "failed-prechecks",
+    ],
+)
+def test_a_launch_is_judged_only_once_it_shows_its_hand(
+    record: dict[str, str], state: str | None
+) -> None:
+    """PENDING and a launch before its cluster exists can still fail its prechecks; a
+    provisioning cluster, a backoff (waiting for GPUs) or a running job cannot."""
+    from deskgpu.skyapi import launch_state
+
+    assert launch_state({"job_id": 7, "task_id": 0, **record}).state == state
+
+
+def test_a_queued_batch_job_still_exits_0_and_says_so() -> None:
+    queued = SubmitResult(
+        "alice-train", "batch", True, "r", True, 7, state="Queued", reason="Job is in backoff"
+    )
+    assert queued.exit_status == 0
+    assert (
+        queued.follow_lines()[0]
+        == "alice-train: managed job 7 submitted, queued (Job is in backoff)"
+    )
+    assert queued.as_json()["state"] == "Queued"

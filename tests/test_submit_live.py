@@ -33,7 +33,8 @@ def test_accepted_batch_job_prints_id_and_how_to_follow(cli, sky_replay) -> None
     sent = _sent_task(server)
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].endswith("-preprocess: managed job 7 submitted")
+    # Past SkyPilot's prechecks: its cluster is provisioning (the recording's last answer).
+    assert lines[0].endswith("-preprocess: managed job 7 submitted, starting")
     assert "deskgpu logs 7" in result.stdout and "deskgpu cancel 7" in result.stdout
     assert "sky " not in result.stdout  # the hints name deskgpu's own commands
     assert "deskgpu queue" in result.stdout
@@ -48,7 +49,7 @@ def test_accepted_batch_job_as_json(cli, sky_replay) -> None:
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["mode"] == "managed-job" and doc["job_id"] == 7 and doc["accepted"] is True
-    assert doc["kind"] == "batch"
+    assert doc["kind"] == "batch" and doc["state"] == "Starting"
 
 
 def test_busy_box_job_waits_instead_of_failing(cli, sky_replay) -> None:

@@ -106,17 +106,25 @@ def import_sky() -> ModuleType:
 
 def clean_message(exc: BaseException) -> str:
     """First meaningful line of a SkyPilot error, without colour codes."""
-    text = _ANSI.sub("", str(exc)).strip()
-    for line in text.splitlines():
+    return _first_line(str(exc)) or type(exc).__name__
+
+
+def _first_line(text: str) -> str:
+    for line in _ANSI.sub("", text).splitlines():
         if line.strip():
             return line.strip()
-    return type(exc).__name__
+    return ""
 
 
 def explain(exc: BaseException, endpoint: str) -> OutsideError:
     """Turn any SkyPilot failure into one line a researcher can act on."""
-    name = type(exc).__name__
-    message = clean_message(exc)
+    return explain_text(type(exc).__name__, str(exc), endpoint)
+
+
+def explain_text(name: str, text: str, endpoint: str) -> OutsideError:
+    """`explain` for a failure known by its SkyPilot exception's name and text (a managed
+    job's `failure_reason` names its exception in brackets, `[sky.exceptions.X] ...`)."""
+    message = _first_line(text) or name
     unreachable = OutsideError(skyhttp.unreachable_message(endpoint))
     if name in ("ApiServerConnectionError", "ConnectionError", "ConnectTimeout"):
         return unreachable
@@ -146,7 +154,7 @@ def explain(exc: BaseException, endpoint: str) -> OutsideError:
         return OutsideError(f"SkyPilot found no resources for the job: {message}")
     if name == "UserRequestRejectedByPolicy":
         # Every rule it broke, each on its line: the first line alone names none.
-        lines = [ln.rstrip() for ln in _ANSI.sub("", str(exc)).strip().splitlines() if ln.strip()]
+        lines = [ln.rstrip() for ln in _ANSI.sub("", text).strip().splitlines() if ln.strip()]
         return OutsideError("the API server refused the request: " + "\n".join(lines))
     return OutsideError(f"SkyPilot rejected the request ({name}): {message}")
 
@@ -296,6 +304,107 @@ def _first_job_id(result: Any) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# deskgpu submit, a managed job's first seconds. The server takes a managed job before its jobs
+# controller has tried to launch it: with no infrastructure the job turned FAILED_PRECHECKS
+# seconds after `submit` had said "submitted" and exited 0 (issue #24, item 5).
+# ---------------------------------------------------------------------------------------------
+
+# After a job has left the controller's queue, how often `watch_launch` looks again.
+LAUNCH_POLL_S = 1.0
+_EXCEPTION_NAME = re.compile(r"\[(?:[\w.]+\.)?(\w+)\]\s*")
+
+
+@dataclass(frozen=True)
+class LaunchState:
+    """Where a managed job stands in its first seconds.
+
+    `state`: a deskgpu state once the launch has shown its hand (Running; Starting with its
+    cluster provisioning, so past SkyPilot's prechecks; Queued in backoff for resources;
+    Done, Cancelled or Failed), None while SkyPilot has not tried it far enough to say.
+    """
+
+    state: str | None
+    sky_status: str | None = None
+    reason: str | None = None
+
+
+def launch_state(record: dict[str, Any]) -> LaunchState:
+    """One `sky jobs queue` record of a just-submitted job -> its `LaunchState`."""
+    from deskgpu import snapshot as s
+
+    status = _enum_name(record.get("status")) or ""
+    schedule = (_enum_name(record.get("schedule_state")) or "").upper()
+    details = plain(record.get("details"))
+    state, reason = job_state(status, schedule, details, plain(record.get("failure_reason")))
+    if state in (s.RUNNING, s.DONE, s.CANCELLED, s.FAILED) or status == "RECOVERING":
+        return LaunchState(state, status, reason)
+    backoff = schedule == "ALIVE_BACKOFF" or (
+        # Back to PENDING after a launch attempt: backoff, or parked for Kueue admission.
+        status == "PENDING" and schedule not in ("", "INACTIVE", "WAITING")
+    )
+    if backoff:
+        return LaunchState(s.QUEUED, status, details or "in backoff, waiting for resources")
+    if status == "STARTING" and (state == s.QUEUED or record.get("cluster_name_on_cloud")):
+        # A cluster record exists only once provisioning began, after the prechecks
+        # (sky/backends/cloud_vm_ray_backend.py adds it "before provisioning").
+        return LaunchState(state, status, reason)
+    return LaunchState(None, status, reason)
+
+
+def watch_launch(job_id: int, config: HostConfig, deadline: Deadline) -> LaunchState:
+    """Watch a just-accepted managed job until its launch shows its hand or `deadline`.
+
+    Plain HTTP (`jobs/queue/v2` for this one job). The job is taken either way: a state that
+    cannot be read is `LaunchState(None)`, never a failed submission.
+    """
+    endpoint = prepare_environment(config)
+    body = {**jobs_body(), "job_ids": [job_id]}
+    last = LaunchState(None)
+    while not deadline.expired:
+        try:
+            answer = skyhttp.call(endpoint, "jobs/queue/v2", body, deadline)
+        except (OutsideError, skyhttp.RequestFailed):
+            return last
+        records = [record_dict(r) for r in _job_records(answer) if isinstance(r, dict)]
+        mine = sorted(
+            (r for r in records if r.get("job_id") == job_id),
+            key=lambda r: (
+                not str(r.get("status") or "").startswith("FAILED"),
+                r.get("task_id") or 0,
+            ),
+        )
+        if mine:
+            last = launch_state(mine[0])  # a failed task first: it fails the job
+            if last.state is not None:
+                return last
+        time.sleep(min(LAUNCH_POLL_S, deadline.left()))
+    return last
+
+
+def launch_failed(job_id: int, name: str, launch: LaunchState, config: HostConfig) -> OutsideError:
+    """The one line for a managed job that failed before it started (`FAILED_PRECHECKS`: no
+    infrastructure, a bad storage spec; `FAILED_NO_RESOURCE`)."""
+    endpoint = prepare_environment(config)
+    reason = launch.reason or ""
+    found = _EXCEPTION_NAME.match(reason)
+    if found:  # `[sky.exceptions.NoCloudAccessError] Cloud access is not set up. ...`
+        why = str(explain_text(found.group(1), reason[found.end() :], endpoint))
+    else:
+        why = _first_line(reason) or "SkyPilot gave no reason"
+    return OutsideError(
+        f"managed job {job_id} {name} failed before it started ({launch.sky_status}): {why}"
+    )
+
+
+def _job_records(answer: Any) -> list[Any]:
+    """`jobs/queue/v2`'s answer: `{"jobs": [...], ...}` (older servers: the list itself)."""
+    if isinstance(answer, dict):
+        jobs = answer.get("jobs", [])
+        return jobs if isinstance(jobs, list) else []
+    return answer if isinstance(answer, list) else []
+
+
+# ---------------------------------------------------------------------------------------------
 # deskgpu queue: all users' clusters and managed jobs, mapped to deskgpu's states.
 #
 # Live responses (pydantic `StatusResponse` / `ManagedJobRecord`) are turned into plain dicts
@@ -379,8 +488,7 @@ def fetch_queue(
     if isinstance(jobs, skyhttp.RequestFailed) and jobs.type_name == "ClusterNotUpError":
         got_any = True  # no managed job ever launched: an empty queue
     elif isinstance(jobs, (dict, list)):
-        records = jobs.get("jobs", []) if isinstance(jobs, dict) else jobs
-        view.jobs = parse_jobs([record_dict(r) for r in records])
+        view.jobs = parse_jobs([record_dict(r) for r in _job_records(jobs)])
         got_any = True
     else:
         view.notes.append(f"managed jobs unavailable: {_failure(jobs, endpoint)}")

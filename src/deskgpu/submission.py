@@ -120,6 +120,10 @@ class SubmitResult:
     job_id: int | None
     exit_status: ExitStatus = ExitStatus.OK
     wants_gpus: bool = True  # a `gpus: 0` session waits for no GPU
+    # A managed job's deskgpu state once its launch showed its hand within --wait (Running,
+    # Starting, Queued, Done, Cancelled), and SkyPilot's reason; None: not seen yet.
+    state: str | None = None
+    reason: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -129,14 +133,30 @@ class SubmitResult:
             "request_id": self.request_id,
             "accepted": self.accepted,
             "job_id": self.job_id,
+            "state": self.state,
+            "reason": self.reason,
         }
+
+    def _job_state(self) -> str:
+        if not self.accepted:
+            return "queued (waiting for GPUs or the controller)"
+        if self.state == "Running":
+            return "submitted, running"
+        if self.state == "Starting":
+            return "submitted, starting" + (" (waits for free GPUs)" if self.wants_gpus else "")
+        if self.state == "Queued":
+            return f"submitted, queued ({self.reason or 'waiting for GPUs'})"
+        if self.state == "Done":
+            return "submitted, already finished"
+        if self.state == "Cancelled":
+            return "submitted, then cancelled"
+        return "submitted (SkyPilot has not started it yet)"
 
     def follow_lines(self) -> list[str]:
         lines = []
         if self.managed:
             what = f"managed job {self.job_id}" if self.job_id is not None else "managed job"
-            state = "submitted" if self.accepted else "queued (waiting for GPUs or the controller)"
-            lines.append(f"{self.cluster_name}: {what} {state}")
+            lines.append(f"{self.cluster_name}: {what} {self._job_state()}")
             # The id names this one job; the name may be shared by an earlier run.
             name = str(self.job_id) if self.job_id is not None else self.cluster_name
             lines.append("  see it:     deskgpu queue")
@@ -158,6 +178,7 @@ def submit(
     """`deadline`: when the whole command must be done (default `wait_s` from now)."""
     from deskgpu import skyapi  # loads SkyPilot only past the API server's health probe
 
+    deadline = deadline or Deadline.after(wait_s)
     exp = p.expansion
     done = skyapi.submit(
         exp.task,
@@ -169,12 +190,21 @@ def submit(
         user=p.user,
         deadline=deadline,
     )
+    launch = skyapi.LaunchState(None)
+    accepted = done.state == "done"
+    if exp.managed and accepted and done.job_id is not None:
+        # Taken is not yet tried: its controller may fail it seconds later (no infra).
+        launch = skyapi.watch_launch(done.job_id, config, deadline)
+        if launch.state == "Failed":
+            raise skyapi.launch_failed(done.job_id, exp.cluster_name, launch, config)
     return SubmitResult(
         cluster_name=exp.cluster_name,
         kind=p.spec.kind,
         managed=exp.managed,
         request_id=done.request_id,
-        accepted=done.state == "done",
+        accepted=accepted,
         job_id=done.job_id,
         wants_gpus=p.spec.gpus.count > 0,
+        state=launch.state,
+        reason=launch.reason,
     )

@@ -39,8 +39,8 @@ def submit_command(
             metavar="SECONDS",
             parser=seconds(0, 3600),
             help="Seconds the command may take (SkyPilot's loading included) waiting for the API "
-            "server's first verdict; past them it returns with the job still queued. Loading "
-            "SkyPilot may add up to 5 s.",
+            "server's first verdict, and for a batch job's launch to pass SkyPilot's prechecks; "
+            "past them it returns with the job still queued. Loading SkyPilot may add up to 5 s.",
         ),
     ] = 30.0,
     config_path: ConfigOption = None,
@@ -49,7 +49,7 @@ def submit_command(
 
     Exit 0: submitted (or queued, or the dry run printed); 2: the spec, a flag or the host
     config is wrong (each problem at its file:line); 1: the API server is unreachable or
-    refused the job.
+    refused the job, or the batch job failed before it started (no infrastructure).
     """
     import math
 
