@@ -90,6 +90,55 @@ def test_finished_job_logs_come_from_skypilot(cli, live) -> None:
     assert "Job 1 is already in terminal state SUCCEEDED" in result.stdout
 
 
+def test_logs_in_a_pipe_carry_no_terminal_escape_codes(cli, live) -> None:
+    """`deskgpu logs … | cat -v` once showed `^[[33m` (issue #24 item 8): SkyPilot colours
+    the line it streams for a finished job."""
+    result = cli("logs", "old", "--no-follow")
+    assert result.exit_code == 0, result.stderr
+    assert "Job 1 is already in terminal state SUCCEEDED" in result.stdout
+    assert "\x1b" not in result.stdout
+
+
+def test_logs_on_a_terminal_keep_skypilots_colours(live, hermetic) -> None:
+    """The same line on a terminal keeps its colour, unless NO_COLOR (no-color.org) is set."""
+    import pty
+
+    def on_a_terminal(**extra: str) -> bytes:
+        env = hermetic.subprocess_env(SKYPILOT_API_SERVER_ENDPOINT=live, **extra)
+        main, child = pty.openpty()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "deskgpu", "logs", "old", "--no-follow"],
+                stdout=child,
+                stderr=subprocess.PIPE,
+                env=env,
+                timeout=120,
+            )
+            os.close(child)
+            child = -1
+            assert proc.returncode == 0, proc.stderr
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(main, 4096)
+                except OSError:  # EIO: the terminal's other end is closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            return out
+        finally:
+            os.close(main)
+            if child != -1:
+                os.close(child)
+
+    line = b"Job 1 is already in terminal state SUCCEEDED"
+    assert b"\x1b[33m" + line in on_a_terminal()
+    # (SkyPilot's spinner before it still draws with cursor codes: that is no log line.)
+    plain = on_a_terminal(NO_COLOR="1")
+    assert line in plain and b"\x1b[33m" + line not in plain
+
+
 def test_unknown_name_is_a_usage_error_listing_the_callers_jobs(cli, live) -> None:
     result = cli("cancel", "nope")
     assert result.exit_code == 2

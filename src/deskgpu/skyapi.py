@@ -790,6 +790,26 @@ def down_cluster(cluster_name: str, config: HostConfig, timeout_s: float = DOWN_
 # ---------------------------------------------------------------------------------------------
 
 
+class PlainText(io.TextIOBase):
+    """A text stream onto `out` that drops terminal escape codes (SkyPilot colours its log
+    lines: `\x1b[33mJob 1 is already in terminal state\x1b[0m`)."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        # SkyPilot writes whole lines (sky/client/sdk.py stream_response), so no escape
+        # sequence is split across two writes.
+        self._out.write(_ANSI.sub("", text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
 def tail_logs(
     *,
     config: HostConfig,
@@ -798,19 +818,24 @@ def tail_logs(
     tail: int | None,
     job_id: int | None = None,
     cluster: str | None = None,
+    colour: bool = False,
 ) -> None:
     """Stream a managed job's logs (`job_id`) or a session's job logs (`cluster`) to stdout.
 
     The logs are the product, so SkyPilot's own writer prints them; with `follow` this
     returns when the job ends or on Ctrl-C (a `KeyboardInterrupt`, exit 130 above).
+    `colour`: keep SkyPilot's colour codes (for a terminal); otherwise they are dropped.
     """
     endpoint = reach(config, deadline)
     sky = import_sky()
+    out = None if colour else PlainText(sys.stdout)  # None: SkyPilot prints to stdout as is
     try:
         if job_id is not None:
-            code = sky.jobs.tail_logs(job_id=job_id, follow=follow, tail=tail)
+            code = sky.jobs.tail_logs(job_id=job_id, follow=follow, tail=tail, output_stream=out)
         else:
-            code = sky.tail_logs(cluster, job_id=None, follow=follow, tail=tail or 0)
+            code = sky.tail_logs(
+                cluster, job_id=None, follow=follow, tail=tail or 0, output_stream=out
+            )
     except KeyboardInterrupt:
         raise
     except Exception as exc:

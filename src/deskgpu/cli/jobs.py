@@ -96,17 +96,29 @@ def logs_command(
 
     target, config, _, deadline = _find(name, timeout, config_path, "read the logs of")
     keep_following = sys.stdout.isatty() if follow is None else follow
+    # SkyPilot's colours for a terminal only: `deskgpu logs x | grep` sees the words.
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     if not keep_following and target.state in ("Queued", "Starting"):
         # SkyPilot would wait for the job to start, follow or not: a pipe must not hang.
         warn(f"no logs yet: it has not started (`deskgpu logs {name} --follow` waits for them)")
         return
     if target.kind == jobs.MANAGED_JOB:
         skyapi.tail_logs(
-            config=config, deadline=deadline, follow=keep_following, tail=tail, job_id=target.job_id
+            config=config,
+            deadline=deadline,
+            follow=keep_following,
+            tail=tail,
+            job_id=target.job_id,
+            colour=colour,
         )
     else:
         skyapi.tail_logs(
-            config=config, deadline=deadline, follow=keep_following, tail=tail, cluster=target.name
+            config=config,
+            deadline=deadline,
+            follow=keep_following,
+            tail=tail,
+            cluster=target.name,
+            colour=colour,
         )
 
 
