@@ -9,8 +9,9 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deskgpu.doctor.registry import BY_ID as CHECKS
 from deskgpu.doctor.settings import DoctorSettings
@@ -18,6 +19,9 @@ from deskgpu.errors import SpecError
 from deskgpu.units import parse_duration_s
 from deskgpu.validate import load_schema, schema_problems
 from deskgpu.yamlio import read_located
+
+if TYPE_CHECKING:
+    from deskgpu.reap.settings import ReapSettings
 
 SYSTEM_CONFIG = Path("/etc/deskgpu/config.yaml")
 CONFIG_ENV = "DESKGPU_CONFIG"
@@ -55,6 +59,14 @@ class HostConfig:
         raw: object = self.doctor
         if isinstance(raw, dict):  # the `doctor:` mapping as written
             object.__setattr__(self, "doctor", DoctorSettings.from_mapping(raw))
+
+    @cached_property
+    def reap_settings(self) -> ReapSettings:
+        """The `reap:` section parsed, once per config (a `SpecError` if it does not parse:
+        `load_config` has already refused such a file, at the line)."""
+        from deskgpu.reap.settings import load_settings
+
+        return load_settings(self)
 
     @property
     def gpu_count(self) -> int:

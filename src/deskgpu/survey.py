@@ -162,7 +162,6 @@ def _live_sky(config: HostConfig, deadline: Deadline) -> SkyView:
 def _live_notices(config: HostConfig) -> list[ReapNotice]:
     """The reap history's pending notices (stdlib sqlite3, read-only; no SkyPilot)."""
     from deskgpu.reap.history import read_notices
-    from deskgpu.reap.settings import load_settings
 
     return [
         ReapNotice(
@@ -173,7 +172,7 @@ def _live_notices(config: HostConfig) -> list[ReapNotice]:
             message=n.message,
             created_at=n.created_at,
         )
-        for n in read_notices(load_settings(config).history_file)
+        for n in read_notices(config.reap_settings.history_file)
     ]
 
 

@@ -48,10 +48,9 @@ def observe_command(
     notice can be given (said even with --quiet; the observation is kept).
     """
     from deskgpu.reap import run
-    from deskgpu.reap.settings import load_settings
 
     config = get_config(config_path)
-    settings = load_settings(config)
+    settings = config.reap_settings
     result = run.observe(config, settings)
     if textfile is not None:  # after the observation: a bad directory loses no sample
         from deskgpu.usage import textfile as prom

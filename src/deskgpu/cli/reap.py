@@ -83,14 +83,13 @@ def reap_command(
     """
     from deskgpu.errors import UsageError
     from deskgpu.reap import audit, run
-    from deskgpu.reap.settings import load_settings
 
     if evidence is not None and (yes or kill_unmanaged):
         raise UsageError("--evidence replays a recorded run: it cannot be combined with --yes")
     if kill_unmanaged and not yes:
         warn("--kill-unmanaged does nothing without --yes")
     config = get_config(config_path)
-    settings = load_settings(config)
+    settings = config.reap_settings
     if evidence is not None:
         result = run.replay(evidence, settings, config=config, as_admin=as_admin)
         if record is not None:

@@ -48,7 +48,6 @@ def report_command(
     import time
 
     from deskgpu.errors import UsageError
-    from deskgpu.reap.settings import load_settings
     from deskgpu.units import parse_duration_s
     from deskgpu.usage import report
 
@@ -60,7 +59,7 @@ def report_command(
         raise UsageError("--since: at least a minute")
     if since_s > MAX_SINCE_S:
         raise UsageError(f"--since: at most {MAX_SINCE_S // 86400}d (the history keeps less)")
-    settings = load_settings(get_config(config_path))
+    settings = get_config(config_path).reap_settings
     result = report.make(settings, since_s=since_s, now=time.time(), user=user)
     if html is not None:
         write_html(html, result)

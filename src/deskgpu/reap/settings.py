@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deskgpu.config import HostConfig
 from deskgpu.errors import SpecError
 from deskgpu.units import parse_duration_s
+
+if TYPE_CHECKING:  # the config holds these settings (HostConfig.reap_settings), not the reverse
+    from deskgpu.config import HostConfig
 
 # key in the host config -> (attribute, kind, default). docs/reap.md's table is generated from it.
 KEYS: dict[str, tuple[str, str, Any]] = {
