@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 import shutil
-import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from deskgpu import hostio
 from deskgpu.labels import LABEL_JOB, LABEL_KIND, LABEL_USER
 from deskgpu.snapshot import (
     HOLDER_HIDDEN,
@@ -156,10 +155,7 @@ def _read(path: Path) -> str | None:
 
 
 def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid{uid}"
+    return hostio.user_name(uid) or f"uid{uid}"
 
 
 def holder_for(info: ProcInfo, pods: PodIndex, kubelet_root: Path = KUBELET) -> Holder:
@@ -250,18 +246,18 @@ def pods_from_kube(timeout_s: float = 3.0, kubectl: str | None = None) -> PodInd
     exe = kubectl or shutil.which("kubectl")
     if exe is None:
         return PodIndex(note="pod owners hidden: kubectl not found")
-    try:
-        argv = [exe, "get", "pods", "--all-namespaces", "-o", "json"]
-        result = subprocess.run(
-            [*argv, f"--request-timeout={timeout_s:g}s"],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s + 2,
-            check=False,
-            env={**os.environ, "KUBECTL_COMMAND_HEADERS": "false"},
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return PodIndex(note=f"pod owners hidden: kubectl failed ({type(exc).__name__})")
+    argv = [
+        exe,
+        "get",
+        "pods",
+        "--all-namespaces",
+        "-o",
+        "json",
+        f"--request-timeout={timeout_s:g}s",
+    ]
+    result = hostio.run(argv, timeout_s + 2, env={**os.environ, "KUBECTL_COMMAND_HEADERS": "false"})
+    if result.returncode is None:  # could not start, or killed at the timeout
+        return PodIndex(note=f"pod owners hidden: {result.why()}")
     if result.returncode != 0:
         first = (result.stderr.strip().splitlines() or ["no output"])[0][:160]
         return PodIndex(note=f"pod owners hidden: kubectl: {first}")

@@ -13,12 +13,12 @@ import grp
 import os
 import pwd
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from deskgpu import hostio
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.errors import OutsideError
 from deskgpu.identity import safe_user
@@ -174,18 +174,9 @@ def notify(argv: tuple[str, ...], fields: dict[str, str], timeout_s: float) -> s
         args.append(arg)
     env = dict(os.environ)
     env.update({f"DESKGPU_NOTICE_{k.upper()}": v for k, v in fields.items()})
-    try:
-        done = subprocess.run(
-            args,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"notify hook {argv[0]} failed: {exc}"
+    done = hostio.run(args, timeout_s, env=env)
+    if done.returncode is None:  # missing, could not start, or killed (with its children)
+        return f"notify hook failed: {done.why()}"
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
         return f"notify hook {argv[0]} exited {done.returncode}: {tail[0][:200]}"
