@@ -15,6 +15,11 @@ from deskgpu.cli._common import (
     print_json,
     seconds,
 )
+from deskgpu.errors import UsageError
+
+# How long `--gpu-pod` waits for its pod: an image pull (a job's default image is gigabytes)
+# and the pod's start; nvidia-smi itself takes a second.
+GPU_POD_WAIT_S = 300.0
 
 
 @exits_cleanly
@@ -50,6 +55,24 @@ def doctor_command(
             show_default=False,
         ),
     ] = None,
+    gpu_pod: Annotated[
+        bool,
+        typer.Option(
+            "--gpu-pod",
+            help="Also start one 1-GPU pod the way a job's pod starts, wait for nvidia-smi in "
+            "it, and delete it (kubernetes.gpu_pod; skipped without this).",
+        ),
+    ] = False,
+    gpu_pod_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--gpu-pod-timeout",
+            metavar="SECONDS",
+            parser=seconds(1, 3600),
+            help=f"With --gpu-pod: how long to wait for the pod (default {GPU_POD_WAIT_S:g}).",
+            show_default=False,
+        ),
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Check the driver, Docker + NVIDIA toolkit, k3s, SkyPilot, golden-rule drift, storage.
@@ -58,11 +81,16 @@ def doctor_command(
     """
     from deskgpu.doctor.report import load_facts, run_doctor, save_facts
 
+    if gpu_pod and facts_file is not None:
+        raise UsageError("--gpu-pod starts a pod on this host; --facts judges recorded facts")
+    if gpu_pod_timeout is not None and not gpu_pod:
+        raise UsageError("--gpu-pod-timeout is how long --gpu-pod waits: add --gpu-pod")
     config = get_config(config_path)
     if facts_file is not None:
         result = run_doctor(config, load_facts(facts_file), source=f"recorded {facts_file}")
     else:
-        result = run_doctor(config, timeout_s=timeout)
+        wait_s = (gpu_pod_timeout or GPU_POD_WAIT_S) if gpu_pod else None
+        result = run_doctor(config, timeout_s=timeout, gpu_pod_wait_s=wait_s)
     if record is not None:
         save_facts(result.facts, record)
     if json_out:

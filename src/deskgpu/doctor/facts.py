@@ -225,6 +225,27 @@ class RecordsFact:
 
 
 @dataclass
+class GpuPodFact:
+    """`doctor --gpu-pod`: one 1-GPU pod started the way a job's pod starts, and what came back.
+
+    `commands` by step: `runtimeclasses`, `leftovers` (pods an earlier run left),
+    `delete_leftovers`, `create` (the manifest on stdin), `pod` (the last `get pod -o json`),
+    `events`, `logs`, `delete`. Absent steps were not reached.
+    """
+
+    pod: str  # its name
+    namespace: str
+    wait_s: float  # how long doctor would wait for it
+    manifest: dict[str, Any] | None = None  # what `kubectl create -f -` was given
+    not_started: str | None = None  # why no pod was created
+    waited_s: float = 0.0  # from the create to the last look
+    polls: int = 0
+    timed_out: bool = False
+    interrupted: str | None = None  # the signal that cut the wait short, e.g. "SIGTERM"
+    commands: dict[str, CommandResult] = field(default_factory=dict)
+
+
+@dataclass
 class HostFacts:
     """Everything one doctor run gathered; checks are pure functions of this and the config."""
 
@@ -247,6 +268,7 @@ class HostFacts:
     executables: dict[str, ExecutableFact] = field(default_factory=dict)
     records: RecordsFact | None = None
     cron_running: bool | None = None  # a cron daemon process seen (None: could not tell)
+    gpu_pod: GpuPodFact | None = None  # only with `doctor --gpu-pod`
     notes: list[str] = field(default_factory=list)  # what a probe could not see, and why
 
     @property
@@ -262,6 +284,8 @@ class HostFacts:
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"kind": DOCUMENT_KIND}
         doc.update(asdict(self))
+        if doc["gpu_pod"] is None:  # a run without --gpu-pod writes what it always wrote
+            del doc["gpu_pod"]
         return doc
 
     @classmethod

@@ -20,27 +20,30 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deskgpu.config import HostConfig
-from deskgpu.doctor import checks
+from deskgpu.doctor import checks, gpupod
 from deskgpu.doctor.facts import (
     CommandResult,
     CudaToolkit,
     ExecutableFact,
     FileFact,
+    GpuPodFact,
     GpuReading,
     GpuSample,
     HostFacts,
@@ -137,9 +140,13 @@ def _glob(pattern: str) -> list[str]:
 
 
 def run_command(
-    argv: list[str], timeout_s: float = DEFAULT_TIMEOUT_S, env: dict[str, str] | None = None
+    argv: list[str],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+    input_text: str | None = None,
 ) -> CommandResult:
-    """Run `argv` with a timeout; a hang kills its whole process group."""
+    """Run `argv` with a timeout; a hang kills its whole process group. `input_text` is its
+    stdin (else it reads nothing)."""
     if shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
         return CommandResult(argv=argv, missing=True)
     child_env = dict(os.environ if env is None else env)
@@ -148,7 +155,7 @@ def run_command(
     try:
         proc = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -159,7 +166,7 @@ def run_command(
     except OSError as exc:
         return CommandResult(argv=argv, stderr=str(exc), elapsed_s=time.monotonic() - start)
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        out, err = proc.communicate(input_text, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -334,21 +341,28 @@ def kubectl_argv(env: dict[str, str]) -> list[str]:
     return ["k3s", "kubectl"]
 
 
+def kube_env(paths: ProbePaths, k3s_kubeconfig: FileFact) -> dict[str, str]:
+    """The environment kubectl runs in: k3s's kubeconfig when the user has none of their own
+    (what `k3s kubectl` does), so root reaches the box's cluster without KUBECONFIG."""
+    env = dict(os.environ)
+    user_kubeconfig = Path(paths.home) / ".kube" / "config"
+    if not env.get("KUBECONFIG") and not user_kubeconfig.exists() and k3s_kubeconfig.exists:
+        env["KUBECONFIG"] = paths.k3s_kubeconfig
+    return env
+
+
+def kube_request_timeout(timeout_s: float) -> str:
+    """kubectl's own limit, a second inside the probe's: its error beats our kill."""
+    return f"--request-timeout={max(1, int(timeout_s) - 1)}s"
+
+
 def probe_kubernetes(
     config: HostConfig, paths: ProbePaths, timeout_s: float
 ) -> tuple[dict[str, CommandResult], dict[str, FileFact]]:
-    env = dict(os.environ)
     files = {"k3s_kubeconfig": read_file(paths.k3s_kubeconfig)}
-    user_kubeconfig = Path(paths.home) / ".kube" / "config"
-    if (
-        not env.get("KUBECONFIG")
-        and not user_kubeconfig.exists()
-        and files["k3s_kubeconfig"].exists
-    ):
-        # What `k3s kubectl` does: without a kubeconfig of one's own, use the k3s one.
-        env["KUBECONFIG"] = paths.k3s_kubeconfig
+    env = kube_env(paths, files["k3s_kubeconfig"])
     kubectl = kubectl_argv(env)
-    request_timeout = f"--request-timeout={max(1, int(timeout_s) - 1)}s"
+    request_timeout = kube_request_timeout(timeout_s)
     commands: dict[str, CommandResult] = {}
     commands["kube_context"] = run_command([*kubectl, "config", "current-context"], timeout_s, env)
     if commands["kube_context"].ok:
@@ -405,6 +419,164 @@ def probe_cluster_enforcement(
             env,
         ),
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# `doctor --gpu-pod`: the one probe that changes something (it starts a pod), so it is opted
+# into, bounded by its own wait, and deletes the pod on every way out: a finish, a failure,
+# the wait running out, an exception, and SIGINT/SIGTERM (`stop_on_signals` turns those into
+# a `StopFlag` the wait loop reads, so the pod is deleted before doctor exits).
+
+GPU_POD_POLL_S = 1.0
+GPU_POD_EVENTS_EVERY = 5  # polls between looks at the events of a pod still Pending
+
+
+class StopFlag:
+    """Set from a signal handler (the main thread), read by a probe's wait (a worker thread)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._event.wait(max(0.0, timeout_s))
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM set `flag` instead of ending doctor: the probes finish (the
+    GPU pod is deleted) and the report says what was cut short. Off the main thread, where no
+    handler can be installed, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+
+    def handler(signum: int, _frame: object) -> None:
+        flag.set(signal.Signals(signum).name)
+
+    for signum in signums:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+
+
+def probe_gpu_pod(
+    config: HostConfig,
+    env: dict[str, str],
+    nodes: CommandResult | None,
+    timeout_s: float,
+    wait_s: float,
+    stop: StopFlag,
+    suffix: str | None = None,
+) -> GpuPodFact:
+    """Start one 1-GPU pod the way a job's pod starts (`gpupod.pod_manifest`), wait up to
+    `wait_s` for it to finish or get stuck, keep its status, events and logs, delete it."""
+    fact = GpuPodFact(
+        pod=gpupod.pod_name(suffix or secrets.token_hex(3)),
+        namespace=JOBS_NAMESPACE,
+        wait_s=wait_s,
+    )
+    nodes_doc = _json_or_none(nodes.stdout) if nodes is not None and nodes.ok else None
+    if not isinstance(nodes_doc, dict):
+        fact.not_started = "the cluster's nodes could not be listed"
+        return fact
+    if not gpupod.allocatable_gpus(nodes_doc):
+        fact.not_started = f"no node advertises {gpupod.GPU_RESOURCE}"
+        return fact
+    kubectl = kubectl_argv(env)
+    limit = kube_request_timeout(timeout_s)
+    ns = ["-n", fact.namespace]
+
+    def kube(step: str, *args: str, input_text: str | None = None) -> CommandResult:
+        result = run_command([*kubectl, *args, limit], timeout_s, env, input_text)
+        fact.commands[step] = result
+        return result
+
+    classes = kube("runtimeclasses", "get", "runtimeclasses", "-o", "json")
+    listed = kube("leftovers", "get", "pods", *ns, "-l", gpupod.SELECTOR, "-o", "json")
+    old = gpupod.leftovers(_json_or_none(listed.stdout), time.time()) if listed.ok else []
+    if old:
+        kube("delete_leftovers", "delete", "pod", *old, *ns, "--wait=false", "--ignore-not-found")
+    fact.manifest = gpupod.pod_manifest(
+        config,
+        fact.pod,
+        runtime_class=classes.ok and gpupod.has_runtime_class(_json_or_none(classes.stdout)),
+        wait_s=wait_s,
+    )
+    if fact.manifest is None:
+        fact.not_started = (
+            f"the host config's infra {config.infra!r} is not the box's Kubernetes: the house "
+            "rules give its jobs no pod_config"
+        )
+        return fact
+    if stop.is_set():
+        fact.interrupted = stop.reason
+        fact.not_started = f"interrupted by {stop.reason} before the pod was created"
+        return fact
+    start = time.monotonic()
+    try:
+        created = kube(
+            "create", "create", "-f", "-", "-o", "name", input_text=json.dumps(fact.manifest)
+        )
+        if created.ok:
+            _wait_for_gpu_pod(fact, kube, start, stop)
+    finally:  # created or not (a create that timed out may have gone through), and on raise
+        fact.waited_s = round(time.monotonic() - start, 3)
+        kube("delete", "delete", "pod", fact.pod, *ns, "--wait=false", "--ignore-not-found")
+    return fact
+
+
+def _wait_for_gpu_pod(
+    fact: GpuPodFact, kube: Callable[..., CommandResult], start: float, stop: StopFlag
+) -> None:
+    """Poll the pod until it finishes, gets stuck, vanishes, the wait runs out or a signal
+    comes; then read its events and (once it ran) its logs."""
+    ns = ["-n", fact.namespace]
+    events = ("get", "events", *ns, "--field-selector", f"involvedObject.name={fact.pod}")
+    state = gpupod.read_pod(None)
+    while True:
+        got = kube("pod", "get", "pod", fact.pod, *ns, "-o", "json")
+        fact.polls += 1
+        if got.ok:
+            state = gpupod.read_pod(_json_or_none(got.stdout))
+            if state.finished or state.stuck:
+                break
+            if state.phase == "Pending" and fact.polls % GPU_POD_EVENTS_EVERY == 0:
+                seen = kube("events", *events, "-o", "json")
+                if gpupod.stuck_event(gpupod.read_events(_json_or_none(seen.stdout))):
+                    break
+        elif "notfound" in got.stderr.lower().replace(" ", ""):
+            break  # deleted under us (by hand, or an eviction): nothing more to see
+        left = fact.wait_s - (time.monotonic() - start)
+        if left <= 0:
+            fact.timed_out = True
+            break
+        if stop.wait(min(GPU_POD_POLL_S, left)):
+            fact.interrupted = stop.reason
+            return  # straight to the delete
+    kube("events", *events, "-o", "json")
+    if state.exit_code is not None or state.phase in ("Running", "Succeeded", "Failed"):
+        kube("logs", "logs", fact.pod, *ns)
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def probe_skypilot(config: HostConfig, paths: ProbePaths, env: dict[str, str]) -> SkyFacts:
@@ -795,9 +967,12 @@ def gather(
     paths: ProbePaths | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     nvml_reader: Callable[[], NvmlFacts] = read_nvml,
+    gpu_pod_wait_s: float | None = None,
 ) -> HostFacts:
-    """Run every probe (groups concurrently) and return what they saw."""
+    """Run every probe (groups concurrently) and return what they saw. `gpu_pod_wait_s`: also
+    run `probe_gpu_pod` (`doctor --gpu-pod`), waiting that long for its pod."""
     paths = paths or ProbePaths()
+    stop = StopFlag()
     env = {k: os.environ[k] for k in ENV_KEYS if k in os.environ}
     uid = os.getuid()
     facts = HostFacts(
@@ -832,9 +1007,22 @@ def gather(
         facts.files.update(files)
 
     def kube() -> None:
+        if gpu_pod_wait_s is not None:  # asked for: a probe that raises leaves this, not None
+            facts.gpu_pod = GpuPodFact(
+                pod="",
+                namespace=JOBS_NAMESPACE,
+                wait_s=gpu_pod_wait_s,
+                not_started="the kubernetes probe failed before it (see the notes)",
+            )
         commands, files = probe_kubernetes(config, paths, timeout_s)
         facts.commands.update(commands)
         facts.files.update(files)
+        if gpu_pod_wait_s is not None:
+            kubectl_env = kube_env(paths, files["k3s_kubeconfig"])
+            nodes = commands.get("kube_nodes")
+            facts.gpu_pod = probe_gpu_pod(
+                config, kubectl_env, nodes, timeout_s, gpu_pod_wait_s, stop
+            )
 
     def nvml() -> None:
         facts.nvml = nvml_reader()
@@ -849,7 +1037,8 @@ def gather(
         "skypilot": skypilot,
         "host files": local,
     }
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
+    signals = stop_on_signals(stop) if gpu_pod_wait_s is not None else contextlib.nullcontext()
+    with signals, concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
         futures = {pool.submit(fn): name for name, fn in groups.items()}
         for future in concurrent.futures.as_completed(futures):
             exc = future.exception()

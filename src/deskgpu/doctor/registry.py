@@ -117,6 +117,18 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "rerun the rendered `install.sh` (`kube/deskgpu-admission.yaml`)",
         ("kubernetes.nodes",),
     ),
+    _spec(
+        "kubernetes.gpu_pod",
+        "only with `--gpu-pod` (else skip, saying how): one 1-GPU pod shaped like a job's (the "
+        "house rules' pod_config and labels, the jobs' service account, `runtimeClassName: "
+        "nvidia` when that RuntimeClass exists) is refused, unschedulable, cannot pull its "
+        "image or start, its `nvidia-smi` fails or sees no GPU, another model than `gpus:` "
+        "or more than 1 GPU, or it is not done within `--gpu-pod-timeout`; the pod is deleted "
+        "on every way out",
+        "what the pod's status or events name (a GPU to free, the image, the `nvidia` "
+        "RuntimeClass or runtime, `gpus:`)",
+        ("kubernetes.gpu_allocatable",),
+    ),
     _spec("skypilot.installed", "skypilot missing next to deskgpu", "reinstall deskgpu"),
     _spec(
         "skypilot.endpoint",

@@ -84,14 +84,18 @@ def run_doctor(
     *,
     source: str = "live",
     timeout_s: float | None = None,
+    gpu_pod_wait_s: float | None = None,
 ) -> DoctorResult:
-    """Check the host: probe it live (or judge recorded `facts`) and return the verdicts."""
+    """Check the host: probe it live (or judge recorded `facts`) and return the verdicts.
+
+    `gpu_pod_wait_s`: also start one 1-GPU pod and wait up to that long for it (`--gpu-pod`).
+    """
     start = time.monotonic()
     if facts is None:
         from deskgpu.doctor import probes
 
         timeout = timeout_s or config.doctor.probe_timeout_s
-        facts = probes.gather(config, timeout_s=timeout)
+        facts = probes.gather(config, timeout_s=timeout, gpu_pod_wait_s=gpu_pod_wait_s)
     checks = run_checks(facts, config)
     return DoctorResult(
         checks=checks,

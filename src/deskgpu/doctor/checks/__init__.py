@@ -15,6 +15,7 @@ from deskgpu.doctor.checks.base import COMPONENTS, FAIL, OK, SKIP, STATUSES, WAR
 from deskgpu.doctor.checks.docker import check_docker
 from deskgpu.doctor.checks.driver import check_driver, gpu_matches
 from deskgpu.doctor.checks.golden_rule import check_golden_rule, drift_distributions
+from deskgpu.doctor.checks.gpu_pod import check_gpu_pod
 from deskgpu.doctor.checks.kubernetes import check_kubernetes
 from deskgpu.doctor.checks.operations import check_operations
 from deskgpu.doctor.checks.skypilot import SHARED_SERVER, check_skypilot, resolve_endpoint
@@ -43,6 +44,7 @@ CHECKS: tuple[Callable[[HostFacts, HostConfig, Settings], list[Check]], ...] = (
     check_driver,
     check_docker,
     check_kubernetes,
+    check_gpu_pod,
     check_skypilot,
     check_golden_rule,
     check_storage,
