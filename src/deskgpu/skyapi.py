@@ -126,7 +126,11 @@ def explain_text(name: str, text: str, endpoint: str) -> OutsideError:
     job's `failure_reason` names its exception in brackets, `[sky.exceptions.X] ...`)."""
     message = _first_line(text) or name
     unreachable = OutsideError(skyhttp.unreachable_message(endpoint))
-    if name in ("ApiServerConnectionError", "ConnectionError", "ConnectTimeout"):
+    # SkyPilot's own catalog download on the server (its URL says so), not our connection.
+    catalog_fetch = "skypilot-catalog" in message
+    if name in ("ApiServerConnectionError", "ConnectionError", "ConnectTimeout") and not (
+        catalog_fetch
+    ):
         return unreachable
     if "No SkyPilot API server endpoint is configured" in message:
         # The SDK says this when the endpoint is the default local one and it may not start
@@ -143,11 +147,10 @@ def explain_text(name: str, text: str, endpoint: str) -> OutsideError:
         return OutsideError(f"SkyPilot API server at {endpoint} refused our login: {message}")
     if name == "APIVersionMismatchError":
         return OutsideError(f"SkyPilot client and API server versions differ: {message}")
-    if (name == "CloudError" and "requests error" in message) or (
-        name == "ConnectionError" and "catalog" in message.lower()
-    ):
+    if (name == "CloudError" and "requests error" in message) or catalog_fetch:
         return OutsideError(  # whole: the URL it could not fetch is the clue
-            "SkyPilot could not fetch its accelerator catalog (no network on the API server?): "
+            "SkyPilot could not fetch its accelerator catalog (no network on the API server? "
+            "`deskgpu setup render` writes the box's own): "
             + " ".join(_ANSI.sub("", message).split())
         )
     if name == "ResourcesUnavailableError":

@@ -74,6 +74,7 @@ def render_command(
     written.
     """
     from deskgpu.errors import UsageError
+    from deskgpu.setup import catalog
     from deskgpu.setup.render import is_config_file, render, write
     from deskgpu.setup.tools import box_tools
 
@@ -87,7 +88,7 @@ def render_command(
             text = Path(config.source).read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{config.source}: cannot copy the host config: {exc}") from None
-    rendered = render(config, tools, text)
+    rendered = render(config, tools, text, seen_gpus=catalog.seen_gpus(config))
     write(rendered, out)
     for note in rendered.notes:
         warn(note)

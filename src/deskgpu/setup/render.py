@@ -34,6 +34,7 @@ from deskgpu.kubenames import (
     NVIDIA_RUNTIME_CLASS,
     accelerator_label_value,
 )
+from deskgpu.setup import catalog
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP, Schedule
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
@@ -653,6 +654,9 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         f"id -u {q(user)} >/dev/null 2>&1 || useradd --system --user-group --home-dir {q(home)} "
         f"--create-home --shell /usr/sbin/nologin {q(user)}",
         f"install -d -o {q(user)} -g {q(user)} -m 0700 {q(home)}/.sky {q(home)}/.kube",
+        # The server's own, parents first: `install -D` below would leave them root's.
+        f"install -d -o {q(user)} -g {q(user)} -m 0755 "
+        + " ".join(q(d) for d in catalog.directories(home)),
     ]
     for f in installed:
         owner = f"-o {q(f.owner)} -g {q(f.owner)} " if f.owner != "root" else ""
@@ -676,12 +680,20 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
     return "\n".join(lines)
 
 
-def render(config: HostConfig, tools: Tools, config_text: str | None = None) -> Rendered:
+def render(
+    config: HostConfig,
+    tools: Tools,
+    config_text: str | None = None,
+    seen_gpus: dict[str, int] | None = None,
+) -> Rendered:
     """All setup files for `config`, in install order.
 
     `config_text` is the host-config file `config` was loaded from, installed unchanged; None
-    writes `config` out instead (built-in defaults, or a config built in code).
+    writes `config` out instead (built-in defaults, or a config built in code). `seen_gpus`:
+    what NVML sees on this host (`catalog.seen_gpus`), the catalog's models when `config`
+    lists no `gpus:`.
     """
+    seen = seen_gpus or {}
     notes: list[str] = []
     host = urlparse(endpoint(config)).hostname or ""
     if host not in _LOCAL_HOSTS:
@@ -705,6 +717,7 @@ def render(config: HostConfig, tools: Tools, config_text: str | None = None) -> 
             "kueue/ is optional: to use it, set kueue_local_queue in the host config "
             "(the policy then sends every job to that LocalQueue)"
         )
+    notes += catalog.notes(config, seen)
     server_cfg = server_config_path(config).lstrip("/")
     files = [
         SetupFile(
@@ -732,6 +745,10 @@ def render(config: HostConfig, tools: Tools, config_text: str | None = None) -> 
             0o644,
             f"the API server's plugins: {GUARD_CLASS}, so no request can switch the house "
             "rules off",
+        ),
+        *(
+            SetupFile(c.path.lstrip("/"), c.text, 0o644, c.purpose, owner=server_user(config))
+            for c in catalog.box_catalog(server_home(config), config, seen)
         ),
         SetupFile(
             f"etc/systemd/system/{SERVER_UNIT}",
