@@ -229,11 +229,13 @@ def test_a_batch_job_that_fails_its_prechecks_exits_1_with_skypilots_reason(
     spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
     env = hermetic.subprocess_env(SKYPILOT_API_SERVER_ENDPOINT=box_like_server)
     result = subprocess.run(
-        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "90"],
+        # A first launch on a fresh server starts its controller's machinery: on a loaded
+        # 2-core machine that has taken over a minute. Only a failure to fail waits it out.
+        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "300"],
         capture_output=True,
         text=True,
         env=env,
-        timeout=180,
+        timeout=400,
     )
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stdout == ""

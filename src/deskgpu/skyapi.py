@@ -314,6 +314,7 @@ def _first_job_id(result: Any) -> int | None:
 
 # After a job has left the controller's queue, how often `watch_launch` looks again.
 LAUNCH_POLL_S = 1.0
+_LAUNCH_READS_TRIED = 3  # failed reads of its state in a row before the watch gives up
 _EXCEPTION_NAME = re.compile(r"\[(?:[\w.]+\.)?(\w+)\]\s*")
 
 
@@ -363,11 +364,17 @@ def watch_launch(job_id: int, config: HostConfig, deadline: Deadline) -> LaunchS
     endpoint = prepare_environment(config)
     body = {**jobs_body(), "job_ids": [job_id]}
     last = LaunchState(None)
+    failed_reads = 0
     while not deadline.expired:
         try:
             answer = skyhttp.call(endpoint, "jobs/queue/v2", body, deadline)
         except (OutsideError, skyhttp.RequestFailed):
-            return last
+            failed_reads += 1
+            if failed_reads >= _LAUNCH_READS_TRIED:  # not a passing hiccup of a busy server
+                return last
+            time.sleep(min(LAUNCH_POLL_S, deadline.left()))
+            continue
+        failed_reads = 0
         records = [record_dict(r) for r in _job_records(answer) if isinstance(r, dict)]
         mine = sorted(
             (r for r in records if r.get("job_id") == job_id),
