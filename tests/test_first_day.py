@@ -326,3 +326,109 @@ def test_a_queued_batch_job_still_exits_0_and_says_so() -> None:
         == "alice-train: managed job 7 submitted, queued (Job is in backoff)"
     )
     assert queued.as_json()["state"] == "Queued"
+
+
+# ---- item 12: the usage report's heat-map, sessions table and the time before observe ----
+
+
+def _report_of(tmp_path: Path, name: str = "long_idle_debug_session", **window: float) -> object:
+    """The report of a reap-corpus scenario's history (tests/test_report.py's helpers)."""
+    from tests.fixtures.reap import make_corpus
+    from tests.test_report import build, history_from, scenario
+
+    path = tmp_path / "history.sqlite"
+    history_from(scenario(name), path)
+    since = window.get("since", make_corpus.NOW - 7 * 86400)
+    return build(path, since, window.get("until", make_corpus.NOW + 1))
+
+
+def _chromium_layout(page: str, tmp_path: Path) -> list[tuple[str, str, float, float]]:
+    """(svg id, text, right edge of the text as laid out, svg width) for every SVG text of
+    `page`, measured by headless Chromium (getBBox)."""
+    import html as htmllib
+    import json
+    import re
+    import shutil
+
+    probe = (
+        "<script>const out=[];for(const s of document.querySelectorAll('svg')){"
+        "const w=s.width.baseVal.value;for(const t of s.querySelectorAll('text')){"
+        "const b=t.getBBox();out.push([s.id,t.textContent,b.x+b.width,w]);}}"
+        "document.title=JSON.stringify(out);</script>"
+    )
+    out = tmp_path / "layout.html"
+    out.write_text(page.replace("</body>", probe + "</body>"))
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium is not None
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", out.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r"<title>(.*?)</title>", dom.stdout, re.S)
+    assert found, dom.stdout[:500]
+    return [tuple(row) for row in json.loads(htmllib.unescape(found.group(1)))]
+
+
+def test_the_heatmaps_last_date_label_is_not_clipped(tmp_path: Path) -> None:
+    """A week's report ends one hour past the last day's first hour: its date label once ran
+    60 px past the SVG's right edge. Every text of the page's SVGs fits, by the drawing's own
+    bound and, where Chromium is installed, as Chromium lays it out."""
+    import re
+    import shutil
+
+    from deskgpu.usage import html
+
+    shown = _report_of(tmp_path)
+    page = html.page(shown)  # type: ignore[arg-type]
+    svg = page.split('<svg id="heatmap"', 1)[1].split("</svg>", 1)[0]
+    width = float(re.search(r'width="(\d+)"', svg).group(1))  # type: ignore[union-attr]
+    texts = re.findall(r'<text x="([\d.]+)"[^>]*>([^<]*)</text>', svg)
+    assert texts and texts[-1][1] != "GPU 0"
+    for x, text in texts:
+        assert float(x) + html.text_width(text) <= width, (text, x, width)
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        laid_out = _chromium_layout(page, tmp_path)
+        dates = [row for row in laid_out if row[0] == "heatmap" and row[1][:2] == "20"]
+        assert len(dates) == 7, dates  # seven days, the last one too
+        for svg_id, text, right, svg_width in laid_out:
+            assert right <= svg_width, (svg_id, text, right, svg_width)
+
+
+def test_the_sessions_gpus_column_counts_and_on_gpu_names_the_indices(tmp_path: Path) -> None:
+    """`GPUS 2` was GPU 2 (an index, not a count)."""
+    from deskgpu.usage.report import text_lines
+
+    shown = _report_of(tmp_path)
+    lines = text_lines(shown)  # type: ignore[arg-type]
+    header = next(line for line in lines if line.startswith("SESSION"))
+    row = lines[lines.index(header) + 1]
+    names = header.split()
+    gpus, on_gpu = row.split()[names.index("GPUS")], row.split()[names.index("ON_GPU")]
+    assert (gpus, on_gpu) == ("1", "2")  # one GPU, nvidia-smi's index 2
+
+
+def test_time_before_the_first_observation_is_not_called_a_gap(tmp_path: Path) -> None:
+    """A history with no observation yet (observe not run, or a window before it) once read
+    as one whole gap: `1 gap(s) in the history`, hatched."""
+    from deskgpu.reap.history import open_history
+    from deskgpu.usage import html, store
+    from deskgpu.usage.report import build, text_lines
+    from tests.fixtures.reap import make_corpus
+
+    with open_history(":memory:") as h:
+        store.ensure(h.db)
+        empty = build(h.db, since=1767000000.0, until=1767007200.0, threshold_pct=5, max_gap_s=1200)
+    assert empty.gaps == [] and empty.observed_s == 0
+    assert not any("gap" in line for line in text_lines(empty))
+    assert any("no observation yet" in note for note in empty.notes)
+    page = html.page(empty)
+    assert 'class="cell gap"' not in page and ">not yet observed</text>" in page
+
+    earlier = _report_of(
+        tmp_path, since=make_corpus.NOW - 30 * 86400, until=make_corpus.NOW - 20 * 86400
+    )
+    assert earlier.gaps == []  # type: ignore[attr-defined]
+    assert 'class="cell gap"' not in html.page(earlier)  # type: ignore[arg-type]

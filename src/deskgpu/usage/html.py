@@ -14,12 +14,45 @@ from deskgpu.reap.evidence import iso
 from deskgpu.usage.report import HOUR, Report, text_lines
 
 BUSY, IDLE, UNKNOWN, FREE = "#2e7d32", "#d84315", "#9e9e9e", "#f3f3f3"
+UNOBSERVED = "#ffffff"
 CELL_W, CELL_H, LEFT, TOP = 6, 18, 56, 22
+AXIS_PX = 11  # the .axis font size
+PAD = 10  # right of the widest thing drawn
+
+
+def text_width(text: str) -> float:
+    """An upper bound of `text`'s width in the axis font: 0.65 em a character (DejaVu Sans,
+    the widest of the usual sans-serifs, draws digits 0.64 em wide; letters mostly less)."""
+    return len(text) * AXIS_PX * 0.65
 
 
 def heatmap(report: Report) -> str:
-    """Rows: GPUs; columns: hours. Green: busy, red: held idle, pale: free, hatched: gap."""
-    width = LEFT + report.hours * CELL_W + 10
+    """Rows: GPUs; columns: hours. Green: busy, red: held idle, pale: free, hatched: gap,
+    blank: before the first observation."""
+    labels = [
+        (LEFT + h * CELL_W, (iso(report.hour0 + h * HOUR) or "")[:10])
+        for h in range(0, report.hours, 24)
+    ]
+    unobserved = any(
+        report.covered[h] <= 0 and report.before_first_observation(h) for h in range(report.hours)
+    )
+    legend = [("busy", BUSY), ("held idle", IDLE), ("unknown", UNKNOWN), ("free", FREE)]
+    legend.append(("gap", "url(#gap)"))
+    if unobserved:
+        legend.append(("not yet observed", UNOBSERVED))
+    legend_x = [float(LEFT)]
+    for name, _ in legend:
+        legend_x.append(legend_x[-1] + 14 + text_width(name) + 16)
+    # Wide enough for the grid, the last date label and the legend: the date of a week's last
+    # day once overhung a grid that ends a few hours after it, and was clipped.
+    width = round(
+        max(
+            LEFT + report.hours * CELL_W,
+            max(x + text_width(label) for x, label in labels),
+            legend_x[-1] - 16,
+        )
+        + PAD
+    )
     height = TOP + report.gpus * CELL_H + 30
     parts = [
         f'<svg id="heatmap" width="{width}" '
@@ -29,9 +62,7 @@ def heatmap(report: Report) -> str:
         '<rect width="4" height="4" fill="#fff"/><path d="M0,4 L4,0" stroke="#bbb"/>'
         "</pattern></defs>",
     ]
-    for h in range(0, report.hours, 24):
-        x = LEFT + h * CELL_W
-        label = (iso(report.hour0 + h * HOUR) or "")[:10]
+    for x, label in labels:
         parts.append(f'<text x="{x}" y="14" class="axis">{escape(label)}</text>')
     for gpu in range(report.gpus):
         y = TOP + gpu * CELL_H
@@ -41,7 +72,10 @@ def heatmap(report: Report) -> str:
             covered = report.covered[h]
             when = iso(report.hour0 + h * HOUR)
             cell = report.cells.get((gpu, h))
-            if covered <= 0:
+            if covered <= 0 and report.before_first_observation(h):
+                fill, opacity, kind = UNOBSERVED, 1.0, "unobserved"
+                tip = f"GPU {gpu} {when}: before the first observation (not counted)"
+            elif covered <= 0:
                 fill, opacity, kind = "url(#gap)", 1.0, "gap"
                 tip = f"GPU {gpu} {when}: no observation (gap, not counted)"
             elif cell is None or cell.allocated_s <= 0:
@@ -67,14 +101,12 @@ def heatmap(report: Report) -> str:
                 f"<title>{escape(tip)}</title></rect>"
             )
     legend_y = TOP + report.gpus * CELL_H + 16
-    x = LEFT
-    for name, fill in (("busy", BUSY), ("held idle", IDLE), ("unknown", UNKNOWN),
-                       ("free", FREE), ("gap", "url(#gap)")):  # fmt: skip
+    for (name, fill), at in zip(legend, legend_x[:-1], strict=True):
         parts.append(
-            f'<rect x="{x}" y="{legend_y - 9}" width="10" height="10" fill="{fill}" stroke="#999"/>'
+            f'<rect x="{at:.0f}" y="{legend_y - 9}" width="10" height="10" fill="{fill}" '
+            'stroke="#999"/>'
         )
-        parts.append(f'<text x="{x + 14}" y="{legend_y}" class="axis">{name}</text>')
-        x += 90
+        parts.append(f'<text x="{at + 14:.0f}" y="{legend_y}" class="axis">{name}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

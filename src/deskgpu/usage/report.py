@@ -138,6 +138,13 @@ class Report:
     waits_known: bool = False
     notes: list[str] = field(default_factory=list)
     reap_runs: int = 0
+    # The history's first observation; time before it is not observed yet, not a gap.
+    first_observation: float | None = None
+
+    def before_first_observation(self, h: int) -> bool:
+        """Whether hour column `h` ends before deskgpu first looked (or it never has)."""
+        first = self.first_observation
+        return first is None or self.hour0 + (h + 1) * HOUR <= first
 
     def hour_totals(self) -> list[Usage]:
         out = [Usage() for _ in range(self.hours)]
@@ -262,7 +269,12 @@ def build(
     if since < start:
         if first is not None:
             notes.append(f"the history starts at {iso(start)}: the report covers from there")
-        since = start
+        since = min(start, until)  # a window that ends before the history is empty
+    if first is None or float(first) >= until:
+        notes.append(
+            "no observation yet in this window: nothing is counted before `deskgpu observe` "
+            "records its first (is its timer running?)"
+        )
     obs = [
         int(r[0])
         for r in db.execute(
@@ -275,7 +287,8 @@ def build(
     cover: dict[int, float] = {}
     gaps: list[tuple[float, float]] = []
     if not obs:
-        gaps.append((since, until))
+        if first is not None and float(first) < since:  # observed before, then not: a gap
+            gaps.append((since, until))
     elif obs[0] - since > max_gap_s:
         gaps.append((since, float(obs[0])))
     for i, ts in enumerate(obs):
@@ -386,6 +399,7 @@ def build(
         waits_known=waits_known,
         notes=notes,
         reap_runs=runs,
+        first_observation=None if first is None else float(first),
     )
 
 
@@ -539,8 +553,9 @@ def text_lines(report: Report) -> list[str]:
             )
         )
     out += ["", *_table(rows)]
-    srows = [("SESSION", "OWNER", "JOB", "KIND", "GPUS", "ALLOC_H", "BUSY_H", "IDLE_H",
-              "PEAK_VRAM", "QUEUED_H")]  # fmt: skip
+    # GPUS counts like the queue's column; ON_GPU names them (nvidia-smi's indices).
+    srows = [("SESSION", "OWNER", "JOB", "KIND", "GPUS", "ON_GPU", "ALLOC_H", "BUSY_H",
+              "IDLE_H", "PEAK_VRAM", "QUEUED_H")]  # fmt: skip
     for s in d["sessions"]:
         srows.append(
             (
@@ -548,7 +563,8 @@ def text_lines(report: Report) -> list[str]:
                 s["owner"],
                 s["job"],
                 s["kind"],
-                ",".join(map(str, s["gpus"])),
+                str(len(s["gpus"])),
+                ",".join(map(str, s["gpus"])) or "-",
                 f"{s['gpu_hours_allocated']:.2f}",
                 f"{s['gpu_hours_busy']:.2f}",
                 f"{s['gpu_hours_idle']:.2f}",
