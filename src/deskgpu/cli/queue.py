@@ -112,7 +112,7 @@ def queue_command(
         for line in survey.gpu_problems(partial):
             warn(line)
         if console is not None:
-            from deskgpu import render_queue
+            from deskgpu.cli.render import queue as render_queue
 
             table = render_queue.gpu_half(partial)
             if table is not None:
@@ -149,7 +149,7 @@ def _finish(
     if json_out:
         out.write(to_json(doc) + "\n")
     else:
-        from deskgpu import render_queue
+        from deskgpu.cli.render import queue as render_queue
 
         console = console or _console(out)
         parts = [] if painted_gpus else [render_queue.gpu_half(snap)]
@@ -274,7 +274,7 @@ def _frame(snap: Snapshot, show_all: bool, lines: list[str], waiting: bool = Fal
     from rich.console import Group
     from rich.text import Text
 
-    from deskgpu import render_queue
+    from deskgpu.cli.render import queue as render_queue
 
     notes = [Text(f"! {line}", style="yellow") for line in lines]
     if waiting:

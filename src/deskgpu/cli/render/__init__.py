@@ -1,0 +1,1 @@
+"""Presentation: rich tables and text for the commands (the cores return data)."""
