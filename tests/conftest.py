@@ -90,6 +90,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _cli_grammar() -> None:
+    """doctor judges scheduled deskgpu lines with the CLI's grammar, which the CLI hands it
+    (`deskgpu doctor` does at start); tests that call doctor's functions directly get it here."""
+    import typer.main
+
+    from deskgpu.cli import app
+    from deskgpu.cli.grammar import TyperGrammar
+    from deskgpu.doctor.schedules import use_grammar
+
+    use_grammar(TyperGrammar(typer.main.get_command(app)))
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _session_guards(request: pytest.FixtureRequest) -> Iterator[None]:
     """Set up before any other fixture, so torn down after all of them (the API server too):
     then nothing may have touched the production port, and nothing may be left running."""
@@ -258,12 +271,31 @@ def cli(runner: CliRunner, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
-def installed_tools(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """`--python P --deskgpu D` for `deskgpu setup render`: executables laid out as README
-    step 1 installs deskgpu (`<venv>/bin/{python,deskgpu}`), outside any source checkout (the
-    command refuses the suite's own `.venv`). They only exit 0: nothing here runs them."""
-    bin_dir = tmp_path_factory.mktemp("opt-deskgpu") / "bin"
-    bin_dir.mkdir()
+def world_tmp() -> Iterator[Path]:
+    """A temporary directory every account may search, as /opt is: pytest's own (under
+    /tmp/pytest-of-<user>, mode 0700) is one the box's `skypilot` account could not enter,
+    and `setup render` refuses a --python there. Removed afterwards."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="deskgpu-world-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def installed_tools(world_tmp: Path) -> list[str]:
+    """`--python P --deskgpu D` for `deskgpu setup render`: executables laid out as
+    docs/setup.md step 3 installs deskgpu (`<venv>/bin/{python,deskgpu}`), outside any source
+    checkout (the command refuses the suite's own `.venv`) and where the API server's account
+    may run them. They only exit 0: nothing here runs them."""
+    bin_dir = world_tmp / "opt-deskgpu" / "bin"
+    bin_dir.mkdir(parents=True, mode=0o755)
+    bin_dir.parent.chmod(0o755)  # mkdir's mode is cut by the umask
+    bin_dir.chmod(0o755)
     for name in ("python", "deskgpu"):
         program = bin_dir / name
         program.write_text("#!/bin/sh\nexit 0\n")

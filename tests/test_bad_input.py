@@ -230,8 +230,8 @@ def _mutate(doc: Any, picks: list[int], values: list[Any]) -> Any:
 def _render_doctor(doc: Any, tmp: Path) -> None:
     from rich.console import Console
 
+    from deskgpu.cli.render.doctor import render
     from deskgpu.config import load_config
-    from deskgpu.doctor.render import render
     from deskgpu.doctor.report import load_facts, run_doctor
 
     path = tmp / "facts.json"

@@ -79,7 +79,11 @@ def doctor_command(
 
     Exit 0: nothing failed (warnings allowed); 3: a check failed; 1: doctor could not run.
     """
+    from deskgpu.cli import grammar
     from deskgpu.doctor.report import load_facts, run_doctor, save_facts
+    from deskgpu.doctor.schedules import use_grammar
+
+    use_grammar(grammar.running())  # scheduled deskgpu lines: judged by this CLI's grammar
 
     if gpu_pod and facts_file is not None:
         raise UsageError("--gpu-pod starts a pod on this host; --facts judges recorded facts")
@@ -98,7 +102,7 @@ def doctor_command(
     else:
         from rich.console import Console
 
-        from deskgpu.doctor.render import render
+        from deskgpu.cli.render.doctor import render
 
         render(result, Console(soft_wrap=False, highlight=False, markup=False))  # names are text
     raise typer.Exit(int(result.exit_status))

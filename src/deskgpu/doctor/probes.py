@@ -15,17 +15,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import glob
-import grp
 import json
 import os
-import pwd
 import re
 import secrets
 import shutil
 import signal
 import socket
 import stat
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -36,6 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from deskgpu import hostio
 from deskgpu.config import HostConfig
 from deskgpu.doctor import checks, gpupod
 from deskgpu.doctor.facts import (
@@ -151,39 +149,16 @@ def run_command(
         return CommandResult(argv=argv, missing=True)
     child_env = dict(os.environ if env is None else env)
     child_env["LC_ALL"] = "C"
-    start = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            env=child_env,
-            start_new_session=True,  # its own group: on timeout we kill it and its children
-        )
-    except OSError as exc:
-        return CommandResult(argv=argv, stderr=str(exc), elapsed_s=time.monotonic() - start)
-    try:
-        out, err = proc.communicate(input_text, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        return CommandResult(
-            argv=argv,
-            stdout=out[:MAX_TEXT],
-            stderr=err[:MAX_TEXT],
-            timed_out=True,
-            elapsed_s=round(time.monotonic() - start, 3),
-        )
+    done = hostio.run(argv, timeout_s, env=child_env, input_text=input_text)
+    if done.error is not None:
+        return CommandResult(argv=argv, stderr=done.error, elapsed_s=done.elapsed_s)
     return CommandResult(
         argv=argv,
-        returncode=proc.returncode,
-        stdout=out[:MAX_TEXT],
-        stderr=err[:MAX_TEXT],
-        elapsed_s=round(time.monotonic() - start, 3),
+        returncode=done.returncode,
+        stdout=done.stdout[:MAX_TEXT],
+        stderr=done.stderr[:MAX_TEXT],
+        timed_out=done.timed_out,
+        elapsed_s=done.elapsed_s,
     )
 
 
@@ -694,7 +669,7 @@ def find_server_processes(proc_dir: str = "/proc") -> list[ServerProcess]:
             ServerProcess(
                 pid=pid,
                 uid=uid,
-                user=_user_name(uid),
+                user=hostio.user_name(uid),
                 cmdline=cmd[:4096],  # room for every flag: doctor reads --host from it
                 port=int(match.group(1)) if match else 46580,
                 deploy="--deploy" in cmd.split(),
@@ -711,20 +686,6 @@ def _ppid(proc_dir: str, pid: int) -> int | None:
         stat = (Path(proc_dir) / str(pid) / "stat").read_text()
         return int(stat.rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
-        return None
-
-
-def _user_name(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
-
-
-def _group_name(gid: int) -> str | None:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
         return None
 
 
@@ -817,8 +778,8 @@ def probe_storage(path: str, mounts_file: str) -> PathFact:
     fact.exists = True
     fact.is_dir = p.is_dir()
     fact.mode = st.st_mode & 0o7777
-    fact.owner = _user_name(st.st_uid)
-    fact.group = _group_name(st.st_gid)
+    fact.owner = hostio.user_name(st.st_uid)
+    fact.group = hostio.group_name(st.st_gid)
     fact.writable_by_me = os.access(p, os.W_OK | os.X_OK)
     try:
         vfs = os.statvfs(p)
@@ -924,10 +885,10 @@ def probe_records(config: HostConfig) -> RecordsFact:
     from deskgpu.errors import DeskgpuError
     from deskgpu.reap.audit import last_reap_run
     from deskgpu.reap.history import latest_observation
-    from deskgpu.reap.settings import ReapSettings, load_settings
+    from deskgpu.reap.settings import ReapSettings
 
     try:
-        settings = load_settings(config)
+        settings = config.reap_settings
     except DeskgpuError:  # reap refuses the config itself; look where it would by default
         settings = ReapSettings(state_dir=config.state_dir)
     records = RecordsFact(
@@ -978,7 +939,7 @@ def gather(
     facts = HostFacts(
         gathered_at=time.time(),
         hostname=socket.gethostname(),
-        user=_user_name(uid),
+        user=hostio.user_name(uid),
         uid=uid,
         env=env,
     )

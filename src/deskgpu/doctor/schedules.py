@@ -13,15 +13,12 @@ judge); `parse_args` only parses (no command runs, nothing is printed).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import posixpath
 import re
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from deskgpu.doctor.crontime import CronTimeError, cron_gap_s, timer_gap_s
 from deskgpu.doctor.facts import FileFact
@@ -449,48 +446,34 @@ class Parsed:
     params: dict[str, Any]
 
 
-@functools.lru_cache(maxsize=1)
-def _cli() -> Any:
-    import typer.main
+class CliGrammar(Protocol):
+    """deskgpu's own command line, as doctor needs it: its command names, and what it makes
+    of some arguments. The CLI passes its grammar in (`use_grammar`; cli/grammar.py), so the
+    doctor package never imports the CLI, typer or click."""
 
-    from deskgpu.cli import app
+    def commands(self) -> frozenset[str]: ...
 
-    return typer.main.get_command(app)
+    def parse(self, args: tuple[str, ...] | list[str]) -> Parsed | str: ...
 
 
-@functools.lru_cache(maxsize=1)
+_grammar: list[CliGrammar] = []
+
+
+def use_grammar(grammar: CliGrammar) -> None:
+    """Set the grammar scheduled deskgpu commands are parsed with (the CLI does, at start)."""
+    _grammar[:] = [grammar]
+
+
+def _the_grammar() -> CliGrammar:
+    if not _grammar:
+        raise RuntimeError("doctor needs the CLI's grammar: call use_grammar() first")
+    return _grammar[0]
+
+
 def _cli_commands() -> frozenset[str]:
-    return frozenset(getattr(_cli(), "commands", {}))
+    return _the_grammar().commands()
 
 
 def parse_args(args: tuple[str, ...] | list[str]) -> Parsed | str:
     """Parse deskgpu arguments as the real CLI would; a string says why they do not run."""
-    import typer
-    from typer import _click  # typer's own click, which its commands raise from
-
-    words = list(args)
-    if any(w in ("-h", "--help", "--version") for w in words):
-        return "it only prints help or the version"
-    cmd = _cli()
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            ctx = cmd.make_context("deskgpu", words, resilient_parsing=False)
-            command: list[str] = []
-            while hasattr(cmd, "resolve_command"):  # a group: the next word names a command
-                rest = [*ctx._protected_args, *ctx.args]  # as TyperGroup.invoke reads them
-                if not rest:
-                    return "it names no deskgpu command"
-                name, sub, rest = cmd.resolve_command(ctx, rest)
-                if sub is None or name is None:
-                    return f"no such command {rest[0]!r}"
-                command.append(name)
-                ctx = sub.make_context(name, rest, parent=ctx)
-                cmd = sub
-            return Parsed(tuple(command), dict(ctx.params))
-    except _click.exceptions.NoArgsIsHelpError:
-        return "it names no deskgpu command (it only prints help)"
-    except typer.Exit:
-        return "it only prints help"
-    except _click.ClickException as exc:
-        return exc.format_message()
+    return _the_grammar().parse(args)

@@ -33,7 +33,7 @@ from deskgpu.doctor.schedules import (
 )
 from deskgpu.doctor.settings import Settings
 from deskgpu.errors import SpecError
-from deskgpu.reap.settings import ReapSettings, load_settings
+from deskgpu.reap.settings import ReapSettings
 from deskgpu.setup.schedules import COSMETIC_PARAMS, CRON_FILE, OBSERVE, REAP, Schedule
 from deskgpu.units import format_duration
 
@@ -275,7 +275,7 @@ def _unreadable(name: str, status: str, what: str, error: str, facts: HostFacts,
 def _max_sample_gap_s(config: HostConfig) -> int:
     """reap's own freshness rule: older than this, it will not decide from the history."""
     try:
-        return load_settings(config).max_sample_gap_s
+        return config.reap_settings.max_sample_gap_s
     except SpecError:  # reap refuses such a config itself (exit 2); judge by its default
         return ReapSettings.max_sample_gap_s
 
