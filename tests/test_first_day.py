@@ -116,8 +116,9 @@ def test_a_doctor_facts_file_given_to_queue_snapshot_says_what_it_is(cli) -> Non
 
 
 def test_the_report_title_has_no_microseconds() -> None:
-    from deskgpu.reap.history import open_history
-    from deskgpu.usage import html, store
+    from deskgpu.state import usage as store
+    from deskgpu.state.history import open_history
+    from deskgpu.usage import html
     from deskgpu.usage.report import build
 
     with open_history(":memory:") as h:
@@ -413,8 +414,9 @@ def test_the_sessions_gpus_column_counts_and_on_gpu_names_the_indices(tmp_path: 
 def test_time_before_the_first_observation_is_not_called_a_gap(tmp_path: Path) -> None:
     """A history with no observation yet (observe not run, or a window before it) once read
     as one whole gap: `1 gap(s) in the history`, hatched."""
-    from deskgpu.reap.history import open_history
-    from deskgpu.usage import html, store
+    from deskgpu.state import usage as store
+    from deskgpu.state.history import open_history
+    from deskgpu.usage import html
     from deskgpu.usage.report import build, text_lines
     from tests.fixtures.reap import make_corpus
 
@@ -432,3 +434,95 @@ def test_time_before_the_first_observation_is_not_called_a_gap(tmp_path: Path) -
     )
     assert earlier.gaps == []  # type: ignore[attr-defined]
     assert 'class="cell gap"' not in html.page(earlier)  # type: ignore[arg-type]
+
+
+# ---- item 2: a --python the API server's account cannot run ----
+
+
+def _program_at(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return path
+
+
+def _venv_on_a_base_python_under(world: Path, home_mode: int) -> tuple[Path, Path]:
+    """`uv venv /opt/deskgpu` on a pyenv Python: the venv's bin/python links into
+    `<home>/.pyenv/versions/3.11.7/bin/python3.11`; returns (the venv's python, the home)."""
+    home = world / "root"
+    base = _program_at(home / ".pyenv/versions/3.11.7/bin/python3.11")
+    for directory in base.parents[: len(base.relative_to(world).parts) - 1]:
+        directory.chmod(0o755)  # whatever the umask: only `home` is closed
+    home.chmod(home_mode)
+    venv = world / "opt/deskgpu"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text(f"home = {base.parent}\n")
+    (venv / "bin/python").symlink_to(base)
+    _program_at(venv / "bin/deskgpu")
+    for directory in (venv, venv.parent, venv / "bin"):
+        directory.chmod(0o755)
+    return venv / "bin/python", home
+
+
+def test_a_venv_whose_base_python_is_under_a_0700_home_is_refused_naming_the_account(
+    cli, tmp_path: Path, world_tmp: Path
+) -> None:
+    """`uv venv /opt/deskgpu` on root's pyenv Python was rendered into the server's unit,
+    which its `skypilot` account could not run (issue #24 item 2)."""
+    python, home = _venv_on_a_base_python_under(world_tmp, 0o700)
+    out = tmp_path / "out"
+    result = cli("setup", "render", "--out", str(out), "--python", str(python))
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert result.stdout == "" and not out.exists()
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"--python {python}: the API server's account skypilot")
+    assert f"may not search {home} (drwx------ " in line
+    assert "/usr/bin/python3 (docs/setup.md step 3)" in line
+    assert "--python /opt/deskgpu/bin/python" in line
+
+    home.chmod(0o755)  # the same layout, every directory open: accepted
+    assert cli("setup", "render", "--out", str(out), "--python", str(python)).exit_code == 0
+
+
+def test_the_server_account_is_judged_by_its_own_uid_when_it_exists(
+    cli, tmp_path: Path, world_tmp: Path
+) -> None:
+    """The account named in the host config (`doctor.api_server_user`) decides: root may
+    search a 0700 directory, `nobody` may not."""
+    import pwd
+
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no `nobody` account here")
+    python, home = _venv_on_a_base_python_under(world_tmp, 0o700)
+    for account, code in (("root", 0), ("nobody", 2)):
+        config = tmp_path / f"{account}.yaml"
+        config.write_text(f"doctor:\n  api_server_user: {account}\n")
+        args = ["--out", str(tmp_path / account), "--python", str(python), "--config", str(config)]
+        result = cli("setup", "render", *args)
+        assert result.exit_code == code, (account, result.stderr)
+        if code:
+            assert f"account nobody cannot run it: it may not search {home}" in result.stderr
+            assert "not created yet" not in result.stderr
+
+
+def test_execute_bits_are_judged_by_the_first_class_that_matches() -> None:
+    """The check reads mode bits as the kernel does: the first class that matches decides,
+    the owner's, then the group's, then the others' (an owner without the bit is refused
+    even where others have it); an account not created yet has the others' bits."""
+    import os
+    import stat
+
+    from deskgpu.setup.tools import Account
+
+    def mode(bits: int, uid: int = 0, gid: int = 0) -> os.stat_result:
+        return os.stat_result((stat.S_IFREG | bits, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+    anyone = Account("skypilot")  # not created yet
+    member = Account("skypilot", uid=990, gids=frozenset({990, 50}))
+    assert anyone.may_execute(mode(0o755)) and not anyone.may_execute(mode(0o750))
+    assert member.may_execute(mode(0o750, gid=50)) and not member.may_execute(mode(0o705, gid=50))
+    assert member.may_execute(mode(0o700, uid=990)) and not member.may_execute(mode(0o077, uid=990))
+    root = Account("root", uid=0)
+    assert root.may_execute(mode(0o100)) and not root.may_execute(mode(0o644))

@@ -395,7 +395,7 @@ def test_render_is_deterministic(cli, tmp_path, installed_tools) -> None:
 
 
 def _program(path: Path, mode: int = 0o755) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)  # less the umask's bits
     path.write_text("#!/bin/sh\nexit 0\n")
     path.chmod(mode)
     return path
@@ -475,11 +475,11 @@ def test_a_python_the_box_must_not_run_is_refused(cli, tmp_path, layout, why) ->
     assert not out.exists()
 
 
-def test_a_project_named_otherwise_is_not_a_deskgpu_checkout(cli, tmp_path) -> None:
+def test_a_project_named_otherwise_is_not_a_deskgpu_checkout(cli, tmp_path, world_tmp) -> None:
     """An install prefix may sit under some other project's pyproject.toml (no .git)."""
-    (tmp_path / "pyproject.toml").write_text('[project]\nname = "deskgpu-site"\n')
-    python = _program(tmp_path / "opt/bin/python")
-    _program(tmp_path / "opt/bin/deskgpu")
+    (world_tmp / "pyproject.toml").write_text('[project]\nname = "deskgpu-site"\n')
+    python = _program(world_tmp / "opt/bin/python")
+    _program(world_tmp / "opt/bin/deskgpu")
     result = cli("setup", "render", "--out", str(tmp_path / "o"), "--python", str(python))
     assert result.exit_code == 0, result.stderr
 
@@ -497,8 +497,8 @@ def test_deskgpu_defaults_to_the_one_installed_beside_python(
     assert cmd.split()[0] == python
 
 
-def test_no_deskgpu_beside_python_is_refused_with_the_fix(cli, tmp_path) -> None:
-    python = _program(tmp_path / "opt/bin/python")
+def test_no_deskgpu_beside_python_is_refused_with_the_fix(cli, tmp_path, world_tmp) -> None:
+    python = _program(world_tmp / "opt/bin/python")
     result = cli("setup", "render", "--out", str(tmp_path / "o"), "--python", str(python))
     _refused(result, f"no deskgpu command next to {python}", "--deskgpu /opt/deskgpu/bin/deskgpu")
 

@@ -172,7 +172,9 @@ def test_every_deskgpu_command_parses_with_the_real_cli(cli) -> None:
 
 @pytest.mark.skipif(shutil.which("uv") is None, reason="no uv")
 @pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="no /usr/bin/python3")
-def test_installing_from_the_checkout_gives_a_deskgpu_render_accepts(tmp_path: Path) -> None:
+def test_installing_from_the_checkout_gives_a_deskgpu_render_accepts(
+    tmp_path: Path, world_tmp: Path
+) -> None:
     """Step 3 as written (offline: uv's cache holds the locked packages after `uv sync`), into
     a directory standing for /opt/deskgpu; then step 7's render with that install's defaults."""
     (line,) = [
@@ -183,7 +185,7 @@ def test_installing_from_the_checkout_gives_a_deskgpu_render_accepts(tmp_path: P
     _, args = _program(line)
     args = [str(ROOT) if a == "~/deskgpu" else a for a in args]  # the page's clone: this one
     assert "--locked" in args and "--no-editable" in args and "--no-dev" in args
-    opt = tmp_path / "opt" / "deskgpu"
+    opt = world_tmp / "opt" / "deskgpu"  # where the server's account may run it, as /opt
     env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(opt), "UV_NO_PROGRESS": "1"}
     # The suite runs with a HOME of its own: uv's cache is the one of the account's real HOME.
     real_home = {**env, "HOME": pwd.getpwuid(os.getuid()).pw_dir}

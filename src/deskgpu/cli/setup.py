@@ -2,7 +2,8 @@
 
 The host config that was read goes into DIR too (install.sh installs it as the system config);
 `--python` / `--deskgpu` default to the installed deskgpu running this command and are refused
-with the fix when they are not installed programs (`deskgpu.setup.tools`).
+with the fix when they are not installed programs, or the Python is one the API server's
+account cannot run (`deskgpu.setup.tools`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def render_command(
             metavar="PATH",
             help="Absolute path of the Python with deskgpu + SkyPilot that runs the API server, "
             "e.g. /opt/deskgpu/bin/python (default: the one running this command; refused "
-            "inside a source checkout).",
+            "inside a source checkout, or where the server's account cannot run it).",
             show_default=False,
         ),
     ] = None,
@@ -75,11 +76,11 @@ def render_command(
     """
     from deskgpu.errors import UsageError
     from deskgpu.setup import catalog
-    from deskgpu.setup.render import is_config_file, render, write
+    from deskgpu.setup.render import is_config_file, render, server_user, write
     from deskgpu.setup.tools import box_tools
 
-    tools = box_tools(python, deskgpu)
     config = get_config(config_path)
+    tools = box_tools(python, deskgpu, server_user(config))
     text = None
     if is_config_file(config):
         # The headers name what was read, wherever the command ran from.

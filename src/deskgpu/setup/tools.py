@@ -6,15 +6,24 @@ absolute path to an executable file, or when it lives in a source checkout: a di
 it (as given, or with its symlinks resolved) holds `.git`, or a `pyproject.toml` naming
 deskgpu. A venv's interpreter resolves into its base Python, which may sit in a git clone of
 its own (pyenv's `~/.pyenv`): there only a deskgpu tree counts. Services must not run a
-working tree that changes with every checkout and `uv sync`; docs/setup.md step 1 installs
+working tree that changes with every checkout and `uv sync`; docs/setup.md step 3 installs
 deskgpu into /opt/deskgpu for them.
+
+`--python` is also refused when the API server's account cannot run it: a directory on the
+way it may not search, or an interpreter it may not execute, the venv's base Python included
+(a pyenv Python under root's 0700 home). Judged from mode bits as the kernel would, symlinks
+followed: by the account's uid and groups, or, before install.sh has created the account, as
+any other user.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from deskgpu.errors import UsageError
@@ -25,15 +34,13 @@ _NAMES_DESKGPU = re.compile(r"""^\s*name\s*=\s*["']deskgpu["']\s*(#.*)?$""", re.
 INSTALLED = {"--python": "/opt/deskgpu/bin/python", "--deskgpu": "/opt/deskgpu/bin/deskgpu"}
 
 
-def box_tools(python: str | None, deskgpu: str | None) -> Tools:
-    """The Tools for `--python` / `--deskgpu` (None: the defaults), each checked."""
+def box_tools(python: str | None, deskgpu: str | None, server_account: str) -> Tools:
+    """The Tools for `--python` / `--deskgpu` (None: the defaults), each checked; the Python
+    must be one `server_account` (the API server's, `User=` of its unit) can run."""
     py = python or sys.executable
-    check(
-        "--python",
-        py,
-        "the Python that runs the API server",
-        "the Python running this command" if python is None else None,
-    )
+    default = "the Python running this command" if python is None else None
+    check("--python", py, "the Python that runs the API server", default)
+    check_runnable_by("--python", py, Account.named(server_account), default)
     if deskgpu is None:
         found = default_deskgpu(py)
         if found is None:
@@ -63,7 +70,7 @@ def default_deskgpu(python: str) -> str | None:
 def check(flag: str, path: str, what: str, default: str | None) -> None:
     """Refuse `path` for `flag` unless it is an installed executable outside any checkout."""
     given = f"{flag} {path}" + (f" (the default: {default})" if default else "")
-    fix = f"install deskgpu (docs/setup.md step 1) and pass {flag} {INSTALLED[flag]}"
+    fix = f"install deskgpu (docs/setup.md step 3) and pass {flag} {INSTALLED[flag]}"
     if not path or not Path(path).is_absolute():
         raise UsageError(f"{given}: {what} must be an absolute path; {fix}")
     try:
@@ -103,3 +110,101 @@ def _names_deskgpu(pyproject: Path) -> bool:
     except OSError:  # absent, or unreadable: not a tree we can tell apart
         return False
     return _NAMES_DESKGPU.search(text) is not None
+
+
+@dataclass(frozen=True)
+class Account:
+    """Who will run a program: an account's uid and groups, or (`uid` None, an account not
+    created yet) any other user, who has the mode bits' "other" class."""
+
+    name: str
+    uid: int | None = None
+    gids: frozenset[int] = frozenset()
+
+    @classmethod
+    def named(cls, name: str) -> Account:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            return cls(name)
+        try:
+            gids = os.getgrouplist(name, entry.pw_gid)
+        except OSError:
+            gids = [entry.pw_gid]
+        return cls(name, entry.pw_uid, frozenset(gids))
+
+    def may_execute(self, st: os.stat_result) -> bool:
+        """Execute (a file) or search (a directory) by mode bits: the first class that
+        matches decides (an owner without the bit is refused even where others have it)."""
+        if self.uid == 0:  # root searches anything and runs a file with any x bit
+            return not stat.S_ISREG(st.st_mode) or bool(st.st_mode & 0o111)
+        if self.uid is not None and st.st_uid == self.uid:
+            return bool(st.st_mode & stat.S_IXUSR)
+        if self.uid is not None and st.st_gid in self.gids:
+            return bool(st.st_mode & stat.S_IXGRP)
+        return bool(st.st_mode & stat.S_IXOTH)
+
+    def shown(self) -> str:
+        if self.uid is None:
+            return f"{self.name} (not created yet: judged as any other user)"
+        return self.name
+
+
+_MAX_LINKS = 40  # the kernel's MAXSYMLINKS
+
+
+def first_denied(path: str, account: Account) -> str | None:
+    """The first directory on the way to `path` that `account` may not search, or `path`'s
+    program itself when it may not execute it; None: it may run it. Every symlink is
+    followed as the kernel does (each hop's directories count: a venv's `bin/python` link
+    into a base Python under a 0700 home is denied there). Raises `OSError` where this
+    process cannot look."""
+    todo = list(reversed(Path(path).parts[1:]))  # a stack of names still to walk
+    current = Path("/")
+    links = 0
+    while todo:
+        if not account.may_execute(current.stat()):
+            return str(current)
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        step = current / name
+        if not stat.S_ISLNK(step.lstat().st_mode):
+            current = step
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            return str(step)
+        target = step.readlink()
+        if target.is_absolute():
+            current = Path("/")
+        todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+    return None if account.may_execute(current.stat()) else str(current)
+
+
+def check_runnable_by(flag: str, path: str, account: Account, default: str | None) -> None:
+    """Refuse `path` for `flag` unless `account` may run it (see `first_denied`)."""
+    from deskgpu import hostio
+
+    given = f"{flag} {path}" + (f" (the default: {default})" if default else "")
+    try:
+        denied = first_denied(path, account)
+        st = Path(denied).stat() if denied is not None else None
+    except OSError as exc:
+        raise UsageError(
+            f"{given}: cannot look at the way to it ({exc.strerror or exc}); run as root"
+        ) from None
+    if denied is None or st is None:
+        return
+    what = "search" if stat.S_ISDIR(st.st_mode) else "execute"
+    owner = hostio.user_name(st.st_uid) or str(st.st_uid)
+    group = hostio.group_name(st.st_gid) or str(st.st_gid)
+    raise UsageError(
+        f"{given}: the API server's account {account.shown()} cannot run it: it may not "
+        f"{what} {denied} ({stat.filemode(st.st_mode)} {owner}:{group}); install deskgpu "
+        f"from a Python every account may run, e.g. /usr/bin/python3 (docs/setup.md step 3), "
+        f"and pass {flag} {INSTALLED[flag]}"
+    )
