@@ -22,10 +22,11 @@ from typing import Any
 from deskgpu.config import HostConfig
 from deskgpu.reap import run
 from deskgpu.reap.act import Actor
-from deskgpu.reap.history import SessionSample, open_history
 from deskgpu.reap.settings import load_settings
 from deskgpu.snapshot import Snapshot
-from deskgpu.usage import report, store
+from deskgpu.state import usage as store
+from deskgpu.state.history import SessionSample, open_history
+from deskgpu.usage import report
 
 STEP = 300
 ROOT = Actor("root", 0, frozenset())

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from deskgpu.reap.history import SessionSample, open_history
-from deskgpu.usage import html, report, store
+from deskgpu.state import usage as store
+from deskgpu.state.history import SessionSample, open_history
+from deskgpu.usage import html, report
 
 STEP = 300
 NOW = 1_732_590_000

@@ -20,9 +20,9 @@ from deskgpu.doctor.checks import FAIL, OK, SKIP, WARN, Check, run_checks
 from deskgpu.doctor.facts import ExecutableFact, FileFact, HostFacts
 from deskgpu.doctor.registry import BY_ID, REGISTRY, readme_table
 from deskgpu.doctor.schedules import Parsed, find_scheduled, parse_args
-from deskgpu.reap.history import SessionSample, open_history
 from deskgpu.setup.render import Tools, render, write
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP
+from deskgpu.state.history import SessionSample, open_history
 from tests.conftest import ROOT
 from tests.fixtures.doctor import from_render
 from tests.test_doctor_checks import FIXTURES, box_config, by_id, facts
@@ -629,7 +629,7 @@ def test_every_way_argparse_reads_a_public_host_fails(host: str) -> None:
 
 
 def test_an_audit_line_too_deep_for_json_is_skipped(tmp_path: Path) -> None:
-    from deskgpu.reap.audit import last_reap_run
+    from deskgpu.state.audit import last_reap_run
 
     log = tmp_path / "audit.jsonl"
     log.write_text(

@@ -13,9 +13,9 @@ import yaml
 
 from deskgpu.config import HostConfig
 from deskgpu.nvml import NO_DRIVER
-from deskgpu.reap.history import Notice, open_history
 from deskgpu.reap.settings import load_settings
 from deskgpu.snapshot import NvmlView, SkyView, Snapshot
+from deskgpu.state.history import Notice, open_history
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "snapshots"
 BUSY = json.loads((SNAPSHOTS / "busy_box.json").read_text())

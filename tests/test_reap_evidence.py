@@ -85,7 +85,7 @@ def test_gzip_that_is_not_gzip_is_exit_2(tmp_path: Path, cli) -> None:
 def test_a_good_gzipped_document_still_reads(tmp_path: Path) -> None:
     path = tmp_path / "ok.json.gz"
     path.write_bytes(gzip.compress(json.dumps(doc(sessions=[session()])).encode()))
-    from deskgpu.reap.audit import read_evidence
+    from deskgpu.state.audit import read_evidence
 
     assert read_evidence(path).sessions[0].cluster == "a"
 

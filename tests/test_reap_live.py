@@ -16,12 +16,13 @@ import pytest
 
 from deskgpu.config import HostConfig
 from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError
-from deskgpu.reap import audit, run
+from deskgpu.reap import run
 from deskgpu.reap.act import Actor, kill_unmanaged
-from deskgpu.reap.history import open_history
 from deskgpu.reap.rule import Action, Decision
 from deskgpu.reap.settings import load_settings
 from deskgpu.snapshot import Snapshot
+from deskgpu.state import audit
+from deskgpu.state.history import open_history
 
 T0 = 1_767_000_000.0
 POD = "0a1b2c3d-1111-2222-3333-444455556666"
@@ -456,7 +457,7 @@ def test_failing_action_is_audited_and_the_others_continue(
     manager yield twice: an internal error, the remaining actions abandoned, no audit line."""
     import sqlite3
 
-    from deskgpu.reap import history
+    from deskgpu.state import history
 
     config = make_config(tmp_path, warn_on_observe=False)
     settings = load_settings(config)

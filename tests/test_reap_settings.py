@@ -11,8 +11,8 @@ import pytest
 from deskgpu.config import load_config
 from deskgpu.errors import SpecError
 from deskgpu.reap.evidence import GpuSample
-from deskgpu.reap.history import Notice, SessionSample, open_history
 from deskgpu.reap.settings import KEYS, ReapSettings, load_settings
+from deskgpu.state.history import Notice, SessionSample, open_history
 from tests.conftest import EXAMPLES
 
 

@@ -19,9 +19,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from deskgpu.reap.evidence import Evidence
-from deskgpu.reap.history import open_history
 from deskgpu.reap.settings import load_settings
-from deskgpu.usage import html, report, store, textfile, weekly
+from deskgpu.state import usage as store
+from deskgpu.state.history import open_history
+from deskgpu.usage import html, report, textfile, weekly
 from tests.fixtures.reap import make_corpus
 from tests.test_reap_live import STEP, Box, make_config, observe_for
 

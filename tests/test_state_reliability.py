@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from deskgpu.errors import OutsideError
-from deskgpu.reap import audit
-from deskgpu.reap.history import (
+from deskgpu.state import audit
+from deskgpu.state.history import (
     Notice,
     SessionSample,
     history_copy,
@@ -91,7 +91,7 @@ def test_a_fifo_at_the_history_path_hangs_nothing(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from deskgpu.errors import OutsideError\n"
-        "from deskgpu.reap.history import read_notices, latest_observation, history_copy, "
+        "from deskgpu.state.history import read_notices, latest_observation, history_copy, "
         "open_history\n"
         "from deskgpu.usage.report import open_readonly\n"
         "p = sys.argv[1]\n"
@@ -143,7 +143,7 @@ def test_a_short_audit_write_leaves_no_half_record(tmp_path: Path) -> None:
         "import resource, sys\n"
         "from pathlib import Path\n"
         "from deskgpu.errors import OutsideError\n"
-        "from deskgpu.reap.audit import AuditLog\n"
+        "from deskgpu.state.audit import AuditLog\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size + 100}, {size + 100}))\n"
         "try:\n"
         "    AuditLog(Path(sys.argv[1])).append({'event': 'warned', 'pad': 'x' * 1700})\n"
@@ -429,7 +429,7 @@ def test_observe_reap_report_and_queue_together_for_a_minute(tmp_path: Path) -> 
 
 def test_a_history_killed_while_being_created_still_opens(tmp_path: Path) -> None:
     """Its tables without the format row (a kill found by the crash test): ours, not foreign."""
-    from deskgpu.reap.history import _SCHEMA
+    from deskgpu.state.history import _SCHEMA
 
     path = tmp_path / "history.sqlite"
     db = sqlite3.connect(path)

@@ -161,7 +161,7 @@ def _live_sky(config: HostConfig, deadline: Deadline) -> SkyView:
 
 def _live_notices(config: HostConfig) -> list[ReapNotice]:
     """The reap history's pending notices (stdlib sqlite3, read-only; no SkyPilot)."""
-    from deskgpu.reap.history import read_notices
+    from deskgpu.state.history import read_notices
 
     return [
         ReapNotice(
@@ -181,7 +181,7 @@ def _safe_notices(
 ) -> tuple[list[ReapNotice], str | None]:
     """Notices are an extra: no history, or one this user may not read, is none (silently);
     a broken one, or a bad `reap:` config section, is none plus a note."""
-    from deskgpu.reap.history import HistoryDenied
+    from deskgpu.state.history import HistoryDenied
 
     try:
         return read(config), None

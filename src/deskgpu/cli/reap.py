@@ -82,7 +82,8 @@ def reap_command(
     act on; 1: a teardown failed or SkyPilot/NVML is unreachable; 2: usage.
     """
     from deskgpu.errors import UsageError
-    from deskgpu.reap import audit, run
+    from deskgpu.reap import run
+    from deskgpu.state import audit
 
     if evidence is not None and (yes or kill_unmanaged):
         raise UsageError("--evidence replays a recorded run: it cannot be combined with --yes")

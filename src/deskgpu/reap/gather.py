@@ -18,7 +18,6 @@ from deskgpu.attribution import LABEL_SKY_CLUSTER, PodIndex, pod_processes
 from deskgpu.errors import OutsideError
 from deskgpu.labels import LABEL_USER
 from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess
-from deskgpu.reap.history import History, SessionSample
 from deskgpu.reap.rule import decide_session
 from deskgpu.reap.settings import ReapSettings
 from deskgpu.snapshot import (
@@ -30,6 +29,7 @@ from deskgpu.snapshot import (
     STARTING,
     Snapshot,
 )
+from deskgpu.state.history import History, SessionSample
 
 PROC = Path("/proc")
 CGROUP = Path("/sys/fs/cgroup")

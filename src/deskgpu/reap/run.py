@@ -23,14 +23,15 @@ from typing import Any
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError, UsageError
 from deskgpu.frontends import likely_orphans
-from deskgpu.reap import act, audit, gather
+from deskgpu.reap import act, gather
 from deskgpu.reap.evidence import Evidence, Session, iso
-from deskgpu.reap.history import History, Notice, history_copy, open_history
 from deskgpu.reap.rule import Action, Decision, decide, unmatched_protected
 from deskgpu.reap.settings import ReapSettings
 from deskgpu.snapshot import Snapshot
+from deskgpu.state import audit
+from deskgpu.state import usage as usage_store
+from deskgpu.state.history import History, Notice, history_copy, open_history
 from deskgpu.units import format_duration
-from deskgpu.usage import store as usage_store
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 
 from deskgpu.errors import OutsideError
 from deskgpu.reap.evidence import EvidenceError, iso, parse_ts
-from deskgpu.usage import store
+from deskgpu.state import usage as store
 
 HOUR = 3600.0
 AUDIT_TAIL_BYTES = 64 * 1024 * 1024  # a year of weekly runs is far less
@@ -239,7 +239,7 @@ def open_readonly(path: Path) -> Iterator[sqlite3.Connection]:
         raise OutsideError(f"cannot read the observation history {path}: {exc}") from None
     if not os.access(path, os.R_OK):
         raise OutsideError(f"the observation history {path} is not readable by this user")
-    from deskgpu.reap.history import read_only
+    from deskgpu.state.history import read_only
 
     with read_only(path, timeout_s=30.0) as db:  # a hot journal is rolled back privately
         try:
@@ -458,7 +458,7 @@ def _add_audit(
     if path is None:
         return 0
     try:
-        from deskgpu.reap.audit import tail_lines
+        from deskgpu.state.audit import tail_lines
 
         lines = tail_lines(path, AUDIT_TAIL_BYTES)
     except FileNotFoundError:

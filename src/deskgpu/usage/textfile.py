@@ -238,7 +238,7 @@ def write(directory: Path, text: str) -> Path:
 
 def observe_textfile(directory: Path, result: Any, settings: Any) -> Path:
     """The textfile of an `ObserveResult`, reading the history it just appended to."""
-    from deskgpu.reap.history import open_history
+    from deskgpu.state.history import open_history
 
     snap = result.snapshot
     clusters: set[str] = set()

@@ -48,7 +48,7 @@ FORMAT = "1"
 _CREATE = "\n".join(
     ["BEGIN IMMEDIATE;", _SCHEMA, "INSERT OR IGNORE INTO meta VALUES ('format', '1');", "COMMIT;"]
 )
-# Tables a deskgpu history holds: the schema above and the usage store's (usage/store.py).
+# Tables a deskgpu history holds: the schema above and the usage store's (state/usage.py).
 OWN_TABLES = frozenset(
     {"meta", "observations", "gpu_samples", "activity_samples", "notices",
      "usage_sessions", "usage_box", "usage_waits"}
