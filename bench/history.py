@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from deskgpu.config import HostConfig
+from deskgpu.config.reap import load_settings
 from deskgpu.reap import run
 from deskgpu.reap.act import Actor
-from deskgpu.reap.settings import load_settings
 from deskgpu.snapshot import Snapshot
 from deskgpu.state import usage as store
 from deskgpu.state.history import SessionSample, open_history

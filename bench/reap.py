@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from deskgpu.config.reap import ReapSettings
 from deskgpu.reap.evidence import ActivitySample, Evidence, GpuSample, Session
 from deskgpu.reap.rule import decide
-from deskgpu.reap.settings import ReapSettings
 
 STEP = 300
 

@@ -165,9 +165,9 @@ def test_reap_dry_run_lists_the_likely_orphan_and_touches_it_not(tmp_path: Path)
     import json
 
     from deskgpu.config import HostConfig
+    from deskgpu.config.reap import load_settings
     from deskgpu.reap import run
     from deskgpu.reap.act import Actor
-    from deskgpu.reap.settings import load_settings
     from deskgpu.snapshot import Snapshot
 
     doc = json.loads(SNAPSHOT.read_text())

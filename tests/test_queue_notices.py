@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from deskgpu.config import HostConfig
+from deskgpu.config.reap import load_settings
 from deskgpu.nvml import NO_DRIVER
-from deskgpu.reap.settings import load_settings
 from deskgpu.snapshot import NvmlView, SkyView, Snapshot
 from deskgpu.state.history import Notice, open_history
 

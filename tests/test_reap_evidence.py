@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deskgpu.config.reap import ReapSettings
 from deskgpu.reap.evidence import Evidence, EvidenceError
 from deskgpu.reap.rule import decide
-from deskgpu.reap.settings import ReapSettings
 
 NOW = 1732600800
 

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from deskgpu.config import HostConfig
+from deskgpu.config.reap import load_settings
 from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError
 from deskgpu.reap import run
 from deskgpu.reap.act import Actor, kill_unmanaged
 from deskgpu.reap.rule import Action, Decision
-from deskgpu.reap.settings import load_settings
 from deskgpu.snapshot import Snapshot
 from deskgpu.state import audit
 from deskgpu.state.history import open_history

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import event, given, seed, settings
 from hypothesis import strategies as st
 
+from deskgpu.config.reap import ReapSettings
 from deskgpu.reap.evidence import ActivitySample, Evidence, EvidenceError, GpuSample, Session
 from deskgpu.reap.rule import Action, decide, decide_session
-from deskgpu.reap.settings import ReapSettings
 
 CORPUS = Path(__file__).parent / "fixtures" / "reap"
 SCENARIOS = sorted(p.stem for p in CORPUS.glob("*.json"))

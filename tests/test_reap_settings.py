@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from deskgpu.config import load_config
+from deskgpu.config.reap import KEYS, ReapSettings, load_settings
 from deskgpu.errors import SpecError
 from deskgpu.reap.evidence import GpuSample
-from deskgpu.reap.settings import KEYS, ReapSettings, load_settings
 from deskgpu.state.history import Notice, SessionSample, open_history
 from tests.conftest import EXAMPLES
 

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from deskgpu.config.reap import load_settings
 from deskgpu.reap.evidence import Evidence
-from deskgpu.reap.settings import load_settings
 from deskgpu.state import usage as store
 from deskgpu.state.history import open_history
 from deskgpu.usage import html, report, textfile, weekly

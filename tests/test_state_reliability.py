@@ -170,8 +170,8 @@ def test_a_torn_audit_tail_is_fenced_off_before_the_next_record(tmp_path: Path) 
 def test_observe_quiet_does_not_hide_a_broken_lock(tmp_path: Path) -> None:
     """`reap.lock` a directory: the observation is kept, and the fault is a problem (said
     even with --quiet, exit 1), not a note."""
+    from deskgpu.config.reap import load_settings
     from deskgpu.reap import run
-    from deskgpu.reap.settings import load_settings
 
     box = Box(tmp_path)
     config = make_config(tmp_path)
@@ -256,8 +256,8 @@ def _killed_run(tmp: Path, step: int, mode: str, delay_s: float) -> int:
     if pid == 0:  # pragma: no cover - the child reports by its exit status
         code = 1
         try:
+            from deskgpu.config.reap import load_settings
             from deskgpu.reap import run
-            from deskgpu.reap.settings import load_settings
             from tests.test_reap_live import ROOT
 
             box = Box(tmp)
@@ -288,7 +288,7 @@ def _audit_records(path: Path) -> list[dict[str, object]]:
 def test_kill_9_at_random_points_loses_nothing(tmp_path: Path) -> None:
     import random
 
-    from deskgpu.reap.settings import load_settings
+    from deskgpu.config.reap import load_settings
     from deskgpu.usage import report
 
     rng = random.Random(26)  # the same 100 kill points on every run
@@ -352,8 +352,8 @@ def _worker(role: str, tmp: Path, until: float, write_fd: int) -> None:  # pragm
     """One of the four commands' cores in a loop until `until`; reports its counts."""
     import time
 
+    from deskgpu.config.reap import load_settings
     from deskgpu.reap import run
-    from deskgpu.reap.settings import load_settings
     from deskgpu.usage import report
     from tests.test_reap_live import ROOT
 
@@ -386,7 +386,7 @@ def test_observe_reap_report_and_queue_together_for_a_minute(tmp_path: Path) -> 
     """On a month's history (20 sessions, every 5 minutes), the four at once: 0 lock errors."""
     import time
 
-    from deskgpu.reap.settings import load_settings
+    from deskgpu.config.reap import load_settings
 
     config = make_config(tmp_path, retention="40d")
     settings = load_settings(config)

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import DoctorSettings
+from deskgpu.config.reap import KEYS
 from deskgpu.doctor.registry import readme_table
-from deskgpu.doctor.settings import DoctorSettings
 from deskgpu.house_rules.podspec import readme_section
-from deskgpu.reap.settings import KEYS
 from deskgpu.validate import load_schema
 
 REGENERATE = "uv run python -m deskgpu.docs"
@@ -84,7 +84,7 @@ def host_config_table() -> str:
 
 
 def reap_table() -> str:
-    """`reap:` keys, with the defaults `deskgpu.reap.settings` parses."""
+    """`reap:` keys, with the defaults `deskgpu.config.reap` parses."""
     return _key_table(_schema_properties("reap"), {key: spec[2] for key, spec in KEYS.items()})
 
 

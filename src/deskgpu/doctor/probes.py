@@ -882,8 +882,8 @@ def probe_cron_running(proc_dir: str = "/proc") -> bool | None:
 
 def probe_records(config: HostConfig) -> RecordsFact:
     """The reap history's newest observation and the audit log's newest `reap --yes` run."""
+    from deskgpu.config.reap import ReapSettings
     from deskgpu.errors import DeskgpuError
-    from deskgpu.reap.settings import ReapSettings
     from deskgpu.state.audit import last_reap_run
     from deskgpu.state.history import latest_observation
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import RETIRED
 from deskgpu.doctor.checks import FAIL, STATUSES, Check, run_checks
 from deskgpu.doctor.facts import FactsFormatError, HostFacts
-from deskgpu.doctor.settings import RETIRED
 from deskgpu.errors import ExitStatus, UsageError
 from deskgpu.recorded import read_document, write_document
 

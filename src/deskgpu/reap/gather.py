@@ -15,11 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from deskgpu.attribution import LABEL_SKY_CLUSTER, PodIndex, pod_processes
+from deskgpu.config.reap import ReapSettings
 from deskgpu.errors import OutsideError
 from deskgpu.labels import LABEL_USER
 from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess
 from deskgpu.reap.rule import decide_session
-from deskgpu.reap.settings import ReapSettings
 from deskgpu.snapshot import (
     ALLOCATION_ENVIRON,
     ALLOCATION_POD_RESOURCES,

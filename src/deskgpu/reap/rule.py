@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from deskgpu.config.reap import ReapSettings
 from deskgpu.identity import safe_user
 from deskgpu.labels import LABEL_KEEP
 from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess, iso
-from deskgpu.reap.settings import ReapSettings
 from deskgpu.units import format_duration, format_mib
 
 # Display servers and compositors: they hold VRAM for the screen, and killing one logs

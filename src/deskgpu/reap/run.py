@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
+from deskgpu.config.reap import ReapSettings
 from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError, UsageError
 from deskgpu.frontends import likely_orphans
 from deskgpu.reap import act, gather
 from deskgpu.reap.evidence import Evidence, Session, iso
 from deskgpu.reap.rule import Action, Decision, decide, unmatched_protected
-from deskgpu.reap.settings import ReapSettings
 from deskgpu.snapshot import Snapshot
 from deskgpu.state import audit
 from deskgpu.state import usage as usage_store

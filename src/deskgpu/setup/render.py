@@ -25,7 +25,7 @@ import yaml
 
 from deskgpu import cluster
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
-from deskgpu.doctor.settings import DoctorSettings
+from deskgpu.config.doctor import DoctorSettings
 from deskgpu.errors import UsageError
 from deskgpu.kubenames import (
     ACCELERATOR_LABEL,

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deskgpu.config import HostConfig
+from deskgpu.config.reap import ReapSettings
 from deskgpu.errors import OutsideError
 from deskgpu.reap import act
 from deskgpu.reap.evidence import iso
-from deskgpu.reap.settings import ReapSettings
 from deskgpu.usage.report import Report, make, text_lines
 
 WEEK_S = 7 * 86400

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import Settings
 from deskgpu.doctor.checks.base import COMPONENTS, FAIL, OK, SKIP, STATUSES, WARN, Check
 from deskgpu.doctor.checks.docker import check_docker
 from deskgpu.doctor.checks.driver import check_driver, gpu_matches
@@ -22,7 +23,6 @@ from deskgpu.doctor.checks.skypilot import SHARED_SERVER, check_skypilot, resolv
 from deskgpu.doctor.checks.storage import check_storage
 from deskgpu.doctor.facts import HostFacts
 from deskgpu.doctor.registry import REGISTRY
-from deskgpu.doctor.settings import Settings
 
 __all__ = [
     "COMPONENTS",

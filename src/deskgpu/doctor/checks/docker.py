@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import Settings
 from deskgpu.doctor.checks.base import (
     FAIL,
     OK,
@@ -19,7 +20,6 @@ from deskgpu.doctor.facts import (
     CommandResult,
     HostFacts,
 )
-from deskgpu.doctor.settings import Settings
 
 DOC_TOOLKIT = (
     "https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/latest/install-guide.html"

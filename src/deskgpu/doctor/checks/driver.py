@@ -6,6 +6,7 @@ import re
 
 from deskgpu import gpumodels
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import Settings
 from deskgpu.doctor.checks.base import (
     FAIL,
     OK,
@@ -19,7 +20,6 @@ from deskgpu.doctor.facts import (
     GpuReading,
     HostFacts,
 )
-from deskgpu.doctor.settings import Settings
 
 DOC_DRIVER = "https://docs.nvidia.com/datacenter/tesla/driver-installation-guide/"
 DOC_ECC = "https://docs.nvidia.com/deploy/a100-gpu-mem-error-mgmt/index.html"

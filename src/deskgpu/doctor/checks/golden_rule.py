@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import Settings
 from deskgpu.doctor.checks.base import (
     OK,
     WARN,
@@ -16,7 +17,6 @@ from deskgpu.doctor.checks.base import (
 from deskgpu.doctor.facts import (
     HostFacts,
 )
-from deskgpu.doctor.settings import Settings
 
 # Distributions that must never be in a host Python (they belong in images / uv envs).
 _DRIFT_DIST = re.compile(

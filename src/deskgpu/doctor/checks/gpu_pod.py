@@ -5,11 +5,11 @@ how to run it). The pod and how it was read: `deskgpu.doctor.gpupod`."""
 from __future__ import annotations
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import Settings
 from deskgpu.doctor import gpupod
 from deskgpu.doctor.checks.base import FAIL, OK, SKIP, WARN, Check, _Component, _config_file, _json
 from deskgpu.doctor.checks.driver import gpu_matches
 from deskgpu.doctor.facts import GpuPodFact, HostFacts
-from deskgpu.doctor.settings import Settings
 
 _k8s = _Component("kubernetes")
 RUN_IT = "`sudo deskgpu doctor --gpu-pod`"

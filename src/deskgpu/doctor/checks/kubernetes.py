@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import Settings
 from deskgpu.doctor.checks.base import (
     FAIL,
     OK,
@@ -19,7 +20,6 @@ from deskgpu.doctor.checks.base import (
 from deskgpu.doctor.facts import (
     HostFacts,
 )
-from deskgpu.doctor.settings import Settings
 from deskgpu.kubenames import (
     ACCELERATOR_LABEL,
     JOB_SERVICE_ACCOUNT,

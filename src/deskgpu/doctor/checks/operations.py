@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import Settings
+from deskgpu.config.reap import ReapSettings
 from deskgpu.doctor.checks.base import (
     FAIL,
     INSTALL,
@@ -31,9 +33,7 @@ from deskgpu.doctor.schedules import (
     parse_args,
     timer_of,
 )
-from deskgpu.doctor.settings import Settings
 from deskgpu.errors import SpecError
-from deskgpu.reap.settings import ReapSettings
 from deskgpu.setup.schedules import COSMETIC_PARAMS, CRON_FILE, OBSERVE, REAP, Schedule
 from deskgpu.units import format_duration
 

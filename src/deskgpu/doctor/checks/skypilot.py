@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import Settings
 from deskgpu.doctor.checks.base import (
     FAIL,
     INSTALL,
@@ -24,7 +25,6 @@ from deskgpu.doctor.facts import (
     HostFacts,
     ServerProcess,
 )
-from deskgpu.doctor.settings import Settings
 from deskgpu.skyapi import DEFAULT_ENDPOINT, yaml_get
 from deskgpu.skyapi import resolve_endpoint as resolve_endpoint  # its home is skyapi
 

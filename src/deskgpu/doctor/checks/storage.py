@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deskgpu.config import HostConfig
+from deskgpu.config.doctor import Settings
 from deskgpu.doctor.checks.base import (
     FAIL,
     OK,
@@ -15,7 +16,6 @@ from deskgpu.doctor.facts import (
     HostFacts,
     PathFact,
 )
-from deskgpu.doctor.settings import Settings
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "glusterfs", "ceph", "lustre", "9p", "afs")
 NETWORK_FUSE = ("sshfs", "s3fs", "gcsfuse", "rclone", "juicefs", "goofys", "glusterfs")

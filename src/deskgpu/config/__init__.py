@@ -13,15 +13,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deskgpu.config.doctor import DoctorSettings
 from deskgpu.doctor.registry import BY_ID as CHECKS
-from deskgpu.doctor.settings import DoctorSettings
 from deskgpu.errors import SpecError
 from deskgpu.units import parse_duration_s
 from deskgpu.validate import load_schema, schema_problems
 from deskgpu.yamlio import read_located
 
 if TYPE_CHECKING:
-    from deskgpu.reap.settings import ReapSettings
+    from deskgpu.config.reap import ReapSettings
 
 SYSTEM_CONFIG = Path("/etc/deskgpu/config.yaml")
 CONFIG_ENV = "DESKGPU_CONFIG"
@@ -64,7 +64,7 @@ class HostConfig:
     def reap_settings(self) -> ReapSettings:
         """The `reap:` section parsed, once per config (a `SpecError` if it does not parse:
         `load_config` has already refused such a file, at the line)."""
-        from deskgpu.reap.settings import load_settings
+        from deskgpu.config.reap import load_settings
 
         return load_settings(self)
 
@@ -147,7 +147,7 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
         images_deny=tuple(images.get("deny", ())),
         source=str(path),
     )
-    from deskgpu.reap.settings import settings_problems  # the reap section, located too
+    from deskgpu.config.reap import settings_problems  # the reap section, located too
 
     _, reap_problems = settings_problems(config)
     if reap_problems:
