@@ -1,4 +1,6 @@
-"""The only module that imports `sky`, and only inside functions (it costs seconds).
+"""The client side's only module that imports `sky`, and only inside functions (it costs
+seconds); the server side's is `policy.py` (import contract in pyproject.toml). The queue's
+reads (`fetch_queue`) take plain HTTP through `skyhttp` and import nothing of SkyPilot.
 
 Every SkyPilot failure leaves here as an `OutsideError` (exit 1) with one clear line;
 SkyPilot's own chatter on stdout is sent to stderr so stdout stays the product.

@@ -1,7 +1,8 @@
 """One look at the box for `deskgpu queue`: GPUs first, SkyPilot alongside, joined into a Snapshot.
 
-The GPU half (NVML + /proc + kube pods) takes well under a second; the SkyPilot half costs
-an `import sky` and two API requests. So SkyPilot runs in a daemon thread from the start,
+The GPU half (NVML + /proc + kube pods) takes well under a second; the SkyPilot half is two
+plain-HTTP requests to the API server (`skyapi.fetch_queue`, no `import sky`) that a busy
+server may answer slowly. So SkyPilot runs in a daemon thread from the start,
 `on_gpus` is called as soon as the GPU half is known (the CLI paints it), and a SkyPilot
 that does not answer in time becomes a one-line error, never a hang or a crash.
 """

@@ -95,7 +95,7 @@ def queue_command(
     from deskgpu import survey
     from deskgpu.errors import UsageError
 
-    out = sys.stdout  # captured now: SkyPilot's thread redirects stdout while it talks
+    out = sys.stdout  # captured now, before the SkyPilot thread starts
     if snapshot is not None:
         if watch:
             raise UsageError("--snapshot renders one recorded snapshot: drop --watch")
