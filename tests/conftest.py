@@ -97,7 +97,7 @@ def _cli_grammar() -> None:
 
     from deskgpu.cli import app
     from deskgpu.cli.grammar import TyperGrammar
-    from deskgpu.doctor.schedules import use_grammar
+    from deskgpu.doctor.scheduled import use_grammar
 
     use_grammar(TyperGrammar(typer.main.get_command(app)))
 

@@ -323,7 +323,7 @@ def test_mutated_snapshots_are_shown_or_refused_never_crash(
 ) -> None:
     from rich.console import Console
 
-    from deskgpu import survey
+    from deskgpu import queue as survey
     from deskgpu.cli.render import queue as render_queue
 
     path = tmp_path / "snap.json"

@@ -471,7 +471,7 @@ _HOSTED = "/skypilot-org/skypilot-catalog/master/catalogs/v8/common/accelerators
 def test_a_catalog_connection_error_is_not_an_unreachable_server(text: str) -> None:
     """SkyPilot's ConnectionError from its catalog download once read as 'server unreachable'
     (the branch for it came after the one for any ConnectionError)."""
-    from deskgpu.skyapi import explain_text
+    from deskgpu.skypilot.sdk import explain_text
 
     said = str(explain_text("ConnectionError", text, "http://127.0.0.1:1"))
     assert said.startswith("SkyPilot could not fetch its accelerator catalog"), said

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deskgpu import docs
-from deskgpu.doctor.schedules import Parsed, parse_args
+from deskgpu.doctor.scheduled import Parsed, parse_args
 from tests.conftest import ROOT
 
 README = ROOT / "README.md"

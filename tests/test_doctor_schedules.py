@@ -19,7 +19,7 @@ from deskgpu.doctor import probes
 from deskgpu.doctor.checks import FAIL, OK, SKIP, WARN, Check, run_checks
 from deskgpu.doctor.facts import ExecutableFact, FileFact, HostFacts
 from deskgpu.doctor.registry import BY_ID, REGISTRY, readme_table
-from deskgpu.doctor.schedules import Parsed, find_scheduled, parse_args
+from deskgpu.doctor.scheduled import Parsed, find_scheduled, parse_args
 from deskgpu.setup.render import Tools, render, write
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP
 from deskgpu.state.history import SessionSample, open_history

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deskgpu import skyapi, submission
+from deskgpu import submission
 from deskgpu.config import load_config
 from deskgpu.expand import CHECKPOINT_VOLUME, DATA_VOLUME, LABEL_USER
+from deskgpu.skypilot import sdk as skyapi
 from tests.conftest import EXAMPLES, HOST_CONFIG
 
 SPECS = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "host-config.yaml")

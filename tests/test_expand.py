@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from deskgpu import skyapi
 from deskgpu.config import HostConfig
 from deskgpu.expand import LABEL_KEEP, LABEL_KIND, REDACTED, expand, redacted
 from deskgpu.identity import safe_user
+from deskgpu.skypilot import sdk as skyapi
 from deskgpu.spec import spec_from_located
 from deskgpu.yamlio import load_located
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deskgpu.doctor.schedules import Parsed, parse_args
+from deskgpu.doctor.scheduled import Parsed, parse_args
 from deskgpu.submission import SubmitResult
 
 
@@ -53,7 +53,7 @@ def test_a_cpu_only_session_does_not_say_it_waits_for_gpus() -> None:
 
 def test_escape_codes_from_skypilot_never_reach_the_queue(cli, tmp_path: Path) -> None:
     """`Run: \\x1b[1msky check\\x1b[0m` once showed in the Reason column and in --json."""
-    from deskgpu.skyapi import parse_clusters, parse_jobs
+    from deskgpu.skypilot.sdk import parse_clusters, parse_jobs
 
     jobs = parse_jobs(
         [
@@ -158,7 +158,7 @@ def test_doctor_judges_the_configured_servers_config_not_another_users() -> None
 
 def test_the_catalog_error_keeps_its_whole_url() -> None:
     """`SkyPilot could not fetch its accelerator catalog ...: …` was once cut mid-URL."""
-    from deskgpu.skyapi import explain
+    from deskgpu.skypilot.sdk import explain
 
     url = "https://raw.githubusercontent.com/skypilot-org/skypilot-catalog/master/catalogs/v8/aws/vms.csv"
 
@@ -312,7 +312,7 @@ def test_a_launch_is_judged_only_once_it_shows_its_hand(
 ) -> None:
     """PENDING and a launch before its cluster exists can still fail its prechecks; a
     provisioning cluster, a backoff (waiting for GPUs) or a running job cannot."""
-    from deskgpu.skyapi import launch_state
+    from deskgpu.skypilot.sdk import launch_state
 
     assert launch_state({"job_id": 7, "task_id": 0, **record}).state == state
 

@@ -152,7 +152,7 @@ def test_queue_screen_says_via_transformer_lab_and_likely_orphan(cli: Any) -> No
 def test_a_raised_frontend_limit_is_no_orphan(tmp_path: Path) -> None:
     import json
 
-    from deskgpu import survey
+    from deskgpu import queue as survey
     from deskgpu.snapshot import Snapshot
 
     doc = json.loads(SNAPSHOT.read_text())
@@ -166,8 +166,8 @@ def test_reap_dry_run_lists_the_likely_orphan_and_touches_it_not(tmp_path: Path)
 
     from deskgpu.config import HostConfig
     from deskgpu.config.reap import load_settings
+    from deskgpu.identity import Actor
     from deskgpu.reap import run
-    from deskgpu.reap.act import Actor
     from deskgpu.snapshot import Snapshot
 
     doc = json.loads(SNAPSHOT.read_text())

@@ -291,7 +291,7 @@ def _as_researcher(endpoint: str, *args: str) -> dict[str, Any]:
 def test_recorded_cancel_reaches_skypilot_as_a_job_id(sky_replay) -> None:
     from deskgpu.config import load_config
     from deskgpu.deadline import Deadline
-    from deskgpu.skyapi import cancel_job
+    from deskgpu.skypilot.sdk import cancel_job
 
     server = sky_replay.load(FIXTURES / "jobs-cancel-by-id.json")
     cancel_job(4, load_config(None), Deadline.after(30))

@@ -256,8 +256,8 @@ def test_a_failed_refresh_keeps_the_last_good_frame() -> None:
 def test_a_request_that_failed_on_the_server_is_its_error_not_http_500(monkeypatch) -> None:
     """SkyPilot answers `GET /api/get` of a failed request with HTTP 500 and the request
     record (its error as JSON) as `detail`: that is SkyPilot's verdict, said as the SDK would."""
-    from deskgpu import skyapi
     from deskgpu.config import HostConfig
+    from deskgpu.skypilot import sdk as skyapi
 
     health = json.dumps({"status": "healthy", "api_version": "62"}).encode()
     error = {"type": "AssertionError", "message": "Kubernetes({'A6000': 1})"}

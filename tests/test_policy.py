@@ -543,7 +543,7 @@ def test_shape_task_config_without_skypilot_objects() -> None:
 
 def test_deskgpu_shows_every_rule_of_a_server_rejection(policy_server) -> None:
     """`deskgpu submit` prints the whole rejection the policy wrote, not its first line."""
-    from deskgpu.skyapi import explain
+    from deskgpu.skypilot.sdk import explain
 
     hostile = _pod_task([{"name": "h", "hostPath": {"path": "/"}}], [])
     with pytest.raises(exceptions.UserRequestRejectedByPolicy) as info:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from deskgpu import allocation, podresources, survey
+from deskgpu import allocation, podresources
+from deskgpu import queue as survey
 from deskgpu.attribution import PodIndex, PodInfo
 from deskgpu.config import HostConfig
 from deskgpu.snapshot import Gpu, Snapshot

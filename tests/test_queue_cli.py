@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deskgpu import nvml, survey
+from deskgpu import nvml
+from deskgpu import queue as survey
 from deskgpu.config import HostConfig
 from deskgpu.snapshot import NvmlView, SkyView, Snapshot
 
@@ -110,7 +111,8 @@ def test_skypilot_bug_is_data_not_a_traceback() -> None:
 
 def _fake_live(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Live sources replaced by a recorded snapshot's halves (no sky import, no NVML)."""
-    from deskgpu import nvml, skyapi
+    from deskgpu import nvml
+    from deskgpu.skypilot import sdk as skyapi
 
     snap = recorded(name)
     monkeypatch.setattr(nvml, "read", lambda: snap.nvml)
@@ -159,8 +161,8 @@ def test_record_to_an_unwritable_place_is_a_usage_error(cli, tmp_path: Path) -> 
 
 def test_help_and_core_imports_stay_light() -> None:
     code = (
-        "import sys, deskgpu.cli, deskgpu.cli.queue, deskgpu.survey, deskgpu.snapshot, "
-        "deskgpu.attribution, deskgpu.nvml, deskgpu.skyapi;"
+        "import sys, deskgpu.cli, deskgpu.cli.queue, deskgpu.queue, deskgpu.snapshot, "
+        "deskgpu.attribution, deskgpu.nvml, deskgpu.skypilot.sdk;"
         "bad = [m for m in ('sky', 'pynvml', 'kubernetes') if m in sys.modules];"
         "print(bad)"
     )

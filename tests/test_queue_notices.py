@@ -60,7 +60,8 @@ def fake_live(
 ) -> None:
     """The recorded busy box as the live halves; either can be swapped for a failure."""
     from deskgpu import nvml as nvml_module
-    from deskgpu import skyapi, survey
+    from deskgpu import queue as survey
+    from deskgpu.skypilot import sdk as skyapi
 
     recorded = Snapshot.from_dict(BUSY)
     monkeypatch.setattr(nvml_module, "read", lambda: nvml or recorded.nvml)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from deskgpu import skyapi
+from deskgpu.skypilot import sdk as skyapi
 from deskgpu.snapshot import CANCELLED, DONE, FAILED, QUEUED, RUNNING, STARTING
 
 FIXTURES = Path(__file__).parent / "fixtures" / "skypilot"

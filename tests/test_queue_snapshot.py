@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deskgpu import survey
+from deskgpu import queue as survey
 from deskgpu.snapshot import (
     HOLDER_HIDDEN,
     HOLDER_SKYPILOT,
@@ -53,7 +53,8 @@ def test_every_fixture_round_trips(path: Path) -> None:
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
 def test_every_fixture_renders_without_live_calls(cli, path: Path, monkeypatch) -> None:
     # No live call may happen: make every live source explode.
-    from deskgpu import attribution, nvml, skyapi
+    from deskgpu import attribution, nvml
+    from deskgpu.skypilot import sdk as skyapi
 
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError("live call during --snapshot")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from deskgpu.queue import load
 from deskgpu.snapshot import ACTIVE_STATES, Snapshot
-from deskgpu.survey import load
 
 SNAPSHOTS = sorted((Path(__file__).parent / "fixtures" / "snapshots").glob("*.json"))
 CONFIG = Path(__file__).parent / "fixtures" / "doctor" / "host-config.yaml"

@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
+from deskgpu import identity
 from deskgpu.config import HostConfig
 from deskgpu.config.reap import load_settings
 from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError
+from deskgpu.identity import Actor
 from deskgpu.reap import run
-from deskgpu.reap.act import Actor, kill_unmanaged
+from deskgpu.reap.act import kill_unmanaged
 from deskgpu.reap.rule import Action, Decision
 from deskgpu.snapshot import Snapshot
 from deskgpu.state import audit
@@ -270,7 +272,6 @@ def test_admin_group_counts_only_from_the_root_owned_system_config(
 ) -> None:
     """A non-root user picks their own config: naming their own group as `admin_group`
     (with tiny thresholds) must not let them reap others' sessions."""
-    from deskgpu.reap import act
 
     config = make_config(tmp_path)
     settings = load_settings(config)
@@ -278,30 +279,29 @@ def test_admin_group_counts_only_from_the_root_owned_system_config(
     system = tmp_path / "etc-config.yaml"
     system.write_text("admin_group: gpuadmin\n")
     carol = Actor("carol", 1003, frozenset({"gpuadmin"}))
-    monkeypatch.setattr(act, "SYSTEM_CONFIG", system)
+    monkeypatch.setattr(identity, "SYSTEM_CONFIG", system)
     mine = tmp_path / "carol.yaml"
     mine.write_text("admin_group: gpuadmin\n")
     # her own config file: the group does not count, whoever owns the file
-    monkeypatch.setattr(act, "root_owned", lambda _p: True)
+    monkeypatch.setattr(identity, "root_owned", lambda _p: True)
     untrusted = HostConfig(**{**config.__dict__, "admin_group": "gpuadmin", "source": str(mine)})
     result = run.reap(untrusted, settings, yes=True, actor=carol, live=box.live())
     assert box.downs == []
     assert all(o.did == "skipped" for o in result.outcomes)
     assert "counts only from the root-owned" in result.outcomes[0].message
     # the system config, but writable by her (not root-owned): does not count either
-    monkeypatch.setattr(act, "root_owned", lambda _p: False)
+    monkeypatch.setattr(identity, "root_owned", lambda _p: False)
     trusted = HostConfig(**{**config.__dict__, "admin_group": "gpuadmin", "source": str(system)})
     run.reap(trusted, settings, yes=True, actor=carol, live=box.live())
     assert box.downs == []
     # the root-owned system config: she is an admin
-    monkeypatch.setattr(act, "root_owned", lambda _p: True)
+    monkeypatch.setattr(identity, "root_owned", lambda _p: True)
     run.reap(trusted, settings, yes=True, actor=carol, live=box.live())
     assert box.downs == ["alice-dbg", "bob-nb"]
 
 
 def test_owner_name_shared_by_two_accounts_is_refused() -> None:
-    from deskgpu.identity import safe_user
-    from deskgpu.reap.act import may_act_on
+    from deskgpu.identity import may_act_on, safe_user
 
     john = Actor("john.smith", 1010, frozenset())
     label = safe_user("john.smith")

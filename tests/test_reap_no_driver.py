@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deskgpu import nvml, survey
+from deskgpu import nvml
+from deskgpu import queue as survey
 from deskgpu.config import HostConfig
 from deskgpu.nvml import NO_DRIVER
 from deskgpu.snapshot import NvmlView, SkyView

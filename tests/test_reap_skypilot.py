@@ -37,7 +37,7 @@ def test_down_of_a_vanished_cluster_is_a_clean_per_session_error(sky_replay) -> 
 def test_down_nonexistent_on_a_real_api_server(
     sky_api_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from deskgpu import skyapi
+    from deskgpu.skypilot import sdk as skyapi
 
     monkeypatch.setenv("SKYPILOT_API_SERVER_ENDPOINT", sky_api_server)
     with pytest.raises(OutsideError, match="root-nonexist: already gone"):

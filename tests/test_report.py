@@ -294,7 +294,7 @@ def test_history_written_before_owner_records_says_so(tmp_path: Path) -> None:
 
 def test_setup_render_wires_the_textfile_dir_into_observe(tmp_path: Path) -> None:
     from deskgpu.config import load_config
-    from deskgpu.doctor.schedules import parse_args
+    from deskgpu.doctor.scheduled import parse_args
     from deskgpu.setup.render import Tools, render
 
     cfg = _write_config(tmp_path, metrics_textfile_dir="/var/lib/prometheus/node-exporter")

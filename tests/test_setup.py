@@ -23,7 +23,7 @@ import yaml
 
 from deskgpu.config import SYSTEM_CONFIG, HostConfig, load_config
 from deskgpu.doctor.facts import FileFact
-from deskgpu.doctor.schedules import find_scheduled, parse_args
+from deskgpu.doctor.scheduled import find_scheduled, parse_args
 from deskgpu.setup.render import (
     K3S_KUBECONFIG,
     POLICY_CLASS,

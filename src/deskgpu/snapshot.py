@@ -1,7 +1,7 @@
 """The plain data behind `deskgpu queue` (and `deskgpu reap`): GPUs, who holds them, SkyPilot.
 
 A `Snapshot` is what one look at the box saw. Live readers (`nvml`, `attribution`,
-`skyapi`) fill it; `--record` writes `to_dict()`, `--snapshot` and the tests read it back
+`skypilot.sdk`) fill it; `--record` writes `to_dict()`, `--snapshot` and the tests read it back
 through `from_dict()`, so a recorded snapshot and a live one are the same object.
 
 GPU readings are named after `nvidia-smi --query-gpu=` fields, units in the name. A reading

@@ -176,7 +176,9 @@ def submit(
     p: Plan, config: HostConfig, wait_s: float = 30.0, deadline: Deadline | None = None
 ) -> SubmitResult:
     """`deadline`: when the whole command must be done (default `wait_s` from now)."""
-    from deskgpu import skyapi  # loads SkyPilot only past the API server's health probe
+    from deskgpu.skypilot import (
+        sdk as skyapi,  # loads SkyPilot only past the API server's health probe
+    )
 
     deadline = deadline or Deadline.after(wait_s)
     exp = p.expansion

@@ -81,7 +81,7 @@ def doctor_command(
     """
     from deskgpu.cli import grammar
     from deskgpu.doctor.report import load_facts, run_doctor, save_facts
-    from deskgpu.doctor.schedules import use_grammar
+    from deskgpu.doctor.scheduled import use_grammar
 
     use_grammar(grammar.running())  # scheduled deskgpu lines: judged by this CLI's grammar
 

@@ -2,7 +2,7 @@
 
 doctor judges a scheduled `deskgpu ...` line by parsing it with the real app (a timer that runs
 `deskgpu reap --observe` counts as nothing). It gets this grammar from the CLI
-(`deskgpu.doctor.schedules.use_grammar`), so the doctor package never imports the CLI, typer or
+(`deskgpu.doctor.scheduled.use_grammar`), so the doctor package never imports the CLI, typer or
 click; this is the one module that reads click's internals for it.
 """
 
@@ -12,7 +12,7 @@ import contextlib
 import io
 from typing import Any
 
-from deskgpu.doctor.schedules import Parsed
+from deskgpu.doctor.scheduled import Parsed
 
 
 class TyperGrammar:

@@ -1,8 +1,8 @@
 """`deskgpu logs|cancel|ssh NAME`: one of your jobs or sessions, by the name you gave it.
 
 NAME resolution (spec name, full name, managed job id, spec file) and who may act live in
-`deskgpu.jobs`; SkyPilot calls in `deskgpu.skyapi`. Each command says on stderr which job or
-session it found before it acts.
+`deskgpu.skypilot.lookup`; SkyPilot calls in `deskgpu.skypilot.sdk`. Each command says on
+stderr which job or session it found before it acts.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from deskgpu.errors import OutsideError, UsageError
 if TYPE_CHECKING:
     from deskgpu.config import HostConfig
     from deskgpu.deadline import Deadline
-    from deskgpu.jobs import Target
-    from deskgpu.reap.act import Actor
+    from deskgpu.identity import Actor
+    from deskgpu.skypilot.lookup import Target
 
 NameArgument = Annotated[
     str,
@@ -52,9 +52,9 @@ LogsTimeoutOption = Annotated[float, _timeout("; a followed log stream is not bo
 def _find(
     name: str, timeout: float, config_path: Path | None, verb: str, *, sessions_only: bool = False
 ) -> tuple[Target, HostConfig, Actor, Deadline]:
-    from deskgpu import jobs
     from deskgpu.deadline import Deadline
-    from deskgpu.reap.act import current_actor
+    from deskgpu.identity import current_actor
+    from deskgpu.skypilot import lookup as jobs
 
     deadline = Deadline.since_start(timeout)
     config = get_config(config_path)
@@ -92,7 +92,8 @@ def logs_command(
     config_path: ConfigOption = None,
 ) -> None:
     """Print a job's logs: a managed job's run, or the latest job on a session."""
-    from deskgpu import jobs, skyapi
+    from deskgpu.skypilot import lookup as jobs
+    from deskgpu.skypilot import sdk as skyapi
 
     target, config, _, deadline = _find(name, timeout, config_path, "read the logs of")
     keep_following = sys.stdout.isatty() if follow is None else follow
@@ -145,7 +146,8 @@ def cancel_command(
 ) -> None:
     """Cancel a managed job, or end a session (asks first: its container's disk goes,
     /checkpoints stays)."""
-    from deskgpu import jobs, skyapi
+    from deskgpu.skypilot import lookup as jobs
+    from deskgpu.skypilot import sdk as skyapi
 
     target, config, _, deadline = _find(name, timeout, config_path, "cancel")
     if target.finished:
@@ -193,7 +195,8 @@ def ssh_command(
     config_path: ConfigOption = None,
 ) -> None:
     """Open a shell (or run `-- CMD...`) in one of your interactive sessions."""
-    from deskgpu import jobs, skyapi
+    from deskgpu.skypilot import lookup as jobs
+    from deskgpu.skypilot import sdk as skyapi
 
     target, config, _, deadline = _find(name, timeout, config_path, "ssh into", sessions_only=True)
     if target.kind == jobs.MANAGED_JOB:

@@ -92,7 +92,7 @@ def queue_command(
     from deskgpu.deadline import Deadline
 
     started = Deadline.since_start(timeout)  # the user's budget: from the process start
-    from deskgpu import survey
+    from deskgpu import queue as survey
     from deskgpu.errors import UsageError
 
     out = sys.stdout  # captured now, before the SkyPilot thread starts
@@ -133,7 +133,7 @@ def _finish(
     painted_gpus: bool,
     console: Console | None = None,
 ) -> None:
-    from deskgpu import survey
+    from deskgpu import queue as survey
 
     if user:
         snap = survey.for_user(snap, user)
@@ -178,7 +178,7 @@ def _watch(
     """Refresh until Ctrl-C. A refresh that fails shows the last good frame with its error
     line; it never ends the loop. On a terminal the frame is redrawn in place; in a pipe or
     a log each refresh is written out whole, with no screen control codes."""
-    from deskgpu import survey
+    from deskgpu import queue as survey
     from deskgpu.deadline import Deadline
 
     last = _LastGood()
@@ -303,7 +303,7 @@ class _LiveScreen:
         self._live.start()
 
     def waiting(self, partial: Snapshot) -> None:
-        from deskgpu import survey
+        from deskgpu import queue as survey
 
         lines = survey.gpu_problems(partial)
         self._live.update(_frame(partial, self.show_all, lines, waiting=True), refresh=True)

@@ -264,7 +264,7 @@ class HostFacts:
     conda_installs: list[str] = field(default_factory=list)
     storage: dict[str, PathFact] = field(default_factory=dict)  # "data", "checkpoints"
     sky: SkyFacts = field(default_factory=SkyFacts)
-    # The programs scheduled commands name, by the path tried (see doctor.schedules).
+    # The programs scheduled commands name, by the path tried (see doctor.scheduled).
     executables: dict[str, ExecutableFact] = field(default_factory=dict)
     records: RecordsFact | None = None
     cron_running: bool | None = None  # a cron daemon process seen (None: could not tell)

@@ -53,7 +53,7 @@ from deskgpu.doctor.facts import (
     SitePackages,
     SkyFacts,
 )
-from deskgpu.doctor.schedules import find_scheduled
+from deskgpu.doctor.scheduled import find_scheduled
 from deskgpu.kubenames import JOB_SERVICE_ACCOUNT, JOBS_NAMESPACE
 
 if TYPE_CHECKING:
@@ -190,7 +190,9 @@ def _parent_unsearchable(p: Path) -> str | None:
 
 def http_get(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple[HttpFact, dict[str, str]]:
     """GET `url`, all of it within `timeout_s`; returns the fact and the response headers."""
-    from deskgpu import skyhttp  # the one HTTP client (a trickling server cannot hold it)
+    from deskgpu.skypilot import (
+        http as skyhttp,  # the one HTTP client (a trickling server cannot hold it)
+    )
 
     reply = skyhttp.request("GET", url, timeout_s=timeout_s, max_bytes=MAX_TEXT)
     fact = HttpFact(url=url, status_code=reply.status, error=reply.error)

@@ -9,130 +9,21 @@ root only, and only on request.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from deskgpu import hostio
-from deskgpu.config import SYSTEM_CONFIG, HostConfig
+from deskgpu.config import HostConfig
 from deskgpu.errors import OutsideError
-from deskgpu.identity import safe_user
+from deskgpu.identity import Actor
 from deskgpu.reap.rule import Decision, when
 from deskgpu.units import format_duration
 
 PROC = Path("/proc")
-
-
-@dataclass(frozen=True)
-class Actor:
-    """Who runs reap."""
-
-    user: str
-    uid: int
-    groups: frozenset[str]
-
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
-
-
-def current_actor() -> Actor:
-    uid = os.getuid()
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = f"uid{uid}"
-    names = set()
-    for gid in {*os.getgroups(), os.getgid()}:
-        try:
-            names.add(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            continue
-    return Actor(user, uid, frozenset(names))
-
-
-def root_owned(path: Path) -> bool:
-    """The file and its directory belong to root and only root may write them."""
-    try:
-        for p in (path, path.parent):
-            st = p.stat()
-            if st.st_uid != 0 or st.st_mode & 0o022:
-                return False
-    except OSError:
-        return False
-    return True
-
-
-def trusted_admin_group(config: HostConfig, system: Path | None = None) -> str | None:
-    """`admin_group`, if this config is the root-owned system config; else None."""
-    system = SYSTEM_CONFIG if system is None else system
-    if config.admin_group is None or config.source == "built-in defaults":
-        return None
-    try:
-        same = Path(config.source).resolve() == system.resolve()
-    except (OSError, RuntimeError):
-        return None
-    return config.admin_group if same and root_owned(system) else None
-
-
-def passwd_names() -> list[str]:
-    try:
-        return [p.pw_name for p in pwd.getpwall()]
-    except OSError:  # pragma: no cover - an unreadable passwd database
-        return []
-
-
-def may_act_on(
-    actor: Actor, owner: str, admin_group: str | None, users: Iterable[str] = ()
-) -> str | None:
-    """None if `actor` may warn or tear down `owner`'s session, else why not.
-
-    `admin_group` must be a trusted one (`trusted_admin_group`). Owners are labelled with
-    `safe_user(<unix user>)`; an owner name that another account (in `users`) also
-    matches is refused rather than guessed.
-    """
-    if actor.is_root or (admin_group is not None and admin_group in actor.groups):
-        return None
-    if owner not in (actor.user, safe_user(actor.user)):
-        return f"owned by {owner}, needs root or admin_group"
-    others = sorted(u for u in users if u != actor.user and owner in (u, safe_user(u)))
-    if others:
-        return f"owner name {owner} also matches account {others[0]}, needs root or admin_group"
-    return None
-
-
-def is_admin(actor: Actor, config: HostConfig) -> bool:
-    """Root, or a member of the trusted `admin_group` (the root-owned system config's)."""
-    if actor.is_root:
-        return True
-    group = trusted_admin_group(config)
-    return group is not None and group in actor.groups
-
-
-def refusals(actor: Actor, config: HostConfig) -> Callable[[str], str | None]:
-    """`owner -> why this actor may not warn or tear down their session (None: may)`, the
-    same answer for a dry run as for `--yes`: a dry run shows what `--yes` would do."""
-    if actor.is_root:
-        return lambda _owner: None
-    admin = trusted_admin_group(config)
-    users = passwd_names()
-    untrusted = config.admin_group is not None and admin is None
-    suffix = (
-        f" (admin_group counts only from the root-owned {SYSTEM_CONFIG}, not {config.source})"
-        if untrusted and config.admin_group in actor.groups
-        else ""
-    )
-
-    def refused(owner: str) -> str | None:
-        why = may_act_on(actor, owner, admin, users)
-        return None if why is None else why + suffix
-
-    return refused
 
 
 @dataclass(frozen=True)
@@ -190,7 +81,7 @@ def teardown(
 ) -> Outcome:
     """`sky down` one session; a failure is this session's outcome, not the run's end."""
     if down is None:
-        from deskgpu import skyapi
+        from deskgpu.skypilot import sdk as skyapi
 
         down = skyapi.down_cluster
     started = time.monotonic()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from deskgpu import identity
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.config.reap import ReapSettings
 from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError, UsageError
@@ -51,7 +52,7 @@ class Live:
     def take(self, config: HostConfig) -> Snapshot:
         if self.snapshot is not None:
             return self.snapshot(config)
-        from deskgpu import survey
+        from deskgpu import queue as survey
 
         # GPUs first: without a driver there is nothing to decide, so SkyPilot is not asked
         # (no `import sky`, no API server timeout) and `gather.live_view` says so at once.
@@ -83,7 +84,7 @@ class Live:
         if self.cluster_jobs is not None:
             query = self.cluster_jobs
         else:
-            from deskgpu import skyapi
+            from deskgpu.skypilot import sdk as skyapi
 
             query = skyapi.cluster_jobs
         return lambda name: query(name, config)
@@ -155,13 +156,13 @@ def replay(
     settings: ReapSettings,
     *,
     config: HostConfig | None = None,
-    actor: act.Actor | None = None,
+    actor: identity.Actor | None = None,
     as_admin: bool = False,
 ) -> ReapResult:
     """Re-decide a recorded evidence document as of when it was collected; no live calls.
     Like a dry run, it shows what this caller's `--yes` would have done."""
     config = config or HostConfig()
-    actor = actor or act.current_actor()
+    actor = actor or identity.current_actor()
     view = viewer(actor, config, as_admin)
     evidence = audit.read_evidence(path)
     decisions = judge(decide(evidence, settings), view)
@@ -169,17 +170,19 @@ def replay(
     return ReapResult(new_run_id(time.time()), True, evidence, decisions, notes=notes)
 
 
-def viewer(actor: act.Actor, config: HostConfig, as_admin: bool) -> Callable[[str], str | None]:
+def viewer(
+    actor: identity.Actor, config: HostConfig, as_admin: bool
+) -> Callable[[str], str | None]:
     """Whose permissions a run decides with: the caller's, or (`--as-admin`) an admin's."""
     if as_admin:
-        if not act.is_admin(actor, config):
+        if not identity.is_admin(actor, config):
             raise UsageError(
                 f"--as-admin: {actor.user} is not root nor in admin_group "
                 f"({config.admin_group or 'none set'}; it counts only from the root-owned "
                 f"{SYSTEM_CONFIG})"
             )
         return lambda _owner: None
-    return act.refusals(actor, config)
+    return identity.refusals(actor, config)
 
 
 def judge(decisions: list[Decision], refused: Callable[[str], str | None]) -> list[Decision]:
@@ -270,7 +273,7 @@ def reap(
     *,
     yes: bool,
     kill_unmanaged: bool = False,
-    actor: act.Actor | None = None,
+    actor: identity.Actor | None = None,
     live: Live | None = None,
     record: Path | None = None,
     as_admin: bool = False,
@@ -279,7 +282,7 @@ def reap(
     way the decisions say what this caller may not act on (`as_admin`: an admin's view,
     dry runs only)."""
     live = live or Live()
-    actor = actor or act.current_actor()
+    actor = actor or identity.current_actor()
     if as_admin and yes:
         raise UsageError("--as-admin shows an admin's view in a dry run; --yes acts as you")
     view = viewer(actor, config, as_admin)
@@ -309,7 +312,7 @@ def reap(
         return result
 
 
-def _run_record(result: ReapResult, actor: act.Actor, now: float) -> dict[str, Any]:
+def _run_record(result: ReapResult, actor: identity.Actor, now: float) -> dict[str, Any]:
     """The line a `reap --yes` run ends with, zombies or not: `deskgpu doctor` reads it as the
     proof that the weekly reap runs (operations.reap_ran)."""
     summary = result.to_dict()
@@ -328,7 +331,7 @@ def _run_record(result: ReapResult, actor: act.Actor, now: float) -> dict[str, A
 
 
 def _audit_start(
-    result: ReapResult, log: audit.AuditLog, settings: ReapSettings, actor: act.Actor
+    result: ReapResult, log: audit.AuditLog, settings: ReapSettings, actor: identity.Actor
 ) -> None:
     """Save the evidence and one line per decision, before anything is done."""
     result.evidence_file = str(
@@ -370,7 +373,7 @@ def _act(
     result: ReapResult,
     config: HostConfig,
     settings: ReapSettings,
-    actor: act.Actor,
+    actor: identity.Actor,
     kill_unmanaged: bool,
     live: Live,
     log: audit.AuditLog,
@@ -472,7 +475,7 @@ def _act_one(
     result: ReapResult,
     config: HostConfig,
     settings: ReapSettings,
-    actor: act.Actor,
+    actor: identity.Actor,
     kill_unmanaged: bool,
     live: Live,
     history: History | None,

@@ -2,7 +2,7 @@
 
 `deskgpu setup render` writes the timers, services and cron lines from these; `deskgpu doctor`
 suggests exactly these lines as fixes and counts an installed schedule only when its command
-parses, against the real CLI, to the same command as these (`deskgpu.doctor.schedules`).
+parses, against the real CLI, to the same command as these (`deskgpu.doctor.scheduled`).
 Imports nothing heavy: doctor and setup both read it.
 """
 

@@ -13,7 +13,8 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderR
 from rich.table import Table
 from rich.text import Text
 
-from deskgpu import frontends, survey
+from deskgpu import frontends
+from deskgpu import queue as survey
 from deskgpu.snapshot import (
     ACTIVE_STATES,
     CANCELLED,

@@ -25,7 +25,7 @@ from deskgpu.doctor.checks.base import (
     _Component,
 )
 from deskgpu.doctor.facts import HostFacts
-from deskgpu.doctor.schedules import (
+from deskgpu.doctor.scheduled import (
     SYSTEMD_GUARD,
     Parsed,
     Scheduled,

@@ -25,8 +25,8 @@ from deskgpu.doctor.facts import (
     HostFacts,
     ServerProcess,
 )
-from deskgpu.skyapi import DEFAULT_ENDPOINT, yaml_get
-from deskgpu.skyapi import resolve_endpoint as resolve_endpoint  # its home is skyapi
+from deskgpu.skypilot.sdk import DEFAULT_ENDPOINT, yaml_get
+from deskgpu.skypilot.sdk import resolve_endpoint as resolve_endpoint  # its home is skypilot.sdk
 
 DOC_API_SERVER = (
     "https://docs.skypilot.co/en/latest/reference/api-server/api-server-admin-deploy.html"

@@ -1,6 +1,6 @@
 """The client side's only module that imports `sky`, and only inside functions (it costs
 seconds); the server side's is `policy.py` (import contract in pyproject.toml). The queue's
-reads (`fetch_queue`) take plain HTTP through `skyhttp` and import nothing of SkyPilot.
+reads (`fetch_queue`) take plain HTTP through `skypilot.http` and import nothing of SkyPilot.
 
 Every SkyPilot failure leaves here as an `OutsideError` (exit 1) with one clear line;
 SkyPilot's own chatter on stdout is sent to stderr so stdout stays the product.
@@ -22,10 +22,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from deskgpu import skyhttp
 from deskgpu.config import HostConfig
 from deskgpu.deadline import Deadline, DeadlineExpired, bounded
 from deskgpu.errors import OutsideError
+from deskgpu.skypilot import http as skyhttp
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:46580"
 # Terminal escape sequences (colours, bold, cursor moves) in SkyPilot's text.
@@ -797,8 +797,9 @@ def down_cluster(cluster_name: str, config: HostConfig, timeout_s: float = DOWN_
 
 
 # ---------------------------------------------------------------------------------------------
-# deskgpu logs / cancel / ssh: one job or session the researcher named (deskgpu.jobs resolves
-# the name over plain HTTP first, so a dead server has already answered before `import sky`).
+# deskgpu logs / cancel / ssh: one job or session the researcher named (skypilot.lookup
+# resolves the name over plain HTTP first, so a dead server has already answered before
+# `import sky`).
 # ---------------------------------------------------------------------------------------------
 
 

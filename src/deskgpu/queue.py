@@ -154,7 +154,7 @@ def _live_nvml() -> NvmlView:
 
 
 def _live_sky(config: HostConfig, deadline: Deadline) -> SkyView:
-    from deskgpu import skyapi
+    from deskgpu.skypilot import sdk as skyapi
 
     view: SkyView = skyapi.fetch_queue(config, deadline=deadline)
     return view

@@ -19,7 +19,7 @@ from deskgpu.identity import cluster_name, is_dns_label, safe_user
 if TYPE_CHECKING:
     from deskgpu.config import HostConfig
     from deskgpu.deadline import Deadline
-    from deskgpu.reap.act import Actor
+    from deskgpu.identity import Actor
     from deskgpu.snapshot import SkyView
 
 MANAGED_JOB = "managed job"
@@ -207,9 +207,9 @@ def refusal(target: Target, actor: Actor, config: HostConfig, verb: str) -> str 
     """Why `actor` may not `verb` (`cancel`, `read the logs of`) this target; None: may.
 
     Others' jobs and sessions need root or the trusted `admin_group`: reap's rule
-    (`reap.act.may_act_on`), which also refuses an owner name two accounts share.
+    (`identity.may_act_on`), which also refuses an owner name two accounts share.
     """
-    from deskgpu.reap.act import may_act_on, passwd_names, trusted_admin_group
+    from deskgpu.identity import may_act_on, passwd_names, trusted_admin_group
 
     why = may_act_on(actor, target.owner or "?", trusted_admin_group(config), passwd_names())
     return None if why is None else f"may not {verb} {target.describe()}: {why}"
@@ -225,7 +225,7 @@ def lookup(
     sessions_only: bool = False,
 ) -> Target:
     """Parse, read the queue once, resolve and check who may act; typed errors only."""
-    from deskgpu import skyapi
+    from deskgpu.skypilot import sdk as skyapi
 
     query = parse_name(raw, actor.user)
     view = skyapi.fetch_queue(config, deadline=deadline)
