@@ -21,10 +21,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deskgpu import cluster
 from deskgpu.config import HostConfig
 from deskgpu.house_rules import apply_house_rules
 from deskgpu.kubenames import POLICIES
+from deskgpu.setup import cluster
 from deskgpu.setup.render import ADMISSION_FILE, JOB_IDENTITY_FILE, Tools, render
 
 sky = pytest.importorskip("sky")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from deskgpu.cluster import KUBERNETES_VERSION
 from deskgpu.kubenames import NVIDIA_RUNTIME_CLASS
+from deskgpu.setup.cluster import KUBERNETES_VERSION
 from deskgpu.setup.tools import INSTALLED
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,9 +3,9 @@
 # SkyPilot's pods land in the kube context's namespace; k3s's context names none: `default`.
 JOBS_NAMESPACE = "default"
 # The ServiceAccount every job's pod runs as (`kubernetes.remote_identity`), rendered by
-# `deskgpu setup render` (deskgpu.cluster.job_identity_objects).
+# `deskgpu setup render` (deskgpu.setup.cluster.job_identity_objects).
 JOB_SERVICE_ACCOUNT = "deskgpu-job"
-# The ValidatingAdmissionPolicies (deskgpu.cluster.admission_objects), each bound by a
+# The ValidatingAdmissionPolicies (deskgpu.setup.cluster.admission_objects), each bound by a
 # ValidatingAdmissionPolicyBinding of the same name: what pods may be, and what the jobs'
 # identity may delete.
 ADMISSION_POLICY = "deskgpu-job-pods"

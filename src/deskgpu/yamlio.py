@@ -299,3 +299,18 @@ def read_located(path: Path, source: str | None = None, *, empty_ok: bool = Fals
     except OSError as exc:
         raise SpecError([f"{label}: cannot read: {exc.strerror or exc}"]) from None
     return load_located(raw, label, empty_ok=empty_ok)
+
+
+def yaml_get(text: str | None, path: tuple[str, ...]) -> Any:
+    """The value at `path` in a YAML text, or None (unparseable, absent, not a mapping)."""
+    if not text:
+        return None
+    try:
+        node: Any = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node

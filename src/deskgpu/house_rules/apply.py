@@ -181,8 +181,9 @@ def apply_house_rules(
         spec = spec if isinstance(spec, dict) else {}
         pod_config["spec"] = spec
         _merge_host_mounts(spec, config, user, own_standard_mounts(out))
-        # The jobs' restricted identity (deskgpu.cluster): under `kubernetes` for SSH node pools
-        # too (sky/clouds/kubernetes.py reads it there). A client's value stays, to be refused.
+        # The jobs' restricted identity (deskgpu.setup.cluster): under `kubernetes` for SSH node
+        # pools too (sky/clouds/kubernetes.py reads it there). A client's value stays, to be
+        # refused.
         k8s_section = cfg.get("kubernetes")
         k8s_section = k8s_section if isinstance(k8s_section, dict) else {}
         cfg["kubernetes"] = k8s_section

@@ -23,7 +23,6 @@ from urllib.parse import urlparse
 
 import yaml
 
-from deskgpu import cluster
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.config.doctor import DoctorSettings
 from deskgpu.errors import UsageError
@@ -34,7 +33,7 @@ from deskgpu.kubenames import (
     NVIDIA_RUNTIME_CLASS,
     accelerator_label_value,
 )
-from deskgpu.setup import catalog
+from deskgpu.setup import catalog, cluster
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP, Schedule
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
@@ -428,7 +427,7 @@ def _manifest(config: HostConfig, path: str, about: list[str], objs: list[Any]) 
 def job_identity_manifest(config: HostConfig) -> str:
     about = [
         f"The service account every job's pod runs as (remote_identity: {JOB_SERVICE_ACCOUNT}):",
-        "allowed only what SkyPilot's autodown does from inside a pod (deskgpu/cluster.py).",
+        "allowed only what SkyPilot's autodown does from inside a pod (deskgpu/setup/cluster.py).",
     ]
     return _manifest(config, JOB_IDENTITY_FILE, about, cluster.job_identity_objects())
 

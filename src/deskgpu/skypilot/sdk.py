@@ -59,6 +59,8 @@ def resolve_endpoint(
         return env["SKYPILOT_API_SERVER_ENDPOINT"], "env SKYPILOT_API_SERVER_ENDPOINT"
     if config.api_server:
         return config.api_server, "host config api_server"
+    from deskgpu.yamlio import yaml_get  # PyYAML only when there is a client config to read
+
     endpoint = yaml_get(client_config_text, ("api_server", "endpoint"))
     if isinstance(endpoint, str) and endpoint:
         return endpoint, "~/.sky/config.yaml api_server.endpoint"
@@ -72,23 +74,6 @@ def _client_config_text(env: Any) -> str | None:
         return Path(path).expanduser().read_text(errors="replace")
     except OSError:
         return None
-
-
-def yaml_get(text: str | None, path: tuple[str, ...]) -> Any:
-    """The value at `path` in a YAML text, or None (unparseable, absent, not a mapping)."""
-    if not text:
-        return None
-    import yaml
-
-    try:
-        node: Any = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None
-    for key in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
 
 
 _NOT_CONFIGURED = (

@@ -25,8 +25,9 @@ from deskgpu.doctor.facts import (
     HostFacts,
     ServerProcess,
 )
-from deskgpu.skypilot.sdk import DEFAULT_ENDPOINT, yaml_get
+from deskgpu.skypilot.sdk import DEFAULT_ENDPOINT
 from deskgpu.skypilot.sdk import resolve_endpoint as resolve_endpoint  # its home is skypilot.sdk
+from deskgpu.yamlio import yaml_get
 
 DOC_API_SERVER = (
     "https://docs.skypilot.co/en/latest/reference/api-server/api-server-admin-deploy.html"
