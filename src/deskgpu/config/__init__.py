@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deskgpu.config.doctor import DoctorSettings
+from deskgpu.config.nodes import (
+    SERVER,
+    Node,
+    SharedStorage,
+    cluster_problems,
+    nodes_from,
+    storage_from,
+    summed_gpus,
+)
 from deskgpu.doctor.registry import BY_ID as CHECKS
 from deskgpu.errors import SpecError
 from deskgpu.units import parse_duration_s
@@ -36,7 +45,9 @@ class HostConfig:
     data_root: str = "/data"
     checkpoint_root: str = "/checkpoints"
     default_image: str | None = None
-    gpus: dict[str, int] = field(default_factory=dict)
+    gpus: dict[str, int] = field(default_factory=dict)  # with `nodes`: their sum
+    nodes: tuple[Node, ...] = ()  # none: one box (deskgpu.config.nodes)
+    storage: SharedStorage | None = None  # a NAS the nodes share; none: the server's NFS
     api_server: str | None = None
     kueue_local_queue: str | None = None
     idle_timeout: str = "2h"
@@ -59,6 +70,10 @@ class HostConfig:
         raw: object = self.doctor
         if isinstance(raw, dict):  # the `doctor:` mapping as written
             object.__setattr__(self, "doctor", DoctorSettings.from_mapping(raw))
+        object.__setattr__(self, "nodes", nodes_from(self.nodes))
+        object.__setattr__(self, "storage", storage_from(self.storage))
+        if self.nodes:  # one source: the inventory is the nodes'
+            object.__setattr__(self, "gpus", summed_gpus(self.nodes))
 
     @cached_property
     def reap_settings(self) -> ReapSettings:
@@ -94,6 +109,18 @@ class HostConfig:
             return "no GPU inventory in the host config"
         return ", ".join(f"{count}x {model}" for model, count in self.gpus.items())
 
+    @property
+    def server_node(self) -> Node | None:
+        """The node running k3s's server and the API server (None: one box, no `nodes:`)."""
+        return next((n for n in self.nodes if n.role == SERVER), None)
+
+    def node(self, name: str) -> Node | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def describe_nodes(self) -> str:
+        """`lab-a6000: 4x A6000; lab-h100-1: 8x H100`: what each node has."""
+        return "; ".join(f"{n.name}: {n.describe_gpus()}" for n in self.nodes)
+
 
 # SkyPilot 0.14's infra names (sky.utils.registry.CLOUD_REGISTRY and its aliases); a test
 # keeps this list equal to SkyPilot's, so `deskgpu submit` can tell `k9s` is none of them
@@ -127,6 +154,9 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
         return HostConfig()
     doc = read_located(path, empty_ok=True)  # an empty file: the built-in defaults
     problems = schema_problems(doc, load_schema("hostconfig-v1.json"), "host config")
+    if problems:
+        raise SpecError(problems)
+    problems = cluster_problems(doc)
     if problems:
         raise SpecError(problems)
     data: dict[str, Any] = dict(doc.data)

@@ -25,6 +25,7 @@ import yaml
 
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.config.doctor import DoctorSettings
+from deskgpu.config.nodes import SharedStorage
 from deskgpu.errors import UsageError
 from deskgpu.kubenames import (
     ACCELERATOR_LABEL,
@@ -348,6 +349,12 @@ def config_document(config: HostConfig) -> dict[str, Any]:
             value = value.as_mapping()
         if f.name in ("source", "images_allow", "images_deny") or value in (None, (), {}):
             continue
+        if f.name == "gpus" and config.nodes:
+            continue  # derived from the nodes': written there only
+        if isinstance(value, SharedStorage):
+            value = value.as_mapping()
+        if f.name == "nodes":
+            value = [n.as_mapping() for n in config.nodes]
         doc[f.name] = list(value) if isinstance(value, tuple) else value
     images = {"allow": list(config.images_allow), "deny": list(config.images_deny)}
     if any(images.values()):
