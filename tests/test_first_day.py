@@ -246,6 +246,31 @@ def test_a_batch_job_that_fails_its_prechecks_exits_1_with_skypilots_reason(
     assert "\x1b" not in line
 
 
+def test_skypilots_upload_progress_goes_to_stderr_without_escape_codes(
+    box_like_server: str, tmp_path: Path, hermetic
+) -> None:
+    """A job with a workdir is uploaded first: SkyPilot's loggers print its progress on the
+    stdout they found at import, in colour. In a pipe, deskgpu's stdout stays the product and
+    the progress reaches stderr as words."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train.py").write_text("print('hi')\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: job\ngpus: 0\nworkdir: {work}\nrun: python train.py\n")
+    env = hermetic.subprocess_env(SKYPILOT_API_SERVER_ENDPOINT=box_like_server)
+    result = subprocess.run(
+        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "300"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Files uploaded" in result.stderr, result.stderr
+    assert "\x1b" not in result.stderr
+
+
 def test_a_recorded_prechecks_failure_is_exit_1_and_names_the_job(cli, sky_replay) -> None:
     """The same, replayed (tests/fixtures/sky/jobs-launch-failed-prechecks.json): the job was
     taken (PENDING, STARTING), then failed; one line, nothing on stdout, not even --json."""

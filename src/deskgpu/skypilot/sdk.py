@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import re
 import sys
@@ -151,14 +152,36 @@ def explain_text(name: str, text: str, endpoint: str) -> OutsideError:
 
 @contextlib.contextmanager
 def _quiet_sdk() -> Iterator[None]:
-    """SkyPilot prints progress on stdout; ours carries the product. Keep it for DESKGPU_DEBUG."""
+    """SkyPilot prints progress on stdout; ours carries the product. Keep it for DESKGPU_DEBUG.
+    What it writes to stderr (the upload's progress lines) keeps its colours on a terminal
+    only: in a pipe or a log file the words come without escape codes."""
     chatter = io.StringIO()
+    plain = not (sys.stderr.isatty() and not os.environ.get("NO_COLOR"))
+    errors: Any = PlainText(sys.stderr) if plain else sys.stderr
+    # SkyPilot's loggers hold the stdout they found at import (sky/sky_logging.py): their
+    # lines (the upload's progress) go to stderr for the call, never into our stdout.
+    handlers = _sky_stream_handlers()
+    before = [h.setStream(errors) for h in handlers]
     try:
-        with contextlib.redirect_stdout(chatter):
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(errors):
             yield
     finally:
+        for handler, stream in zip(handlers, before, strict=True):
+            if stream is not None:
+                handler.setStream(stream)
         if os.environ.get("DESKGPU_DEBUG") and chatter.getvalue():
             sys.stderr.write(chatter.getvalue())
+
+
+def _sky_stream_handlers() -> list[logging.StreamHandler[Any]]:
+    """The stream handlers of SkyPilot's loggers (`sky` and its children), once imported."""
+    names = [n for n in logging.Logger.manager.loggerDict if n == "sky" or n.startswith("sky.")]
+    found: list[logging.StreamHandler[Any]] = []
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler not in found:
+                found.append(handler)
+    return found
 
 
 def validate_task(task: dict[str, Any]) -> Any:
