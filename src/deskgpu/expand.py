@@ -23,6 +23,7 @@ from deskgpu.house_rules import (
     on_box,
     replaced_mount_notes,
 )
+from deskgpu.house_rules.nodes import most_per_node, node_pin_config
 from deskgpu.identity import cluster_name
 from deskgpu.labels import LABEL_JOB, LABEL_KEEP, LABEL_KIND, LABEL_PREFIX, LABEL_USER
 from deskgpu.spec import GpuRequest, JobSpec
@@ -68,7 +69,10 @@ def gpu_accelerators(request: GpuRequest, config: HostConfig) -> str | list[str]
     if request.model:
         canonical = {m.lower(): m for m in config.gpus}
         return f"{canonical.get(request.model.lower(), request.model)}:{request.count}"
-    models = [m for m, n in config.gpus.items() if n >= request.count]
+    if config.nodes:  # a pod gets one node's GPUs: the models some node has that many of
+        models = [m for m in config.gpus if most_per_node(config, m) >= request.count]
+    else:
+        models = [m for m, n in config.gpus.items() if n >= request.count]
     if len(models) == 1:
         return f"{models[0]}:{request.count}"
     return [f"{m}:{request.count}" for m in models]
@@ -111,6 +115,10 @@ def base_task(spec: JobSpec, config: HostConfig, user: str) -> dict[str, Any]:
         idle = spec.idle_timeout or config.idle_timeout
         resources["autostop"] = {"idle_minutes": max(1, parse_duration_s(idle) // 60)}
     task: dict[str, Any] = {"name": spec.name, "resources": resources}
+    if spec.nodes > 1:
+        task["num_nodes"] = spec.nodes
+    if spec.node:
+        task["config"] = node_pin_config(config, spec.node)
     if spec.workdir is not None:
         task["workdir"] = spec.workdir
     task["envs"] = dict(spec.env)

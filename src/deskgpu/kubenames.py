@@ -25,3 +25,8 @@ ACCELERATOR_LABEL = "skypilot.co/accelerator"
 def accelerator_label_value(model: str) -> str:
     """`A6000` -> `a6000`: the value SkyPilot matches `accelerators: A6000:N` against."""
     return model.lower()
+
+
+# The well-known label every node carries with its name: a job pinned to a node (`node:` in a
+# job spec) gets `nodeSelector: {kubernetes.io/hostname: <node>}` in its pod_config.
+HOSTNAME_LABEL = "kubernetes.io/hostname"

@@ -11,6 +11,7 @@ from deskgpu import gpumodels
 from deskgpu.config import KNOWN_INFRA, SYSTEM_CONFIG, HostConfig, is_box_infra
 from deskgpu.errors import SpecError
 from deskgpu.house_rules import DESKGPU_ENV, GPU_VISIBILITY_ENV, RESERVED_ENV_PREFIX
+from deskgpu.house_rules.nodes import per_node_violation
 from deskgpu.identity import MAX_CLUSTER_NAME, cluster_name, safe_user
 from deskgpu.units import parse_duration_s
 from deskgpu.validate import invalid_fields, load_schema, located_schema_problems
@@ -57,6 +58,8 @@ class JobSpec:
     idle_timeout: str | None = None
     keep: bool = False
     infra: str | None = None
+    node: str | None = None  # pinned to this node of the cluster
+    nodes: int = 1  # SkyPilot's num_nodes
     source: str = "<spec>"
     # Where each top-level field's value sits in the file, for errors found after loading.
     field_marks: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
@@ -172,6 +175,8 @@ def spec_from_located(doc: Located, config: HostConfig, user: str) -> JobSpec:
         idle_timeout=data.get("idle_timeout"),
         keep=bool(data.get("keep", False)),
         infra=data.get("infra"),
+        node=data.get("node"),
+        nodes=int(data.get("nodes", 1)),
         source=doc.source,
         field_marks={key: doc.mark_of((key,)) for key in data},
     )
@@ -182,7 +187,7 @@ HOST_CONFIG_ONLY = frozenset(
     {"box_name", "data_root", "checkpoint_root", "default_image", "api_server",
      "kueue_local_queue", "max_idle_timeout", "max_gpus_per_job", "images", "admin_group",
      "trusted_frontends", "shared_logs", "frontend_gives_up_after", "state_dir", "protected",
-     "reap", "doctor"}
+     "reap", "doctor", "storage"}
 )  # fmt: skip
 
 
@@ -267,9 +272,15 @@ def semantic_problems(
             close = difflib.get_close_matches(head, KNOWN_INFRA, n=1, cutoff=0.5)
             hint = f"did you mean `{close[0]}`?" if close else "e.g. `aws`, `gcp` or `k8s`"
             problems.append(doc.located(("infra",), f"unknown infra `{head}`", hint))
+    cloud = "infra" in data and not is_box_infra(data["infra"])
+    problems += _node_problems(doc, config, data, cloud)
     if "gpus" in data and "infra" not in (skip or set()):
-        cloud = "infra" in data and not is_box_infra(data["infra"])
-        problems += _gpu_problems(doc, config, GpuRequest.parse(data["gpus"]), cloud)
+        request = GpuRequest.parse(data["gpus"])
+        if config.nodes and not cloud:
+            pin = data.get("node") if config.node(str(data.get("node"))) else None
+            problems += _cluster_gpu_problems(doc, config, request, int(data.get("nodes", 1)), pin)
+        else:
+            problems += _gpu_problems(doc, config, request, cloud)
     for key in data.get("env") or {}:
         if str(key).upper() in GPU_VISIBILITY_ENV:
             problems.append(
@@ -364,6 +375,75 @@ def _gpu_problems(
                 f"asks for {request.count} GPUs; the house rule is at most "
                 f"{config.max_gpus_per_job} per job",
                 f"ask for at most {config.max_gpus_per_job}, or talk to the box's admin",
+            )
+        ]
+    return []
+
+
+def _node_problems(
+    doc: Located, config: HostConfig, data: dict[str, Any], cloud: bool
+) -> list[Problem]:
+    """`node:` names a node of the cluster, on the cluster."""
+    if "node" not in data:
+        return []
+    name = str(data["node"])
+    if cloud:
+        return [
+            doc.located(
+                ("node",),
+                f"pins the job to the lab's node {name}, and `infra` sends it elsewhere",
+                "remove `node:` or `infra:`",
+            )
+        ]
+    if not config.nodes:
+        return [
+            doc.located(
+                ("node",),
+                "this box is one node: the host config lists no `nodes:` to pin a job to",
+                "remove `node:`",
+            )
+        ]
+    if config.node(name) is None:
+        return [
+            doc.located(
+                ("node",),
+                f"no node {name!r} in the cluster; it has {config.describe_nodes()}",
+                f"pin one of {', '.join(n.name for n in config.nodes)}, or remove `node:`",
+            )
+        ]
+    return []
+
+
+def _cluster_gpu_problems(
+    doc: Located, config: HostConfig, request: GpuRequest, nodes: int, pin: str | None
+) -> list[Problem]:
+    """On a cluster: each of the job's pods gets one node's GPUs (`house_rules.nodes`)."""
+    if not request.count:
+        return []
+    if request.model is None:
+        options = [(m, float(request.count)) for m in config.gpus]
+    elif request.model.lower() not in {m.lower() for m in config.gpus}:
+        return [
+            doc.located(
+                ("gpus",),
+                f"the cluster has no {request.model} GPUs; its nodes have "
+                f"{config.describe_nodes()}",
+                "ask for one of those models, or just a count like `gpus: 1`",
+            )
+        ]
+    else:
+        options = [(request.model, float(request.count))]
+    broken = per_node_violation(config, options, nodes, pin)
+    if broken is not None:
+        return [doc.located(("gpus",), broken.problem, broken.fix)]
+    total = request.count * nodes
+    if config.max_gpus_per_job is not None and total > config.max_gpus_per_job:
+        return [
+            doc.located(
+                ("gpus",),
+                f"asks for {total} GPUs in all; the house rule is at most "
+                f"{config.max_gpus_per_job} per job",
+                f"ask for at most {config.max_gpus_per_job} in all, or talk to the box's admin",
             )
         ]
     return []

@@ -26,6 +26,7 @@ _RULE_FIELD = {
     "image_denied": "image",
     "image_not_allowed": "image",
     "cluster_name": "name",
+    "node": "node",
 }
 
 

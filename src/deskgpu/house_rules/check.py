@@ -23,6 +23,7 @@ from deskgpu.house_rules.common import (
     _storage_mount,
     user_prefixed,
 )
+from deskgpu.house_rules.nodes import per_node_violation, pinned_node
 from deskgpu.house_rules.podspec import sky_config_violations
 from deskgpu.house_rules.taskdict import (
     _accelerators,
@@ -59,7 +60,9 @@ def check_house_rules(
     effective = _effective(res)
     box = _box_candidates(res, config)
     if box:
-        found += _gpu_violations(box, int(t.get("num_nodes") or 1), config)
+        cfg_now = t.get("config")
+        pin = pinned_node(cfg_now) if isinstance(cfg_now, Mapping) else None
+        found += _gpu_violations(box, int(t.get("num_nodes") or 1), config, pin)
     found += _image_violations(effective, config)
     found += _task_env_violations(t)
     cfg = t.get("config")
@@ -76,11 +79,13 @@ def _norm_model(model: str) -> str:
 
 
 def _gpu_violations(
-    candidates: list[dict[str, Any]], nodes: int, config: HostConfig
+    candidates: list[dict[str, Any]], nodes: int, config: HostConfig, pin: str | None = None
 ) -> list[Violation]:
     """`max_gpus` holds for every option SkyPilot might pick; the inventory needs one option
     that fits. Options: each candidate's accelerators, and each entry of an accelerator list
-    or set (SkyPilot reads `[A6000:2, L40S:2]` as any of them, not all)."""
+    or set (SkyPilot reads `[A6000:2, L40S:2]` as any of them, not all). On a cluster
+    (`nodes:`) an option fits when each of its pods finds a node with that many
+    (`house_rules.nodes`); `pin`: the node the task's pod_config pins it to."""
     options = [pair for r in candidates for pair in _accelerators(r.get("accelerators"))]
     if not options:
         return []
@@ -98,7 +103,12 @@ def _gpu_violations(
                 "box's admin",
             )
         )
-    if config.gpus:
+    if config.nodes:
+        known = pin if pin is not None and config.node(pin) is not None else None
+        per_node = per_node_violation(config, options, nodes, known)
+        if per_node is not None:
+            found.append(per_node)
+    elif config.gpus:
         inventory = {_norm_model(m): n for m, n in config.gpus.items()}
 
         def fits(model: str, count: float) -> bool:

@@ -35,8 +35,9 @@ from deskgpu.house_rules.common import (
     _reserved,
     _reserved_violation,
 )
+from deskgpu.house_rules.nodes import unknown_node_violation
 from deskgpu.identity import safe_user
-from deskgpu.kubenames import JOB_SERVICE_ACCOUNT
+from deskgpu.kubenames import HOSTNAME_LABEL, JOB_SERVICE_ACCOUNT
 
 
 @dataclass(frozen=True)
@@ -337,6 +338,16 @@ def _mount(m: Any, where: str, ctx: Context) -> Iterator[Violation]:
         yield _reserved_violation(where, path)
 
 
+def _node_selector(value: Any, where: str, ctx: Context) -> Iterator[Violation]:
+    """A pin to a node (`kubernetes.io/hostname`) must name one of the cluster's nodes."""
+    if not isinstance(value, Mapping):
+        yield pod_config_violation(where, "is not a mapping")
+        return
+    name = value.get(HOSTNAME_LABEL)
+    if ctx.config.nodes and name is not None and ctx.config.node(str(name)) is None:
+        yield unknown_node_violation(str(name), ctx.config, f"{where}.{HOSTNAME_LABEL}")
+
+
 def _volume(v: Any, where: str, ctx: Context) -> Iterator[Violation]:
     """The two standard volumes exactly as deskgpu writes them, and emptyDirs."""
     if not isinstance(v, Mapping):
@@ -457,7 +468,8 @@ POD_SPEC = Obj(
                                 "them, and `emptyDir`"), named=True),
         "securityContext": POD_SECURITY,
         "tolerations": AnyValue(),
-        "nodeSelector": AnyValue(),
+        "nodeSelector": Custom(_node_selector, f"with the host config's `nodes:`, "
+                               f"`{HOSTNAME_LABEL}` only one of them"),
         "affinity": AnyValue(),
         "imagePullSecrets": AnyValue(),
         "terminationGracePeriodSeconds": AnyValue(),
