@@ -647,9 +647,10 @@ def _systemd_problems(unit_dir: Path) -> list[str]:
     It exits 0 on an unknown key or an unparsable value (it only warns, "ignoring"), so every
     line that names one of these units counts. It does not check that `User=` exists or that
     `After=` units do (neither is an error for systemd either), but it does require every
-    Exec program to be executable. Needs no running systemd.
+    Exec program to be executable. Needs no running systemd. A unit's drop-in directory
+    (`<unit>.d/`) is read with its unit; its lines name the unit too.
     """
-    names = sorted(p.name for p in unit_dir.iterdir())
+    names = sorted(p.name for p in unit_dir.iterdir() if p.is_file())
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *(f"./{n}" for n in names)],
         cwd=unit_dir,

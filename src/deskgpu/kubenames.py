@@ -30,3 +30,6 @@ def accelerator_label_value(model: str) -> str:
 # The well-known label every node carries with its name: a job pinned to a node (`node:` in a
 # job spec) gets `nodeSelector: {kubernetes.io/hostname: <node>}` in its pod_config.
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+# The annotation the server's install.sh puts on its own node: the deskgpu version its files
+# were rendered by, so an agent's doctor can tell a version skew from its side.
+VERSION_ANNOTATION = "deskgpu.io/version"

@@ -66,6 +66,17 @@ def render_command(
             show_default=False,
         ),
     ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            metavar="NAME",
+            help="On a cluster (the host config's `nodes:`), the node whose files to write: "
+            "the server's (its box files and NFS exports) or an agent's (its k3s join, shared "
+            "mounts and observe timer). Default: the server's.",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOption = False,
     config_path: ConfigOption = None,
 ) -> None:
@@ -76,10 +87,12 @@ def render_command(
     """
     from deskgpu.errors import UsageError
     from deskgpu.setup import catalog
-    from deskgpu.setup.render import is_config_file, render, server_user, write
+    from deskgpu.setup.agent import pick_node, render_node
+    from deskgpu.setup.render import is_config_file, server_user, write
     from deskgpu.setup.tools import box_tools
 
     config = get_config(config_path)
+    target = pick_node(config, node)  # an unknown --node is refused before anything else
     tools = box_tools(python, deskgpu, server_user(config))
     text = None
     if is_config_file(config):
@@ -89,7 +102,8 @@ def render_command(
             text = Path(config.source).read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{config.source}: cannot copy the host config: {exc}") from None
-    rendered = render(config, tools, text, seen_gpus=catalog.seen_gpus(config))
+    seen = catalog.seen_gpus(config) if target is None or target.role != "agent" else {}
+    rendered = render_node(config, tools, text, seen_gpus=seen, node=node)
     write(rendered, out)
     for note in rendered.notes:
         warn(note)
@@ -98,6 +112,7 @@ def render_command(
             {
                 "out": str(out),
                 "config": config.source,
+                **({"node": target.name, "role": target.role} if target else {}),
                 "files": [f.as_json() for f in rendered.files],
             }
         )

@@ -25,7 +25,7 @@ import yaml
 
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.config.doctor import DoctorSettings
-from deskgpu.config.nodes import SharedStorage
+from deskgpu.config.nodes import Node, SharedStorage
 from deskgpu.errors import UsageError
 from deskgpu.kubenames import (
     ACCELERATOR_LABEL,
@@ -34,7 +34,7 @@ from deskgpu.kubenames import (
     NVIDIA_RUNTIME_CLASS,
     accelerator_label_value,
 )
-from deskgpu.setup import catalog, cluster
+from deskgpu.setup import catalog, cluster, nodes
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP, Schedule
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
@@ -461,6 +461,8 @@ def runtime_class_manifest(config: HostConfig) -> str:
 
 def node_label_lines(config: HostConfig) -> list[str]:
     """install.sh lines labelling the box's node with its GPU type, for SkyPilot."""
+    if config.nodes:
+        return cluster_label_lines(config)
     if len(config.gpus) != 1:
         return []
     (model,) = config.gpus
@@ -469,6 +471,27 @@ def node_label_lines(config: HostConfig) -> list[str]:
         f"# The GPU type SkyPilot matches `accelerators: {model}:N` against (one box: every node).",
         f"kube label nodes --all --overwrite {ACCELERATOR_LABEL}={shlex.quote(value)} >/dev/null",
     ]
+
+
+def cluster_label_lines(config: HostConfig) -> list[str]:
+    """A cluster's: each node that has joined gets its own labels from the host config (an
+    agent registers with them; this keeps them in line after a change), and the server's
+    node the version of the deskgpu that rendered its files (an agent's doctor compares)."""
+    lines = ["# Each node's GPU labels from the host config, once it has joined (names: `nodes:`)."]
+    for node in config.nodes:
+        command = nodes.label_command(node)
+        if command:
+            q = shlex.quote(node.name)
+            lines.append(
+                f"if kube get node {q} >/dev/null 2>&1; then kube {command} >/dev/null; fi"
+            )
+    server = config.server_node
+    if server is not None:
+        lines.append(
+            f"kube annotate node {shlex.quote(server.name)} --overwrite "
+            f"{nodes.version_annotation()} >/dev/null"
+        )
+    return lines
 
 
 def kueue_manifest(config: HostConfig) -> str:
@@ -506,7 +529,12 @@ def tmpfiles(config: HostConfig) -> str:
 
 
 def _oneshot(
-    config: HostConfig, tools: Tools, schedule: Schedule, what: str, extra: list[str]
+    config: HostConfig,
+    tools: Tools,
+    schedule: Schedule,
+    what: str,
+    extra: list[str],
+    after: str = f"k3s.service {SERVER_UNIT}",
 ) -> str:
     args = " ".join(schedule.args)
     lines = [
@@ -514,7 +542,7 @@ def _oneshot(
         "[Unit]",
         f"Description=deskgpu: {what}",
         f"Documentation={DOCS}/blob/main/{SCHEDULES_DOC}",
-        f"After=network-online.target k3s.service {SERVER_UNIT}",
+        f"After=network-online.target {after}",
         "",
         "[Service]",
         "Type=oneshot",
@@ -637,6 +665,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         )
     for command in ("useradd", "install", "systemctl", "systemd-tmpfiles"):
         lines.append(f"command -v {command} >/dev/null 2>&1 || need 'no {command} command'")
+    lines += cluster_preconditions(config)
     vap = "validatingadmissionpolicies"
     lines += [
         f"[ -x {COPY} ] || need 'no {COPY}: the units copy the kubeconfig with it'",
@@ -647,6 +676,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         "    need 'the k3s API does not answer, or serves no ValidatingAdmissionPolicy "
         f"({cluster.ADMISSION_API}: Kubernetes {cluster.KUBERNETES_VERSION} or later): "
         "sudo systemctl status k3s'",
+        *server_node_check(config),
         "fi",
         f"for f in {' '.join(q(f.path) for f in [*installed, *applied])}; do",
         '    [ -f "$here/$f" ] || need "$here/$f is missing: run the install.sh that '
@@ -674,6 +704,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         *node_label_lines(config),
         "systemd-tmpfiles --create /etc/tmpfiles.d/deskgpu.conf",
         "systemctl daemon-reload",
+        *cluster_storage_lines(config),
         f"if systemctl is-active --quiet {SERVER_UNIT}; then",
         "    # A running server keeps the unit, config and plugins it started with.",
         f"    echo 'install.sh: {SERVER_UNIT} was already running; to load the new files: "
@@ -686,13 +717,108 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
     return "\n".join(lines)
 
 
+def cluster_preconditions(config: HostConfig) -> list[str]:
+    """install.sh checks for the server of a cluster: the NFS server, or the NFS client."""
+    if nodes.exports_nfs(config):
+        return [
+            "command -v exportfs >/dev/null 2>&1 || need 'no exportfs: the agents mount the "
+            "roots of this box over NFS: sudo apt-get install nfs-kernel-server'"
+        ]
+    if config.nodes and config.storage is not None:
+        return [MOUNT_NFS_CHECK]
+    return []
+
+
+MOUNT_NFS_CHECK = (
+    "command -v mount.nfs >/dev/null 2>&1 || need 'no mount.nfs: the shared storage is NFS: "
+    "sudo apt-get install nfs-common'"
+)
+
+
+def server_node_check(config: HostConfig) -> list[str]:
+    """On a cluster: k3s knows this box by the name the host config gives its server."""
+    server = config.server_node
+    if server is None:
+        return []
+    name = shlex.quote(server.name)
+    return [
+        f"elif [ -f {K3S_KUBECONFIG} ] && ! kube get node {name} >/dev/null 2>&1; then",
+        f"    need 'k3s has no node {server.name}, the server node of the host config: fix its "
+        "name in nodes: to what kubectl get nodes shows, and render again'",
+    ]
+
+
+def cluster_storage_lines(config: HostConfig) -> list[str]:
+    """install.sh lines of a cluster's server: export the roots, or mount the NAS's."""
+    server = config.server_node
+    if server is None:
+        return []
+    if nodes.exports_nfs(config):
+        return [
+            "# The agents mount data (read-only) and checkpoints (read-write) from here.",
+            f"systemctl enable --now {nodes.NFS_SERVER_UNIT}",
+            "exportfs -ra",
+        ]
+    mounts = nodes.shared_mounts(config, server)
+    if not mounts:
+        return []
+    return [
+        "# The NAS's exports at the roots; k3s needs them from its next start (its drop-in).",
+        f"systemctl enable --now {' '.join(m.unit for m in mounts)}",
+    ]
+
+
+def cluster_server_files(config: HostConfig) -> list[SetupFile]:
+    """What the server of a cluster adds to a box's files: its exports, or the NAS's mounts."""
+    server = config.server_node
+    if server is None:
+        return []
+    if nodes.exports_nfs(config):
+        return [
+            SetupFile(
+                nodes.EXPORTS_FILE.lstrip("/"),
+                nodes.exports(config, _header(config)),
+                0o644,
+                f"NFS exports: {config.data_root} read-only and {config.checkpoint_root} "
+                "read-write, to the agents",
+            )
+        ]
+    return shared_mount_files(config, server, nodes.K3S_SERVER_UNIT)
+
+
+def shared_mount_files(config: HostConfig, node: Node, k3s_unit: str) -> list[SetupFile]:
+    """`node`'s NFS mount units and its k3s unit's drop-in requiring them."""
+    mounts = nodes.shared_mounts(config, node)
+    if not mounts:
+        return []
+    files = [
+        SetupFile(
+            f"etc/systemd/system/{m.unit}",
+            nodes.mount_unit(config, m, _header(config)),
+            0o644,
+            f"mounts the shared {m.purpose} {m.what} at {m.where}",
+        )
+        for m in mounts
+    ]
+    files.append(
+        SetupFile(
+            f"etc/systemd/system/{k3s_unit}.d/deskgpu-shared-storage.conf",
+            nodes.mounts_dropin(mounts, _header(config)),
+            0o644,
+            f"{k3s_unit} starts only with the shared storage mounted",
+        )
+    )
+    return files
+
+
 def render(
     config: HostConfig,
     tools: Tools,
     config_text: str | None = None,
     seen_gpus: dict[str, int] | None = None,
 ) -> Rendered:
-    """All setup files for `config`, in install order.
+    """All setup files for `config`, in install order: the box's, or on a cluster (`nodes:`)
+    the server's (an agent's come from `setup.agent`).
 
     `config_text` is the host-config file `config` was loaded from, installed unchanged; None
     writes `config` out instead (built-in defaults, or a config built in code). `seen_gpus`:
@@ -713,7 +839,7 @@ def render(
             "the host config lists no GPUs (gpus: {MODEL: COUNT}); Kueue's GPU quota is 0 "
             "until it does"
         )
-    if len(config.gpus) > 1:
+    if len(config.gpus) > 1 and not config.nodes:
         notes.append(
             f"the host config lists {len(config.gpus)} GPU models: install.sh labels no node "
             f"with {ACCELERATOR_LABEL}; label each node with its own (docs/setup.md)"
@@ -864,6 +990,7 @@ def render(
             install_to=CRON_FILE,
         ),
     ]
+    files += cluster_server_files(config)
     files.append(
         SetupFile(
             "install.sh",
