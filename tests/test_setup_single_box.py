@@ -53,5 +53,8 @@ def test_a_single_box_renders_what_it_always_rendered(name: str) -> None:
 
 
 if __name__ == "__main__":
-    GOLDEN.write_text(json.dumps(rendered(), indent=1, sort_keys=True) + "\n")
+    provenance = json.loads(GOLDEN.read_text())["_provenance"]
+    GOLDEN.write_text(
+        json.dumps({"_provenance": provenance, **rendered()}, indent=1, sort_keys=True) + "\n"
+    )
     print(f"wrote {GOLDEN.relative_to(ROOT)}")

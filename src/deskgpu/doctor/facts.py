@@ -246,6 +246,23 @@ class GpuPodFact:
 
 
 @dataclass
+class ClusterFacts:
+    """What a node of a cluster (the host config's `nodes:`) sees of the cluster; gathered only
+    with `nodes:`. Raw, as the tools answered: the checks parse it."""
+
+    deskgpu_version: str | None = None  # this node's deskgpu
+    k3s_config: FileFact | None = None  # /etc/rancher/k3s/config.yaml: an agent's node-name
+    # `kubectl get nodes -o json` with this node's kubelet credentials (an agent has no admin
+    # kubeconfig; the server's doctor reads `commands["kube_nodes"]`).
+    nodes: CommandResult | None = None
+    mounts: FileFact | None = None  # /proc/self/mounts: the shared storage's mounts
+    checkpoints_write: str | None = None  # "ok", or why a test file could not be written there
+    ntp: CommandResult | None = None  # `timedatectl show -p NTPSynchronized --value`
+    server_date: CommandResult | None = None  # `curl -ksSI https://<server>:6443/ping`: its Date
+    server_date_at: float | None = None  # our clock (unix seconds) when that answer came
+
+
+@dataclass
 class HostFacts:
     """Everything one doctor run gathered; checks are pure functions of this and the config."""
 
@@ -269,6 +286,7 @@ class HostFacts:
     records: RecordsFact | None = None
     cron_running: bool | None = None  # a cron daemon process seen (None: could not tell)
     gpu_pod: GpuPodFact | None = None  # only with `doctor --gpu-pod`
+    cluster: ClusterFacts | None = None  # only with the host config's `nodes:`
     notes: list[str] = field(default_factory=list)  # what a probe could not see, and why
 
     @property
@@ -286,6 +304,8 @@ class HostFacts:
         doc.update(asdict(self))
         if doc["gpu_pod"] is None:  # a run without --gpu-pod writes what it always wrote
             del doc["gpu_pod"]
+        if doc["cluster"] is None:  # so does one box
+            del doc["cluster"]
         return doc
 
     @classmethod

@@ -37,6 +37,7 @@ from deskgpu import hostio
 from deskgpu.config import HostConfig
 from deskgpu.doctor import checks, gpupod
 from deskgpu.doctor.facts import (
+    ClusterFacts,
     CommandResult,
     CudaToolkit,
     ExecutableFact,
@@ -110,6 +111,8 @@ class ProbePaths:
     docker_daemon_json: str = "/etc/docker/daemon.json"
     cdi_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
     k3s_kubeconfig: str = "/etc/rancher/k3s/k3s.yaml"
+    k3s_config: str = "/etc/rancher/k3s/config.yaml"  # an agent's node-name and server
+    kubelet_kubeconfig: str = "/var/lib/rancher/k3s/agent/kubelet.kubeconfig"
     cron_files: tuple[str, ...] = (
         "/etc/crontab",
         "/etc/cron.d/*",
@@ -882,6 +885,52 @@ def probe_cron_running(proc_dir: str = "/proc") -> bool | None:
     return False
 
 
+def probe_cluster(config: HostConfig, paths: ProbePaths, timeout_s: float) -> ClusterFacts:
+    """A node of a cluster: its k3s config, the nodes as its kubelet sees them (an agent: the
+    admin kubeconfig is the server's), the mount table, NTP, the server's clock, and (as
+    root) whether a file can be written in the checkpoint root (created, then removed)."""
+    from deskgpu import __version__
+    from deskgpu.setup.nodes import K3S_PORT
+
+    facts = ClusterFacts(deskgpu_version=__version__)
+    facts.k3s_config = read_file(paths.k3s_config)
+    facts.mounts = read_file(paths.mounts)
+    agent = not Path(paths.k3s_kubeconfig).exists()
+    if agent:
+        kubectl = kubectl_argv(dict(os.environ))
+        argv = [*kubectl, "--kubeconfig", paths.kubelet_kubeconfig, "get", "nodes", "-o", "json"]
+        if Path(paths.kubelet_kubeconfig).exists():
+            facts.nodes = run_command([*argv, kube_request_timeout(timeout_s)], timeout_s)
+        else:
+            facts.nodes = CommandResult(
+                argv=argv,
+                stderr=f"{paths.kubelet_kubeconfig}: no such file (k3s-agent has not started "
+                "here, or cannot be read: run doctor as root)",
+            )
+    facts.ntp = run_command(["timedatectl", "show", "-p", "NTPSynchronized", "--value"], timeout_s)
+    server = config.server_node
+    if agent and server is not None and server.address:
+        url = f"https://{server.address}:{K3S_PORT}/ping"
+        limit = str(max(1, int(timeout_s) - 1))
+        facts.server_date = run_command(["curl", "-ksSI", "--max-time", limit, url], timeout_s)
+        facts.server_date_at = time.time()
+    if os.geteuid() == 0:
+        facts.checkpoints_write = _try_write(config.checkpoint_root)
+    return facts
+
+
+def _try_write(directory: str) -> str:
+    """'ok' when a new file can be created (and is removed) in `directory`, else why not."""
+    path = Path(directory) / f".deskgpu-doctor-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        path.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "ok"
+
+
 def probe_records(config: HostConfig) -> RecordsFact:
     """The reap history's newest observation and the audit log's newest `reap --yes` run."""
     from deskgpu.config.reap import ReapSettings
@@ -993,6 +1042,9 @@ def gather(
     def skypilot() -> None:
         facts.sky = probe_skypilot(config, paths, env)
 
+    def cluster() -> None:
+        facts.cluster = probe_cluster(config, paths, timeout_s)
+
     groups: dict[str, Callable[[], None]] = {
         "driver": nvml,
         "docker": docker,
@@ -1000,6 +1052,8 @@ def gather(
         "skypilot": skypilot,
         "host files": local,
     }
+    if config.nodes:
+        groups["cluster"] = cluster
     signals = stop_on_signals(stop) if gpu_pod_wait_s is not None else contextlib.nullcontext()
     with signals, concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
         futures = {pool.submit(fn): name for name, fn in groups.items()}

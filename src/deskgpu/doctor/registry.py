@@ -11,6 +11,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Where a check runs: on a cluster (the host config's `nodes:`) each node runs its own; one
+# box is its own server. Checks a node does not run are reported `skip`, saying where they
+# run; a single box never reports the cluster's.
+ANY = "any"  # every node
+SERVER = "server"  # one box, or a cluster's server (the API server, k3s's admin, reap)
+AGENT = "agent"  # a cluster's agents
+CLUSTER = "cluster"  # every node of a cluster
+CLUSTER_SERVER = "cluster-server"  # a cluster's server
+LOCAL_ROOTS = "local-roots"  # a node whose roots are its own disks (not an NFS mount)
+PLACES = {
+    ANY: "every node",
+    SERVER: "the server",
+    AGENT: "agents",
+    CLUSTER: "every node of a cluster",
+    CLUSTER_SERVER: "a cluster's server",
+    LOCAL_ROOTS: "a node with its own disks",
+}
+CLUSTER_ONLY = (AGENT, CLUSTER, CLUSTER_SERVER)
+
 
 @dataclass(frozen=True)
 class CheckSpec:
@@ -18,14 +37,15 @@ class CheckSpec:
     needs: tuple[str, ...]  # checks that must be ok or warn for this one to mean anything
     when: str  # docs: when it fails (or warns)
     fix: str  # docs: the fix it gives
+    on: str = ANY  # where it runs (PLACES)
 
     @property
     def component(self) -> str:
         return self.id.split(".", 1)[0]
 
 
-def _spec(id: str, when: str, fix: str, needs: tuple[str, ...] = ()) -> CheckSpec:
-    return CheckSpec(id, needs, when, fix)
+def _spec(id: str, when: str, fix: str, needs: tuple[str, ...] = (), on: str = ANY) -> CheckSpec:
+    return CheckSpec(id, needs, when, fix, on)
 
 
 REGISTRY: tuple[CheckSpec, ...] = (
@@ -78,30 +98,35 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "kubernetes.context",
         "no kubectl/k3s, or no current context (warn: context differs from `infra: k8s/<ctx>`)",
         "install/start k3s, `export KUBECONFIG=/etc/rancher/k3s/k3s.yaml`",
+        on=SERVER,
     ),
     _spec(
         "kubernetes.nodes",
         "API hung/unreachable, or a node not Ready",
         "`journalctl -u k3s`, `kubectl describe node`",
         ("kubernetes.context",),
+        on=SERVER,
     ),
     _spec(
         "kubernetes.gpu_allocatable",
         "`nvidia.com/gpu` allocatable is 0 or differs from the physical GPU count",
         "install / restart the NVIDIA device plugin",
         ("kubernetes.nodes",),
+        on=SERVER,
     ),
     _spec(
         "kubernetes.device_plugin",
         "no `nvidia-device-plugin` daemonset (device plugin or GPU operator), or not ready",
         "install it / `kubectl logs ds/...`",
         ("kubernetes.nodes",),
+        on=SERVER,
     ),
     _spec(
         "kubernetes.gpu_labels",
         "warn: no `nvidia.com/gpu.product` / `skypilot.co/accelerator` label",
         "`kubectl label node <node> skypilot.co/accelerator=<type>`",
         ("kubernetes.nodes",),
+        on=SERVER,
     ),
     _spec(
         "kubernetes.job_identity",
@@ -109,6 +134,7 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "(`kubectl auth can-i create pods --as=system:serviceaccount:default:deskgpu-job`)",
         "rerun the rendered `install.sh` (`kube/deskgpu-job.yaml`); find other bindings of it",
         ("kubernetes.nodes",),
+        on=SERVER,
     ),
     _spec(
         "kubernetes.admission",
@@ -116,6 +142,7 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "its Deny binding is missing, or the cluster serves none (Kubernetes < 1.30)",
         "rerun the rendered `install.sh` (`kube/deskgpu-admission.yaml`)",
         ("kubernetes.nodes",),
+        on=SERVER,
     ),
     _spec(
         "kubernetes.gpu_pod",
@@ -128,6 +155,7 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "what the pod's status or events name (a GPU to free, the image, the `nvidia` "
         "RuntimeClass or runtime, `gpus:`)",
         ("kubernetes.gpu_allocatable",),
+        on=SERVER,
     ),
     _spec("skypilot.installed", "skypilot missing next to deskgpu", "reinstall deskgpu"),
     _spec(
@@ -135,11 +163,13 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "no endpoint configured (every user would auto-start a private server); warn: "
         "`SKYPILOT_API_SERVER_ENDPOINT` overrides the box's `api_server`",
         "the rendered `skypilot-api.service` + `api_server:` + `/etc/profile.d` export",
+        on=SERVER,
     ),
     _spec(
         "skypilot.api_server",
         "`/api/health` does not answer (warn: not healthy, or client/server versions differ)",
         "start the rendered `skypilot-api.service`",
+        on=SERVER,
     ),
     _spec(
         "skypilot.shared_server",
@@ -147,17 +177,20 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "loopback (`--host 0.0.0.0`: unauthenticated on every interface); warn: other private "
         "servers, or no `--deploy`",
         "`sky api stop` as that user; the rendered `skypilot-api.service` (127.0.0.1)",
+        on=SERVER,
     ),
     _spec(
         "skypilot.infra",
         "`kubernetes` (or `ssh` for `ssh/<pool>`) not enabled on the server",
         "`sky check kubernetes` on the server",
         ("skypilot.api_server",),
+        on=SERVER,
     ),
     _spec(
         "skypilot.admin_policy",
         "with `require_admin_policy`: the server config has no `admin_policy: deskgpu.…`",
         "add the deskgpu admin policy, restart the server",
+        on=SERVER,
     ),
     _spec(
         "skypilot.hardening",
@@ -166,11 +199,13 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "another policy; warn: it enforces another host config than doctor read",
         "install the rendered `~/.sky/plugins.yaml`, restart the server",
         ("skypilot.api_server",),
+        on=SERVER,
     ),
     _spec(
         "skypilot.kueue",
         "with `kueue_local_queue`: Kueue not installed or the LocalQueue missing",
         "install Kueue, create the LocalQueue",
+        on=SERVER,
     ),
     _spec(
         "golden_rule.host_python",
@@ -208,6 +243,7 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "storage.local_disk",
         "warn: a root on a network (nfs, cifs, sshfs…) or memory filesystem",
         "mount the local NVMe there",
+        on=LOCAL_ROOTS,
     ),
     _spec(
         "operations.observe_scheduled",
@@ -229,12 +265,79 @@ REGISTRY: tuple[CheckSpec, ...] = (
         "operations.reap_scheduled",
         "nothing runs `deskgpu reap --yes` at least weekly (same rules as observe)",
         "the rendered `deskgpu-reap.timer`, or its line for `/etc/cron.d/deskgpu`",
+        on=SERVER,
     ),
     _spec(
         "operations.reap_ran",
         "warn: the audit log records no `reap --yes` run in the last 8 days",
         "`systemctl status deskgpu-reap.service`, `sudo deskgpu reap --yes`",
         ("operations.reap_scheduled",),
+        on=SERVER,
+    ),
+    _spec(
+        "cluster.node",
+        "this host is none of the host config's `nodes:` (by its k3s `node-name`, else its "
+        "hostname)",
+        "name it in `nodes:`, or render this node's files with `setup render --node NAME`",
+        on=CLUSTER,
+    ),
+    _spec(
+        "cluster.nodes",
+        "a node of `nodes:` has not joined, is not Ready, or advertises other GPUs than "
+        "`nodes:` gives it (warn: k3s has a node `nodes:` does not list); ok lists every node "
+        "with its state",
+        "on that node: render its files (`--node NAME`) and run its install.sh",
+        ("kubernetes.nodes",),
+        on=CLUSTER_SERVER,
+    ),
+    _spec(
+        "cluster.joined",
+        "the agent's node is not in the cluster (not joined), or not Ready",
+        "`sudo systemctl status k3s-agent`, `sudo journalctl -u k3s-agent -n 50` (server URL, "
+        "token), then the rendered install.sh",
+        ("cluster.node",),
+        on=AGENT,
+    ),
+    _spec(
+        "cluster.labels",
+        "the node's GPU labels (`skypilot.co/accelerator`, `nvidia.com/gpu.present`) differ "
+        "from its `gpus:`",
+        "on the server: `sudo k3s kubectl label node <node> --overwrite ...` (or rerun its "
+        "install.sh)",
+        ("cluster.joined",),
+        on=AGENT,
+    ),
+    _spec(
+        "cluster.gpus",
+        "the node advertises another `nvidia.com/gpu` count than its `gpus:`",
+        "the device plugin's pod on the node (`kubectl -n nvidia-device-plugin get pods -o "
+        "wide`); restart `k3s-agent` after the container toolkit",
+        ("cluster.joined",),
+        on=AGENT,
+    ),
+    _spec(
+        "cluster.shared_storage",
+        "`data_root` or `checkpoint_root` is not the shared NFS mount it should be, data is "
+        "writable, or checkpoints cannot be written (as root)",
+        "`sudo systemctl enable --now <root>.mount`; on the server `sudo exportfs -ra`",
+        ("cluster.node",),
+        on=CLUSTER,
+    ),
+    _spec(
+        "cluster.version",
+        "this node's deskgpu differs from the server's (its node's `deskgpu.io/version`); "
+        "warn: the server recorded none",
+        "install the same deskgpu on every node (step 3 of docs/setup.md), rerun the server's "
+        "install.sh",
+        ("cluster.joined",),
+        on=AGENT,
+    ),
+    _spec(
+        "cluster.clock",
+        "the clock is not NTP-synchronised, or an agent's is more than 2 s off the server's",
+        "`sudo timedatectl set-ntp true`, `timedatectl timesync-status`",
+        ("cluster.node",),
+        on=CLUSTER,
     ),
 )
 BY_ID = {spec.id: spec for spec in REGISTRY}
@@ -243,10 +346,13 @@ CHECK_IDS = tuple(BY_ID)
 
 def readme_table() -> str:
     """docs/doctor.md's check table (Markdown), one row per check, in report order."""
-    rows = ["| id | fails / warns when | fix it gives | needs |", "|---|---|---|---|"]
+    rows = [
+        "| id | fails / warns when | fix it gives | needs | runs on |",
+        "|---|---|---|---|---|",
+    ]
     for spec in REGISTRY:
         needs = ", ".join(f"`{n}`" for n in spec.needs)
-        rows.append(f"| `{spec.id}` | {spec.when} | {spec.fix} | {needs} |")
+        rows.append(f"| `{spec.id}` | {spec.when} | {spec.fix} | {needs} | {PLACES[spec.on]} |")
     return "\n".join(rows) + "\n"
 
 

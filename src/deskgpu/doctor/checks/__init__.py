@@ -13,6 +13,7 @@ from collections.abc import Callable
 from deskgpu.config import HostConfig
 from deskgpu.config.doctor import Settings
 from deskgpu.doctor.checks.base import COMPONENTS, FAIL, OK, SKIP, STATUSES, WARN, Check
+from deskgpu.doctor.checks.cluster import check_cluster, this_node
 from deskgpu.doctor.checks.docker import check_docker
 from deskgpu.doctor.checks.driver import check_driver, gpu_matches
 from deskgpu.doctor.checks.golden_rule import check_golden_rule, drift_distributions
@@ -22,7 +23,18 @@ from deskgpu.doctor.checks.operations import check_operations
 from deskgpu.doctor.checks.skypilot import SHARED_SERVER, check_skypilot, resolve_endpoint
 from deskgpu.doctor.checks.storage import check_storage
 from deskgpu.doctor.facts import HostFacts
-from deskgpu.doctor.registry import REGISTRY
+from deskgpu.doctor.registry import (
+    AGENT,
+    ANY,
+    CLUSTER,
+    CLUSTER_ONLY,
+    CLUSTER_SERVER,
+    LOCAL_ROOTS,
+    REGISTRY,
+    SERVER,
+    CheckSpec,
+)
+from deskgpu.setup.nodes import shared_mounts
 
 __all__ = [
     "COMPONENTS",
@@ -49,6 +61,7 @@ CHECKS: tuple[Callable[[HostFacts, HostConfig, Settings], list[Check]], ...] = (
     check_golden_rule,
     check_storage,
     check_operations,
+    check_cluster,
 )
 
 
@@ -61,15 +74,42 @@ def evaluate(facts: HostFacts, config: HostConfig, s: Settings) -> dict[str, Che
     return found
 
 
+def elsewhere(spec: CheckSpec, facts: HostFacts, config: HostConfig) -> str | None:
+    """Why `spec` does not run on this host (None: it does). One box is its own server."""
+    if not config.nodes:
+        return None
+    node = this_node(facts, config)
+    role = node.role if node is not None else None
+    server = config.server_node
+    go = f"`sudo deskgpu doctor` on {server.name}" if server else "doctor on the server"
+    if spec.on == ANY or spec.on == CLUSTER:
+        return None
+    if role is None:
+        return "this host is none of the cluster's nodes (cluster.node)"
+    if spec.on in (SERVER, CLUSTER_SERVER) and role != "server":
+        return f"the server's check: {go}"
+    if spec.on == AGENT and role != "agent":
+        return "an agent's check (cluster.nodes lists the agents)"
+    if spec.on == LOCAL_ROOTS and node is not None and shared_mounts(config, node):
+        return "the roots are the cluster's NFS storage here (cluster.shared_storage)"
+    return None
+
+
 def run_checks(facts: HostFacts, config: HostConfig) -> list[Check]:
-    """Every registered check, in registry order, with `needs` and `doctor.skip` applied."""
+    """Every registered check, in registry order, with `needs` and `doctor.skip` applied; on
+    a cluster, each where it runs (a single box reports none of the cluster's)."""
     s = config.doctor
     found = evaluate(facts, config, s)
     out: list[Check] = []
     status: dict[str, str] = {}
     for spec in REGISTRY:
+        if spec.on in CLUSTER_ONLY and not config.nodes:
+            continue
         unmet = [n for n in spec.needs if status.get(n) not in (OK, WARN)]
-        if spec.id in s.skip:
+        away = elsewhere(spec, facts, config)
+        if away is not None:
+            check = Check(spec.id, spec.component, SKIP, away)
+        elif spec.id in s.skip:
             check = Check(
                 spec.id, spec.component, SKIP, "skipped by doctor.skip in the host config"
             )

@@ -27,6 +27,7 @@ COMPONENTS = {
     "golden_rule": "Golden rule",
     "storage": "Storage",
     "operations": "Operations",
+    "cluster": "Cluster",
 }
 
 # Where doctor's fixes have the admin render the box's files (any scratch directory will do).

@@ -16,6 +16,7 @@ from deskgpu.doctor.checks.base import (
     _Component,
     _config_file,
 )
+from deskgpu.doctor.checks.cluster import local_gpus
 from deskgpu.doctor.facts import (
     GpuReading,
     HostFacts,
@@ -90,7 +91,8 @@ def _check_inventory(facts: HostFacts, config: HostConfig) -> Check:
             "check `sudo dmesg | grep -i xid` and reboot; reseat or RMA a GPU that stays lost",
         )
     seen = _describe(gpus)
-    if not config.gpus:
+    inventory = local_gpus(facts, config)  # on a cluster: this node's `gpus:`
+    if not inventory:
         example = _inventory_example(gpus)
         return _driver(
             "gpus",
@@ -99,11 +101,11 @@ def _check_inventory(facts: HostFacts, config: HostConfig) -> Check:
             f"add `gpus: {example}` to {_config_file(config)}",
         )
     problems = []
-    for model, count in config.gpus.items():
+    for model, count in inventory.items():
         have = sum(1 for g in gpus if g.name and gpu_matches(model, g.name))
         if have != count:
             problems.append(f"{have}x {model} (config says {count})")
-    unmatched = [g for g in gpus if not any(gpu_matches(m, g.name or "") for m in config.gpus)]
+    unmatched = [g for g in gpus if not any(gpu_matches(m, g.name or "") for m in inventory)]
     if unmatched:
         problems.append(f"{_describe(unmatched)} not in the inventory")
     if problems:
@@ -115,7 +117,8 @@ def _check_inventory(facts: HostFacts, config: HostConfig) -> Check:
             "(`sudo dmesg | grep -i xid`); "
             f"if the box changed, fix `gpus:` in {_config_file(config)}",
         )
-    return _driver("gpus", OK, f"{seen} (matches the inventory: {config.describe_gpus()})")
+    shown = ", ".join(f"{count}x {model}" for model, count in inventory.items())
+    return _driver("gpus", OK, f"{seen} (matches the inventory: {shown})")
 
 
 def _inventory_example(gpus: list[GpuReading]) -> str:

@@ -98,7 +98,9 @@ def check_kubernetes(facts: HostFacts, config: HostConfig, s: Settings) -> list[
         return [*out, *(_k8s(n, SKIP, "nodes were not listed") for n in names[1:])]
     nodes = nodes_doc.get("items") or []
     out.append(_check_nodes(nodes))
-    physical = len(facts.nvml.gpus) if facts.nvml.available else config.gpu_count
+    # A cluster's nodes together have what `nodes:` gives them; one box what NVML sees here.
+    local = len(facts.nvml.gpus) if facts.nvml.available else config.gpu_count
+    physical = config.gpu_count if config.nodes else local
     allocatable = _check_allocatable(nodes, physical)
     out.append(allocatable)
     out.append(_check_device_plugin(facts, allocatable.status == OK))
