@@ -29,7 +29,11 @@ from deskgpu.setup.tools import INSTALLED
 ROOT = Path(__file__).resolve().parents[1]
 RUNBOOK = ROOT / "docs" / "setup.md"
 # Installed unpinned on purpose, with the reason the page gives.
-UNPINNED = {"docker.io": "Ubuntu's own package: its security updates come with the release"}
+UNPINNED = {
+    "docker.io": "Ubuntu's own package: its security updates come with the release",
+    "nfs-common": "Ubuntu's own package, as docker.io",
+    "nfs-kernel-server": "Ubuntu's own package, as docker.io",
+}
 # A package whose name carries its version (the driver branch).
 VERSIONED_NAME = re.compile(r"^[a-z0-9.+-]+-\d{3}(-server)?$")
 KUBECTL_VERBS = {"get", "label", "apply", "describe", "logs", "delete", "auth"}
@@ -117,9 +121,15 @@ def test_every_package_is_pinned() -> None:
 
 
 def test_k3s_is_pinned_to_a_version_that_serves_what_deskgpu_applies() -> None:
-    text = RUNBOOK.read_text()
-    (line,) = [c for c in text.splitlines() if "get.k3s.io" in c]
-    (version,) = re.findall(r"INSTALL_K3S_VERSION=(v[\d.]+\+k3s\d+)", line)
+    """The server's k3s and every agent's (Adding a box): one version, pinned."""
+    text = RUNBOOK.read_text().replace("\\\n", " ")
+    lines = [c for c in text.splitlines() if "get.k3s.io" in c]
+    assert len(lines) == 2  # the server's (step 5), an agent's (Adding a box)
+    versions = {
+        v for line in lines for v in re.findall(r"INSTALL_K3S_VERSION=(v[\d.]+\+k3s\d+)", line)
+    }
+    (version,) = versions
+    assert all("INSTALL_K3S_VERSION=" in line for line in lines)
     assert _version(version)[:2] >= _version(KUBERNETES_VERSION)[:2]
     assert _version(version)[:2] >= K3S_FIRST_RUNTIME_CLASS
 
