@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from deskgpu.config import SYSTEM_CONFIG, load_config
-from deskgpu.setup.render import SERVER_UNIT, Tools, render, write
+from deskgpu.setup.agent import render_node
+from deskgpu.setup.render import SERVER_UNIT, Tools, write
 from tests.apiserver import free_port, running_api_server
 from tests.conftest import EXAMPLES
 from tests.raw_request import body_for, post
@@ -43,7 +44,9 @@ def _server_files(tmp: Path, port: int) -> tuple[Path, dict[str, str]]:
     )
     config = load_config(host_config)
     out = tmp / "rendered"
-    write(render(config, Tools(sys.executable, "deskgpu"), host_config.read_text()), out)
+    tools = Tools(sys.executable, "deskgpu")
+    write(render_node(config, tools, host_config.read_text(), node="lab-a6000"), out)
+    assert (out / "etc/exports.d/deskgpu.exports").is_file()  # the server's, not one box's
     env: dict[str, str] = {}
     for line in (out / "etc/systemd/system" / SERVER_UNIT).read_text().splitlines():
         if line.startswith("Environment="):
