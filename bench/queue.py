@@ -5,13 +5,17 @@
 
 SkyPilot half: `deskgpu queue --json` versus `sky status -u` plus `sky jobs queue -u`, each a
 fresh process (what a researcher types), after one warm-up call (a fresh server answers its
-first request slowly). The private server runs as the box's does (consolidation mode: the
-jobs controller is the API server) and is measured twice: empty, then with `--clusters`
-clusters and `--jobs` managed jobs written into its own databases by SkyPilot's own state
-functions (`global_user_state.add_or_update_cluster`, `jobs.state` from PENDING through
-STARTING and RUNNING to a final state), so both sides make the server read real rows.
-The clusters have no autostop and the jobs are all finished: the server has no pod or
-controller behind them, and a refresh of either would be work neither side asked for.
+first request slowly). deskgpu is timed twice in the same run: as it runs (one request to the
+guard's queue endpoint) and on its fallback path (`DESKGPU_QUEUE_VIA=skypilot`: SkyPilot's own
+`/status` and `/jobs/queue/v2`, what a newer deskgpu does against an older guard). The private
+server runs as the box's does (consolidation mode: the jobs controller is the API server;
+deskgpu's guard loaded from `~/.sky/plugins.yaml`, with a host config of built-in defaults)
+and is measured twice: empty, then with `--clusters` clusters and `--jobs` managed jobs
+written into its own databases by SkyPilot's own state functions
+(`global_user_state.add_or_update_cluster`, `jobs.state` from PENDING through STARTING and
+RUNNING to a final state), so every side makes the server read real rows. The clusters have
+no autostop and the jobs are all finished: the server has no pod or controller behind them,
+and a refresh of either would be work no side asked for.
 
 GPU half, where a GPU exists: one NVML snapshot (`deskgpu.nvml.read`, in-process) versus
 `nvidia-smi --query-gpu=... --format=csv`.
@@ -30,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # Run as a script, this file's directory comes first on sys.path and its name hides the
 # standard library's `queue` (which SkyPilot's imports need in --fill).
@@ -62,34 +67,51 @@ def show(name: str, times: list[float]) -> float:
     return med
 
 
-def sky_half(endpoint: str, env: dict[str, str], runs: int, label: str) -> float:
+def read_sky(argv: list[str], env: dict[str, str], via: str | None) -> dict[str, Any]:
+    """`deskgpu queue --json`'s SkyPilot half, refusing a failed read (a fast failure is not a
+    fast queue) or one that did not take the path being timed."""
+    doc = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True).stdout)
+    sky: dict[str, Any] = doc["sky"]
+    if not sky["available"] or sky["notes"]:
+        raise SystemExit(f"deskgpu did not read SkyPilot: {sky['error'] or sky['notes']}")
+    if via is not None and sky.get("via") != via:
+        raise SystemExit(f"deskgpu read SkyPilot via {sky.get('via')}, not {via}: {sky}")
+    return sky
+
+
+def sky_half(endpoint: str, env: dict[str, str], runs: int, label: str) -> tuple[float, float]:
+    """deskgpu's ratio to `sky status -u` + `sky jobs queue -u`, and its fallback path's."""
     deskgpu = [str(BIN / "deskgpu"), "queue", "--json", "--timeout", "300"]
+    fallback_env = {**env, "DESKGPU_QUEUE_VIA": "skypilot"}
     sky = str(BIN / "sky")
-    warm = timed(lambda: run(deskgpu, env), 1)[0]
+    warm = timed(lambda: run(deskgpu, fallback_env), 1)[0]  # the server's first requests
     print(f"SkyPilot half, {label} ({endpoint}; warm-up call {warm:.1f} s), {runs} runs:")
-    # Both sides must really answer: a fast failure is not a fast queue.
-    doc = json.loads(subprocess.run(deskgpu, env=env, capture_output=True, text=True).stdout)
-    if not doc["sky"]["available"] or doc["sky"]["notes"]:
-        why = doc["sky"]["error"] or doc["sky"]["notes"]
-        raise SystemExit(f"deskgpu did not read SkyPilot: {why}")
+    read = read_sky(deskgpu, env, via=None)
+    read_sky(deskgpu, fallback_env, via="skypilot")
     for argv in ([sky, "status", "-u"], [sky, "jobs", "queue", "-u"]):
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-2000:]}")
     print(
-        f"  (all answered; deskgpu read {len(doc['sky']['clusters'])} clusters and "
-        f"{len(doc['sky']['jobs'])} managed jobs)"
+        f"  (all answered; deskgpu read {len(read['clusters'])} clusters and "
+        f"{len(read['jobs'])} managed jobs via {read.get('via')}"
+        + (f": {read['fallback']}" if read.get("fallback") else "")
+        + ")"
     )
     ours = show("deskgpu queue --json", timed(lambda: run(deskgpu, env), runs))
+    fallback = show(
+        "deskgpu queue --json (fallback: sky's own two)",
+        timed(lambda: run(deskgpu, fallback_env), runs),
+    )
     status = show("sky status -u", timed(lambda: run([sky, "status", "-u"], env), runs))
     jobs = show("sky jobs queue -u", timed(lambda: run([sky, "jobs", "queue", "-u"], env), runs))
-    ratio = ours / (status + jobs)
+    peers = status + jobs
     print(
-        f"  ratio ({label}): deskgpu {ours:.2f} s / sky status+jobs queue {status + jobs:.2f} s "
-        f"= {ratio:.2f}",
+        f"  ratio ({label}): deskgpu {ours:.2f} s / sky status+jobs queue {peers:.2f} s "
+        f"= {ours / peers:.2f}; fallback {fallback:.2f} s / {peers:.2f} s = {fallback / peers:.2f}",
         flush=True,
     )
-    return ratio
+    return ours / peers, fallback / peers
 
 
 def fill_state(clusters: int, jobs: int) -> None:
@@ -172,20 +194,37 @@ def main() -> None:
         return
 
     env = {**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
-    ratios = []
+    env.pop("DESKGPU_QUEUE_VIA", None)
+    ratios: list[tuple[float, float]] = []
     if args.endpoint:
         env["SKYPILOT_API_SERVER_ENDPOINT"] = args.endpoint
         ratios.append(sky_half(args.endpoint, env, args.runs, "as it is"))
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        import yaml
         from tests.apiserver import running_api_server
 
+        from deskgpu.config import HostConfig
+        from deskgpu.setup.render import server_plugins
+
         home = Path(tempfile.mkdtemp(prefix="deskgpu-bench-"))
-        print("starting a private SkyPilot API server (consolidation mode) ...", flush=True)
+        print(
+            "starting a private SkyPilot API server (consolidation mode, deskgpu's guard) ...",
+            flush=True,
+        )
         config = "jobs:\n  controller:\n    consolidation_mode: true\n"
+        host_config = home / "host-config.yaml"  # empty: the built-in defaults
+        host_config.write_text("")
+        host_config.chmod(0o644)
+        plugins = yaml.safe_dump(server_plugins(HostConfig()))
         try:
             with running_api_server(
-                home / "home", config_yaml=config, deploy=True, warm_up=True
+                home / "home",
+                config_yaml=config,
+                files={"plugins.yaml": plugins},
+                extra_env={"DESKGPU_CONFIG": str(host_config)},
+                deploy=True,
+                warm_up=True,
             ) as url:
                 env.update({"HOME": str(home / "home"), "SKYPILOT_API_SERVER_ENDPOINT": url})
                 ratios.append(sky_half(url, env, args.runs, "empty server"))
@@ -216,7 +255,8 @@ def main() -> None:
         cmd = [smi, f"--query-gpu={QUERY}", "--format=csv"]
         other = show("nvidia-smi --query-gpu=... --format=csv", timed(lambda: run(cmd, env), 10))
         print(f"  ratio (GPU half): {one / other:.2f}")
-    print("SkyPilot half ratios: " + ", ".join(f"{r:.2f}" for r in ratios))
+    print("SkyPilot half ratios: " + ", ".join(f"{r:.2f}" for r, _ in ratios))
+    print("SkyPilot half ratios, fallback path: " + ", ".join(f"{f:.2f}" for _, f in ratios))
 
 
 if __name__ == "__main__":

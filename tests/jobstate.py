@@ -13,6 +13,11 @@ session that is up, or a job that got as far as the queue, cannot be made the li
 `python -m tests.jobstate alice bob` instead writes `<user>-dev` and `<user>-train` (jobs 1,
 2, ... in that order) for each account named, as the guard would have recorded them, and the
 session Transformer Lab launched for the first (`TL_CLUSTER`, INIT: waiting for GPUs).
+
+`python -m tests.jobstate --queue alice bob` writes that and more of what the queue shows
+(`fill_queue`): a finished and a failed job per account, an autodown on the first's session,
+and the first's session and job in a workspace only the first may read (`PRIVATE_WORKSPACE`,
+for a server config that declares it private).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ SSH_IP = "10.42.0.7"
 # Transformer Lab's first recorded launch (tests/fixtures/transformerlab).
 TL_CLUSTER = "finetune-demo-5d0e9df8"
 TL_JOB = "5d0e9df8-6a9d-43b3-9507-454e8cf9285e"
+PRIVATE_WORKSPACE = "private-lab"
 
 
 def _cluster(
@@ -67,12 +73,12 @@ def _cluster(
     global_user_state.add_or_update_cluster(name, handle, requested_resources={res}, ready=ready)
 
 
-def _job(name: str, owner: str, finish: bool = False) -> int:
+def _job(name: str, owner: str, finish: bool = False, workspace: str = "default") -> int:
     from sky.jobs import state
 
     job_id = int(
         state.set_job_info_without_job_id(
-            name, "default", "deskgpu submit", None, None, USERS[owner]
+            name, workspace, "deskgpu submit", None, None, USERS[owner]
         )
     )
     state.set_pending(job_id, 0, name, "1x[CPU:1]", "{}")
@@ -117,6 +123,26 @@ def fill_bound(users: list[str]) -> None:
     )
 
 
+def fill_queue(users: list[str]) -> None:
+    """`fill_bound`, then a finished and a failed managed job per account, autodown after an
+    hour on the first's session, and the first's session `<user>-secret` and job
+    `<user>-secret-train` in `PRIVATE_WORKSPACE`."""
+    from sky import global_user_state, skypilot_config
+    from sky.jobs import state
+
+    fill_bound(users)
+    home = os.environ["HOME"]
+    first = users[0]
+    global_user_state.set_cluster_autostop_value(f"{first}-dev", 60, True)
+    for user in users:
+        _job(f"{user}-done", user, finish=True)
+        failed = _job(f"{user}-oom", user)
+        state.set_failed(failed, None, state.ManagedJobStatus.FAILED_SETUP, "setup exited with 1")
+    with skypilot_config.local_active_workspace_ctx(PRIVATE_WORKSPACE):
+        _cluster(f"{first}-secret", first, home)
+    _job(f"{first}-secret-train", first, workspace=PRIVATE_WORKSPACE)
+
+
 def fill() -> None:
     from sky import global_user_state, models
 
@@ -136,7 +162,9 @@ def fill() -> None:
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:]:
+    if sys.argv[1:2] == ["--queue"]:
+        fill_queue(sys.argv[2:])
+    elif sys.argv[1:]:
         fill_bound(sys.argv[1:])
     else:
         fill()

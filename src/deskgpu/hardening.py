@@ -156,6 +156,11 @@ INTERNAL_REQUEST: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "deskgpu_internal_request", default=False
 )
 
+# Set by the guard in the ASGI scope of a client's request without a body (a GET): whom it
+# runs as (a `callers.Acting`), for the guard's own read endpoints (the queue). Absent on a
+# controller's connection; a client cannot set it (it is no header, no field).
+ACTING_KEY = "deskgpu.acting"
+
 
 @dataclass(frozen=True)
 class Scrubbed:
@@ -583,7 +588,7 @@ class GuardMiddleware:
                     return
             if route in REQUEST_LISTINGS and not reader.admin and caller.role != callers.FRONTEND:
                 send = _only_own_requests(send, callers.user_id_for(reader.user))
-            await self.app(scope, receive, send)
+            await self.app({**scope, ACTING_KEY: reader}, receive, send)
             return
         chunks: list[bytes] = []
         size = 0

@@ -30,7 +30,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import fastapi
 import sky
+from fastapi.responses import JSONResponse
 from sky import exceptions as sky_exceptions
 from sky.server import plugins as sky_plugins
 
@@ -50,6 +52,7 @@ from deskgpu.house_rules import (
     volume_registration_violation,
 )
 from deskgpu.labels import LABEL_FRONTEND_JOB, LABEL_USER, LABEL_VIA
+from deskgpu.skypilot import guardqueue
 
 # What each SkyPilot request is, for the house rules (sky/server/requests/request_names.py).
 _BATCH_REQUESTS = {
@@ -585,8 +588,9 @@ class Guard(sky_plugins.BasePlugin):
       (`SKYPILOT_CONFIG` in its env, `admin_policy` in its client config);
     - the host config is the one the server started with.
     In the HTTP workers, `hardening.GuardMiddleware` scrubs each client request body and
-    tells SkyPilot's controllers from clients, and `GET /plugins/api/deskgpu/guard` says
-    what is enforced (what `deskgpu doctor` checks).
+    tells SkyPilot's controllers from clients, `GET /plugins/api/deskgpu/guard` says
+    what is enforced (what `deskgpu doctor` checks), and `GET /plugins/api/deskgpu/queue`
+    answers the queue's SkyPilot half from the server's own state (`read_queue`).
     """
 
     def __init__(self, admin_policy: str = POLICY_CLASS) -> None:
@@ -621,6 +625,7 @@ class Guard(sky_plugins.BasePlugin):
                 request_owners=request_owners,
             )
             app.add_api_route(GUARD_ROUTE, guard_status, methods=["GET"])
+            app.add_api_route(guardqueue.ROUTE, queue_endpoint, methods=["GET"])
 
 
 def guard_settings() -> hardening.GuardSettings:
@@ -777,6 +782,120 @@ def guard_status() -> dict[str, Any]:
         "server_api": _server_api_range(),
         "request_env_allowed": sorted(hardening.ALLOWED_REQUEST_ENV),
     }
+
+
+async def queue_endpoint(request: fastapi.Request) -> JSONResponse:
+    """`GET /plugins/api/deskgpu/queue`: the queue's SkyPilot half for the connecting account
+    (skypilot/guardqueue.py says what it holds and what it never does)."""
+    acting = request.scope.get(hardening.ACTING_KEY)
+    if not isinstance(acting, callers.Acting):  # a controller's connection: it never asks
+        detail = "the deskgpu guard answers the queue only to an account it has bound"
+        return JSONResponse({"detail": detail}, status_code=403)
+    # Root and the server's account, the box's administrators (reap and observe run as
+    # root), read every workspace; everyone else what SkyPilot lets their account read.
+    everything = acting.caller.exempt
+    status, doc = await guardqueue.serve(lambda: read_queue(acting.user, everything), acting.user)
+    return JSONResponse(doc, status_code=status)
+
+
+def read_queue(
+    user: str, every_workspace: bool = False, max_records: int = guardqueue.MAX_RECORDS
+) -> guardqueue.Read:
+    """Every cluster and managed job `user` may list, read from SkyPilot's own state as the
+    stock `/status` (without credentials) and `/jobs/queue/v2` (`all_users`) read it, minus
+    the jobs controller's program: in consolidation mode its database is this server's.
+    `every_workspace`: no workspace is hidden (an administrator's read)."""
+    from sky import global_user_state
+    from sky.jobs import utils as managed_job_utils
+    from sky.schemas.api import responses
+    from sky.utils import message_utils
+
+    if not managed_job_utils.is_consolidation_mode():
+        raise guardqueue.Unavailable(
+            501,
+            "the managed jobs live with a jobs controller of their own (not consolidation "
+            "mode): ask SkyPilot (/jobs/queue/v2)",
+        )
+    workspaces = None if every_workspace else readable_workspaces(callers.user_id_for(user))
+    clusters = [
+        _queue_cluster(record)
+        for record in global_user_state.get_clusters(
+            exclude_managed_clusters=True, workspaces_filter=workspaces, summary_response=True
+        )
+    ]
+    # What the controller's program runs (sky/jobs/utils.py ManagedJobCodeGen.get_job_table),
+    # its answer through the same JSON payload, then what the server adds to it
+    # (load_managed_job_queue: the owner's name; queue_v2_api: only the fields asked for).
+    queue = managed_job_utils.get_managed_job_queue(
+        skip_finished=False,
+        accessible_workspaces=None if workspaces is None else sorted(workspaces),
+        fields=list(guardqueue.JOB_FIELDS),
+        page=1,
+        limit=max_records,
+    )
+    queue = message_utils.decode_payload(message_utils.encode_payload(queue))
+    names = {u.id: u.name for u in global_user_state.get_all_users()}
+    keep = set(guardqueue.JOB_FIELDS) | {"job_id", "task_id", "status"}
+    jobs = []
+    for job in queue["jobs"]:
+        if job.get("user_hash") is not None:
+            job["user_name"] = names.get(job["user_hash"])
+        record = responses.ManagedJobRecord(**{k: v for k, v in job.items() if k in keep})
+        dumped = record.model_dump(by_alias=True, exclude_unset=True, mode="json")
+        jobs.append(dumped)
+    return guardqueue.Read(
+        clusters=clusters,
+        clusters_total=len(clusters),
+        jobs=jobs,
+        jobs_total=int(queue["total"]),
+    )
+
+
+def readable_workspaces(user_id: str) -> set[str]:
+    """The workspaces whose clusters and jobs SkyPilot lists to `user_id` (`action='read'`,
+    as backend_utils.get_clusters and jobs queue_v2 ask it for the request's user)."""
+    from sky import skypilot_config
+    from sky.skylet import constants
+    from sky.users import permission
+    from sky.workspaces import constants as workspace_constants
+
+    configured = skypilot_config.get_nested(("workspaces",), default_value={}) or {}
+    names = {str(name) for name in configured} | {constants.SKYPILOT_DEFAULT_WORKSPACE}
+    readable = permission.permission_service.get_accessible_workspace_names(
+        user_id, names, action=workspace_constants.WORKSPACE_ACTION_READ
+    )
+    return set(readable)
+
+
+def _queue_cluster(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A `global_user_state.get_clusters` record as `/status` (refresh NONE) shapes the
+    fields the queue reads (sky/backends/backend_utils.py get_clusters)."""
+    from sky.utils import resources_utils
+
+    handle = record.get("handle")
+    launched = getattr(handle, "launched_resources", None)
+    status = record.get("status")
+    out: dict[str, Any] = {
+        "name": record.get("name"),
+        "user_name": record.get("user_name"),
+        "status": getattr(status, "value", status),
+        "init_kind": record.get("init_kind"),
+        "init_status_reason": record.get("init_status_reason"),
+        "autostop": record.get("autostop"),
+        "to_down": record.get("to_down"),
+        "launched_at": record.get("launched_at"),
+        "is_managed": record.get("is_managed"),
+        "labels": {},
+    }
+    if handle is not None:
+        out["cluster_name_on_cloud"] = getattr(handle, "cluster_name_on_cloud", None)
+        out["resources_str"] = resources_utils.get_readable_resources_repr(
+            handle, simplified_only=True
+        )[0]
+    if launched is not None:
+        out["accelerators"] = f"{launched.accelerators}" if launched.accelerators else None
+        out["labels"] = dict(launched.labels) if launched.labels else {}
+    return out
 
 
 def _pin_admin_policy(location: str) -> None:

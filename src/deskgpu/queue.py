@@ -1,10 +1,11 @@
 """One look at the box for `deskgpu queue`: GPUs first, SkyPilot alongside, joined into a Snapshot.
 
-The GPU half (NVML + /proc + kube pods) takes well under a second; the SkyPilot half is two
-plain-HTTP requests to the API server (`skyapi.fetch_queue`, no `import sky`) that a busy
-server may answer slowly. So SkyPilot runs in a daemon thread from the start,
-`on_gpus` is called as soon as the GPU half is known (the CLI paints it), and a SkyPilot
-that does not answer in time becomes a one-line error, never a hang or a crash.
+The GPU half (NVML + /proc + kube pods) takes well under a second; the SkyPilot half is a
+plain-HTTP request to the API server's guard (`skyapi.fetch_queue`, no `import sky`; SkyPilot's
+own two requests where the guard cannot answer) that a busy server may answer slowly. So
+SkyPilot runs in a daemon thread from the start, `on_gpus` is called as soon as the GPU half
+is known (the CLI paints it), and a SkyPilot that does not answer in time becomes a one-line
+error, never a hang or a crash.
 """
 
 from __future__ import annotations
@@ -354,6 +355,18 @@ def gpu_problems(snap: Snapshot) -> list[str]:
 def sky_problems(snap: Snapshot) -> list[str]:
     lines = [] if snap.sky.available else [f"SkyPilot: {snap.sky.error or 'unavailable'}"]
     return lines + [f"SkyPilot: {note}" for note in snap.sky.notes]
+
+
+def how_read(snap: Snapshot) -> str | None:
+    """How the SkyPilot half was read, as one line (`queue --verbose`); None: not read."""
+    from deskgpu.snapshot import VIA_GUARD, VIA_SKYPILOT
+
+    if snap.sky.via == VIA_GUARD:
+        return "SkyPilot: read in one request, from the guard's queue endpoint"
+    if snap.sky.via == VIA_SKYPILOT:
+        why = f" ({snap.sky.fallback})" if snap.sky.fallback else ""
+        return f"SkyPilot: read with SkyPilot's own /status and /jobs/queue/v2{why}"
+    return None
 
 
 def notice_problems(snap: Snapshot) -> list[str]:

@@ -225,6 +225,15 @@ class SkyView:
     jobs: list[Job] = field(default_factory=list)
     clusters: list[Cluster] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Added in schema 1 without a bump: how the half was read (VIA_GUARD: one request to the
+    # guard's queue endpoint; VIA_SKYPILOT: SkyPilot's own /status and /jobs/queue/v2), and
+    # why not through the guard when it was not (an older guard, a capped answer, ...).
+    via: str | None = None
+    fallback: str | None = None
+
+
+VIA_GUARD = "guard"
+VIA_SKYPILOT = "skypilot"
 
 
 @dataclass

@@ -81,6 +81,15 @@ def queue_command(
         ),
     ] = 30.0,
     show_all: Annotated[bool, typer.Option("--all", "-a", help="Also list finished jobs.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Also say on stderr how the SkyPilot half was read: one request to the "
+            "guard's queue endpoint, or SkyPilot's own two and why (once).",
+        ),
+    ] = False,
     config_path: ConfigOption = None,
 ) -> None:
     """Show GPUs (VRAM, util, temperature, holder), queued and running jobs, and sessions,
@@ -103,8 +112,9 @@ def queue_command(
         _finish(snap, user, json_out, show_all, record, out, painted_gpus=False)
         return
     config = get_config(config_path)
+    said = _Said(verbose)
     if watch:
-        _watch(config, user, json_out, show_all, record, interval, out, timeout)
+        _watch(config, user, json_out, show_all, record, interval, out, timeout, said)
         return
     console = None if json_out else _console(out)
 
@@ -119,6 +129,7 @@ def queue_command(
                 console.print(table)
 
     snap = survey.take(config, on_gpus=paint_gpus, deadline=started)
+    said.how_read(snap)
     _finish(snap, user, json_out, show_all, record, out, painted_gpus=True, console=console)
 
 
@@ -174,6 +185,7 @@ def _watch(
     interval: float,
     out: TextIO,
     timeout: float,
+    said: _Said,
 ) -> None:
     """Refresh until Ctrl-C. A refresh that fails shows the last good frame with its error
     line; it never ends the loop. On a terminal the frame is redrawn in place; in a pipe or
@@ -191,6 +203,7 @@ def _watch(
             try:
                 early = live.waiting if live is not None and last.empty else None
                 snap = survey.take(config, on_gpus=early, deadline=Deadline.after(timeout))
+                said.how_read(snap)
                 snap = survey.for_user(snap, user) if user else snap
                 lines = survey.problems(snap)
                 if record is not None:
@@ -220,6 +233,22 @@ def _watch(
     finally:
         if live is not None:
             live.stop()
+
+
+class _Said:
+    """`--verbose`: how the SkyPilot half was read, said once (again only if it changes)."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.last: str | None = None
+
+    def how_read(self, snap: Snapshot) -> None:
+        from deskgpu import queue as survey
+
+        line = survey.how_read(snap) if self.verbose else None
+        if line is not None and line != self.last:
+            warn(line)
+            self.last = line
 
 
 def _lines(exc: Exception) -> list[str]:

@@ -236,6 +236,11 @@ def server_error(endpoint: str, reply: Reply) -> str:
     return f"SkyPilot API server at {endpoint}: API server error {reply.status}: {_detail(reply)}"
 
 
+def detail(reply: Reply) -> str:
+    """What an HTTP error answer says, as one line (FastAPI's `detail`, else its first line)."""
+    return _detail(reply)
+
+
 def _detail(reply: Reply) -> str:
     """FastAPI's `{"detail": ...}` when there is one, a traceback's last line (the error),
     else the body's first line."""

@@ -26,6 +26,7 @@ from typing import Any
 from deskgpu.config import HostConfig
 from deskgpu.deadline import Deadline, DeadlineExpired, bounded
 from deskgpu.errors import OutsideError
+from deskgpu.skypilot import guardqueue
 from deskgpu.skypilot import http as skyhttp
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:46580"
@@ -432,26 +433,9 @@ def _job_records(answer: Any) -> list[Any]:
 # recorded dicts, so live and recorded take one path.
 # ---------------------------------------------------------------------------------------------
 
-# The managed-job fields `queue` shows (SkyPilot's default set lacks user, reason, labels).
-QUEUE_JOB_FIELDS = [
-    "job_id",
-    "task_id",
-    "job_name",
-    "task_name",
-    "resources",
-    "submitted_at",
-    "start_at",
-    "end_at",
-    "job_duration",
-    "status",
-    "schedule_state",
-    "details",
-    "failure_reason",
-    "user_name",
-    "accelerators",
-    "labels",
-    "cluster_name_on_cloud",
-]
+# The managed-job fields `queue` shows (SkyPilot's default set lacks user, reason, labels):
+# the same the guard's queue endpoint answers with.
+QUEUE_JOB_FIELDS = list(guardqueue.JOB_FIELDS)
 _HEAVY_FIELDS = {"handle", "credentials", "last_creation_yaml", "user_yaml", "metadata"}
 _CONTROLLER_PREFIXES = ("sky-jobs-controller-", "sky-serve-controller-")
 # SkyPilot's words for "waiting for GPUs": backoff retries, a Pending pod, Kueue admission.
@@ -462,16 +446,24 @@ _WAITING = re.compile(
 _ACCEL = re.compile(r"([A-Za-z][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*)\s*['\"]?\s*:\s*(\d+(?:\.\d+)?)")
 
 
+# Set to `skypilot`, the queue skips the guard's endpoint and asks SkyPilot itself (what a
+# newer deskgpu does against an older guard; bench/queue.py times that path this way).
+QUEUE_VIA_ENV = "DESKGPU_QUEUE_VIA"
+
+
 def fetch_queue(
     config: HostConfig, timeout_s: float = 30.0, deadline: Deadline | None = None
 ) -> Any:
     """All users' clusters and managed jobs as a `SkyView`; never raises.
 
-    Plain HTTP (`skyhttp.call`), not the SDK: `import sky` alone costs more than both
-    answers. The server gets both requests at once; a failure of either becomes a note
-    (or the view's `error` when nothing came back), so the GPU half still renders.
+    Plain HTTP, not the SDK: `import sky` alone costs more than the answers. First the
+    guard's queue endpoint (one request, answered from the server's own state:
+    skypilot/guardqueue.py); where it cannot answer (an older guard, no guard, a capped
+    answer), SkyPilot's own `/status` and `/jobs/queue/v2` at once, the view saying why in
+    `fallback`. A failure of either of those becomes a note (or the view's `error` when
+    nothing came back), so the GPU half still renders.
     """
-    from deskgpu.snapshot import SkyView
+    from deskgpu.snapshot import VIA_SKYPILOT, SkyView
 
     deadline = deadline or Deadline.after(timeout_s)
     view = SkyView(available=False)
@@ -481,6 +473,14 @@ def fetch_queue(
     except OutsideError as exc:
         view.error = str(exc)
         return view
+    if os.environ.get(QUEUE_VIA_ENV) == VIA_SKYPILOT:
+        view.fallback = f"{QUEUE_VIA_ENV}={VIA_SKYPILOT}"
+    else:
+        through_guard = _queue_from_guard(endpoint, deadline)
+        if isinstance(through_guard, SkyView):
+            return through_guard
+        view.fallback = through_guard
+    view.via = VIA_SKYPILOT
     answers: dict[str, Any] = {}
 
     def ask(name: str, route: str, body: dict[str, Any]) -> None:
@@ -518,6 +518,41 @@ def fetch_queue(
         both_same = len({n.split(": ", 1)[1] for n in view.notes}) == 1
         view.error = first if both_same else "; ".join(view.notes)
         view.notes = []
+    return view
+
+
+def _queue_from_guard(endpoint: str, deadline: Deadline) -> Any:
+    """The queue through the guard's endpoint as a `SkyView`, or why not (a line for
+    `fallback`). A server that stopped answering is the view's error: asking it twice more
+    would only spend the rest of the budget."""
+    from deskgpu.snapshot import VIA_GUARD, SkyView
+
+    wait_s = min(deadline.left(), guardqueue.CLIENT_WAIT_S)
+    reply = skyhttp.request(
+        "GET", endpoint.rstrip("/") + guardqueue.ROUTE, timeout_s=wait_s, deadline=deadline
+    )
+    if reply.unreachable:
+        return SkyView(False, endpoint, skyhttp.unreachable_message(endpoint, reply.error))
+    if reply.timed_out:
+        if deadline.left() < 0.5:
+            said = skyhttp.silent_message(endpoint, deadline.budget_s, started=reply.answered)
+            return SkyView(False, endpoint, said)
+        return f"the guard's queue endpoint did not answer within {wait_s:.3g} s"
+    if reply.status == 404:
+        return "the server's guard has no queue endpoint (HTTP 404: an older deskgpu, or no guard)"
+    if reply.status != 200:
+        return f"the guard's queue endpoint answered HTTP {reply.status}: {skyhttp.detail(reply)}"
+    try:
+        doc = reply.json()
+    except ValueError:
+        return "the guard's queue endpoint answered something that is not JSON"
+    found = guardqueue.records(doc)
+    if isinstance(found, str):
+        return found
+    clusters, jobs = found
+    view = SkyView(available=True, endpoint=endpoint, via=VIA_GUARD)
+    view.clusters = parse_clusters([record_dict(r) for r in clusters])
+    view.jobs = parse_jobs([record_dict(r) for r in jobs])
     return view
 
 
