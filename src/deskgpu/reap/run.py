@@ -404,10 +404,18 @@ def _act(
                 "evidence_file": result.evidence_file,
             }
 
+        def write(d: Decision, outcome: act.Outcome, session: Session | None) -> None:
+            log.append(line(d, outcome, session))
+
         for d in result.decisions:
             session = sessions.get(d.subject)
             if _gives_notice(d):
                 created = iso(session.created_at) if session else None
+                failed = end_stale_notice(d, session, history, write)
+                if failed is not None:
+                    result.outcomes.append(failed)
+                    log.append(line(d, failed, session))
+                    continue
                 if not audit.cut_short(newest, d.subject, created):
                     # The notice's line comes first (no notice without one); its intent is
                     # not a notice: the `warned` line after it is.
@@ -441,7 +449,10 @@ def complete_cut_short(
     now: float,
 ) -> None:
     """A notice the history holds whose newest audit line is still its intent (the run was
-    cut short after recording it): write the `warned` line it never got, once."""
+    cut short after recording it): write the `warned` line it never got, once.
+
+    The notice is that intent's own: a notice that stopped counting is cleared before a
+    fresh notice's intent is written (`end_stale_notice`), never left beside it."""
     for n in history.notices():
         if not audit.cut_short(newest, n.cluster, iso(n.created_at)):
             continue
@@ -463,6 +474,33 @@ def complete_cut_short(
         with contextlib.suppress(OutsideError):
             log.append(record)
             newest[n.cluster] = record
+
+
+def end_stale_notice(
+    d: Decision,
+    session: Session | None,
+    history: History | None,
+    write: Callable[[Decision, act.Outcome, Session], None],
+) -> act.Outcome | None:
+    """End a notice that no longer counts (stale: older than the idle stretch) before a fresh
+    notice's intent line: its `notice-cleared` line, then the history forgets it.
+
+    Two notices of one session always have a line between them that ends the first, and an
+    intent never stands beside an older notice: a run cut short after the intent is never
+    taken for having recorded that one (`complete_cut_short` counted it again, issue 26).
+    A kill between the line and the clearing leaves the notice; the next run ends it again.
+    A `write` that raises `OutsideError` gives no fresh notice; a history that cannot forget
+    the notice is a `failed` outcome, returned, and no fresh notice either.
+    """
+    if session is None or session.warned_at is None or history is None:
+        return None
+    message = f"the notice of {iso(session.warned_at)} no longer counts: a fresh notice follows"
+    write(d, act.Outcome(d.subject, audit.CLEARED, True, message), session)
+    try:
+        history.clear_notice(d.subject)
+    except sqlite3.Error as exc:
+        return act.Outcome(d.subject, "failed", False, f"cannot clear its stale notice: {exc}")
+    return None
 
 
 def _gives_notice(d: Decision) -> bool:
@@ -661,27 +699,40 @@ def _observe_notices(
                 **outcome.to_dict(),
                 "session_created_at": iso(session.created_at),
                 "reasons": list(d.reasons),
-                "evidence": _evidence_summary(session),
+                "evidence": _evidence_summary(samples[session.cluster].with_samples(session)),
             }
         )
 
-    for d in decide(evidence, settings):
+    def clear(d: Decision, session: Session) -> None:
+        """A notice that no longer counts: its line first, then the history forgets it (a
+        kill between the two leaves the notice, and the next run clears it again). Cleared
+        even when the line cannot be written: a reap must never count it."""
+        with contextlib.suppress(OutsideError):
+            record(d, act.Outcome(d.subject, audit.CLEARED, True, d.summary), session)
+        history.clear_notice(d.subject)
+        result.cleared.append(d.subject)
+
+    for d in decide(evidence, settings, samples=samples):
         if d.action.is_zombie:
             result.suspects.append((d.subject, d.owner))
         session = sessions.get(d.subject)
         if session is None or not (d.action is Action.WARN and d.warned_at is None):
             if session is not None and session.warned_at is not None and not d.action.is_zombie:
-                history.clear_notice(d.subject)  # in use again: the next stretch starts over
-                result.cleared.append(d.subject)
-                with contextlib.suppress(OutsideError):
-                    record(d, act.Outcome(d.subject, "notice-cleared", True, d.summary), session)
+                clear(d, session)  # in use again: the next stretch starts over
             continue
         if not settings.warn_on_observe:
             if session.warned_at is not None:  # stale: it predates the current idle stretch
-                history.clear_notice(d.subject)
-                result.cleared.append(d.subject)
-                with contextlib.suppress(OutsideError):
-                    record(d, act.Outcome(d.subject, "notice-cleared", True, d.summary), session)
+                clear(d, session)
+            continue
+        try:
+            failed = end_stale_notice(d, session, history, record)
+        except OutsideError as exc:
+            result.notes.append(f"{d.subject}: no notice given: {exc}")
+            continue
+        if failed is not None:
+            result.notes.append(f"{d.subject}: {failed.message}")
+            with contextlib.suppress(OutsideError):
+                record(d, failed, session)
             continue
         if audit.cut_short(newest, d.subject, iso(session.created_at)):
             result.notes.append(f"{d.subject}: giving the notice a run cut short never gave")

@@ -150,6 +150,7 @@ def last_reap_run(path: Path) -> tuple[float, str] | None:
 
 INTENT = "warning"  # a notice about to be given: its line comes first, and is not a notice
 TEARDOWN_INTENT = "tearing-down"  # a teardown about to run: its line comes first too
+CLEARED = "notice-cleared"  # a notice that no longer counts: its line comes before it goes
 
 
 def newest_actions(path: Path) -> dict[str, dict[str, Any]]:
