@@ -331,7 +331,13 @@ def test_compliant_managed_job_reaches_provisioning(
         timeout=300,
     )
     out = launched.stdout + launched.stderr
-    assert launched.returncode == 0, out[-3000:]
+    if submitter == "deskgpu submit" and launched.returncode == 1:
+        # submit watched the launch to SkyPilot's prechecks: taken, past the house rules,
+        # then no infrastructure (exit 1, one line); else it said queued (exit 0).
+        assert "failed before it started (FAILED_PRECHECKS)" in out, out[-3000:]
+        assert "no infrastructure enabled" in out, out[-3000:]
+    else:
+        assert launched.returncode == 0, out[-3000:]
     job_id = int(out.split(marker)[1].split()[0])
     deadline = time.monotonic() + 240
     log = ""

@@ -162,25 +162,35 @@ def _quiet_sdk() -> Iterator[None]:
     # SkyPilot's loggers hold the stdout they found at import (sky/sky_logging.py): their
     # lines (the upload's progress) go to stderr for the call, never into our stdout.
     handlers = _sky_stream_handlers()
-    before = [h.setStream(errors) for h in handlers]
+    before = [_swap_stream(h, errors) for h in handlers]
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(errors):
             yield
     finally:
         for handler, stream in zip(handlers, before, strict=True):
-            if stream is not None:
-                handler.setStream(stream)
+            _swap_stream(handler, stream)
         if os.environ.get("DESKGPU_DEBUG") and chatter.getvalue():
             sys.stderr.write(chatter.getvalue())
 
 
+def _swap_stream(handler: logging.StreamHandler[Any], stream: Any) -> Any:
+    """Point `handler` at `stream`; returns the one it had. Unlike `setStream`, the old stream
+    is not flushed: it may be closed already (a test runner's captured stdout)."""
+    with handler.lock or contextlib.nullcontext():
+        old = handler.stream
+        handler.stream = stream
+    return old
+
+
 def _sky_stream_handlers() -> list[logging.StreamHandler[Any]]:
-    """The stream handlers of SkyPilot's loggers (`sky` and its children), once imported."""
+    """SkyPilot's stream handlers on its loggers (`sky` and its children), once imported."""
     names = [n for n in logging.Logger.manager.loggerDict if n == "sky" or n.startswith("sky.")]
     found: list[logging.StreamHandler[Any]] = []
     for name in names:
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and handler not in found:
+            # SkyPilot's own handlers only (sky.sky_logging's), not one a host program added.
+            own = type(handler).__module__.startswith("sky.")
+            if own and isinstance(handler, logging.StreamHandler) and handler not in found:
                 found.append(handler)
     return found
 
