@@ -20,7 +20,8 @@ from deskgpu import hostio
 from deskgpu.config import HostConfig
 from deskgpu.errors import OutsideError
 from deskgpu.identity import Actor
-from deskgpu.reap.rule import Decision, when
+from deskgpu.reap.idle import when
+from deskgpu.reap.rule import Decision
 from deskgpu.units import format_duration
 
 PROC = Path("/proc")

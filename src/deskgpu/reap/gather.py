@@ -10,15 +10,20 @@ which needs root for other users' pods. Unreadable means None ("unknown"), never
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from pathlib import Path
+from typing import TypeVar
 
 from deskgpu.attribution import LABEL_SKY_CLUSTER, PodIndex, pod_processes
 from deskgpu.config.reap import ReapSettings
 from deskgpu.errors import OutsideError
 from deskgpu.labels import LABEL_USER
-from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess
+from deskgpu.reap.evidence import ActivitySample, Evidence, GpuSample, Session, UnmanagedProcess
+from deskgpu.reap.history_samples import HistorySamples
+from deskgpu.reap.idle import SessionSamples
 from deskgpu.reap.rule import decide_session
 from deskgpu.snapshot import (
     ALLOCATION_ENVIRON,
@@ -33,6 +38,7 @@ from deskgpu.state.history import History, SessionSample
 
 PROC = Path("/proc")
 CGROUP = Path("/sys/fs/cgroup")
+_Sample = TypeVar("_Sample", GpuSample, ActivitySample)
 _SSHD_CONN = re.compile(r"^sshd(?:-session)?: \S+@(?:pts/\d+|notty)")
 
 
@@ -332,16 +338,20 @@ def build_evidence(
     host: str,
     source: str = "history",
     notes: Iterable[str] = (),
+    samples: bool = True,
 ) -> Evidence:
-    """Live sessions + their history samples + notices -> an evidence document."""
+    """Live sessions + their history samples + notices -> an evidence document.
+
+    Without `samples` the sessions hold none (nor `gpus_earlier`): the rule then asks
+    `history_samples` about them, and only a document with them is ever written."""
     since = now - settings.retention_s
-    samples = history.samples([s.cluster for s in view.sessions], since)
+    read = history.samples([s.cluster for s in view.sessions], since) if samples else {}
     sessions = []
     for s in view.sessions:
-        gpu_rows, act_rows = samples.get(s.cluster, ([], []))
+        gpu_rows, act_rows = read.get(s.cluster, ([], []))
         floor = s.created_at if s.created_at is not None else since
         notice = history.notice(s.cluster, s.created_at)
-        rows = tuple(g for g in gpu_rows if g.ts >= floor)
+        rows = _from(gpu_rows, floor)
         listed = s.used | (s.allocated or set())
         earlier = tuple(sorted({g.gpu for g in rows} - listed))
         sessions.append(
@@ -363,7 +373,7 @@ def build_evidence(
                 pod_present=s.pod_present,
                 warned_at=notice.warned_at if notice else None,
                 gpu_samples=rows,
-                activity_samples=tuple(a for a in act_rows if a.ts >= floor),
+                activity_samples=_from(act_rows, floor),
             )
         )
     return Evidence(
@@ -377,20 +387,37 @@ def build_evidence(
     )
 
 
+def _from(samples: list[_Sample], floor: float) -> tuple[_Sample, ...]:
+    """The samples (oldest first, as the history reads them) from `floor` on."""
+    return tuple(samples[bisect_left(samples, floor, key=itemgetter(0)) :])
+
+
+def history_samples(
+    history: History, evidence: Evidence, settings: ReapSettings
+) -> dict[str, HistorySamples]:
+    """What the rule asks of each session's samples, answered by the history: for evidence
+    built without them (`build_evidence(samples=False)`), while `history` is open."""
+    since = evidence.collected_at - settings.retention_s
+    return {s.cluster: HistorySamples(history, s, since) for s in evidence.sessions}
+
+
 def check_jobs(
     evidence: Evidence,
     settings: ReapSettings,
     query: Callable[[str], tuple[int, int]],
+    samples: Mapping[str, SessionSamples] | None = None,
 ) -> Evidence:
     """Ask SkyPilot for the job queue of each interactive session that would otherwise be a
     zombie (one request each: only candidates pay). A failed query leaves the count unknown,
-    which keeps the session."""
+    which keeps the session. `samples`: as `rule.decide` takes them."""
     sessions = []
     notes = list(evidence.notes)
+    found = samples or {}
     for s in evidence.sessions:
         if s.kind == "interactive" and s.jobs_running is None:
             assumed = replace(s, jobs_running=0, jobs_pending=0)
-            if decide_session(assumed, settings, evidence.collected_at).action.is_zombie:
+            at = evidence.collected_at
+            if decide_session(assumed, settings, at, found.get(s.cluster)).action.is_zombie:
                 try:
                     running, pending = query(s.cluster)
                     s = replace(s, jobs_running=running, jobs_pending=pending)

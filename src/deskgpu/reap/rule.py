@@ -13,9 +13,8 @@ Processes holding VRAM outside any pod are reported. Protected sessions are list
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ from deskgpu.config.reap import ReapSettings
 from deskgpu.identity import safe_user
 from deskgpu.labels import LABEL_KEEP
 from deskgpu.reap.evidence import Evidence, Session, UnmanagedProcess, iso
+from deskgpu.reap.idle import IdleRun, InMemorySamples, SessionSamples, when
 from deskgpu.units import format_duration, format_mib
 
 # Display servers and compositors: they hold VRAM for the screen, and killing one logs
@@ -110,24 +110,20 @@ class Decision:
         return out
 
 
-@dataclass(frozen=True)
-class IdleRun:
-    """The trailing stretch of observations that all look idle."""
+def decide(
+    evidence: Evidence,
+    settings: ReapSettings,
+    now: float | None = None,
+    *,
+    samples: Mapping[str, SessionSamples] | None = None,
+) -> list[Decision]:
+    """Decide every session and unmanaged process. `now` defaults to when evidence was taken.
 
-    since: float | None  # the oldest idle observation of the stretch; None: none at all
-    stopped_by: str | None  # what ended the stretch going back in time; None: history start
-    peak_util_pct: float = 0.0
-
-
-def when(ts: float) -> str:
-    """`Nov 21 14:02 UTC`: reasons are read by people, and logs are compared across hosts."""
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%b %d %H:%M UTC")
-
-
-def decide(evidence: Evidence, settings: ReapSettings, now: float | None = None) -> list[Decision]:
-    """Decide every session and unmanaged process. `now` defaults to when evidence was taken."""
+    `samples` answers for a session's samples by its cluster name (the history's, for
+    evidence built without them); by default the evidence's own samples answer."""
     at = evidence.collected_at if now is None else now
-    decisions = [decide_session(s, settings, at) for s in evidence.sessions]
+    found = samples or {}
+    decisions = [decide_session(s, settings, at, found.get(s.cluster)) for s in evidence.sessions]
     decisions += [decide_unmanaged(p, settings) for p in evidence.unmanaged]
     return decisions
 
@@ -172,74 +168,6 @@ def unmatched_protected(evidence: Evidence, allow: tuple[str, ...]) -> list[str]
     return notes
 
 
-def idle_run(session: Session, settings: ReapSettings, now: float, *, interactive: bool) -> IdleRun:
-    """Walk the observations back from `now` while each one proves the session idle.
-
-    A batch job's stretch ignores SSH (a job may be watched over SSH and still be stalled).
-    Hot path of `bench/reap.py`: one pass over the rows, newest first, no per-row objects.
-    """
-    floor = session.created_at if session.created_at is not None else float("-inf")
-    rows = [g for g in session.gpu_samples if g.ts >= floor]
-    if any(rows[i].ts > rows[i + 1].ts for i in range(len(rows) - 1)):
-        rows.sort(key=lambda g: g.ts)
-    activity = {a.ts: a for a in session.activity_samples if a.ts >= floor}
-    # The newest observation with no GPU reading ends the stretch: it proves nothing.
-    newest_bare = max(set(activity).difference(g.ts for g in rows), default=float("-inf"))
-    newest = max(rows[-1].ts if rows else float("-inf"), newest_bare)
-    if newest == float("-inf"):
-        return IdleRun(None, "no observations in the history")
-    gap = settings.max_sample_gap_s
-    if now - newest > gap:
-        return IdleRun(None, f"no observation since {when(newest)}")
-    threshold = settings.util_threshold_pct
-    busy = settings.cpu_busy_pct
-    held = set(session.gpus) | set(session.allocated_gpus or ())
-    # CPU % is a rate: the session's first observation has no earlier reading to compare
-    # with, so its unknown CPU is forgiven. Any later unknown CPU ends the stretch.
-    first_look = min(activity, default=float("-inf"))
-    since: float | None = None
-    peak = 0.0
-    previous: float | None = None
-    i = len(rows) - 1
-    while i >= 0:
-        ts = rows[i].ts
-        if newest_bare > ts:
-            return IdleRun(since, f"no GPU reading at {when(newest_bare)}", peak)
-        if previous is not None and previous - ts > gap:
-            return IdleRun(since, f"no observations from {when(ts)} to {when(previous)}", peak)
-        seen_gpus: set[int] = set()
-        while i >= 0 and rows[i].ts == ts:
-            row = rows[i]
-            util = row.util_pct
-            if util is None:
-                return IdleRun(since, f"GPU {row.gpu} reading failed at {when(ts)}", peak)
-            if util >= threshold:
-                return IdleRun(since, f"{util:.0f}% GPU on GPU {row.gpu} at {when(ts)}", peak)
-            if util > peak:
-                peak = util
-            seen_gpus.add(row.gpu)
-            i -= 1
-        missing = held - seen_gpus
-        if missing:
-            which = ",".join(map(str, sorted(missing)))
-            return IdleRun(since, f"no reading of GPU {which} at {when(ts)}", peak)
-        seen = activity.get(ts)
-        if interactive:
-            if seen is None or seen.ssh_sessions is None:
-                return IdleRun(since, f"SSH state unknown at {when(ts)}", peak)
-            if seen.ssh_sessions > 0:
-                return IdleRun(since, f"SSH/IDE attached at {when(ts)}", peak)
-        cpu = seen.cpu_pct if seen is not None else None
-        if busy is not None:
-            if cpu is None and ts != first_look:
-                return IdleRun(since, f"CPU use unknown at {when(ts)}", peak)
-            if cpu is not None and cpu >= busy:
-                return IdleRun(since, f"CPU busy ({cpu:.0f}% of a core) at {when(ts)}", peak)
-        since = ts
-        previous = ts
-    return IdleRun(since, None, peak)
-
-
 def _idle_for(run: IdleRun, session: Session, now: float) -> tuple[float, float | None]:
     """(seconds proven idle, since when), with the last activity SkyPilot saw as a bound."""
     since = run.since
@@ -265,44 +193,27 @@ def _n_gpus(n: int) -> str:
     return f"{n} GPU{'' if n == 1 else 's'}"
 
 
-def _pod_gone(session: Session, settings: ReapSettings, now: float) -> str:
+def _pod_gone(samples: SessionSamples, settings: ReapSettings, now: float) -> str:
     """Since when its pod is gone, as far as the history says (not every gone pod vanished
     mid-run: one gone for days is a leftover record)."""
-    seen = [g.ts for g in session.gpu_samples if g.ts <= now]
-    seen += [a.ts for a in session.activity_samples if a.ts <= now]
-    if not seen:
+    last = samples.last_seen(now)
+    if last is None:
         return "its pod is gone: no observation of it in the history"
-    last = max(seen)
     if now - last <= settings.max_sample_gap_s:
         return f"its pod is gone: it vanished mid-run, after {when(last)}"
     return f"its pod is gone: last seen {when(last)}, {format_duration(now - last)} ago"
 
 
-def right_size(session: Session, settings: ReapSettings, now: float) -> tuple[int, ...]:
-    """Allocated GPUs that nothing used (no VRAM, utilization under the threshold) for at
-    least `idle_window`, while another GPU of the same session was in use: a note, never a
-    teardown."""
-    allocated = session.allocated_gpus
-    if not allocated or len(allocated) < 2:
-        return ()
-    start = now - settings.idle_window_s
-    first: dict[int, float] = {}
-    used: set[int] = set()
-    threshold = settings.util_threshold_pct
-    for g in session.gpu_samples:
-        if g.gpu not in allocated or g.ts > now:
-            continue
-        first[g.gpu] = min(first.get(g.gpu, g.ts), g.ts)
-        if g.ts >= start and (
-            g.util_pct is None or g.util_pct >= threshold or g.vram_mib is None or g.vram_mib > 0
-        ):
-            used.add(g.gpu)  # an unknown reading counts as used: the note must be true
-    covered = [g for g in allocated if g in first and first[g] <= start]
-    unused = tuple(g for g in covered if g not in used)
-    return unused if unused and used else ()
+def decide_session(
+    session: Session,
+    settings: ReapSettings,
+    now: float,
+    samples: SessionSamples | None = None,
+) -> Decision:
+    """One session's decision; `samples` answers for its samples (default: its own)."""
+    if samples is None:
+        samples = InMemorySamples(session)
 
-
-def decide_session(session: Session, settings: ReapSettings, now: float) -> Decision:
     def make(action: Action, reasons: list[str], **extra: Any) -> Decision:
         return Decision(
             subject=session.cluster,
@@ -323,13 +234,13 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
         return make(
             Action.KEEP,
             [
-                _pod_gone(session, settings, now),
+                _pod_gone(samples, settings, now),
                 "it holds no GPU on this host",
                 f"SkyPilot still lists it as {session.status}; nothing to reclaim",
             ],
         )
     if session.kind == "batch":
-        return _decide_batch(session, settings, now, make)
+        return _decide_batch(session, settings, now, make, samples)
 
     blockers: list[str] = []
     if session.jobs_running:
@@ -363,7 +274,7 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
             f"holds only {format_mib(session.vram_mib)} (under {format_mib(settings.min_vram_mib)})"
             f" and {why}"
         )
-    run = idle_run(session, settings, now, interactive=True)
+    run = samples.idle_run(settings, now, interactive=True)
     idle_for, since = _idle_for(run, session, now)
     if not blockers and (session.jobs_running is None or session.jobs_pending is None):
         blockers.append("its job queue could not be checked")
@@ -376,15 +287,13 @@ def decide_session(session: Session, settings: ReapSettings, now: float) -> Deci
             stop = _history_start(run, session, settings, now)
         blockers.append(f"{proven} (need {format_duration(settings.idle_window_s)}): {stop}")
     if blockers:
-        unused = right_size(session, settings, now)
+        unused = samples.unused_allocated(settings, now)
         if unused:
-            blockers.append(_right_size_note(session, unused, now))
+            blockers.append(_right_size_note(session, samples, unused, now))
         return make(Action.KEEP, blockers, idle_since=since, unused_allocated_gpus=unused)
 
     assert since is not None  # idle_for >= idle_window > 0
-    last_ssh = max(
-        (a.ts for a in session.activity_samples if a.ssh_sessions and a.ts <= now), default=None
-    )
+    last_ssh = samples.last_ssh(now)
     if last_ssh is not None:
         ssh = f"no SSH since {when(last_ssh)}"
     elif session.last_activity_at is not None:
@@ -460,10 +369,13 @@ def _history_start(run: IdleRun, session: Session, settings: ReapSettings, now: 
     return f"the history reaches back only to {when(oldest)}"
 
 
-def _right_size_note(session: Session, unused: tuple[int, ...], now: float) -> str:
+def _right_size_note(
+    session: Session, samples: SessionSamples, unused: tuple[int, ...], now: float
+) -> str:
     allocated = session.allocated_gpus or ()
     using = len(allocated) - len(unused)
-    since = min((g.ts for g in session.gpu_samples if g.gpu in unused), default=now)
+    first = samples.first_seen_on(unused)
+    since = now if first is None else first
     return (
         f"right-size: uses {using} of {len(allocated)} allocated GPUs; GPU {_gpu_list(unused)} "
         f"unused for {format_duration(now - since)} (no process, idle): {using} would do "
@@ -472,14 +384,18 @@ def _right_size_note(session: Session, unused: tuple[int, ...], now: float) -> s
 
 
 def _decide_batch(
-    session: Session, settings: ReapSettings, now: float, make: Callable[..., Decision]
+    session: Session,
+    settings: ReapSettings,
+    now: float,
+    make: Callable[..., Decision],
+    samples: SessionSamples,
 ) -> Decision:
     if not session.jobs_running:
         what = f"{session.jobs_pending} pending job(s)" if session.jobs_pending else "no job"
         if session.jobs_running is None:
             what = "its jobs were not checked"
         return make(Action.KEEP, [f"batch: {what}; batch clusters are never reaped"])
-    run = idle_run(session, settings, now, interactive=False)
+    run = samples.idle_run(settings, now, interactive=False)
     idle_for, since = _idle_for(run, session, now)
     if idle_for >= settings.stalled_batch_after_s:
         return make(
@@ -501,9 +417,9 @@ def _decide_batch(
         )
     if run.stopped_by and run.stopped_by.startswith("CPU busy"):
         reasons.append(f"{run.stopped_by}: likely loading data")
-    unused = right_size(session, settings, now)
+    unused = samples.unused_allocated(settings, now)
     if unused:
-        reasons.append(_right_size_note(session, unused, now))
+        reasons.append(_right_size_note(session, samples, unused, now))
     return make(Action.KEEP, reasons, idle_since=since, unused_allocated_gpus=unused)
 
 

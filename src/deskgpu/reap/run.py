@@ -679,8 +679,11 @@ def _observe_notices(
     audit record, no notice.
     """
     host = config.box_name or socket.gethostname()
-    evidence = gather.build_evidence(view, history, settings, now, host=host)
-    evidence = gather.check_jobs(evidence, settings, live.jobs(config))
+    # No evidence document is written here: the history answers for the samples (a month of
+    # them is not read every 5 minutes), and an audit line's summary reads its session's.
+    evidence = gather.build_evidence(view, history, settings, now, host=host, samples=False)
+    samples = gather.history_samples(history, evidence, settings)
+    evidence = gather.check_jobs(evidence, settings, live.jobs(config), samples)
     log = audit.AuditLog(settings.audit_file)
     run_id = f"observe-{new_run_id(now)}"
     sessions = {s.cluster: s for s in evidence.sessions}

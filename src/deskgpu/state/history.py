@@ -17,13 +17,20 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, cast
 
 from deskgpu.errors import OutsideError
 from deskgpu.reap.evidence import ActivitySample, GpuSample
 
-T = TypeVar("T")
+# A sample's fields as its record holds them (floats; None: unknown), in its order.
+_GPU_COLUMNS = "CAST(ts AS REAL), gpu, CAST(util AS REAL), CAST(vram AS REAL)"
+_ACTIVITY_COLUMNS = "CAST(ts AS REAL), ssh, cpu"
+_new_gpu_sample = cast("Callable[[Any], GpuSample]", partial(tuple.__new__, GpuSample))
+_new_activity_sample = cast(
+    "Callable[[Any], ActivitySample]", partial(tuple.__new__, ActivitySample)
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -140,34 +147,31 @@ class History:
         return None if row[0] is None else float(row[0])
 
     def samples(
-        self, clusters: Iterable[str], since: float
+        self, clusters: Iterable[str], since: float, until: float | None = None
     ) -> dict[str, tuple[list[GpuSample], list[ActivitySample]]]:
-        """Each cluster's samples from `since` on, oldest first."""
+        """Each cluster's samples from `since` on (before `until`, if given), oldest first."""
         out: dict[str, tuple[list[GpuSample], list[ActivitySample]]] = {}
-        t = int(since)
-        new_gpu, new_act = _maker(GpuSample), _maker(ActivitySample)
+        bounds = "ts >= ?" if until is None else "ts >= ? AND ts < ?"
+        after = (int(since),) if until is None else (int(since), until)
         for cluster in dict.fromkeys(clusters):
             # One cluster at a time along the (cluster, ts) index: no sort of the whole table,
-            # and no rows of sessions nobody asked about. Samples are plain frozen records,
-            # built without their checking __init__ (the history holds what observe wrote).
+            # and no rows of sessions nobody asked about. SQLite casts the numbers the records
+            # hold as floats, so each row becomes a sample without a Python call.
             gpu_rows = self.db.execute(
-                "SELECT ts, gpu, util, vram FROM gpu_samples WHERE cluster = ? AND ts >= ? "
+                f"SELECT {_GPU_COLUMNS} FROM gpu_samples WHERE cluster = ? AND {bounds} "  # noqa: S608 - fixed text
                 "ORDER BY ts",
-                (cluster, t),
+                (cluster, *after),
             ).fetchall()
             act_rows = self.db.execute(
-                "SELECT ts, ssh, cpu FROM activity_samples WHERE cluster = ? AND ts >= ? "
+                f"SELECT {_ACTIVITY_COLUMNS} FROM activity_samples WHERE cluster = ? AND {bounds} "  # noqa: S608 - fixed text
                 "ORDER BY ts",
-                (cluster, t),
+                (cluster, *after),
             ).fetchall()
             if not gpu_rows and not act_rows:
                 continue
             out[cluster] = (
-                [
-                    new_gpu(ts=float(ts), gpu=gpu, util_pct=_float(util), vram_mib=_float(vram))
-                    for ts, gpu, util, vram in gpu_rows
-                ],
-                [new_act(ts=float(ts), ssh_sessions=ssh, cpu_pct=cpu) for ts, ssh, cpu in act_rows],
+                list(map(_new_gpu_sample, gpu_rows)),
+                list(map(_new_activity_sample, act_rows)),
             )
         return out
 
@@ -391,22 +395,5 @@ def latest_observation(path: Path | str, timeout_s: float = 5.0) -> float | None
             raise OutsideError(f"not a deskgpu history: {exc}") from None
 
 
-def _maker(cls: type[T]) -> Callable[..., T]:
-    """A fast constructor of the frozen dataclass `cls` from its fields by name (what its
-    generated `__init__` stores, without the per-field `object.__setattr__` calls)."""
-    new = object.__new__
-
-    def make(**fields: Any) -> T:
-        obj = new(cls)
-        obj.__dict__.update(fields)
-        return obj
-
-    return make
-
-
 def _int(value: float | None) -> int | None:
     return None if value is None else round(value)
-
-
-def _float(value: int | float | None) -> float | None:
-    return None if value is None else float(value)
