@@ -6,7 +6,13 @@ simulated box of the same 50 sessions (the seam tests/test_reap_live.py uses: a 
 snapshot, a /proc-like tree; no GPU needed). Medians of `--repeat` runs; observe's first
 run after the build also prunes past the retention.
 
-    uv run python bench/history.py [--sessions 50] [--days 8 31] [--repeat 3]
+By default each session keeps a core busy and its SSH state is not read: the zombie rule's
+walk back through the history ends at the newest observation. With `--idle` every session
+sat idle all along (a quiet CPU, nobody attached over SSH, 0% GPU), so the walk goes back
+to the history's start for each one: the most an observation can cost (observe's first run
+then also gives each session its first notice).
+
+    uv run python bench/history.py [--sessions 50] [--days 8 31] [--repeat 3] [--idle]
 """
 
 from __future__ import annotations
@@ -30,9 +36,14 @@ from deskgpu.usage import report
 
 STEP = 300
 ROOT = Actor("root", 0, frozenset())
+QUIET_CPU_S = 1000.0  # an idle pod's cumulative CPU seconds: it never moves
 
 
-def snapshot(sessions: int, now: float) -> Snapshot:
+def pod_uid(k: int) -> str:
+    return f"0a1b2c3d-0000-4000-8000-{k:012d}"
+
+
+def snapshot(sessions: int, now: float, *, idle: bool = False) -> Snapshot:
     gpus, clusters = [], []
     for k in range(sessions):
         name = f"user{k}-dbg"
@@ -51,6 +62,7 @@ def snapshot(sessions: int, now: float) -> Snapshot:
                             "cluster": name,
                             "cluster_name_on_cloud": f"{name}-2ea4",
                             "job_kind": "interactive",
+                            **({"pod_uid": pod_uid(k)} if idle else {}),
                         },
                     }
                 ],
@@ -77,15 +89,31 @@ def snapshot(sessions: int, now: float) -> Snapshot:
     return Snapshot.from_dict(json.loads(json.dumps(doc)))
 
 
-def build_history(path: Path, sessions: int, days: int, now: float) -> None:
+def quiet_box(root: Path, sessions: int) -> None:
+    """/proc and the pods' cgroups of idle sessions: a kernel waiting in each pod, nobody
+    attached, the CPU counter still."""
+    for k in range(sessions):
+        pod_slice = f"kubepods-pod{pod_uid(k).replace('-', '_')}.slice"
+        proc = root / "proc" / str(10000 + k)
+        proc.mkdir(parents=True)
+        (proc / "cgroup").write_text(f"0::/kubepods.slice/{pod_slice}/cri-containerd-ab12.scope\n")
+        (proc / "cmdline").write_bytes(b"python\0-m\0ipykernel_launcher\0")
+        (proc / "stat").write_text(f"{10000 + k} (python) S 1 {10000 + k} {10000 + k} 0 -1 0\n")
+        cgroup = root / "cgroup" / "kubepods.slice" / pod_slice
+        cgroup.mkdir(parents=True)
+        (cgroup / "cpu.stat").write_text(f"usage_usec {int(QUIET_CPU_S * 1e6)}\n")
+
+
+def build_history(path: Path, sessions: int, days: int, now: float, *, idle: bool) -> None:
     stamps = range(int(now) - days * 86400, int(now), STEP)
     with open_history(path) as h:
         store.ensure(h.db)
         for ts in stamps:
+            cpu_s = QUIET_CPU_S if idle else float(ts - stamps[0])  # idle, or a core busy
             h.append(
                 ts,
                 [
-                    SessionSample(f"user{k}-dbg", ((k, 0.0, 20000.0),), 0, float(ts - stamps[0]))
+                    SessionSample(f"user{k}-dbg", ((k, 0.0, 20000.0),), 0, cpu_s)
                     for k in range(sessions)
                 ],
             )
@@ -100,7 +128,7 @@ def median_s(fn: Any, repeat: int) -> float:
     return statistics.median(times)
 
 
-def bench(sessions: int, days: int, repeat: int) -> dict[str, float]:
+def bench(sessions: int, days: int, repeat: int, *, idle: bool = False) -> dict[str, Any]:
     now = 1_767_000_000.0
     with tempfile.TemporaryDirectory(prefix="deskgpu-bench-") as tmp:
         root = Path(tmp)
@@ -110,10 +138,12 @@ def bench(sessions: int, days: int, repeat: int) -> dict[str, float]:
         )
         settings = load_settings(config)
         t0 = time.perf_counter()
-        build_history(settings.history_file, sessions, days, now)
+        build_history(settings.history_file, sessions, days, now, idle=idle)
         built = time.perf_counter() - t0
+        if idle:
+            quiet_box(root, sessions)
         clock = [now]
-        snap_now = snapshot(sessions, now)
+        snap_now = snapshot(sessions, now, idle=idle)
 
         def live() -> run.Live:
             clock[0] += STEP
@@ -140,6 +170,7 @@ def bench(sessions: int, days: int, repeat: int) -> dict[str, float]:
         return {
             "days": days,
             "sessions": sessions,
+            "idle": idle,
             "history_mb": round(size_mb, 1),
             "build_s": round(built, 1),
             "observe_s": round(observe_s, 3),
@@ -153,11 +184,13 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--days", type=int, nargs="+", default=[8, 31])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--idle", action="store_true", help="every session idle all along")
     args = parser.parse_args()
     for days in args.days:
-        r = bench(args.sessions, days, args.repeat)
+        r = bench(args.sessions, days, args.repeat, idle=args.idle)
+        idle = ", idle all along" if r["idle"] else ""
         print(
-            f"{r['sessions']} sessions x {r['days']} days ({r['history_mb']} MB history): "
+            f"{r['sessions']} sessions x {r['days']} days{idle} ({r['history_mb']} MB history): "
             f"observe {r['observe_s']:.3f} s, reap dry run {r['reap_dry_run_s']:.3f} s, "
             f"report {r['report_s']:.3f} s"
         )

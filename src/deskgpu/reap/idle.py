@@ -92,7 +92,7 @@ class InMemorySamples:
 
     def last_ssh(self, now: float) -> float | None:
         acts = self.session.activity_samples
-        if self.fast and not any(list(map(_SSH, acts))):
+        if self.fast and not any(map(_SSH, acts)):
             return None  # never an SSH/IDE connection: one pass, no walk
         return max((a.ts for a in acts if a.ssh_sessions and a.ts <= now), default=None)
 
