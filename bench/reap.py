@@ -74,7 +74,7 @@ def main() -> None:
     print(f"  per session: {1000 * min(times) / args.sessions:.2f} ms; decisions: {counts}")
     ratio = 1.0 / max(times)
     verdict = "under it" if ratio >= 1 else "OVER it (a loaded machine, or a regression)"
-    print(f"  budget 1 s: the worst run is {ratio:.1f}x the budget's pace, {verdict}")
+    print(f"  budget 1 s: the worst run is {ratio:.1f}x the pace of the budget, {verdict}")
 
 
 if __name__ == "__main__":
