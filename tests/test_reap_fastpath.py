@@ -66,8 +66,8 @@ def boxes(draw: st.DrawFn) -> Box:
         util_threshold_pct=draw(st.sampled_from([5.0, 1.0, 30.0])),
         cpu_busy_pct=draw(st.sampled_from([50.0, None, 10.0])),
         max_sample_gap_s=gap,
-        idle_window_s=draw(st.sampled_from([1800, 3 * 3600, 86400])),
-        min_age_s=draw(st.sampled_from([0, 3600, 86400])),
+        idle_window_s=draw(st.sampled_from([1800, 3600, 3 * 3600])),
+        min_age_s=draw(st.sampled_from([0, 3600, 6 * 3600])),
         grace_s=draw(st.sampled_from([0, 1800, 86400])),
         stalled_batch_after_s=draw(st.sampled_from([1800, 6 * 3600])),
         retention_s=draw(st.sampled_from([6 * 3600, 86400, 3 * 86400])),
@@ -84,11 +84,15 @@ def boxes(draw: st.DrawFn) -> Box:
     for k in range(draw(st.integers(1, 3))):
         cluster = f"s{k}"
         kind = draw(st.sampled_from(["interactive", "interactive", "batch"]))
-        age = draw(st.one_of(st.none(), st.integers(0, n * STEP + 7200)))
+        # created before the history begins (as often as not), within it, or unknown
+        age = draw(st.sampled_from([n * STEP + 600, n * STEP + 7200]) | st.integers(0, n * STEP))
+        age = age if draw(st.integers(0, 4)) else None
         created = None if age is None else NOW - age + draw(st.sampled_from([0.0, 0.5, -0.25]))
         if draw(st.integers(0, 4)) == 0:
             created = float(draw(st.sampled_from(stamps)))  # created at an observation
-        used = draw(st.sets(st.integers(0, 3), max_size=2))
+        used = draw(
+            st.sets(st.integers(0, 3), min_size=draw(st.sampled_from([0, 1, 1])), max_size=2)
+        )
         allocated = draw(st.one_of(st.none(), st.sets(st.integers(0, 3), max_size=3)))
         # Shapes other than observe's usual one (most sessions draw none: the fast paths
         # take that shape, and every other one must still decide as the walk does)
@@ -141,7 +145,7 @@ def boxes(draw: st.DrawFn) -> Box:
                 if copies == 2:  # written twice, differently: the last one written counts
                     act_rows.append((cluster, at, 1, 95.0))
                 act_rows.append((cluster, at, ssh, cpu))
-        running = draw(st.sampled_from([None, 0, 0, 1])) if kind == "interactive" else 1
+        running = draw(st.sampled_from([0, 0, 0, None, 1])) if kind == "interactive" else 1
         sessions.append(
             gather.LiveSession(
                 cluster=cluster,
@@ -157,7 +161,7 @@ def boxes(draw: st.DrawFn) -> Box:
                 gpus={g: (0.0, 20000.0 if g in used else 0.0) for g in used | (allocated or set())},
                 used=used,
                 allocated=allocated,
-                ssh_sessions=draw(st.sampled_from([0, 0, 1, None])),
+                ssh_sessions=draw(st.sampled_from([0, 0, 0, 1, None])),
             )
         )
         warned = draw(st.one_of(st.none(), st.integers(NOW - n * STEP, NOW)))
