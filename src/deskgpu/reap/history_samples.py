@@ -2,13 +2,13 @@
 
 `observe` decides every session every 5 minutes, from a history that keeps up to
 `retention` of samples (a month of 50 sessions is ~0.9 M rows: reading each into Python
-took 2 s). Here only what the answers need is read: the idle stretch from the newest
-samples back, in growing steps, until the walk ends inside what was read (`idle.walk_back`
-on those rows is the walk over the whole history: it checks one observation at a time,
-newest first); the rest comes from SQLite's aggregates along the (cluster, ts) index, each
+took 2 s). Here only what the answers need is read: the samples from the newest back, in
+growing steps, until the idle stretch ends inside what was read (the walk checks one
+observation at a time, newest first, so where it ends in the newest samples it ends in the
+whole history); the rest comes from SQLite's aggregates along the (cluster, ts) index, each
 reading no further than its answer (the newest SSH connection, a GPU's first sample).
-The samples kept are those `gather.build_evidence` puts in the evidence: from the retention's
-start and from the session's creation on.
+The samples asked about are those `gather.build_evidence` puts in the evidence: from the
+retention's start and from the session's creation on.
 """
 
 from __future__ import annotations

@@ -25,14 +25,10 @@ from deskgpu.reap.evidence import ActivitySample, GpuSample, Session
 NEVER = float("-inf")
 T = TypeVar("T")
 _N = TypeVar("_N", int, float)
-# A sample's fields by position (samples are tuples): the columns are read at C speed.
-_TS, _GPU, _UTIL, _SSH, _CPU = (
-    itemgetter(0),
-    itemgetter(1),
-    itemgetter(2),
-    itemgetter(1),
-    itemgetter(2),
-)
+# A sample's fields by position (samples are tuples): its columns are read at C speed.
+_TS = itemgetter(0)  # GpuSample.ts, ActivitySample.ts
+_GPU = _SSH = itemgetter(1)  # GpuSample.gpu, ActivitySample.ssh_sessions
+_UTIL = _CPU = itemgetter(2)  # GpuSample.util_pct, ActivitySample.cpu_pct
 
 
 @dataclass(frozen=True)
@@ -325,9 +321,9 @@ def _by_column(
     busy = settings.cpu_busy_pct
     if busy is not None:
         cpu = list(map(_CPU, activity_samples))
-        # only the first look's unknown CPU is forgiven (the walk's rule)
+        # only the first look's unknown CPU is forgiven (the walk's rule): under any limit
         if cpu[0] is None and stamps[0] == first_look:
-            cpu[0] = 0.0
+            cpu[0] = NEVER
         load = _top(cpu)
         if load is None or load >= busy:
             stop = max(stop, _newest(cpu, lambda c: c is None or c >= busy))
