@@ -127,6 +127,25 @@ def test_observe_never_writes_into_a_foreign_sqlite_file(tmp_path: Path) -> None
     assert path.read_bytes() == before
 
 
+def test_a_history_killed_before_its_tables_committed_has_no_observation_yet(
+    tmp_path: Path,
+) -> None:
+    """A first observe killed inside the transaction that creates the tables leaves an empty
+    database file (and maybe a hot journal): every reader answers "nothing yet"; a file with
+    some other program's tables is still refused."""
+    empty = tmp_path / "history.sqlite"
+    empty.write_bytes(b"")
+    assert latest_observation(empty) is None
+    assert read_notices(empty) == []
+    foreign = tmp_path / "foreign.sqlite"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE photos (id INTEGER)")
+    db.commit()
+    db.close()
+    with pytest.raises(OutsideError, match="not a deskgpu history"):
+        latest_observation(foreign)
+
+
 def test_reap_yes_with_a_file_where_the_evidence_folder_goes_is_one_line(tmp_path: Path) -> None:
     from deskgpu.reap.evidence import Evidence
 

@@ -389,6 +389,8 @@ def latest_observation(path: Path | str, timeout_s: float = 5.0) -> float | None
     if not os.access(p, os.R_OK):
         raise HistoryDenied(f"permission denied: {p}")
     with read_only(p, timeout_s) as db:
+        if db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None:
+            return None  # no table yet: a first observe killed before its tables committed
         try:
             return History(db, str(p)).latest()
         except sqlite3.Error as exc:
