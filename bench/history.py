@@ -27,7 +27,7 @@ from typing import Any
 
 from deskgpu.config import HostConfig
 from deskgpu.config.reap import load_settings
-from deskgpu.reap import run
+from deskgpu.reap import observe, run
 from deskgpu.reap.act import Actor
 from deskgpu.snapshot import Snapshot
 from deskgpu.state import usage as store
@@ -160,7 +160,7 @@ def bench(sessions: int, days: int, repeat: int, *, idle: bool = False) -> dict[
             )
 
         size_mb = settings.history_file.stat().st_size / 1e6
-        observe_s = median_s(lambda: run.observe(config, settings, live()), repeat)
+        observe_s = median_s(lambda: observe.observe(config, settings, live()), repeat)
         reap_s = median_s(
             lambda: run.reap(config, settings, yes=False, actor=ROOT, live=live()), repeat
         )

@@ -19,7 +19,7 @@ from deskgpu.config import HostConfig
 from deskgpu.config.reap import load_settings
 from deskgpu.errors import DeskgpuError, ExitStatus, OutsideError
 from deskgpu.identity import Actor
-from deskgpu.reap import run
+from deskgpu.reap import observe, run
 from deskgpu.reap.act import kill_unmanaged
 from deskgpu.reap.rule import Action, Decision
 from deskgpu.snapshot import Snapshot
@@ -166,14 +166,14 @@ def make_config(tmp: Path, **reap: Any) -> HostConfig:
 ROOT = Actor("root", 0, frozenset())
 
 
-def observe_for(box: Box, config: HostConfig, seconds: float) -> list[run.ObserveResult]:
+def observe_for(box: Box, config: HostConfig, seconds: float) -> list[observe.ObserveResult]:
     settings = load_settings(config)
     results = []
     end = box.now + seconds
     while box.now < end:
-        results.append(run.observe(config, settings, box.live()))
+        results.append(observe.observe(config, settings, box.live()))
         box.advance(STEP)
-    results.append(run.observe(config, settings, box.live()))
+    results.append(observe.observe(config, settings, box.live()))
     return results
 
 

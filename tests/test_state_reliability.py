@@ -192,13 +192,13 @@ def test_observe_quiet_does_not_hide_a_broken_lock(tmp_path: Path) -> None:
     """`reap.lock` a directory: the observation is kept, and the fault is a problem (said
     even with --quiet, exit 1), not a note."""
     from deskgpu.config.reap import load_settings
-    from deskgpu.reap import run
+    from deskgpu.reap import observe
 
     box = Box(tmp_path)
     config = make_config(tmp_path)
     settings = load_settings(config)
     settings.lock_file.mkdir(parents=True)
-    result = run.observe(config, settings, box.live())
+    result = observe.observe(config, settings, box.live())
     assert result.problems and "notices cannot be given" in result.problems[0]
     assert "reap lock" in result.problems[0]
     with open_history(settings.history_file, create=False) as h:
@@ -278,7 +278,7 @@ def _killed_run(tmp: Path, step: int, mode: str, delay_s: float) -> int:
         code = 1
         try:
             from deskgpu.config.reap import load_settings
-            from deskgpu.reap import run
+            from deskgpu.reap import observe, run
             from tests.test_reap_live import ROOT
 
             box = Box(tmp)
@@ -288,7 +288,7 @@ def _killed_run(tmp: Path, step: int, mode: str, delay_s: float) -> int:
             signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGKILL))
             signal.setitimer(signal.ITIMER_REAL, delay_s)
             if mode == "observe":
-                run.observe(config, settings, box.live())
+                observe.observe(config, settings, box.live())
             else:
                 run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -347,7 +347,7 @@ def _killed_at_step(tmp: Path, step: int, mode: str, kill_at: int) -> None:
         code = 1
         try:
             from deskgpu.config.reap import load_settings
-            from deskgpu.reap import act, run
+            from deskgpu.reap import act, observe, run
             from deskgpu.state.history import History
             from tests.test_reap_live import ROOT
 
@@ -381,7 +381,7 @@ def _killed_at_step(tmp: Path, step: int, mode: str, kill_at: int) -> None:
             config = make_config(tmp)
             settings = load_settings(config)
             if mode == "observe":
-                run.observe(config, settings, box.live())
+                observe.observe(config, settings, box.live())
             else:
                 run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
             code = 0
@@ -411,12 +411,12 @@ def test_kill_9_before_or_after_any_durable_step_counts_each_notice_once(tmp_pat
 
 def _finish_observe(tmp: Path, step: int) -> None:
     from deskgpu.config.reap import load_settings
-    from deskgpu.reap import run
+    from deskgpu.reap import observe
 
     box = Box(tmp)
     box.now = T0 + 600.0 * step
     config = make_config(tmp)
-    run.observe(config, load_settings(config), box.live())
+    observe.observe(config, load_settings(config), box.live())
 
 
 def _counted_twice(records: list[dict[str, object]]) -> list[tuple[object, ...]]:
@@ -472,7 +472,7 @@ def _killed_at(box: Box, config: HostConfig, mode: str, target: object, name: st
     if pid == 0:  # pragma: no cover - the child dies by its own hand
         try:
             from deskgpu.config.reap import load_settings
-            from deskgpu.reap import run
+            from deskgpu.reap import observe, run
             from tests.test_reap_live import ROOT
 
             call = getattr(target, name)
@@ -485,7 +485,7 @@ def _killed_at(box: Box, config: HostConfig, mode: str, target: object, name: st
             setattr(target, name, die)
             settings = load_settings(config)
             if mode == "observe":
-                run.observe(config, settings, box.live())
+                observe.observe(config, settings, box.live())
             else:
                 run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
         finally:
@@ -499,7 +499,7 @@ def _stale_notice(box: Box, config: HostConfig) -> None:
     idle stretch starts over), then 80 idle minutes observed while a long reap run holds the
     lock (observe leaves notices to it): she qualifies again, and her notice is stale."""
     from deskgpu.config.reap import load_settings
-    from deskgpu.reap import run
+    from deskgpu.reap import observe, run
     from tests.test_reap_live import ROOT, STEP, observe_for
 
     settings = load_settings(config)
@@ -509,7 +509,7 @@ def _stale_notice(box: Box, config: HostConfig) -> None:
     box.advance(1800)
     with audit.run_lock(settings.lock_file, 0):
         for _ in range(8):
-            run.observe(config, settings, box.live())
+            observe.observe(config, settings, box.live())
             box.advance(STEP)
     dry = run.reap(config, settings, yes=False, actor=ROOT, live=box.live())
     alice = next(d for d in dry.decisions if d.subject == "alice-dbg")
@@ -521,7 +521,7 @@ def test_a_stale_notice_ends_with_a_line_before_a_fresh_one(tmp_path: Path, mode
     """A fresh notice replaced the stale one in the history with no line ending it: the log
     read as one notice given twice in one idle stretch."""
     from deskgpu.config.reap import load_settings
-    from deskgpu.reap import run
+    from deskgpu.reap import observe, run
     from tests.test_reap_live import ROOT
 
     box = Box(tmp_path)
@@ -529,7 +529,7 @@ def test_a_stale_notice_ends_with_a_line_before_a_fresh_one(tmp_path: Path, mode
     settings = load_settings(config)
     _stale_notice(box, config)
     if mode == "observe":
-        assert run.observe(config, settings, box.live()).warned == ["alice-dbg"]
+        assert observe.observe(config, settings, box.live()).warned == ["alice-dbg"]
     else:
         run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
     lines = _alice_lines(settings.audit_file)
@@ -549,7 +549,7 @@ def test_kill_between_a_fresh_notices_intent_and_record_notice_counts_once(
     recorded, wrote it a second `warned` line, then gave the fresh one (three lines, one
     incarnation, one stretch). Now the stale notice is gone before the intent is written."""
     from deskgpu.config.reap import load_settings
-    from deskgpu.reap import act, run
+    from deskgpu.reap import act, observe
     from deskgpu.state.history import History
 
     box = Box(tmp_path)
@@ -557,7 +557,7 @@ def test_kill_between_a_fresh_notices_intent_and_record_notice_counts_once(
     settings = load_settings(config)
     _stale_notice(box, config)
     _killed_at(box, config, mode, act if at == "notify" else History, at)
-    assert run.observe(config, settings, box.live()).warned == ["alice-dbg"]
+    assert observe.observe(config, settings, box.live()).warned == ["alice-dbg"]
     records = _audit_records(settings.audit_file)
     assert _counted_twice(records) == []
     assert [r for r in _alice_lines(settings.audit_file) if r == "warned"] == ["warned"] * 2
@@ -608,7 +608,7 @@ def _worker(role: str, tmp: Path, until: float, write_fd: int) -> None:  # pragm
     import time
 
     from deskgpu.config.reap import load_settings
-    from deskgpu.reap import run
+    from deskgpu.reap import observe, run
     from deskgpu.usage import report
     from tests.test_reap_live import ROOT
 
@@ -623,7 +623,7 @@ def _worker(role: str, tmp: Path, until: float, write_fd: int) -> None:  # pragm
         box.now = T0 + 31 * 86400 + 60.0 * step
         try:
             if role == "observe":
-                run.observe(config, settings, box.live())
+                observe.observe(config, settings, box.live())
             elif role == "reap":
                 run.reap(config, settings, yes=True, actor=ROOT, live=box.live())
             elif role == "report":

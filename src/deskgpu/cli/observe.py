@@ -47,11 +47,11 @@ def observe_command(
     SkyPilot unreachable, the history cannot be written, or the reap lock is broken so no
     notice can be given (said even with --quiet; the observation is kept).
     """
-    from deskgpu.reap import run
+    from deskgpu.reap import observe
 
     config = get_config(config_path)
     settings = config.reap_settings
-    result = run.observe(config, settings)
+    result = observe.observe(config, settings)
     if textfile is not None:  # after the observation: a bad directory loses no sample
         from deskgpu.usage import textfile as prom
 
