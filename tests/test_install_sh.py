@@ -31,6 +31,7 @@ from deskgpu.kubenames import ACCELERATOR_LABEL, NVIDIA_RUNTIME_CLASS
 from deskgpu.setup.render import K3S_KUBECONFIG, RUNTIME_CLASS_FILE, Tools, render, write
 
 pytestmark = [
+    pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="no /usr/bin/python3"),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a private mount namespace"),
     pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare (util-linux)"),
     pytest.mark.skipif(shutil.which("useradd") is None, reason="no useradd (passwd)"),
@@ -121,13 +122,24 @@ def _tree(root: Path) -> dict[str, tuple[int, int, int, str]]:
     return seen
 
 
-def _install_twice(tmp: Path, config: HostConfig, state: dict[str, Any]) -> dict[str, Any]:
+# The server's Python: one every account may run (install.sh runs it as the server's
+# account, or nobody before that exists); the suite's own lives under root's 0700 home.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _install_twice(
+    tmp: Path,
+    config: HostConfig,
+    state: dict[str, Any],
+    python: str = SYSTEM_PYTHON,
+    refused: bool = False,
+) -> dict[str, Any]:
     box = tmp / "box"
     deskgpu = tmp / "opt/deskgpu/bin/deskgpu"
     deskgpu.parent.mkdir(parents=True)
     deskgpu.write_text("#!/bin/sh\n")
     deskgpu.chmod(0o755)
-    write(render(config, Tools(sys.executable, str(deskgpu))), box)
+    write(render(config, Tools(python, str(deskgpu))), box)
     bin_dir, state_path, log = _stubs(tmp, state)
     layers = {name: (tmp / f"{name}-upper", tmp / f"{name}-work") for name in ("etc", "varlib")}
     for upper, work in layers.values():
@@ -166,6 +178,13 @@ def _install_twice(tmp: Path, config: HostConfig, state: dict[str, Any]) -> dict
     outputs = {
         n: (tmp / f"{n}.out").read_text() for n in ("run1", "run2") if (tmp / f"{n}.out").exists()
     }
+    if refused:
+        assert done.returncode != 0 and "run 1: 1" in done.stdout, (done.stdout, outputs)
+        return {
+            "outputs": outputs,
+            "tree": _tree(etc_up),
+            "state": json.loads(state_path.read_text()),
+        }
     assert done.returncode == 0, (done.stdout, done.stderr, outputs)
     return {
         "box": box,
@@ -208,6 +227,24 @@ def test_installing_twice_changes_nothing(tmp_path: Path) -> None:
     assert apply_rc in first and apply_rc not in second
     assert f"get runtimeclass/{NVIDIA_RUNTIME_CLASS}" in second
     assert "already running" in result["outputs"]["run2"]
+
+
+def test_a_python_the_servers_account_cannot_run_stops_the_install(tmp_path: Path) -> None:
+    """A Python under a directory only root may enter (a pyenv under root's home): before the
+    `skypilot` account exists it is tried as nobody, fails, and nothing is installed."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    python = private / "python3"
+    python.symlink_to(SYSTEM_PYTHON)
+    state = {"objects": {}, "labels": {}, "enabled": []}
+    result = _install_twice(tmp_path, HostConfig(gpus={"A6000": 4}), state, str(python), True)
+    out = result["outputs"]["run1"]
+    assert f"the account nobody cannot run {python}" in out, out
+    assert "nothing was changed" in out
+    # Nothing but the test's own k3s kubeconfig: no file, no account, no cluster object.
+    assert {p.split("/")[0] for p in result["tree"]} == {"rancher"}
+    assert result["state"] == state
 
 
 def test_the_cluster_gets_the_runtime_class_and_the_gpu_label(tmp_path: Path) -> None:

@@ -663,8 +663,20 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
                 f"({INSTALL_DOC}) or render again with {flag} <path>"
             )
         )
-    for command in ("useradd", "install", "systemctl", "systemd-tmpfiles"):
+    for command in ("useradd", "install", "systemctl", "systemd-tmpfiles", "runuser"):
         lines.append(f"command -v {command} >/dev/null 2>&1 || need 'no {command} command'")
+    lines += [
+        "# The server's account must be able to run its Python (render judged the mode bits;",
+        "# this runs it: ACLs, noexec mounts and LSMs count too). Before the account exists,",
+        "# as nobody: an account with no more rights than any other user.",
+        f"acct={q(user)}; id -u {q(user)} >/dev/null 2>&1 || acct=nobody",
+        f"py={q(tools.python)}",
+        'if [ "$(id -u)" = 0 ] && command -v runuser >/dev/null 2>&1 && [ -x "$py" ] '
+        "&& ! runuser -u \"$acct\" -- \"$py\" -c '' >/dev/null 2>&1; then",
+        '    need "the account $acct cannot run $py: install deskgpu from a Python every '
+        f'account may run ({INSTALL_DOC}) and render again with --python <path>"',
+        "fi",
+    ]
     lines += cluster_preconditions(config)
     vap = "validatingadmissionpolicies"
     lines += [
