@@ -144,6 +144,9 @@ def test_api_server_unit_is_one_deploy_server_on_loopback(rendered, installed_to
     unit = _unit(path)
     assert set(unit.sections()) == {"Unit", "Service", "Install"}
     assert unit["Service"]["User"] == "skypilot"
+    # SkyPilot's shutdown lock sits at a fixed /tmp path: a /tmp of its own, or any account
+    # could own the lock first (an attacker review).
+    assert unit["Service"]["PrivateTmp"] == "yes"
     (cmd,) = _exec_start(path)
     assert cmd.split()[:3] == [installed_tools[1], "-m", "sky.server.server"]
     assert "--deploy" in cmd.split() and "--host 127.0.0.1" in cmd and "--port 46580" in cmd
