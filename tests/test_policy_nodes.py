@@ -273,3 +273,65 @@ def test_skypilots_pod_for_a_pinned_job_carries_the_pin_and_is_admitted() -> Non
         if o["kind"] == "ValidatingAdmissionPolicy" and o["metadata"]["name"] == ADMISSION_POLICY
     ]
     assert denials(policy, obj=pod) == []
+
+
+SCHEDULED = """\
+name: t
+resources: {{infra: k8s, accelerators: H100:8}}
+config:
+  kubernetes:
+    pod_config:
+      spec:
+        {key}: {value}
+run: x
+"""
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        # An attacker review: each placed an 8-GPU job on the 4-GPU node, or on a cordoned one.
+        (
+            "affinity",
+            "{nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms:"
+            " [{matchExpressions: [{key: kubernetes.io/hostname, operator: In,"
+            " values: [lab-a6000]}]}]}}}",
+            "nodeAffinity places the job past the per-node GPU rules",
+        ),
+        ("nodeSelector", "{disk: ssd}", "selects nodes by a label the per-node GPU rules"),
+        ("tolerations", "[{operator: Exists}]", "tolerates every taint"),
+        (
+            "tolerations",
+            "[{key: node.kubernetes.io/unschedulable, operator: Exists}]",
+            "tolerates every taint or a node's own",
+        ),
+    ],
+)
+def test_a_cluster_places_jobs_only_by_node_or_gpu_type(
+    cluster_policy, key: str, value: str, words: str
+) -> None:
+    message = _refused(SCHEDULED.format(key=key, value=value))
+    assert words in message, message
+    assert "node:" in message or "tolerate only a named taint" in message
+
+
+def test_a_cluster_keeps_pod_affinity_a_named_toleration_and_a_gpu_type_selector(
+    cluster_policy,
+) -> None:
+    for key, value in (
+        ("affinity", "{podAntiAffinity: {}}"),
+        ("tolerations", "[{key: lab/maintenance, operator: Exists, effect: NoSchedule}]"),
+        ("nodeSelector", "{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}"),
+    ):
+        _through(SCHEDULED.format(key=key, value=value))
+
+
+def test_a_single_box_keeps_any_affinity_and_toleration() -> None:
+    box = HostConfig(gpus={"A6000": 4})
+    for key, value in (
+        ("affinity", "{nodeAffinity: {}}"),
+        ("tolerations", "[{operator: Exists}]"),
+        ("nodeSelector", "{disk: ssd}"),
+    ):
+        task = yaml.safe_load(SCHEDULED.format(key=key, value=value).replace("H100:8", "A6000:4"))
+        assert check_house_rules(apply_house_rules(task, box, "alice", "batch"), box, "alice") == []

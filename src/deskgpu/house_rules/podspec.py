@@ -37,7 +37,7 @@ from deskgpu.house_rules.common import (
 )
 from deskgpu.house_rules.nodes import unknown_node_violation
 from deskgpu.identity import safe_user
-from deskgpu.kubenames import HOSTNAME_LABEL, JOB_SERVICE_ACCOUNT
+from deskgpu.kubenames import ACCELERATOR_LABEL, HOSTNAME_LABEL, JOB_SERVICE_ACCOUNT
 
 
 @dataclass(frozen=True)
@@ -338,14 +338,53 @@ def _mount(m: Any, where: str, ctx: Context) -> Iterator[Violation]:
         yield _reserved_violation(where, path)
 
 
+# On a cluster a job lands where the per-node GPU rules judged it: selected by its node or
+# its GPU type only (an attacker review placed jobs past the rules through other keys).
+_CLUSTER_SELECTOR_KEYS = (HOSTNAME_LABEL, ACCELERATOR_LABEL, "nvidia.com/gpu.product")
+_PIN_FIX = "pin the job with `node:` in the job spec (a nodeSelector on kubernetes.io/hostname)"
+
+
 def _node_selector(value: Any, where: str, ctx: Context) -> Iterator[Violation]:
-    """A pin to a node (`kubernetes.io/hostname`) must name one of the cluster's nodes."""
+    """A pin to a node (`kubernetes.io/hostname`) must name one of the cluster's nodes; on a
+    cluster nothing else but the GPU type may select a node."""
     if not isinstance(value, Mapping):
         yield pod_config_violation(where, "is not a mapping")
         return
     name = value.get(HOSTNAME_LABEL)
     if ctx.config.nodes and name is not None and ctx.config.node(str(name)) is None:
         yield unknown_node_violation(str(name), ctx.config, f"{where}.{HOSTNAME_LABEL}")
+    if ctx.config.nodes:
+        for key in value:
+            if key not in _CLUSTER_SELECTOR_KEYS:
+                yield pod_config_violation(
+                    f"{where}.{key}",
+                    "selects nodes by a label the per-node GPU rules do not judge",
+                    _PIN_FIX,
+                )
+
+
+def _affinity(value: Any, where: str, ctx: Context) -> Iterator[Violation]:
+    """On a cluster, node affinity would place a job past the per-node GPU rules; pod
+    (anti-)affinity stays free."""
+    if ctx.config.nodes and isinstance(value, Mapping) and "nodeAffinity" in value:
+        yield pod_config_violation(
+            f"{where}.nodeAffinity", "places the job past the per-node GPU rules", _PIN_FIX
+        )
+
+
+def _tolerations(value: Any, where: str, ctx: Context) -> Iterator[Violation]:
+    """On a cluster, no toleration of every taint or of the node lifecycle's own
+    (`node.kubernetes.io/*`: cordoned, not ready): a drained node stays drained."""
+    if not ctx.config.nodes or not isinstance(value, list):
+        return
+    for i, t in enumerate(value):
+        key = str(t.get("key") or "") if isinstance(t, Mapping) else ""
+        if not key or key.startswith("node.kubernetes.io/"):
+            yield pod_config_violation(
+                f"{where}[{i}]",
+                "tolerates every taint or a node's own (cordoned, not ready)",
+                "tolerate only a named taint of the admin's, or drop it",
+            )
 
 
 def _volume(v: Any, where: str, ctx: Context) -> Iterator[Violation]:
@@ -467,10 +506,11 @@ POD_SPEC = Obj(
         "volumes": Items(Custom(_volume, "the two standard ones exactly as deskgpu writes "
                                 "them, and `emptyDir`"), named=True),
         "securityContext": POD_SECURITY,
-        "tolerations": AnyValue(),
+        "tolerations": Custom(_tolerations, "any, but on a cluster none of every taint or "
+                              "of `node.kubernetes.io/*`"),
         "nodeSelector": Custom(_node_selector, f"with the host config's `nodes:`, "
                                f"`{HOSTNAME_LABEL}` only one of them"),
-        "affinity": AnyValue(),
+        "affinity": Custom(_affinity, "any, but on a cluster no `nodeAffinity` (use `node:`)"),
         "imagePullSecrets": AnyValue(),
         "terminationGracePeriodSeconds": AnyValue(),
         "dnsConfig": AnyValue(),
