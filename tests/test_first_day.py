@@ -297,6 +297,15 @@ def test_a_recorded_prechecks_failure_is_exit_1_and_names_the_job(cli, sky_repla
         ({"status": "STARTING", "schedule_state": "LAUNCHING"}, None),
         (
             {
+                "status": "PENDING",
+                "schedule_state": "ALIVE",
+                "details": "Job submitted to queue",
+            },
+            None,
+        ),
+        ({"status": "PENDING", "schedule_state": "LAUNCHING"}, None),
+        (
+            {
                 "status": "STARTING",
                 "schedule_state": "LAUNCHING",
                 "cluster_name_on_cloud": "alice-train-7-2ea4",
@@ -325,6 +334,8 @@ def test_a_recorded_prechecks_failure_is_exit_1_and_names_the_job(cli, sky_repla
     ids=[
         "controller-queue",
         "launching",
+        "claimed-pending",
+        "launching-pending",
         "provisioning",
         "backoff",
         "backoff-pending",

@@ -363,10 +363,10 @@ def launch_state(record: dict[str, Any]) -> LaunchState:
     state, reason = job_state(status, schedule, details, plain(record.get("failure_reason")))
     if state in (s.RUNNING, s.DONE, s.CANCELLED, s.FAILED) or status == "RECOVERING":
         return LaunchState(state, status, reason)
-    backoff = schedule == "ALIVE_BACKOFF" or (
-        # Back to PENDING after a launch attempt: backoff, or parked for Kueue admission.
-        status == "PENDING" and schedule not in ("", "INACTIVE", "WAITING")
-    )
+    # In backoff for resources, or parked until a launch slot frees (ALIVE_WAITING). Not a
+    # PENDING job the scheduler just claimed (ALIVE, LAUNCHING: "Job submitted to queue"):
+    # its prechecks are still ahead (CI saw such a job reported queued, then fail them).
+    backoff = schedule in ("ALIVE_BACKOFF", "ALIVE_WAITING")
     if backoff:
         return LaunchState(s.QUEUED, status, details or "in backoff, waiting for resources")
     if status == "STARTING" and (state == s.QUEUED or record.get("cluster_name_on_cloud")):
