@@ -675,7 +675,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         f"acct={q(user)}; id -u {q(user)} >/dev/null 2>&1 || acct=nobody",
         f"py={q(tools.python)}",
         'if [ "$(id -u)" = 0 ] && command -v runuser >/dev/null 2>&1 && [ -x "$py" ] '
-        "&& ! runuser -u \"$acct\" -- \"$py\" -c '' >/dev/null 2>&1; then",
+        '&& ! runuser -u "$acct" -- "$py" -c \'\' >/dev/null 2>&1; then',
         '    need "the account $acct cannot run $py: install deskgpu from a Python every '
         f'account may run ({INSTALL_DOC}) and render again with --python <path>"',
         "fi",
@@ -1018,11 +1018,14 @@ def render(
     return Rendered(files=files, notes=notes)
 
 
-def write(rendered: Rendered, out: Path) -> list[Path]:
+def write(
+    rendered: Rendered, out: Path, command: str = "setup render", what: str = "the setup files"
+) -> list[Path]:
     """Write every file under `out` with its mode; returns the paths written.
 
     `out` must be a directory (or not exist yet); a path that cannot be written is a usage
-    error naming it (exit 2), never a traceback.
+    error naming it (exit 2), never a traceback. `command` and `what` name the writer in
+    those errors (`setup trial` writes its files here too).
     """
     try:
         not_a_dir = out.exists() and not out.is_dir()
@@ -1035,13 +1038,13 @@ def write(rendered: Rendered, out: Path) -> list[Path]:
         target = out / f.path
         try:
             if target.is_symlink() or (target.exists() and not target.is_file()):
-                raise UsageError(f"{target}: not a regular file; setup render replaces only files")
+                raise UsageError(f"{target}: not a regular file; {command} replaces only files")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(f.text, encoding="utf-8")
             target.chmod(f.mode)
         except OSError as exc:
             raise UsageError(
-                f"{out}: cannot write the setup files ({target}: {exc.strerror or exc})"
+                f"{out}: cannot write {what} ({target}: {exc.strerror or exc})"
             ) from None
         written.append(target)
     return written

@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 
 from deskgpu.config import HostConfig
-from deskgpu.errors import UsageError
 from deskgpu.setup.render import (
     SERVER_WEBSOCKET_LIMITS,
+    Rendered,
+    SetupFile,
     Tools,
     _yaml,
     config_document,
@@ -33,19 +33,14 @@ from deskgpu.setup.render import (
     render,
     server_port,
 )
+from deskgpu.setup.render import (
+    write as render_write,
+)
 
 TRIAL_PORT = 46590  # not the box's 46580: a trial never answers for the shared server
 SERVER_SCRIPT = "server.sh"
 ENV_SCRIPT = "env.sh"
 CONFIG_FILE = "config.yaml"
-
-
-@dataclass(frozen=True)
-class TrialFile:
-    path: str  # relative to the trial directory
-    text: str
-    mode: int
-    purpose: str
 
 
 def trial_config(config: HostConfig, out: Path, port: int, user: str | None = None) -> HostConfig:
@@ -66,14 +61,14 @@ def trial_config(config: HostConfig, out: Path, port: int, user: str | None = No
     )
 
 
-def trial_files(config: HostConfig, tools: Tools, out: Path, port: int) -> list[TrialFile]:
+def trial_files(config: HostConfig, tools: Tools, out: Path, port: int) -> list[SetupFile]:
     """Every file of a trial in `out` (an absolute path), for the box described by `config`."""
     if not out.is_absolute():
         raise ValueError("out must be absolute: the scripts name their files by full path")
     trial = trial_config(config, out, port)
     home = out / "home"
     files = [
-        TrialFile(
+        SetupFile(
             CONFIG_FILE,
             "# A deskgpu trial's host config (deskgpu setup trial): the box's, with the trial's\n"
             "# server, state directory and server account.\n" + _yaml(config_document(trial)),
@@ -85,11 +80,11 @@ def trial_files(config: HostConfig, tools: Tools, out: Path, port: int) -> list[
     for f in render(trial, tools).files:
         if f.destination is not None and Path(f.destination).is_relative_to(home):
             files.append(
-                TrialFile(str(Path(f.destination).relative_to(out)), f.text, f.mode, f.purpose)
+                SetupFile(str(Path(f.destination).relative_to(out)), f.text, f.mode, f.purpose)
             )
     files += [
-        TrialFile(SERVER_SCRIPT, server_script(trial, tools, out), 0o755, "starts the server"),
-        TrialFile(ENV_SCRIPT, env_script(trial, out), 0o644, "`. env.sh`: this shell uses it"),
+        SetupFile(SERVER_SCRIPT, server_script(trial, tools, out), 0o755, "starts the server"),
+        SetupFile(ENV_SCRIPT, env_script(trial, out), 0o644, "`. env.sh`: this shell uses it"),
     ]
     return files
 
@@ -141,17 +136,6 @@ def env_script(config: HostConfig, out: Path) -> str:
     )
 
 
-def write(files: list[TrialFile], out: Path) -> None:
+def write(files: list[SetupFile], out: Path) -> None:
     """Write the trial; a path that cannot be written is one line naming it (exit 2)."""
-    for f in files:
-        target = out / f.path
-        try:
-            if target.is_symlink() or (target.exists() and not target.is_file()):
-                raise UsageError(f"{target}: not a regular file; setup trial replaces only files")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(f.text, encoding="utf-8")
-            target.chmod(f.mode)
-        except OSError as exc:
-            raise UsageError(
-                f"{out}: cannot write the trial ({target}: {exc.strerror or exc})"
-            ) from None
+    render_write(Rendered(files=files, notes=[]), out, command="setup trial", what="the trial")
