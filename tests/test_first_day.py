@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -220,6 +221,20 @@ def box_like_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+def _submit_to(server: str, spec: Path, hermetic: Any) -> subprocess.CompletedProcess[str]:
+    """The real CLI's `submit SPEC` against `server`, in a subprocess (stdout and stderr apart).
+
+    A first launch on a fresh server starts its controller's machinery: on a loaded 2-core
+    machine that has taken over a minute. Only a failure to fail waits out `--wait 300`."""
+    return subprocess.run(
+        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "300"],
+        capture_output=True,
+        text=True,
+        env=hermetic.subprocess_env(SKYPILOT_API_SERVER_ENDPOINT=server),
+        timeout=400,
+    )
+
+
 @pytest.mark.apiserver
 def test_a_batch_job_that_fails_its_prechecks_exits_1_with_skypilots_reason(
     box_like_server: str, tmp_path: Path, hermetic
@@ -228,16 +243,7 @@ def test_a_batch_job_that_fails_its_prechecks_exits_1_with_skypilots_reason(
     the interactive submit to the same server already exited 1."""
     spec = tmp_path / "job.yaml"
     spec.write_text("name: job\ngpus: 0\nrun: echo hi\n")
-    env = hermetic.subprocess_env(SKYPILOT_API_SERVER_ENDPOINT=box_like_server)
-    result = subprocess.run(
-        # A first launch on a fresh server starts its controller's machinery: on a loaded
-        # 2-core machine that has taken over a minute. Only a failure to fail waits it out.
-        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "300"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=400,
-    )
+    result = _submit_to(box_like_server, spec, hermetic)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
@@ -257,14 +263,7 @@ def test_skypilots_upload_progress_goes_to_stderr_without_escape_codes(
     (work / "train.py").write_text("print('hi')\n")
     spec = tmp_path / "job.yaml"
     spec.write_text(f"name: job\ngpus: 0\nworkdir: {work}\nrun: python train.py\n")
-    env = hermetic.subprocess_env(SKYPILOT_API_SERVER_ENDPOINT=box_like_server)
-    result = subprocess.run(
-        [sys.executable, "-m", "deskgpu", "submit", str(spec), "--wait", "300"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=400,
-    )
+    result = _submit_to(box_like_server, spec, hermetic)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stdout == ""
     assert "Files uploaded" in result.stderr, result.stderr
