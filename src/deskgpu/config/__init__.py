@@ -23,6 +23,7 @@ from deskgpu.config.nodes import (
     storage_from,
     summed_gpus,
 )
+from deskgpu.config.telemetry import Telemetry, telemetry_from
 from deskgpu.doctor.registry import BY_ID as CHECKS
 from deskgpu.errors import SpecError
 from deskgpu.units import parse_duration_s
@@ -48,6 +49,7 @@ class HostConfig:
     gpus: dict[str, int] = field(default_factory=dict)  # with `nodes`: their sum
     nodes: tuple[Node, ...] = ()  # none: one box (deskgpu.config.nodes)
     storage: SharedStorage | None = None  # a NAS the nodes share; none: the server's NFS
+    telemetry: Telemetry | None = None  # Prometheus over every node; none: NVML here
     api_server: str | None = None
     kueue_local_queue: str | None = None
     idle_timeout: str = "2h"
@@ -72,6 +74,7 @@ class HostConfig:
             object.__setattr__(self, "doctor", DoctorSettings.from_mapping(raw))
         object.__setattr__(self, "nodes", nodes_from(self.nodes))
         object.__setattr__(self, "storage", storage_from(self.storage))
+        object.__setattr__(self, "telemetry", telemetry_from(self.telemetry))
         if self.nodes:  # one source: the inventory is the nodes'
             object.__setattr__(self, "gpus", summed_gpus(self.nodes))
 
@@ -197,6 +200,18 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
                     f"checkpoint_root {config.checkpoint_root} and data_root {config.data_root} "
                     "overlap: every job could read everyone's checkpoints through /data",
                     "give them separate directories, e.g. /data and /checkpoints",
+                )
+            ]
+        )
+    tele = config.telemetry
+    if tele is not None and tele.stale_after_s <= tele.scrape_interval_s:
+        raise SpecError(
+            [
+                doc.problem(
+                    ("telemetry", "stale_after"),
+                    f"{tele.stale_after} is not longer than the scrape interval "
+                    f"{tele.scrape_interval}: every node would read as stale between scrapes",
+                    "make stale_after a few scrape intervals, e.g. `2m` for `15s`",
                 )
             ]
         )
