@@ -285,13 +285,14 @@ def attribute(
     for gpu in snapshot.nvml.gpus:
         kept = []
         for proc in gpu.processes:
-            if proc.holder is not None:  # already attributed (a replayed reading)
+            pid = proc.pid
+            if proc.holder is not None or pid is None:  # attributed (replayed, or a pod's)
                 kept.append(proc)
                 continue
-            info = cache.get(proc.pid) or cache.setdefault(proc.pid, read_proc(proc.pid, proc_root))
+            info = cache.get(pid) or cache.setdefault(pid, read_proc(pid, proc_root))
             if not info.exists:
                 if not contained:
-                    vanished.add(proc.pid)
+                    vanished.add(pid)
                     continue
                 proc.holder = Holder(
                     kind=HOLDER_HIDDEN,

@@ -21,6 +21,8 @@ from typing import Any
 
 from deskgpu import attribution, frontends
 from deskgpu.config import HostConfig
+from deskgpu.config.telemetry import PROMETHEUS
+from deskgpu.config.telemetry import source as telemetry_source
 from deskgpu.deadline import Deadline, abandon
 from deskgpu.errors import DeskgpuError, UsageError
 from deskgpu.recorded import read_document
@@ -50,6 +52,8 @@ class Sources:
     """Where each half comes from; tests and `bench/` swap these, the CLI uses the defaults."""
 
     read_nvml: Callable[[], NvmlView] | None = None
+    # Every node's GPUs from Prometheus (`telemetry:` in the host config); None: the live read.
+    read_prometheus: Callable[[HostConfig], NvmlView] | None = None
     fetch_sky: Callable[[HostConfig], SkyView] | None = None
     fetch_pods: Callable[[], attribution.PodIndex] | None = None
     # GPU allocation (the kubelet's pod-resources socket under `kubelet_root`, else the
@@ -93,17 +97,26 @@ def take(
     )
     if not require_gpus:
         worker.start()
-    snap.nvml = (src.read_nvml or _live_nvml)()
+    cluster_wide = telemetry_source(config.telemetry) == PROMETHEUS
+    if cluster_wide:
+        snap.nvml = _safe_prometheus(src.read_prometheus or _live_prometheus, config)
+    else:
+        snap.nvml = (src.read_nvml or _live_nvml)()
     if require_gpus:
         if not snap.nvml.available:
             snap.sky = SkyView(available=False, error="not asked: no GPU readings")
             return snap
         worker.start()
-    pods = attribution.PodIndex()
-    if any(p.holder is None for gpu in snap.nvml.gpus for p in gpu.processes):
-        pods = attribute_gpus(snap, src)
-    if snap.nvml.available and snap.nvml.gpus:
-        read_allocation(snap, src, pods)
+    if cluster_wide:  # holders and allocations are dcgm-exporter's pod labels
+        from deskgpu.telemetry import gpus as telemetry_gpus
+
+        snap.allocation = telemetry_gpus.allocation(snap.nvml)
+    else:
+        pods = attribution.PodIndex()
+        if any(p.holder is None for gpu in snap.nvml.gpus for p in gpu.processes):
+            pods = attribute_gpus(snap, src)
+        if snap.nvml.available and snap.nvml.gpus:
+            read_allocation(snap, src, pods)
     if on_gpus is not None:
         on_gpus(snap)
     snap.notices, snap.notices_error = _safe_notices(src.read_notices or _live_notices, config)
@@ -122,7 +135,12 @@ def take(
 
 
 def attribute_gpus(snap: Snapshot, src: Sources) -> attribution.PodIndex:
-    pids = {p.pid for gpu in snap.nvml.gpus for p in gpu.processes if p.holder is None}
+    pids = {
+        p.pid
+        for gpu in snap.nvml.gpus
+        for p in gpu.processes
+        if p.holder is None and p.pid is not None
+    }
     infos = [attribution.read_proc(pid, src.proc_root) for pid in pids]
     if any(info.pod_uid for info in infos):
         pods = (src.fetch_pods or attribution.pods_from_kube)()
@@ -146,6 +164,20 @@ def read_allocation(snap: Snapshot, src: Sources, pods: attribution.PodIndex) ->
             f"GPU allocation unknown ({view.note or 'not readable'}): a GPU shown free may "
             "be allocated to an idle pod"
         )
+
+
+def _live_prometheus(config: HostConfig) -> NvmlView:
+    from deskgpu.telemetry import gpus as telemetry_gpus
+
+    return telemetry_gpus.read(config)
+
+
+def _safe_prometheus(read: Callable[[HostConfig], NvmlView], config: HostConfig) -> NvmlView:
+    """Prometheus unreadable is a GPU half that says why, as NVML's missing driver is."""
+    try:
+        return read(config)
+    except DeskgpuError as exc:
+        return NvmlView(available=False, error=" ".join(exc.lines()), source="prometheus")
 
 
 def _live_nvml() -> NvmlView:

@@ -81,7 +81,9 @@ class Holder:
 class GpuProcess:
     """One process on one GPU (`nvidia-smi --query-compute-apps=pid,used_memory`)."""
 
-    pid: int  # as NVML reports it: a host PID
+    # As NVML reports it: a host PID. None: a pod's processes together, as dcgm-exporter
+    # reports a GPU's pod (Prometheus telemetry: no PIDs, only the pod and the GPU's VRAM).
+    pid: int | None
     used_memory_mib: float | None = None  # None: not reported (e.g. MIG, Windows WDDM)
     type: str = "compute"  # "compute" | "graphics"
     holder: Holder | None = None
@@ -91,7 +93,7 @@ class GpuProcess:
 class Gpu:
     """One GPU, readings named like `nvidia-smi --query-gpu=` fields."""
 
-    index: int
+    index: int  # on its node
     uuid: str | None = None
     name: str | None = None
     lost: bool = False  # fell off the bus / GPU is lost: no readings at all
@@ -109,6 +111,17 @@ class Gpu:
     # The pod the device plugin allocated this GPU to (see `AllocationView`); None: none
     # known. Held even with no process on it: the scheduler gives it to nobody else.
     allocated_to: Holder | None = None
+    # Added in schema 1 without a bump: the node it is on (Prometheus telemetry); None: the
+    # host the snapshot was taken on (one box, NVML).
+    node: str | None = None
+    # Its node's exporter stopped answering: nothing about it is known now (never free,
+    # never idle); `error` says since when and why.
+    stale: bool = False
+
+    @property
+    def where(self) -> str:
+        """`GPU 3`, or `lab-h100-2 GPU 3` on a cluster."""
+        return f"{self.node} GPU {self.index}" if self.node else f"GPU {self.index}"
 
     @property
     def holders(self) -> list[Holder]:
@@ -122,27 +135,73 @@ class Gpu:
     def is_free(self) -> bool:
         """No process on it, allocated to no pod, and not lost. Memory a driver context
         holds is not a user; a GPU allocated to an idle pod is held at 0 MiB."""
-        return not self.lost and not self.processes and self.allocated_to is None
+        return not self.lost and not self.stale and not self.processes and self.allocated_to is None
 
     @property
     def allocated_idle(self) -> bool:
         """Allocated to a pod through the device plugin, with no process on it."""
-        return not self.lost and not self.processes and self.allocated_to is not None
+        return (
+            not self.lost
+            and not self.stale
+            and not self.processes
+            and self.allocated_to is not None
+        )
+
+
+NODE_FRESH = "fresh"  # its exporter answered within `telemetry.stale_after`
+NODE_STALE = "stale"  # it did once; its last readings are older, or its exporter is down
+NODE_MISSING = "missing"  # a node of `nodes:` Prometheus has never had a reading from
+
+
+@dataclass
+class NodeReading:
+    """How one node's GPUs were read (Prometheus telemetry)."""
+
+    name: str
+    state: str  # NODE_*
+    seen_at: float | None = None  # its newest GPU reading, unix seconds
+    note: str | None = None  # why stale or missing, in the exporter's words
+    # deskgpu's textfile on the node (host processes outside pods, SSH/CPU per session):
+    # NODE_*, None where not asked.
+    processes: str | None = None
+    processes_note: str | None = None
+
+
+@dataclass
+class PodActivity:
+    """A session pod's SSH/IDE connections and CPU time, as its node's `deskgpu observe`
+    exported them (Prometheus telemetry); None: not readable there."""
+
+    cluster_name_on_cloud: str
+    node: str
+    ssh_sessions: int | None = None
+    cpu_total_s: float | None = None
+    seen_at: float | None = None  # when that node's observe read them
+
+
+SOURCE_NVML = "nvml"
+SOURCE_PROMETHEUS = "prometheus"
 
 
 @dataclass
 class NvmlView:
-    """The GPU half: what NVML said, or why it could not say anything."""
+    """The GPU half: what NVML (or Prometheus, over every node) said, or why nothing."""
 
     available: bool
     error: str | None = None  # "no NVIDIA driver", "NVML failed: ..."
     driver_version: str | None = None
     gpus: list[Gpu] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # skipped PIDs, hidden details
+    # Added in schema 1 without a bump: where the GPUs were read (SOURCE_*; None: NVML, as
+    # older recordings) and, from Prometheus, each node's state.
+    source: str | None = None
+    nodes: list[NodeReading] = field(default_factory=list)
+    activity: list[PodActivity] = field(default_factory=list)
 
 
 ALLOCATION_POD_RESOURCES = "pod-resources"  # the kubelet's pod-resources socket (List)
 ALLOCATION_ENVIRON = "environ"  # NVIDIA_VISIBLE_DEVICES in /proc/<pid>/environ
+ALLOCATION_DCGM = "dcgm-exporter"  # the pod labels dcgm-exporter puts on a GPU's series
 
 
 @dataclass
@@ -161,6 +220,7 @@ class PodAllocation:
     gpus: list[int] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
+    node: str | None = None  # the node its GPUs are on (Prometheus telemetry); None: this host
 
 
 @dataclass
@@ -333,6 +393,7 @@ class SessionUse:
     used_memory_mib: float
     max_utilization_gpu_pct: int | None  # None: no reading on any of its GPUs
     allocated_gpu_indexes: tuple[int, ...] = ()
+    nodes: tuple[str, ...] = ()  # the nodes those GPUs are on (Prometheus telemetry)
 
     @property
     def held_indexes(self) -> tuple[int, ...]:
@@ -346,18 +407,23 @@ def session_use(snapshot: Snapshot, cluster: Cluster) -> SessionUse:
     allocated: list[int] = []
     used = 0.0
     utils: list[int] = []
+    nodes: list[str] = []
     for gpu in snapshot.nvml.gpus:
         mine = [p for p in gpu.processes if _holds(p.holder, cluster)]
         if _holds(gpu.allocated_to, cluster):
             allocated.append(gpu.index)
         elif not mine:
             continue
+        if gpu.node is not None and gpu.node not in nodes:
+            nodes.append(gpu.node)
         if mine:
             indexes.append(gpu.index)
             used += sum(p.used_memory_mib or 0.0 for p in mine)
         if gpu.utilization_gpu_pct is not None:
             utils.append(gpu.utilization_gpu_pct)
-    return SessionUse(tuple(indexes), used, max(utils) if utils else None, tuple(allocated))
+    return SessionUse(
+        tuple(indexes), used, max(utils) if utils else None, tuple(allocated), tuple(nodes)
+    )
 
 
 def _holds(holder: Holder | None, cluster: Cluster) -> bool:

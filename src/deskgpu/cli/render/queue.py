@@ -20,11 +20,13 @@ from deskgpu.snapshot import (
     CANCELLED,
     DONE,
     FAILED,
+    NODE_FRESH,
     QUEUED,
     RUNNING,
     STARTING,
     Gpu,
     Job,
+    NodeReading,
     ReapNotice,
     Snapshot,
     current_notices,
@@ -112,9 +114,16 @@ class _Fitted:
         yield self.table(options.max_width)
 
 
-def gpu_table(snap: Snapshot) -> _Fitted:
+def gpu_table(snap: Snapshot, node: NodeReading | None = None) -> _Fitted:
     rows: list[dict[str, RenderableType]] = []
-    for gpu in snap.nvml.gpus:
+    gpus = snap.nvml.gpus if node is None else [g for g in snap.nvml.gpus if g.node == node.name]
+    for gpu in gpus:
+        if gpu.stale:
+            stale = Text("STALE", style="bold yellow")
+            rows.append({"GPU": str(gpu.index), "Name": _gpu_name(gpu),
+                         "VRAM used/total": stale, "VRAM": stale, "Util": "?",
+                         "Held by": Text("unknown (stale)", style="yellow")})  # fmt: skip
+            continue
         if gpu.lost:
             lost = Text("LOST", style="bold red")
             rows.append({"GPU": str(gpu.index), "Name": gpu.name or "?",
@@ -133,11 +142,24 @@ def gpu_table(snap: Snapshot) -> _Fitted:
                 "Held by": _holders(gpu),
             }
         )
-    caption = None
-    if any(g.throttle_reasons for g in snap.nvml.gpus):
-        caption = "! = clocks throttled (thermal, power or HW slowdown)"
-    fitted = _Fitted("GPUs", _GPU_LAYOUTS, rows, caption, wrap=frozenset({"Held by"}))
-    return fitted
+    captions = []
+    if node is not None and node.state != NODE_FRESH:
+        captions.append(f"{node.state}: {node.note or 'no readings'}")
+    if node is not None and node.processes not in (None, NODE_FRESH):
+        captions.append(f"host processes outside pods unknown: {node.processes_note}")
+    if any(g.throttle_reasons for g in gpus):
+        captions.append("! = clocks throttled (thermal, power or HW slowdown)")
+    title = "GPUs" if node is None else f"GPUs on {node.name}" + _node_state(node, snap.taken_at)
+    caption = "\n".join(captions) or None
+    return _Fitted(title, _GPU_LAYOUTS, rows, caption, wrap=frozenset({"Held by"}))
+
+
+def _node_state(node: NodeReading, now: float) -> str:
+    if node.state == NODE_FRESH:
+        return ""
+    if node.seen_at is not None:
+        return f" ({node.state.upper()}: last reading {format_duration(now - node.seen_at)} ago)"
+    return f" ({node.state.upper()})"
 
 
 def _gpu_name(gpu: Gpu) -> str:
@@ -249,6 +271,8 @@ def session_table(snap: Snapshot) -> _Fitted:
         c, use = row.cluster, row.use
         held = use.held_indexes
         gpus = ",".join(str(i) for i in held) if held else (c.gpus or "-")
+        if held and use.nodes:
+            gpus = f"{'+'.join(use.nodes)}:{gpus}"
         autostop = "-"
         if c.autostop_min is not None:
             autostop = f"{format_duration(c.autostop_min * 60)}" + (" (down)" if c.to_down else "")
@@ -308,7 +332,20 @@ def notice_lines(snap: Snapshot) -> RenderableType | None:
 
 
 def gpu_half(snap: Snapshot) -> RenderableType | None:
-    return gpu_table(snap) if snap.nvml.available else None
+    """One GPU table; over Prometheus, one per node, a stale or missing node said so."""
+    if not snap.nvml.available:
+        return None
+    if not snap.nvml.nodes:
+        return gpu_table(snap)
+    parts: list[RenderableType] = []
+    for node in snap.nvml.nodes:
+        if any(g.node == node.name for g in snap.nvml.gpus):
+            parts.append(gpu_table(snap, node))
+        else:
+            line = Text(f"GPUs on {node.name}: ", style="bold")
+            line.append(f"{node.state.upper()}: {node.note or 'no readings'}", style="yellow")
+            parts.append(line)
+    return Group(*parts)
 
 
 def sky_half(snap: Snapshot, show_finished: bool = False) -> list[RenderableType]:

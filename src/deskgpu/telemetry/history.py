@@ -1,0 +1,186 @@
+"""reap's window over every node, from Prometheus' range queries, as observations.
+
+On one box, `deskgpu observe` writes an observation every few minutes: each session's GPUs
+(utilization, VRAM), its SSH/IDE connections and its pod's CPU time. Over Prometheus, each
+node's observe exports that last part in its textfile (`deskgpu_observe_timestamp_seconds`,
+`deskgpu_session_ssh_connections`, `deskgpu_session_cpu_seconds_total`, all from one file, so
+one scrape carries one observation), and dcgm-exporter the GPUs. `replay` turns a node's
+distinct observations (the textfile's timestamps) into the very rows its local observe would
+have written (each GPU read at the first scrape that carried the observation) and appends
+them to a `History`: the zombie rule then reads them as it reads a box's own history, and
+decides alike. Nothing is made up: a GPU without a reading at an observation is a None
+(unknown) row, a session without an exported SSH count has unknown SSH, and an observation
+no scrape carried is a gap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from deskgpu.config.reap import ReapSettings
+from deskgpu.config.telemetry import DCGM_JOB, NODE_EXPORTER_JOB, NODE_LABEL, Telemetry
+from deskgpu.state.history import History, SessionSample
+from deskgpu.telemetry.gpus import (
+    CPU_METRIC,
+    FB_USED,
+    OBSERVED_METRIC,
+    POD_CLUSTER_LABELS,
+    SSH_METRIC,
+    UTIL,
+)
+from deskgpu.telemetry.promapi import Prometheus, Series
+
+MAX_POINTS = 10_000  # Prometheus refuses a range query of more than 11,000 points per series
+
+
+@dataclass
+class Wanted:
+    """One session to replay: its name, its name on cloud (the pod label), its node and
+    the GPU indices it holds there now."""
+
+    cluster: str
+    on_cloud: str
+    node: str
+    gpus: Sequence[int]
+
+
+@dataclass
+class _Observation:
+    at: float  # when the node's observe ran (its textfile's timestamp)
+    step: float  # the first query step that carried it
+    ssh: dict[str, int] = field(default_factory=dict)  # on_cloud -> connections
+    cpu: dict[str, float] = field(default_factory=dict)  # on_cloud -> CPU seconds
+
+
+def step_for(since: float, until: float, tele: Telemetry) -> float:
+    """The query step: the scrape interval, or coarser where the window needs it."""
+    return max(tele.scrape_interval_s, math.ceil((until - since) / MAX_POINTS))
+
+
+def replay(
+    prom: Prometheus,
+    wanted: Iterable[Wanted],
+    since: float,
+    until: float,
+    tele: Telemetry,
+    history: History,
+) -> list[str]:
+    """Append every node's observations of `wanted` sessions in [since, until] to `history`."""
+    by_node: dict[str, list[Wanted]] = defaultdict(list)
+    for w in wanted:
+        by_node[w.node].append(w)
+    step = step_for(since, until, tele)
+    notes: list[str] = []
+    for node, sessions in sorted(by_node.items()):
+        observations = _observations(prom, node, sessions, since, until, step)
+        if not observations:
+            notes.append(
+                f"{node}: no observation of its sessions in Prometheus since "
+                f"{_hours(until - since)} ago (is deskgpu observe --textfile running there?)"
+            )
+            continue
+        gpu = _gpu_points(prom, node, sessions, since, until, step)
+        for obs in observations:
+            samples = []
+            for w in sessions:
+                rows = []
+                for index in w.gpus:
+                    util, vram = gpu.get((w.on_cloud, index, obs.step), (None, None))
+                    rows.append((index, util, vram))
+                ssh = obs.ssh.get(w.on_cloud)
+                samples.append(SessionSample(w.cluster, tuple(rows), ssh, obs.cpu.get(w.on_cloud)))
+            history.append(obs.at, samples)
+    return notes
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.0f} h"
+
+
+def _observations(
+    prom: Prometheus,
+    node: str,
+    sessions: list[Wanted],
+    since: float,
+    until: float,
+    step: float,
+) -> list[_Observation]:
+    where = f'job="{NODE_EXPORTER_JOB}",{NODE_LABEL}="{_quote(node)}"'
+    clusters = "|".join(_regex(w.on_cloud) for w in sessions)
+    stamps = prom.query_range(f"{OBSERVED_METRIC}{{{where}}}", since, until, step)
+    by_step: dict[float, float] = {}
+    for s in stamps:
+        for t, v in s.points:
+            if not math.isnan(v):
+                by_step[t] = v
+    seen: dict[float, _Observation] = {}
+    first_step: dict[float, float] = {}
+    for t in sorted(by_step):
+        at = by_step[t]
+        if at not in seen:
+            seen[at] = _Observation(at, t)
+            first_step[t] = at
+    for metric, into in ((SSH_METRIC, "ssh"), (CPU_METRIC, "cpu")):
+        query = f'{metric}{{{where},cluster=~"{clusters}"}}'
+        for s in prom.query_range(query, since, until, step):
+            cluster = s.labels.get("cluster", "")
+            for t, v in s.points:
+                carried = first_step.get(t)
+                if carried is None or math.isnan(v):
+                    continue
+                if into == "ssh":
+                    seen[carried].ssh[cluster] = int(v)
+                else:
+                    seen[carried].cpu[cluster] = v
+    return [seen[at] for at in sorted(seen) if since <= at <= until]
+
+
+def _gpu_points(
+    prom: Prometheus,
+    node: str,
+    sessions: list[Wanted],
+    since: float,
+    until: float,
+    step: float,
+) -> dict[tuple[str, int, float], tuple[float | None, float | None]]:
+    """(on_cloud, GPU index, step) -> (utilization %, VRAM MiB) of its pod's GPUs."""
+    where = f'job="{DCGM_JOB}",{NODE_LABEL}="{_quote(node)}",pod!=""'
+    wanted = {w.on_cloud for w in sessions}
+    util: dict[tuple[str, int, float], float] = {}
+    vram: dict[tuple[str, int, float], float] = {}
+    for metric, into in ((UTIL, util), (FB_USED, vram)):
+        for s in prom.query_range(f"{metric}{{{where}}}", since, until, step):
+            on_cloud = _on_cloud(s)
+            if on_cloud not in wanted:
+                continue
+            try:
+                index = int(s.labels.get("gpu", ""))
+            except ValueError:
+                continue
+            for t, v in s.points:
+                if not math.isnan(v):
+                    into[(on_cloud, index, t)] = v
+    return {k: (util.get(k), vram.get(k)) for k in set(util) | set(vram)}
+
+
+def _on_cloud(s: Series) -> str:
+    return next((s.labels[k] for k in POD_CLUSTER_LABELS if s.labels.get(k)), "")
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _regex(value: str) -> str:
+    """A literal for a PromQL regex inside double quotes."""
+    special = set(".^$*+?()[]{}|\\")
+    escaped = "".join(f"\\\\{c}" if c in special else c for c in value)
+    return escaped.replace('"', '\\"')
+
+
+def window(settings: ReapSettings, now: float) -> tuple[float, float]:
+    """What reap asks Prometheus for: its retention back from now."""
+    return now - settings.retention_s, now
