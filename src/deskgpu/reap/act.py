@@ -112,6 +112,15 @@ def kill_unmanaged(
     subject = decision.subject
     if pid is None:
         return Outcome(subject, "skipped", True, "no PID")
+    if decision.node is not None:  # our /proc is not that node's: never signal a namesake
+        return Outcome(
+            subject,
+            "skipped",
+            False,
+            f"it runs on {decision.node}, seen through Prometheus: kill it there, where its "
+            "identity can be checked (`DESKGPU_TELEMETRY=nvml deskgpu reap --kill-unmanaged "
+            "--yes` on that node)",
+        )
     if not actor.is_root:
         return Outcome(subject, "skipped", False, "killing unmanaged processes needs root")
     if pid <= 1:

@@ -20,7 +20,7 @@ from deskgpu.typedload import shown
 
 SCHEMA_VERSION = 1  # fields added since (allocated_gpus, ...) are additions: no field changed
 KINDS = ("interactive", "batch")
-ALLOCATION_SOURCES = ("pod-resources", "environ")  # snapshot.ALLOCATION_*
+ALLOCATION_SOURCES = ("pod-resources", "environ", "dcgm-exporter")  # snapshot.ALLOCATION_*
 LABEL_KIND = "deskgpu.io/kind"  # deskgpu.labels.LABEL_KIND (this module imports nothing)
 MAX_TS = 253402300799.0  # 9999-12-31T23:59:59Z: the last second `datetime` can print
 
@@ -192,9 +192,21 @@ class Session:
     warned_at: float | None = None  # first notice of the current idle stretch (history)
     gpu_samples: tuple[GpuSample, ...] = ()
     activity_samples: tuple[ActivitySample, ...] = ()
+    # The node its GPUs are on (Prometheus telemetry); None: the host the evidence was
+    # collected on. Written only when set: a one-box document is as before.
+    node: str | None = None
+
+    @property
+    def where(self) -> str:
+        """` on GPU 0,1`, ` on lab-2 GPU 0,1`, or nothing without GPUs."""
+        if not self.gpus:
+            return ""
+        at = f" on {self.node}" if self.node else " on"
+        return f"{at} GPU {','.join(map(str, self.gpus))}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"node": self.node} if self.node else {}),
             "cluster": self.cluster,
             "owner": self.owner,
             "kind": self.kind,
@@ -304,6 +316,7 @@ class Session:
                 ActivitySample.from_row(r, f"{where}.activity_samples[{i}]")
                 for i, r in enumerate(act_rows)
             ),
+            node=_node(data.get("node"), f"{where}.node"),
         )
 
 
@@ -325,9 +338,21 @@ class UnmanagedProcess:
     uid: int | None = None
     start_time: int | None = None
     kernel_thread: bool = False
+    # The node it runs on, seen through Prometheus; None: the host the evidence was
+    # collected on, the only one whose processes reap may signal.
+    node: str | None = None
+
+    @property
+    def subject(self) -> str:
+        return f"pid:{self.pid}@{self.node}" if self.node else f"pid:{self.pid}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.node} GPU {self.gpu}" if self.node else f"GPU {self.gpu}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"node": self.node} if self.node else {}),
             "pid": self.pid,
             "user": self.user,
             "command": self.command,
@@ -365,6 +390,7 @@ class UnmanagedProcess:
             uid=optional["uid"],
             start_time=optional["start_time"],
             kernel_thread=kthread,
+            node=_node(data.get("node"), f"{where}.node"),
         )
 
 
@@ -434,3 +460,11 @@ class Evidence:
             notes=tuple(str(n) for n in notes),
             schema_version=SCHEMA_VERSION,
         )
+
+
+def _node(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise EvidenceError(f"{where}: a node name or null, got {shown(value)}")
+    return value

@@ -31,6 +31,7 @@ from deskgpu.snapshot import (
     HOLDER_SKYPILOT,
     HOLDER_UNMANAGED,
     RUNNING,
+    SOURCE_PROMETHEUS,
     STARTING,
     Snapshot,
 )
@@ -63,13 +64,30 @@ class LiveSession:
     allocation_source: str | None = None
     ssh_sessions: int | None = None
     cpu_total_s: float | None = None
+    # The nodes its GPUs are on (Prometheus telemetry; empty: this host). GPUs are told
+    # apart by index on one node: a session on several is never judged idle (`spans_nodes`).
+    nodes: set[str] = field(default_factory=set)
 
     @property
     def vram_mib(self) -> float:
         return sum(v for _, v in self.gpus.values())
 
+    @property
+    def node(self) -> str | None:
+        return next(iter(self.nodes)) if len(self.nodes) == 1 else None
+
+    @property
+    def spans_nodes(self) -> bool:
+        return len(self.nodes) > 1
+
+    def on_node(self, node: str | None) -> None:
+        if node is not None:
+            self.nodes.add(node)
+
     def sample(self) -> SessionSample:
-        rows = tuple((g, u, v) for g, (u, v) in sorted(self.gpus.items()))
+        # One index on two nodes is two GPUs: no reading of a session on several proves idle.
+        unknown = self.spans_nodes
+        rows = tuple((g, None if unknown else u, v) for g, (u, v) in sorted(self.gpus.items()))
         return SessionSample(self.cluster, rows, self.ssh_sessions, self.cpu_total_s)
 
 
@@ -136,9 +154,16 @@ def live_view(
             if h is None:
                 continue
             if h.kind == HOLDER_UNMANAGED:
-                uid, started, kthread = _proc_identity(proc_root, proc.pid)
+                if proc.pid is None:  # a pod that is not SkyPilot's: not a session, no PID
+                    notes.append(f"{gpu.where}: held by {h.label}, which SkyPilot does not list")
+                    continue
+                if gpu.node is None:
+                    uid, started, kthread = _proc_identity(proc_root, proc.pid)
+                else:  # seen through Prometheus: its /proc is that node's, not ours
+                    uid, started, kthread = None, None, False
                 unmanaged.append(
                     UnmanagedProcess(
+                        node=gpu.node,
                         pid=proc.pid,
                         user=h.unix_user or "?",
                         command=h.command or "?",
@@ -156,8 +181,10 @@ def live_view(
                 continue
             owner = by_cloud.get(h.cluster_name_on_cloud or "") or by_name.get(h.cluster or "")
             if owner is None:
-                notes.append(f"GPU {gpu.index}: PID {proc.pid} is in a pod SkyPilot does not list")
+                who = f"PID {proc.pid}" if proc.pid is not None else f"pod {h.pod_name}"
+                notes.append(f"{gpu.where}: {who} is in a pod SkyPilot does not list")
                 continue
+            owner.on_node(gpu.node)
             util = None if gpu.utilization_gpu_pct is None else float(gpu.utilization_gpu_pct)
             _, held = owner.gpus.get(gpu.index, (util, 0.0))
             owner.gpus[gpu.index] = (util, held + (proc.used_memory_mib or 0.0))
@@ -172,8 +199,32 @@ def live_view(
             }
             s.pod_uids |= found
             s.pod_present = bool(s.pod_uids) or s.on_cloud is None
-    notes += _read_activity(sessions, proc_root, cgroup_root)
+    local = [s for s in sessions if not s.nodes]
+    if snap.nvml.source == SOURCE_PROMETHEUS:
+        notes += _exported_activity(snap, [s for s in sessions if s.nodes])
+    else:
+        local = sessions
+    notes += _read_activity(local, proc_root, cgroup_root)
     return LiveView(sessions, unmanaged, notes)
+
+
+def _exported_activity(snap: Snapshot, sessions: list[LiveSession]) -> list[str]:
+    """SSH and CPU of sessions on the cluster's nodes, as each node's observe exported them
+    (its own /proc; this host cannot read another's). Not exported: unknown, never idle."""
+    found = {(a.node, a.cluster_name_on_cloud): a for a in snap.nvml.activity}
+    notes = []
+    for s in sessions:
+        rows = [found.get((node, s.on_cloud or "")) for node in sorted(s.nodes)]
+        if s.spans_nodes or any(r is None for r in rows):
+            where = ", ".join(sorted(s.nodes))
+            notes.append(f"{s.cluster}: no SSH/CPU reading from {where}'s observe: unknown")
+            continue
+        s.ssh_sessions = sum(r.ssh_sessions for r in rows if r and r.ssh_sessions is not None)
+        if any(r is None or r.ssh_sessions is None for r in rows):
+            s.ssh_sessions = None
+        cpu = [r.cpu_total_s for r in rows if r is not None]
+        s.cpu_total_s = None if None in cpu else sum(c or 0.0 for c in cpu)
+    return notes
 
 
 ALLOCATION_SOURCES = {
@@ -196,7 +247,7 @@ def _allocations(
         ]
     notes = [f"GPU allocation: from {ALLOCATION_SOURCES.get(view.source, view.source)}"]
     util = {
-        g.index: None if g.utilization_gpu_pct is None else float(g.utilization_gpu_pct)
+        (g.node, g.index): None if g.utilization_gpu_pct is None else float(g.utilization_gpu_pct)
         for g in snap.nvml.gpus
     }
     unsure: set[str] = set()
@@ -214,13 +265,19 @@ def _allocations(
             )
         owner.allocated = (owner.allocated or set()) | set(pa.gpus)
         owner.allocation_source = view.source
+        owner.on_node(pa.node)
         if pa.pod_uid:
             owner.pod_uids.add(pa.pod_uid)
     for s in sessions:
         if s.cluster in unsure:
             s.allocated, s.allocation_source = None, None
+        if s.spans_nodes:
+            notes.append(
+                f"{s.cluster} holds GPUs on {len(s.nodes)} nodes ({', '.join(sorted(s.nodes))}): "
+                "reap judges a session on one node only, so it is kept"
+            )
         for index in sorted(s.allocated or ()):
-            s.gpus.setdefault(index, (util.get(index), 0.0))
+            s.gpus.setdefault(index, (util.get((s.node, index)), 0.0))
     return notes
 
 
@@ -371,6 +428,7 @@ def build_evidence(
                 jobs_pending=s.jobs_pending,
                 ssh_attached=None if s.ssh_sessions is None else s.ssh_sessions > 0,
                 pod_present=s.pod_present,
+                node=s.node,
                 warned_at=notice.warned_at if notice else None,
                 gpu_samples=rows,
                 activity_samples=_from(act_rows, floor),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from deskgpu.config import HostConfig
@@ -42,6 +42,9 @@ class ObserveResult:
     cleared: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suspects: list[tuple[str, str]] = field(default_factory=list)  # zombies now: (cluster, owner)
+    # Each session pod's SSH connections and CPU seconds: (name on cloud, ssh, cpu), None
+    # unknown; `--textfile` exports them for a cluster's reap (deskgpu.telemetry.history).
+    activity: list[tuple[str, int | None, float | None]] = field(default_factory=list)
     snapshot: Snapshot | None = None  # what it observed (for `observe --textfile`)
     # Faults that need the admin even under --quiet (exit 1); the observation itself is kept.
     problems: list[str] = field(default_factory=list)
@@ -64,11 +67,16 @@ def observe(
 ) -> ObserveResult:
     """One observation into the history; then first notices for sessions that just qualified."""
     live = live or run.Live()  # looked up here: a test may give the box its own
-    snap = live.take(config)
+    # Always this host's GPUs (NVML), even with `telemetry:`: observe is each node's own
+    # collector (its history, its textfile); Prometheus is what reads them all.
+    snap = live.take(replace(config, telemetry=None))
     view = gather.live_view(snap, live.pod_index(), live.proc_root, live.cgroup_root)
     now = snap.taken_at
     result = ObserveResult(now, len(view.sessions), len(snap.nvml.gpus), len(view.unmanaged))
     result.snapshot = snap
+    result.activity = [
+        (s.on_cloud, s.ssh_sessions, s.cpu_total_s) for s in view.sessions if s.on_cloud
+    ]
     result.notes.extend(view.notes)
     with open_history(settings.history_file) as history:
         history.append(now, [s.sample() for s in view.sessions])

@@ -69,6 +69,7 @@ class Decision:
     command: str | None = None
     proc_uid: int | None = None  # the process's identity when seen (see UnmanagedProcess)
     proc_start_time: int | None = None
+    node: str | None = None  # where it runs (Prometheus telemetry); None: this host
     # Why this caller's `--yes` would skip it (`may_act_on`); set by the run, not the rule.
     refused: str | None = None
 
@@ -102,6 +103,8 @@ class Decision:
             "warned_at": iso(self.warned_at),
             "reap_after": iso(self.reap_after),
         }
+        if self.node is not None:
+            out["node"] = self.node
         if self.pid is not None:
             out["pid"] = self.pid
             out["command"] = self.command
@@ -181,8 +184,7 @@ def _idle_for(run: IdleRun, session: Session, now: float) -> tuple[float, float 
 def _held(session: Session) -> str:
     if session.vram_mib is None:
         return "VRAM held unknown"
-    where = f" on GPU {','.join(map(str, session.gpus))}" if session.gpus else ""
-    return f"{format_mib(session.vram_mib)} held{where}"
+    return f"{format_mib(session.vram_mib)} held{session.where}"
 
 
 def _gpu_list(gpus: tuple[int, ...]) -> str:
@@ -224,6 +226,7 @@ def decide_session(
             vram_mib=session.vram_mib,
             gpus=session.gpus,
             allocated_gpus=session.allocated_gpus,
+            node=session.node,
             **extra,
         )
 
@@ -440,7 +443,7 @@ def _not_a_target(proc: UnmanagedProcess, settings: ReapSettings) -> str | None:
 
 
 def decide_unmanaged(proc: UnmanagedProcess, settings: ReapSettings) -> Decision:
-    held = f"PID {proc.pid} of {proc.user} holds {format_mib(proc.vram_mib)} on GPU {proc.gpu}"
+    held = f"PID {proc.pid} of {proc.user} holds {format_mib(proc.vram_mib)} on {proc.where}"
     shield = protected_by(proc.user, None, {}, settings.protected)
     spared = None if shield else _not_a_target(proc, settings)
     action = Action.PROTECTED if shield else Action.KEEP if spared else Action.REPORT_UNMANAGED
@@ -451,7 +454,7 @@ def decide_unmanaged(proc: UnmanagedProcess, settings: ReapSettings) -> Decision
     else:
         reasons = (held, f"command: {proc.command}", "outside any SkyPilot pod")
     return Decision(
-        subject=f"pid:{proc.pid}",
+        subject=proc.subject,
         action=action,
         owner=proc.user,
         kind="unmanaged",
@@ -462,4 +465,5 @@ def decide_unmanaged(proc: UnmanagedProcess, settings: ReapSettings) -> Decision
         command=proc.command,
         proc_uid=proc.uid,
         proc_start_time=proc.start_time,
+        node=proc.node,
     )

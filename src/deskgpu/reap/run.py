@@ -27,7 +27,7 @@ from deskgpu.frontends import likely_orphans
 from deskgpu.reap import act, gather
 from deskgpu.reap.evidence import Evidence, Session, iso
 from deskgpu.reap.rule import Action, Decision, decide, unmatched_protected
-from deskgpu.snapshot import Snapshot
+from deskgpu.snapshot import SOURCE_PROMETHEUS, Snapshot
 from deskgpu.state import audit
 from deskgpu.state.history import History, Notice, history_copy, open_history
 from deskgpu.units import format_duration
@@ -208,6 +208,9 @@ def collect(
     gives_up = config.frontend_gives_up_after_s
     notes += [o.note(gives_up) for o in likely_orphans(snap.sky.clusters, now, gives_up)]
     host = config.box_name or socket.gethostname()
+    if snap.nvml.source == SOURCE_PROMETHEUS:
+        evidence = _prometheus_evidence(config, settings, view, now, host)
+        return gather.check_jobs(evidence, settings, live.jobs(config)), view
     fresh = False
     path = settings.history_file
     if path.exists():
@@ -227,6 +230,35 @@ def collect(
     if not fresh:
         evidence, view = _sample_live(config, settings, live, view, snap, host, notes)
     return gather.check_jobs(evidence, settings, live.jobs(config)), view
+
+
+def _prometheus_evidence(
+    config: HostConfig, settings: ReapSettings, view: gather.LiveView, now: float, host: str
+) -> Evidence:
+    """Every node's sessions over reap's window, replayed from Prometheus as the observations
+    each node's observe made; the notices are this host's history's."""
+    from deskgpu.telemetry import history as replayed
+    from deskgpu.telemetry.promapi import Prometheus
+
+    tele = config.telemetry
+    assert tele is not None
+    since, until = replayed.window(settings, now)
+    wanted = [
+        replayed.Wanted(s.cluster, s.on_cloud, s.node, sorted(s.gpus))
+        for s in view.sessions
+        if s.node is not None and s.on_cloud and s.gpus
+    ]
+    with open_history(":memory:") as history:
+        notes = replayed.replay(Prometheus(tele.prometheus), wanted, since, until, tele, history)
+        path = settings.history_file
+        if path.exists():
+            with history_copy(path) as kept:
+                for notice in kept.notices():
+                    history.record_notice(notice)
+        notes.insert(0, f"GPU evidence: every node's, from Prometheus at {tele.prometheus}")
+        return gather.build_evidence(
+            view, history, settings, now, host=host, source="prometheus", notes=notes
+        )
 
 
 def _sample_live(

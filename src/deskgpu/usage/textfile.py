@@ -38,7 +38,10 @@ class _Out:
 
     def sample(self, name: str, labels: dict[str, str], value: float) -> None:
         inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-        number = repr(float(value)) if value != int(value) else str(int(value))
+        if value != value:  # NaN: Prometheus' text format spells it so
+            number = "NaN"
+        else:
+            number = repr(float(value)) if value != int(value) else str(int(value))
         self.lines.append(f"{name}{{{inner}}} {number}" if inner else f"{name} {number}")
 
 
@@ -110,6 +113,7 @@ def render(
     suspects: Iterable[tuple[str, str]],
     notices: Iterable[Any],
     idle: dict[tuple[str, int], float],
+    activity: Iterable[tuple[str, int | None, float | None]] = (),
 ) -> str:
     """The textfile of one observation (`Snapshot`, zombie suspects, pending notices)."""
     o = _Out()
@@ -206,7 +210,56 @@ def render(
             {"cluster": n.cluster, "user": n.owner},
             n.reap_after,
         )
+    _cluster_families(o, gpus, activity)
     return "\n".join(o.lines) + "\n"
+
+
+def _cluster_families(
+    o: _Out, gpus: list[Any], activity: Iterable[tuple[str, int | None, float | None]]
+) -> None:
+    """What a cluster's Prometheus cannot get from dcgm-exporter (deskgpu.telemetry): host
+    processes outside any pod, and each session pod's SSH connections and CPU time. Names
+    here are read there (`telemetry.gpus`, `telemetry.history`); a test holds them equal."""
+    o.family(
+        "deskgpu_unmanaged_process_memory_used_bytes",
+        "gauge",
+        "VRAM a host process outside any pod holds on a GPU (pid, Unix user, command).",
+    )
+    for g in gpus:
+        for proc in g.processes:
+            h = proc.holder
+            if h is None or h.kind != "unmanaged" or proc.pid is None or h.unix_user is None:
+                continue
+            labels = {
+                "gpu": str(g.index),
+                "uuid": g.uuid or "",
+                "pid": str(proc.pid),
+                "user": h.unix_user,
+                "command": (h.command or "")[:200],
+            }
+            mib = proc.used_memory_mib
+            o.sample(
+                "deskgpu_unmanaged_process_memory_used_bytes",
+                labels,
+                float("nan") if mib is None else round(mib * MIB),
+            )
+    rows = sorted(activity, key=lambda r: r[0])
+    o.family(
+        "deskgpu_session_ssh_connections",
+        "gauge",
+        "SSH/IDE connections into a session's pod (cluster: its name on cloud); absent: unknown.",
+    )
+    for cluster, ssh, _ in rows:
+        if ssh is not None:
+            o.sample("deskgpu_session_ssh_connections", {"cluster": cluster}, ssh)
+    o.family(
+        "deskgpu_session_cpu_seconds_total",
+        "counter",
+        "CPU time of a session's pod (its cgroup); absent: unknown.",
+    )
+    for cluster, _, cpu in rows:
+        if cpu is not None:
+            o.sample("deskgpu_session_cpu_seconds_total", {"cluster": cluster}, cpu)
 
 
 def write(directory: Path, text: str) -> Path:
@@ -254,4 +307,4 @@ def observe_textfile(directory: Path, result: Any, settings: Any) -> Path:
             settings.max_sample_gap_s,
         )
         notices = history.notices()
-    return write(directory, render(snap, result.suspects, notices, idle))
+    return write(directory, render(snap, result.suspects, notices, idle, result.activity))
