@@ -301,3 +301,33 @@ def test_a_node_whose_exporter_stops_is_stale_in_queue_and_never_idle_for_reap(
         prom.wait_for(
             'up{job="dcgm-exporter",node="lab-c"}', lambda r: r and r[0]["value"][1] == "1"
         )
+
+
+def test_report_totals_gpu_hours_per_node_and_per_researcher(cli, host_config, skypilot) -> None:
+    """Over the recorded week: dave held lab-c GPU 0 idle for 3 days (72 GPU-h), carol
+    lab-b GPU 0 idle all week, alice lab-a GPU 0 busy all week; bob's host process is no
+    session. Counted on a 5-minute grid, within one grid step of the exact figures."""
+    result = cli("report", "--json", "--since", "7d", "--config", str(host_config))
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    nodes = {n["node"]: n for n in doc["nodes"]}
+    assert list(nodes) == ["lab-a", "lab-b", "lab-c"]
+    assert [nodes[n]["gpus"] for n in nodes] == [2, 8, 2]
+    step_h = STEP / 3600
+    week_h = (WEEK - 600) / 3600  # the backfill ends 10 minutes ago; the live scrapes since
+    dave_h = (NOW - DAVE_UP_SINCE) / 3600
+    assert abs(nodes["lab-c"]["gpu_hours_allocated"] - dave_h) <= 2 * step_h
+    assert nodes["lab-c"]["gpu_hours_busy"] == 0 and nodes["lab-c"]["users"] == ["dave"]
+    assert abs(nodes["lab-a"]["gpu_hours_busy"] - week_h) <= 2 * step_h + 600 / 3600
+    assert nodes["lab-a"]["gpu_hours_idle"] == 0
+    assert nodes["lab-b"]["gpu_hours_busy"] == 0 and nodes["lab-b"]["users"] == ["carol"]
+    users = {u["user"]: u for u in doc["users"]}
+    assert set(users) == {"alice", "carol", "dave"}
+    assert users["dave"]["gpu_hours_allocated"] == nodes["lab-c"]["gpu_hours_allocated"]
+    assert users["carol"]["gpu_hours_idle"] == nodes["lab-b"]["gpu_hours_idle"]
+    sessions = {s["cluster"]: s for s in doc["sessions"]}
+    assert sessions[ON_CLOUD["dave-nb"]]["gpus"] == ["lab-c:0"]
+    assert sessions[ON_CLOUD["train"]]["job"] == "train"
+    assert doc["box"]["gpus"] == 12
+    text = cli("report", "--since", "7d", "--config", str(host_config))
+    assert text.exit_code == 0 and "lab-c" in text.stdout and "NODE" in text.stdout

@@ -59,8 +59,14 @@ def report_command(
         raise UsageError("--since: at least a minute")
     if since_s > MAX_SINCE_S:
         raise UsageError(f"--since: at most {MAX_SINCE_S // 86400}d (the history keeps less)")
-    settings = get_config(config_path).reap_settings
-    result = report.make(settings, since_s=since_s, now=time.time(), user=user)
+    config = get_config(config_path)
+    settings = config.reap_settings
+    from deskgpu.config.telemetry import PROMETHEUS, source
+
+    if source(config.telemetry) == PROMETHEUS:  # every node's GPUs
+        result = report.make_cluster(config, settings, since_s=since_s, now=time.time(), user=user)
+    else:
+        result = report.make(settings, since_s=since_s, now=time.time(), user=user)
     if html is not None:
         write_html(html, result)
     if json_out:

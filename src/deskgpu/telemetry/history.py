@@ -45,6 +45,7 @@ class Wanted:
     on_cloud: str
     node: str
     gpus: Sequence[int]
+    offset: int = 0  # added to its GPUs' indices in the rows (the report numbers a cluster's)
 
 
 @dataclass
@@ -67,13 +68,23 @@ def replay(
     until: float,
     tele: Telemetry,
     history: History,
+    *,
+    grid_s: float | None = None,
 ) -> list[str]:
-    """Append every node's observations of `wanted` sessions in [since, until] to `history`."""
+    """Append every node's observations of `wanted` sessions in [since, until] to `history`.
+
+    With `grid_s` (the report: GPU-hours, no SSH or CPU), every node is read at the same
+    instants, every `grid_s`, and a session has a row only where dcgm-exporter had its pod
+    on the GPU: a GPU is counted for the time it was held, and a node nothing was read from
+    is a gap, never a guess."""
     by_node: dict[str, list[Wanted]] = defaultdict(list)
     for w in wanted:
         by_node[w.node].append(w)
-    step = step_for(since, until, tele)
+    step = grid_s or step_for(since, until, tele)
     notes: list[str] = []
+    if grid_s is not None:
+        _replay_grid(prom, by_node, since, until, step, history)
+        return notes
     for node, sessions in sorted(by_node.items()):
         observations = _observations(prom, node, sessions, since, until, step)
         if not observations:
@@ -94,6 +105,39 @@ def replay(
                 samples.append(SessionSample(w.cluster, tuple(rows), ssh, obs.cpu.get(w.on_cloud)))
             history.append(obs.at, samples)
     return notes
+
+
+def _replay_grid(
+    prom: Prometheus,
+    by_node: dict[str, list[Wanted]],
+    since: float,
+    until: float,
+    step: float,
+    history: History,
+) -> None:
+    rows: dict[float, list[SessionSample]] = defaultdict(list)
+    for node, sessions in sorted(by_node.items()):
+        points = _gpu_points(prom, node, sessions, since, until, step)
+        held: dict[tuple[float, str], list[tuple[int, float | None, float | None]]] = defaultdict(
+            list
+        )
+        for (on_cloud, index, t), (util, vram) in points.items():
+            held[(round(t, 3), on_cloud)].append((index, util, vram))
+        names = {w.on_cloud: w for w in sessions}
+        for (t, on_cloud), gpus in held.items():
+            w = names[on_cloud]
+            shifted = tuple(sorted((i + w.offset, u, v) for i, u, v in gpus))
+            rows[t].append(SessionSample(w.cluster, shifted, None, None))
+    # An instant is an observation where Prometheus read some node's GPUs: before it was
+    # scraping, or while nothing answered, is a gap, never free GPUs.
+    read = {
+        round(t, 3)
+        for s in prom.query_range(f'count({UTIL}{{job="{DCGM_JOB}"}})', since, until, step)
+        for t, v in s.points
+        if v > 0
+    }
+    for t in sorted(read | set(rows)):
+        history.append(t, rows.get(t, []))
 
 
 def _hours(seconds: float) -> str:
@@ -184,3 +228,43 @@ def _regex(value: str) -> str:
 def window(settings: ReapSettings, now: float) -> tuple[float, float]:
     """What reap asks Prometheus for: its retention back from now."""
     return now - settings.retention_s, now
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A pod that held GPUs in a window, as dcgm-exporter labelled its series."""
+
+    on_cloud: str
+    node: str
+    gpus: tuple[int, ...]
+    owner: str
+    job: str
+    kind: str
+
+
+def sessions_seen(prom: Prometheus, since: float, until: float) -> list[Seen]:
+    """Every SkyPilot pod that held a GPU of any node in [since, until]."""
+    from deskgpu.telemetry.gpus import POD_DESKGPU_LABELS, POD_USER_LABEL
+
+    window = max(1, math.ceil(until - since))
+    query = f'last_over_time({UTIL}{{job="{DCGM_JOB}",pod!=""}}[{window}s])'
+    found: dict[tuple[str, str], tuple[set[int], dict[str, str]]] = {}
+    for s in prom.query(query, at=until):
+        on_cloud = _on_cloud(s)
+        node = s.labels.get(NODE_LABEL, "")
+        if not on_cloud or not node:
+            continue
+        try:
+            index = int(s.labels.get("gpu", ""))
+        except ValueError:
+            continue
+        gpus, labels = found.setdefault((node, on_cloud), (set(), {}))
+        gpus.add(index)
+        labels.update(s.labels)
+    out = []
+    for (node, on_cloud), (gpus, labels) in sorted(found.items()):
+        owner = labels.get(POD_DESKGPU_LABELS["user"]) or labels.get(POD_USER_LABEL) or "?"
+        job = labels.get(POD_DESKGPU_LABELS["job"]) or on_cloud
+        kind = labels.get(POD_DESKGPU_LABELS["kind"]) or "?"
+        out.append(Seen(on_cloud, node, tuple(sorted(gpus)), owner, job, kind))
+    return out

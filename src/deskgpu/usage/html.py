@@ -66,7 +66,7 @@ def heatmap(report: Report) -> str:
         parts.append(f'<text x="{x}" y="14" class="axis">{escape(label)}</text>')
     for gpu in range(report.gpus):
         y = TOP + gpu * CELL_H
-        parts.append(f'<text x="4" y="{y + 13}" class="axis">GPU {gpu}</text>')
+        parts.append(f'<text x="4" y="{y + 13}" class="axis">{report.gpu_label(gpu)}</text>')
         for h in range(report.hours):
             x = LEFT + h * CELL_W
             covered = report.covered[h]
@@ -74,13 +74,13 @@ def heatmap(report: Report) -> str:
             cell = report.cells.get((gpu, h))
             if covered <= 0 and report.before_first_observation(h):
                 fill, opacity, kind = UNOBSERVED, 1.0, "unobserved"
-                tip = f"GPU {gpu} {when}: before the first observation (not counted)"
+                tip = f"{report.gpu_label(gpu)} {when}: before the first observation (not counted)"
             elif covered <= 0:
                 fill, opacity, kind = "url(#gap)", 1.0, "gap"
-                tip = f"GPU {gpu} {when}: no observation (gap, not counted)"
+                tip = f"{report.gpu_label(gpu)} {when}: no observation (gap, not counted)"
             elif cell is None or cell.allocated_s <= 0:
                 fill, opacity, kind = FREE, 1.0, "free"
-                tip = f"GPU {gpu} {when}: free"
+                tip = f"{report.gpu_label(gpu)} {when}: free"
             else:
                 share = min(1.0, cell.allocated_s / covered)
                 if cell.busy_s >= max(cell.idle_s, cell.unknown_s):
@@ -91,7 +91,7 @@ def heatmap(report: Report) -> str:
                     fill, kind = UNKNOWN, "unknown"
                 opacity = round(0.35 + 0.65 * share, 2)
                 tip = (
-                    f"GPU {gpu} {when}: {cell.busy_s / 60:.0f} min busy, "
+                    f"{report.gpu_label(gpu)} {when}: {cell.busy_s / 60:.0f} min busy, "
                     f"{cell.idle_s / 60:.0f} min held idle"
                     + (f", {cell.unknown_s / 60:.0f} min unknown" if cell.unknown_s else "")
                 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import sqlite3
 import statistics
@@ -78,7 +79,11 @@ class SessionUsage:
     notices: int = 0
     teardowns: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, names: dict[int, tuple[str, int]] | None = None) -> dict[str, Any]:
+        """`names`: a cluster's GPUs (`Report.gpu_names`), shown as `node:index`."""
+        gpus: list[Any] = sorted(self.gpus)
+        if names:
+            gpus = [f"{names[g][0]}:{names[g][1]}" if g in names else str(g) for g in gpus]
         return {
             "cluster": self.cluster,
             "owner": self.owner,
@@ -86,7 +91,7 @@ class SessionUsage:
             "kind": self.kind,
             "first_seen": iso(self.first),
             "last_seen": iso(self.last),
-            "gpus": sorted(self.gpus),
+            "gpus": gpus,
             **self.usage.to_dict(),
             "peak_vram_mib": round(self.peak_vram_mib),
             "waited_queued_h": None if self.waited_s is None else _h(self.waited_s),
@@ -122,6 +127,26 @@ class UserUsage:
 
 
 @dataclass
+class NodeUsage:
+    """One node's GPU-hours over the window (Prometheus telemetry)."""
+
+    node: str
+    gpus: int
+    usage: Usage = field(default_factory=Usage)
+    sessions: int = 0
+    users: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "gpus": self.gpus,
+            "sessions": self.sessions,
+            "users": sorted(self.users),
+            **self.usage.to_dict(),
+        }
+
+
+@dataclass
 class Report:
     since: float
     until: float
@@ -142,6 +167,16 @@ class Report:
     reap_runs: int = 0
     # The history's first observation; time before it is not observed yet, not a gap.
     first_observation: float | None = None
+    # Over Prometheus (`make_cluster`): each GPU row of the cells is a node's GPU,
+    # numbered node by node, and the totals per node.
+    gpu_names: dict[int, tuple[str, int]] = field(default_factory=dict)
+    nodes: list[NodeUsage] = field(default_factory=list)
+
+    def gpu_label(self, gpu: int) -> str:
+        if gpu in self.gpu_names:
+            node, index = self.gpu_names[gpu]
+            return f"{node} GPU {index}"
+        return f"GPU {gpu}"
 
     def before_first_observation(self, h: int) -> bool:
         """Whether hour column `h` ends before deskgpu first looked (or it never has)."""
@@ -198,8 +233,9 @@ class Report:
                 "reap_runs": self.reap_runs,
                 "max_cell_imbalance_s": round(self.max_imbalance_s(), 6),
             },
+            **({"nodes": [n.to_dict() for n in self.nodes]} if self.nodes else {}),
             "users": [u.to_dict(self.waits_known) for u in self.users],
-            "sessions": [s.to_dict() for s in self.sessions],
+            "sessions": [s.to_dict(self.gpu_names) for s in self.sessions],
         }
 
     def user_line(self, user: UserUsage) -> str:
@@ -745,6 +781,23 @@ def text_lines(report: Report) -> list[str]:
             )
         )
     out += ["", *_table(rows)]
+    if d.get("nodes"):
+        nrows = [("NODE", "GPUS", "SESS", "USERS", "ALLOC_H", "BUSY_H", "IDLE_H", "IDLE%")]
+        for n in d["nodes"]:
+            alloc = n["gpu_hours_allocated"]
+            nrows.append(
+                (
+                    n["node"],
+                    str(n["gpus"]),
+                    str(n["sessions"]),
+                    ",".join(n["users"]) or "-",
+                    f"{alloc:.2f}",
+                    f"{n['gpu_hours_busy']:.2f}",
+                    f"{n['gpu_hours_idle']:.2f}",
+                    f"{100 * n['gpu_hours_idle'] / alloc:.0f}%" if alloc else "-",
+                )
+            )
+        out += ["", *_table(nrows)]
     # GPUS counts like the queue's column; ON_GPU names them (nvidia-smi's indices).
     srows = [("SESSION", "OWNER", "JOB", "KIND", "GPUS", "ON_GPU", "ALLOC_H", "BUSY_H",
               "IDLE_H", "PEAK_VRAM", "QUEUED_H")]  # fmt: skip
@@ -771,3 +824,73 @@ def text_lines(report: Report) -> list[str]:
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def make_cluster(
+    config: Any, settings: Any, *, since_s: float, now: float, user: str | None = None
+) -> Report:
+    """The report of every node, from Prometheus (`telemetry:`): each node's GPUs read at
+    the same instants every `CLUSTER_STEP_S`, counted as the box's own history is, then
+    totalled per node. Owners and jobs are the pods' labels (dcgm-exporter's allow-list)."""
+    from deskgpu.state.history import open_history
+    from deskgpu.telemetry import history as replayed
+    from deskgpu.telemetry.promapi import Prometheus
+
+    tele = config.telemetry
+    prom = Prometheus(tele.prometheus)
+    since, until = now - since_s, now
+    seen = replayed.sessions_seen(prom, since, until)
+    order = [n.name for n in config.nodes] + sorted({s.node for s in seen})
+    nodes = list(dict.fromkeys(order))
+    sizes = {n.name: n.gpu_count for n in config.nodes}
+    for s in seen:
+        sizes[s.node] = max(sizes.get(s.node, 0), max(s.gpus) + 1)
+    offset: dict[str, int] = {}
+    total = 0
+    for name in nodes:
+        offset[name] = total
+        total += sizes.get(name, 0)
+    names = {offset[n] + i: (n, i) for n in nodes for i in range(sizes.get(n, 0))}
+    wanted = [
+        replayed.Wanted(s.on_cloud, s.on_cloud, s.node, s.gpus, offset=offset[s.node]) for s in seen
+    ]
+    step = max(CLUSTER_STEP_S, float(math.ceil(since_s / replayed.MAX_POINTS)))
+    with open_history(":memory:") as history:
+        replayed.replay(prom, wanted, since, until, tele, history, grid_s=step)
+        store.ensure(history.db)
+        with history.db:
+            for s in seen:
+                history.db.execute(
+                    "INSERT OR REPLACE INTO usage_sessions VALUES (?, 0, ?, ?, ?, ?, ?)",
+                    (s.on_cloud, s.owner, s.job, s.kind, int(since), int(until)),
+                )
+            history.db.executemany(
+                "INSERT OR REPLACE INTO usage_box VALUES (?, ?)",
+                [(int(ts), total) for (ts,) in history.db.execute("SELECT ts FROM observations")],
+            )
+        report = build(
+            history.db,
+            since=since,
+            until=until,
+            threshold_pct=settings.util_threshold_pct,
+            max_gap_s=max(settings.max_sample_gap_s, 2 * step),
+            user=user,
+            audit_file=settings.audit_file,
+        )
+    node_of = {s.on_cloud: s.node for s in seen}
+    per_node = {n: NodeUsage(n, sizes.get(n, 0)) for n in nodes}
+    for su in report.sessions:
+        nu = per_node.get(node_of.get(su.cluster, ""))
+        if nu is None:
+            continue
+        nu.sessions += 1
+        nu.users.add(su.owner)
+        for attr in ("allocated_s", "busy_s", "idle_s", "unknown_s"):
+            setattr(nu.usage, attr, getattr(nu.usage, attr) + getattr(su.usage, attr))
+    report.gpu_names = names
+    report.nodes = list(per_node.values())
+    report.notes.insert(0, f"every node's GPUs, from Prometheus at {tele.prometheus}")
+    return report
+
+
+CLUSTER_STEP_S = 300.0  # the observe timer's period: the box's history is as fine
