@@ -16,6 +16,7 @@ from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.config.nodes import AGENT, Node
 from deskgpu.errors import UsageError
 from deskgpu.setup import nodes
+from deskgpu.setup import telemetry as telemetry_files
 from deskgpu.setup.render import (
     INSTALL_DOC,
     MOUNT_NFS_CHECK,
@@ -26,9 +27,11 @@ from deskgpu.setup.render import (
     _oneshot,
     _timer,
     host_config_file,
+    installing,
     observe_schedule,
     render,
     shared_mount_files,
+    telemetry_preconditions,
 )
 from deskgpu.setup.schedules import OBSERVE
 
@@ -143,6 +146,13 @@ def render_agent(
     return Rendered(files=files, notes=notes)
 
 
+def telemetry_agent_lines(config: HostConfig) -> list[str]:
+    """With `telemetry:`: node_exporter serves this node's textfile to the server's Prometheus."""
+    if config.telemetry is None:
+        return []
+    return [f"systemctl enable --now {telemetry_files.NODE_EXPORTER_UNIT}"]
+
+
 def agent_install_script(
     config: HostConfig, tools: Tools, node: Node, files: list[SetupFile]
 ) -> str:
@@ -190,6 +200,7 @@ def agent_install_script(
     ]
     if mounts:
         lines.append(MOUNT_NFS_CHECK)
+    lines += telemetry_preconditions(config)
     if node.gpus:
         lines.append(
             "command -v nvidia-container-runtime >/dev/null 2>&1 || need 'no "
@@ -224,8 +235,7 @@ def agent_install_script(
         "fi",
         "",
     ]
-    for f in installed:
-        lines.append(f'install -D -m {f.mode:04o} "$here/{f.path}" {q(f.destination or "")}')
+    lines += installing(installed)
     lines += [
         f"systemd-tmpfiles --create /{TMPFILES}",
         "systemctl daemon-reload",
@@ -243,6 +253,7 @@ def agent_install_script(
         f"{nodes.K3S_CONFIG}: systemctl restart {nodes.K3S_AGENT_UNIT}'",
         "fi",
         f"systemctl enable --now {nodes.K3S_AGENT_UNIT} {OBSERVE.timer_unit}",
+        *telemetry_agent_lines(config),
         f"echo 'installed; now run: deskgpu doctor (here), and on the server: sudo deskgpu "
         f"doctor (lists {node.name})'",
         "",

@@ -26,7 +26,8 @@ import yaml
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.config.doctor import DoctorSettings
 from deskgpu.config.nodes import Node, SharedStorage
-from deskgpu.errors import UsageError
+from deskgpu.config.telemetry import Telemetry
+from deskgpu.errors import SpecError, UsageError
 from deskgpu.kubenames import (
     ACCELERATOR_LABEL,
     JOB_SERVICE_ACCOUNT,
@@ -35,6 +36,7 @@ from deskgpu.kubenames import (
     accelerator_label_value,
 )
 from deskgpu.setup import catalog, cluster, nodes
+from deskgpu.setup import telemetry as telemetry_files
 from deskgpu.setup.schedules import CRON_FILE, OBSERVE, REAP, Schedule
 
 POLICY_CLASS = "deskgpu.policy.HouseRules"
@@ -91,6 +93,9 @@ class SetupFile:
     apply: bool = False  # install.sh applies it to the cluster (`kubectl apply -f`)
     # With `apply`: applied only when this object (`kind/name`) does not exist yet.
     unless_exists: str | None = None
+    # install.sh sets this shell variable when installing it changed the installed file
+    # (a service to reload or restart only then).
+    changed_var: str | None = None
 
     @property
     def destination(self) -> str | None:
@@ -354,7 +359,7 @@ def config_document(config: HostConfig) -> dict[str, Any]:
             continue
         if f.name == "gpus" and config.nodes:
             continue  # derived from the nodes': written there only
-        if isinstance(value, SharedStorage):
+        if isinstance(value, (SharedStorage, Telemetry)):
             value = value.as_mapping()
         if f.name == "nodes":
             value = [n.as_mapping() for n in config.nodes]
@@ -561,12 +566,12 @@ def _oneshot(
 
 
 def observe_schedule(config: HostConfig) -> Schedule:
-    """The observe timer's command; with `metrics_textfile_dir`, it also writes the metrics."""
-    if not config.metrics_textfile_dir:
+    """The observe timer's command; with `metrics_textfile_dir` (or `telemetry:`, Debian's
+    node_exporter textfile directory), it also writes the metrics node_exporter serves."""
+    directory = telemetry_files.textfile_dir(config)
+    if not directory:
         return OBSERVE
-    return dataclasses.replace(
-        OBSERVE, args=(*OBSERVE.args, "--textfile", shlex.quote(config.metrics_textfile_dir))
-    )
+    return dataclasses.replace(OBSERVE, args=(*OBSERVE.args, "--textfile", shlex.quote(directory)))
 
 
 def _timer(config: HostConfig, schedule: Schedule) -> str:
@@ -681,6 +686,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         "fi",
     ]
     lines += cluster_preconditions(config)
+    lines += telemetry_preconditions(config, files)
     vap = "validatingadmissionpolicies"
     lines += [
         f"[ -x {COPY} ] || need 'no {COPY}: the units copy the kubeconfig with it'",
@@ -709,9 +715,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         f"install -d -o {q(user)} -g {q(user)} -m 0755 "
         + " ".join(q(d) for d in catalog.directories(home)),
     ]
-    for f in installed:
-        owner = f"-o {q(f.owner)} -g {q(f.owner)} " if f.owner != "root" else ""
-        lines.append(f'install -D {owner}-m {f.mode:04o} "$here/{f.path}" {q(f.destination or "")}')
+    lines += installing(installed)
     lines += [
         "# The jobs' identity, the admission policy and the NVIDIA runtime class, before the",
         "# server can start a job.",
@@ -720,6 +724,7 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         "systemd-tmpfiles --create /etc/tmpfiles.d/deskgpu.conf",
         "systemctl daemon-reload",
         *cluster_storage_lines(config),
+        *telemetry_service_lines(config),
         f"if systemctl is-active --quiet {SERVER_UNIT}; then",
         "    # A running server keeps the unit, config and plugins it started with.",
         f"    echo 'install.sh: {SERVER_UNIT} was already running; to load the new files: "
@@ -730,6 +735,79 @@ def install_script(config: HostConfig, tools: Tools, files: list[SetupFile]) -> 
         "",
     ]
     return "\n".join(lines)
+
+
+def installing(files: list[SetupFile]) -> list[str]:
+    """install.sh's lines installing `files` where they go (with their owner and mode); a
+    file with a `changed_var` sets it when its installed content was another."""
+    q = shlex.quote
+    lines = [f"{v}=''" for v in dict.fromkeys(f.changed_var for f in files if f.changed_var)]
+    for f in files:
+        dest = q(f.destination or "")
+        if f.changed_var:
+            lines.append(f'cmp -s "$here/{f.path}" {dest} || {f.changed_var}=1')
+        owner = f"-o {q(f.owner)} -g {q(f.owner)} " if f.owner != "root" else ""
+        lines.append(f'install -D {owner}-m {f.mode:04o} "$here/{f.path}" {dest}')
+    return lines
+
+
+def telemetry_preconditions(config: HostConfig, files: list[SetupFile] | None = None) -> list[str]:
+    """install.sh checks with `telemetry:`: node_exporter and its textfile directory on every
+    node; on the server (`files` holds its Prometheus config) Prometheus, and that promtool
+    accepts the rendered config."""
+    if config.telemetry is None:
+        return []
+    q = shlex.quote
+    directory = telemetry_files.textfile_dir(config) or ""
+    exporter = telemetry_files.NODE_EXPORTER_PACKAGE
+    doc = telemetry_files.DOC
+    lines = [
+        f"command -v {exporter} >/dev/null 2>&1 || need 'no {exporter}: Prometheus reads this "
+        f"node through it (telemetry:): sudo apt-get install {exporter} ({doc})'",
+        f"[ -d {q(directory)} ] || need "
+        + q(
+            f"no directory {directory}, where the observe timer writes deskgpu.prom for "
+            f"node_exporter's textfile collector: sudo apt-get install {exporter} (it makes "
+            f"{telemetry_files.DEFAULT_TEXTFILE_DIR}), or point its "
+            f"--collector.textfile.directory at metrics_textfile_dir ({doc})"
+        ),
+    ]
+    config_file = next(
+        (f for f in files or [] if f.destination == telemetry_files.PROMETHEUS_CONFIG), None
+    )
+    if config_file is None:
+        return lines
+    package = telemetry_files.PROMETHEUS_PACKAGE
+    return [
+        *lines,
+        "{ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || "
+        f"need 'no prometheus or promtool: sudo apt-get install {package} ({doc})'",
+        "command -v cmp >/dev/null 2>&1 || need 'no cmp command (diffutils)'",
+        "if command -v promtool >/dev/null 2>&1 && ! promtool check config "
+        f'"$here/{config_file.path}" >/dev/null 2>&1; then',
+        f'    need "promtool check config refuses $here/{config_file.path}: see what it says, '
+        'and render again"',
+        "fi",
+    ]
+
+
+def telemetry_service_lines(config: HostConfig) -> list[str]:
+    """install.sh's last word on Prometheus: restarted for new flags, reloaded for a new
+    config, else left as it runs; and node_exporter running on this node too."""
+    if config.telemetry is None:
+        return []
+    unit = telemetry_files.PROMETHEUS_UNIT
+    return [
+        "# Prometheus re-reads its config on a reload; its flags only at a start.",
+        f'if [ -n "${PROMETHEUS_ARGS_CHANGED}" ]; then',
+        f"    systemctl restart {unit}",
+        f'elif [ -n "${PROMETHEUS_CONFIG_CHANGED}" ]; then',
+        f"    systemctl reload-or-restart {unit}",
+        "fi",
+        f"systemctl enable --now {unit} {telemetry_files.NODE_EXPORTER_UNIT}",
+        f"echo 'install.sh: dcgm-exporter on the GPU nodes: helm with "
+        f"{telemetry_files.DCGM_VALUES} (its first lines say how; {telemetry_files.DOC})'",
+    ]
 
 
 def cluster_preconditions(config: HostConfig) -> list[str]:
@@ -826,6 +904,66 @@ def shared_mount_files(config: HostConfig, node: Node, k3s_unit: str) -> list[Se
     return files
 
 
+PROMETHEUS_CONFIG_CHANGED = "prometheus_config"  # install.sh's variables (telemetry_lines)
+PROMETHEUS_ARGS_CHANGED = "prometheus_args"
+
+
+def refused(config: HostConfig, config_text: str | None, problems: list[Any]) -> SpecError:
+    """`telemetry_files.Problem`s as one located error (file:line:col) where the text is
+    the host config's, else named by key (a config built in code)."""
+    from deskgpu.yamlio import dotted_path, load_located
+
+    if config_text is not None and is_config_file(config):
+        doc = load_located(config_text, config.source, empty_ok=True)
+        return SpecError([doc.problem(p.path, p.what, p.fix) for p in problems])
+    return SpecError(
+        [f"{config.source}: {dotted_path(p.path)}: {p.what} ({p.fix})" for p in problems]
+    )
+
+
+def telemetry_server_files(config: HostConfig, config_text: str | None) -> list[SetupFile]:
+    """With `telemetry:`, the server node's Prometheus config and flags and dcgm-exporter's
+    values (setup/telemetry.py); a telemetry.prometheus it cannot serve is exit 2."""
+    if config.telemetry is None:
+        return []
+    listen, problems = telemetry_files.listen_address(config)
+    if problems or listen is None:
+        raise refused(config, config_text, problems)
+    header = _header(config)
+    targets = telemetry_files.scrape_targets(config)
+    nodes_scraped = len({t.node for t in targets})
+    return [
+        SetupFile(
+            telemetry_files.PROMETHEUS_CONFIG.lstrip("/"),
+            telemetry_files.prometheus_yml(config, header),
+            0o644,
+            f"Prometheus scrapes dcgm-exporter and node_exporter on {nodes_scraped} "
+            f"node{'s' if nodes_scraped != 1 else ''}, each target labelled with its node",
+            changed_var=PROMETHEUS_CONFIG_CHANGED,
+        ),
+        SetupFile(
+            telemetry_files.PROMETHEUS_DEFAULTS.lstrip("/"),
+            telemetry_files.prometheus_defaults(config, header, listen),
+            0o644,
+            f"Prometheus' flags: {telemetry_files.retention_days(config)} days of samples "
+            f"(reap's window), listening on {listen}",
+            changed_var=PROMETHEUS_ARGS_CHANGED,
+        ),
+        SetupFile(
+            telemetry_files.DCGM_VALUES.lstrip("/"),
+            telemetry_files.dcgm_values_yaml(config, header),
+            0o644,
+            "dcgm-exporter's Helm values: pod labels on, SkyPilot's only (helm upgrade -f)",
+        ),
+        SetupFile(
+            telemetry_files.GPU_OPERATOR_VALUES.lstrip("/"),
+            telemetry_files.gpu_operator_values_yaml(config, header),
+            0o644,
+            "the same for the GPU Operator's dcgm-exporter, if it runs one (helm upgrade -f)",
+        ),
+    ]
+
+
 def render(
     config: HostConfig,
     tools: Tools,
@@ -865,6 +1003,9 @@ def render(
             "(the policy then sends every job to that LocalQueue)"
         )
     notes += catalog.notes(config, seen)
+    telemetry = telemetry_server_files(config, config_text)  # refused before anything else
+    if config.telemetry is not None:
+        notes += telemetry_files.notes(config)
     server_cfg = server_config_path(config).lstrip("/")
     files = [
         SetupFile(
@@ -1006,6 +1147,7 @@ def render(
         ),
     ]
     files += cluster_server_files(config)
+    files += telemetry
     files.append(
         SetupFile(
             "install.sh",
