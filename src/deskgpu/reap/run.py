@@ -582,7 +582,16 @@ def owner_back(
 
     The evidence can be minutes old by the third teardown of a run: an owner who attached
     or started GPU work meanwhile keeps the session. Unknown counts as back.
+
+    A session judged over Prometheus (`d.node`) cannot be checked so from here: its pod's
+    processes are another host's, and a node's exported SSH count is minutes old.
     """
+    if d.node is not None:
+        return (
+            f"it runs on {d.node}, whose SSH/IDE state and GPUs this host cannot read just "
+            f"before a teardown: on {d.node}, `DESKGPU_TELEMETRY=nvml deskgpu reap --yes` "
+            "checks and tears it down"
+        )
     ssh = gather.attached_now(pod_uids, live.proc_root)
     if ssh is None:
         return "its SSH/IDE state cannot be read now"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from deskgpu.errors import OutsideError, UsageError
+from deskgpu.telemetry.gpus import CPU_METRIC, OBSERVED_METRIC, SSH_METRIC, UNMANAGED_METRIC
 
 FILENAME = "deskgpu.prom"
 MIB = 1024 * 1024
@@ -117,8 +118,8 @@ def render(
 ) -> str:
     """The textfile of one observation (`Snapshot`, zombie suspects, pending notices)."""
     o = _Out()
-    o.family("deskgpu_observe_timestamp_seconds", "gauge", "When deskgpu observe last ran.")
-    o.sample("deskgpu_observe_timestamp_seconds", {}, snap.taken_at)
+    o.family(OBSERVED_METRIC, "gauge", "When deskgpu observe last ran.")
+    o.sample(OBSERVED_METRIC, {}, snap.taken_at)
     gpus = [g for g in snap.nvml.gpus if not g.lost]
     holders = {g.index: _holders(g) for g in gpus}
 
@@ -218,10 +219,10 @@ def _cluster_families(
     o: _Out, gpus: list[Any], activity: Iterable[tuple[str, int | None, float | None]]
 ) -> None:
     """What a cluster's Prometheus cannot get from dcgm-exporter (deskgpu.telemetry): host
-    processes outside any pod, and each session pod's SSH connections and CPU time. Names
-    here are read there (`telemetry.gpus`, `telemetry.history`); a test holds them equal."""
+    processes outside any pod, and each session pod's SSH connections and CPU time, under the
+    names `telemetry.gpus` reads them by."""
     o.family(
-        "deskgpu_unmanaged_process_memory_used_bytes",
+        UNMANAGED_METRIC,
         "gauge",
         "VRAM a host process outside any pod holds on a GPU (pid, Unix user, command).",
     )
@@ -239,27 +240,27 @@ def _cluster_families(
             }
             mib = proc.used_memory_mib
             o.sample(
-                "deskgpu_unmanaged_process_memory_used_bytes",
+                UNMANAGED_METRIC,
                 labels,
                 float("nan") if mib is None else round(mib * MIB),
             )
     rows = sorted(activity, key=lambda r: r[0])
     o.family(
-        "deskgpu_session_ssh_connections",
+        SSH_METRIC,
         "gauge",
         "SSH/IDE connections into a session's pod (cluster: its name on cloud); absent: unknown.",
     )
     for cluster, ssh, _ in rows:
         if ssh is not None:
-            o.sample("deskgpu_session_ssh_connections", {"cluster": cluster}, ssh)
+            o.sample(SSH_METRIC, {"cluster": cluster}, ssh)
     o.family(
-        "deskgpu_session_cpu_seconds_total",
+        CPU_METRIC,
         "counter",
         "CPU time of a session's pod (its cgroup); absent: unknown.",
     )
     for cluster, _, cpu in rows:
         if cpu is not None:
-            o.sample("deskgpu_session_cpu_seconds_total", {"cluster": cluster}, cpu)
+            o.sample(CPU_METRIC, {"cluster": cluster}, cpu)
 
 
 def write(directory: Path, text: str) -> Path:
