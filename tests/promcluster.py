@@ -363,7 +363,10 @@ class _Endpoint:
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # Prometheus gave up on this scrape (its timeout): nothing to serve
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
