@@ -331,3 +331,33 @@ def test_report_totals_gpu_hours_per_node_and_per_researcher(cli, host_config, s
     assert doc["box"]["gpus"] == 12
     text = cli("report", "--since", "7d", "--config", str(host_config))
     assert text.exit_code == 0 and "lab-c" in text.stdout and "NODE" in text.stdout
+
+
+def test_a_recorded_cluster_snapshot_replays_the_same_screen(
+    cli, host_config, skypilot, tmp_path: Path
+) -> None:
+    recorded = tmp_path / "cluster.json"
+    live = cli("queue", "--record", str(recorded), "--config", str(host_config))
+    assert live.exit_code == 0, live.stderr
+    replayed = cli("queue", "--snapshot", str(recorded), "--config", str(host_config))
+    assert replayed.exit_code == 0, replayed.stderr
+    assert "GPUs on lab-b" in replayed.stdout and "unmanaged bob (python)" in replayed.stdout
+    doc = json.loads(recorded.read_text())
+    assert {g["node"] for g in doc["nvml"]["gpus"]} == {"lab-a", "lab-b", "lab-c"}
+
+
+def test_a_node_prometheus_never_heard_from_is_listed_missing(
+    cli, host_config, skypilot, tmp_path: Path
+) -> None:
+    text = host_config.read_text().replace(
+        "  - {name: lab-c",
+        "  - {name: lab-d, role: agent, address: 10.0.0.13, gpus: {L40S: 2}}\n  - {name: lab-c",
+    )
+    config = tmp_path / "four.yaml"
+    config.write_text(text)
+    result = cli("queue", "--json", "--config", str(config))
+    doc = json.loads(result.stdout)
+    lab_d = next(n for n in doc["nvml"]["nodes"] if n["name"] == "lab-d")
+    assert lab_d["state"] == "missing" and "lab-d" in lab_d["note"]
+    screen = cli("queue", "--config", str(config))
+    assert "GPUs on lab-d: MISSING" in screen.stdout
