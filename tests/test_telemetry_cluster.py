@@ -82,7 +82,7 @@ def nodes_at(ts: float) -> list[pc.NodeState]:
     lab_b = pc.NodeState(
         "lab-b",
         b_gpus,
-        unmanaged=[pc.UnmanagedProc(5, "GPU-b5", 4242, "bob", "python train.py", 8000)],
+        unmanaged=[pc.UnmanagedProc(5, "GPU-b5", 4242, "bob", "python", 8000)],
         activity=[pc.SessionActivity(ON_CLOUD["carol-dbg"], 1, 10.0)],
         observed_at=ts,
     )
@@ -205,7 +205,7 @@ def test_queue_json_shows_every_nodes_gpus_with_their_holders(cli, host_config, 
     [bob] = gpus[("lab-b", 5)]["processes"]
     assert bob["pid"] == 4242 and bob["used_memory_mib"] == 8000
     assert bob["holder"] == {**bob["holder"], "kind": "unmanaged", "unix_user": "bob"}
-    assert bob["holder"]["command"] == "python train.py"
+    assert bob["holder"]["command"] == "python"
     assert gpus[("lab-a", 1)]["processes"] == [] and gpus[("lab-a", 1)]["allocated_to"] is None
     assert doc["summary"]["gpus_allocated_idle"] == 1
 

@@ -48,7 +48,9 @@ def _series(
 def test_deskgpu_textfile_carries_what_the_cluster_reads_as_the_harness_serves_it() -> None:
     now = 1_796_000_000.0
     gpu = Gpu(index=5, uuid="GPU-b5", name="NVIDIA H100 80GB HBM3")
-    holder = Holder(kind=HOLDER_UNMANAGED, unix_user="bob", command="python train.py")
+    holder = Holder(
+        kind=HOLDER_UNMANAGED, unix_user="bob", command="/usr/bin/python train.py --token=s3cret"
+    )
     gpu.processes.append(GpuProcess(pid=4242, used_memory_mib=8000.0, holder=holder))
     snap = Snapshot(taken_at=now, nvml=NvmlView(available=True, gpus=[gpu]))
     activity = [("dave-nb-7f3c", 0, 123.5), ("carol-dbg-2ea4", 1, None)]
@@ -56,7 +58,7 @@ def test_deskgpu_textfile_carries_what_the_cluster_reads_as_the_harness_serves_i
     node = pc.NodeState(
         "lab-b",
         [],
-        unmanaged=[pc.UnmanagedProc(5, "GPU-b5", 4242, "bob", "python train.py", 8000.0)],
+        unmanaged=[pc.UnmanagedProc(5, "GPU-b5", 4242, "bob", "python", 8000.0)],
         activity=[
             pc.SessionActivity("dave-nb-7f3c", 0, 123.5),
             pc.SessionActivity("carol-dbg-2ea4", 1, None),
@@ -72,6 +74,7 @@ def test_deskgpu_textfile_carries_what_the_cluster_reads_as_the_harness_serves_i
     mine = _series(written, families)
     assert mine == _series(served, families)
     assert len(mine) == 1 + 1 + 2 + 1  # observed, bob, two SSH counts, one CPU total
+    assert "s3cret" not in written and "train.py" not in written  # the program's name only
 
 
 def _closed_port() -> int:

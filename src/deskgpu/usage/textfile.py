@@ -236,7 +236,9 @@ def _cluster_families(
                 "uuid": g.uuid or "",
                 "pid": str(proc.pid),
                 "user": h.unix_user,
-                "command": (h.command or "")[:200],
+                # The program's name only: a command line can carry a token, and whoever may
+                # query Prometheus would read it (the queue shows no more either).
+                "command": program_name(h.command),
             }
             mib = proc.used_memory_mib
             o.sample(
@@ -309,3 +311,10 @@ def observe_textfile(directory: Path, result: Any, settings: Any) -> Path:
         )
         notices = history.notices()
     return write(directory, render(snap, result.suspects, notices, idle, result.activity))
+
+
+def program_name(command: str | None) -> str:
+    """`/usr/bin/python3 train.py --token=...` -> `python3`."""
+    if not command:
+        return ""
+    return command.split()[0].rsplit("/", 1)[-1][:64]
