@@ -71,8 +71,9 @@ def test_doctor_table_is_grouped_with_a_summary(cli, tmp_path: Path) -> None:
         assert title in result.stdout
     assert "thermal slowdown in 3/3 samples" in result.stdout
     last = result.stdout.strip().splitlines()[-1]
-    # The skips: skypilot.kueue (no queue) and kubernetes.gpu_pod (no --gpu-pod).
-    assert last.startswith("FAIL: 33 ok, 0 warn, 1 fail, 2 skip on deskbox")
+    # The skips: skypilot.kueue (no queue), kubernetes.gpu_pod (no --gpu-pod) and the three
+    # telemetry checks (no `telemetry:`).
+    assert last.startswith("FAIL: 33 ok, 0 warn, 1 fail, 5 skip on deskbox")
     assert result.stderr == ""
 
 
@@ -87,7 +88,8 @@ def test_healthy_recorded_box_exits_0(cli, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.stdout
     doc = json.loads(result.stdout)
-    assert doc["summary"] == {"ok": 34, "warn": 0, "fail": 0, "skip": 2}  # kueue, gpu_pod
+    # The skips: kueue, gpu_pod and the three telemetry checks (no `telemetry:`).
+    assert doc["summary"] == {"ok": 34, "warn": 0, "fail": 0, "skip": 5}
     assert doc["source"].startswith("recorded ")
 
 

@@ -263,6 +263,34 @@ class ClusterFacts:
 
 
 @dataclass
+class ScrapeTargetFact:
+    """One of Prometheus' active scrape targets (`/api/v1/targets`)."""
+
+    job: str  # the scrape pool: `dcgm-exporter`, `node-exporter`, ...
+    labels: dict[str, str] = field(default_factory=dict)  # `node`, `instance`, ...
+    health: str = "unknown"  # "up" | "down" | "unknown"
+    last_scrape: float | None = None  # unix seconds, Prometheus' clock; None: never scraped
+    last_error: str = ""
+
+
+@dataclass
+class TelemetryFacts:
+    """The Prometheus `telemetry.prometheus` names, as doctor found it; gathered only with
+    `telemetry:`. Each step after `ready` ran only when the one before answered."""
+
+    url: str
+    ready: HttpFact | None = None  # GET <url>/-/ready
+    query_error: str | None = None  # an instant query (`vector(1)`) failed: why
+    server_time: float | None = None  # that query's evaluation time: Prometheus' clock
+    targets: list[ScrapeTargetFact] | None = None  # None: not listed (targets_error)
+    targets_error: str | None = None
+    # dcgm-exporter's GPU series that carry a `pod` label (a GPU allocated to a pod), with
+    # the labels that tell whose: node, gpu, pod, namespace and the copied pod labels.
+    pod_series: list[dict[str, str]] | None = None
+    pod_series_error: str | None = None
+
+
+@dataclass
 class HostFacts:
     """Everything one doctor run gathered; checks are pure functions of this and the config."""
 
@@ -287,6 +315,7 @@ class HostFacts:
     cron_running: bool | None = None  # a cron daemon process seen (None: could not tell)
     gpu_pod: GpuPodFact | None = None  # only with `doctor --gpu-pod`
     cluster: ClusterFacts | None = None  # only with the host config's `nodes:`
+    telemetry: TelemetryFacts | None = None  # only with the host config's `telemetry:`
     notes: list[str] = field(default_factory=list)  # what a probe could not see, and why
 
     @property
@@ -306,6 +335,8 @@ class HostFacts:
             del doc["gpu_pod"]
         if doc["cluster"] is None:  # so does one box
             del doc["cluster"]
+        if doc["telemetry"] is None:  # and a box that reads NVML
+            del doc["telemetry"]
         return doc
 
     @classmethod

@@ -50,9 +50,11 @@ from deskgpu.doctor.facts import (
     NvmlFacts,
     PathFact,
     RecordsFact,
+    ScrapeTargetFact,
     ServerProcess,
     SitePackages,
     SkyFacts,
+    TelemetryFacts,
 )
 from deskgpu.doctor.scheduled import find_scheduled
 from deskgpu.kubenames import JOB_SERVICE_ACCOUNT, JOBS_NAMESPACE
@@ -971,6 +973,46 @@ def probe_records(config: HostConfig) -> RecordsFact:
     return records
 
 
+def probe_telemetry(config: HostConfig, timeout_s: float) -> TelemetryFacts:
+    """The Prometheus of `telemetry:`: ready, answering a query (its clock), its scrape
+    targets, and dcgm-exporter's GPU series that a pod holds. Each step only when the one
+    before answered; all of it within about `timeout_s` (a URL nothing listens on costs a
+    refused connection, a black hole `timeout_s`)."""
+    from deskgpu.config.telemetry import DCGM_JOB, NODE_LABEL
+    from deskgpu.deadline import Deadline
+    from deskgpu.errors import DeskgpuError
+    from deskgpu.telemetry.gpus import POD_CLUSTER_LABELS, POD_USER_LABEL, UTIL
+    from deskgpu.telemetry.promapi import Prometheus
+
+    tele = config.telemetry
+    assert tele is not None, "probe_telemetry needs telemetry:"
+    facts = TelemetryFacts(url=tele.prometheus)
+    facts.ready, _ = http_get(f"{tele.prometheus}/-/ready", timeout_s)
+    if facts.ready.error is not None:
+        return facts
+    prom = Prometheus(tele.prometheus, Deadline.after(timeout_s))
+    try:
+        now = prom.query("vector(1)")
+        facts.server_time = now[0].at if now else None
+    except DeskgpuError as exc:
+        facts.query_error = str(exc)
+        return facts
+    try:
+        facts.targets = [
+            ScrapeTargetFact(t.job, t.labels, t.health, t.last_scrape, t.last_error)
+            for t in prom.targets()
+        ]
+    except DeskgpuError as exc:
+        facts.targets_error = str(exc)
+    keep = (NODE_LABEL, "gpu", "pod", "namespace", *POD_CLUSTER_LABELS, POD_USER_LABEL)
+    try:
+        held = prom.query(f'{UTIL}{{job="{DCGM_JOB}",pod!=""}}')
+        facts.pod_series = [{k: s.labels[k] for k in keep if k in s.labels} for s in held]
+    except DeskgpuError as exc:
+        facts.pod_series_error = str(exc)
+    return facts
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -1045,6 +1087,9 @@ def gather(
     def cluster() -> None:
         facts.cluster = probe_cluster(config, paths, timeout_s)
 
+    def telemetry() -> None:
+        facts.telemetry = probe_telemetry(config, timeout_s)
+
     groups: dict[str, Callable[[], None]] = {
         "driver": nvml,
         "docker": docker,
@@ -1054,6 +1099,8 @@ def gather(
     }
     if config.nodes:
         groups["cluster"] = cluster
+    if config.telemetry is not None:
+        groups["telemetry"] = telemetry
     signals = stop_on_signals(stop) if gpu_pod_wait_s is not None else contextlib.nullcontext()
     with signals, concurrent.futures.ThreadPoolExecutor(max_workers=len(groups)) as pool:
         futures = {pool.submit(fn): name for name, fn in groups.items()}

@@ -339,6 +339,32 @@ REGISTRY: tuple[CheckSpec, ...] = (
         ("cluster.node",),
         on=CLUSTER,
     ),
+    _spec(
+        "telemetry.prometheus",
+        "with `telemetry:`: the Prometheus at `telemetry.prometheus` does not answer `/-/ready` "
+        "or an API query (skip: no `telemetry:`)",
+        "`sudo systemctl status prometheus` on the server node; the URL in the host config",
+        on=SERVER,
+    ),
+    _spec(
+        "telemetry.targets",
+        "a node of the config (or the single box) has no `dcgm-exporter` or `node-exporter` "
+        "target, or one not `up` (its `lastError`) or not scraped within `stale_after`; warn: "
+        "a target of those jobs the config does not name",
+        "that node's dcgm-exporter (the rendered Helm values) or `prometheus-node-exporter`; "
+        "the rendered `/etc/prometheus/prometheus.yml`",
+        ("telemetry.prometheus",),
+        on=SERVER,
+    ),
+    _spec(
+        "telemetry.pod_labels",
+        "a SkyPilot pod's GPU series carry no `skypilot_cluster_name`/`skypilot_cluster` "
+        "(dcgm-exporter does not copy the pod labels; warn: no `skypilot_user`); skip: no GPU "
+        "allocated to a SkyPilot pod right now",
+        "install dcgm-exporter with the rendered `/etc/deskgpu/dcgm-exporter-values.yaml`",
+        ("telemetry.prometheus",),
+        on=SERVER,
+    ),
 )
 BY_ID = {spec.id: spec for spec in REGISTRY}
 CHECK_IDS = tuple(BY_ID)

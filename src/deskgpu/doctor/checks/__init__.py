@@ -22,6 +22,7 @@ from deskgpu.doctor.checks.kubernetes import check_kubernetes
 from deskgpu.doctor.checks.operations import check_operations
 from deskgpu.doctor.checks.skypilot import SHARED_SERVER, check_skypilot, resolve_endpoint
 from deskgpu.doctor.checks.storage import check_storage
+from deskgpu.doctor.checks.telemetry import check_telemetry
 from deskgpu.doctor.facts import HostFacts
 from deskgpu.doctor.registry import (
     AGENT,
@@ -62,6 +63,7 @@ CHECKS: tuple[Callable[[HostFacts, HostConfig, Settings], list[Check]], ...] = (
     check_storage,
     check_operations,
     check_cluster,
+    check_telemetry,
 )
 
 

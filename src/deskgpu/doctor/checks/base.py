@@ -28,6 +28,7 @@ COMPONENTS = {
     "storage": "Storage",
     "operations": "Operations",
     "cluster": "Cluster",
+    "telemetry": "Telemetry (Prometheus)",
 }
 
 # Where doctor's fixes have the admin render the box's files (any scratch directory will do).
