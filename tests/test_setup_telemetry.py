@@ -10,6 +10,7 @@ leaves it alone when nothing changed. Without `telemetry:` none of this is rende
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +37,25 @@ from deskgpu.config.telemetry import (
     NODE_EXPORTER_PORT,
     NODE_LABEL,
 )
+from deskgpu.doctor import probes
+from deskgpu.doctor.checks import Check, run_checks
+from deskgpu.doctor.facts import HostFacts
 from deskgpu.setup import telemetry as tele
 from deskgpu.setup.render import K3S_KUBECONFIG, Tools, render, write
 from deskgpu.setup.schedules import OBSERVE
 from deskgpu.telemetry.gpus import POD_LABEL_ALLOWLIST
 from deskgpu.units import parse_duration_s
 from tests.conftest import EXAMPLES, HOST_CONFIG
-from tests.promcluster import PROMTOOL, _need
+from tests.promcluster import (
+    PROMETHEUS,
+    PROMTOOL,
+    GpuState,
+    NodeState,
+    _need,
+    dcgm_exposition,
+    free_port,
+    textfile_exposition,
+)
 from tests.test_install_sh import KUBECTL, SYSTEM_PYTHON, _tree
 
 CLUSTER = EXAMPLES / "cluster/host-config.yaml"
@@ -488,3 +505,140 @@ def test_install_restarts_prometheus_for_new_flags_reloads_it_for_a_new_config(t
     for path in (PROM_YML, PROM_ARGS, DCGM_VALUES):
         installed = result["etc"][path.removeprefix("etc/")]
         assert installed[3] == hashlib.sha256((retention / path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The rendered files, run: Debian's Prometheus with the rendered config and flags
+
+
+class _Exporter:
+    """One exporter of one node at `host:port` (a loopback address of its own per node, so
+    the rendered targets, `<address>:9400` and `:9100`, are the ones served)."""
+
+    def __init__(self, host: str, port: int, render: Callable[[], str]) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,))
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=5)
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def _exporters(states: list[NodeState], hosts: list[str]) -> Iterator[None]:
+    started: list[_Exporter] = []
+    try:
+        for state, host in zip(states, hosts, strict=True):
+            for port, render_ in (
+                (DCGM_EXPORTER_PORT, lambda s=state: dcgm_exposition(s, s.name)),
+                (NODE_EXPORTER_PORT, lambda s=state: textfile_exposition(s)),
+            ):
+                try:
+                    started.append(_Exporter(host, port, render_))
+                except OSError as exc:  # a real exporter of this host holds the port
+                    pytest.skip(f"cannot serve {host}:{port} ({exc.strerror})")
+        yield
+    finally:
+        for exporter in started:
+            exporter.stop()
+
+
+@contextlib.contextmanager
+def _rendered_prometheus(out: Path, workdir: Path) -> Iterator[None]:
+    """/usr/bin/prometheus as Debian's unit runs it (`$ARGS` from the rendered
+    /etc/default/prometheus, the rendered config), its storage and consoles in `workdir`."""
+    _need(PROMETHEUS)
+    workdir.mkdir()
+    args = [
+        PROMETHEUS,
+        f"--config.file={out / PROM_YML}",
+        f"--storage.tsdb.path={workdir / 'tsdb'}",
+        f"--web.console.templates={workdir}",
+        f"--web.console.libraries={workdir}",
+        *_args((out / PROM_ARGS).read_text()),
+    ]
+    with (workdir / "prometheus.log").open("wb") as log:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=workdir, start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _loopback_lab(tmp: Path, port: int) -> Path:
+    """The 3-node example, each node at a loopback address of its own, Prometheus on `port`."""
+    text = CLUSTER.read_text()
+    for i, address in enumerate(("10.0.0.10", "10.0.0.11", "10.0.0.12")):
+        text = text.replace(address, f"127.0.0.{i + 2}")
+    path = tmp / "loopback-lab.yaml"
+    path.write_text(
+        f"{text}\ntelemetry: {{prometheus: 'http://127.0.0.1:{port}', scrape_interval: 1s, "
+        "stale_after: 30s}\n"
+    )
+    return path
+
+
+def test_the_rendered_prometheus_scrapes_every_node_and_doctor_says_ok(tmp_path) -> None:
+    port = free_port()
+    path = _loopback_lab(tmp_path, port)
+    config = load_config(path)
+    out = tmp_path / "server"
+    write(render(config, Tools("/usr/bin/python3", "/usr/bin/true"), path.read_text()), out)
+    labels = {"skypilot-cluster-name": "train-1a2b", "skypilot-user": "alice"}
+    states = [
+        NodeState(
+            n.name,
+            [
+                GpuState(
+                    0, f"GPU-{i}", "NVIDIA H100 80GB HBM3", 50, 1024, 1024,
+                    pod="train-1a2b-head" if i == 0 else None, namespace="default",
+                    pod_labels=labels if i == 0 else {},
+                )
+            ],
+        )
+        for i, n in enumerate(config.nodes)
+    ]  # fmt: skip
+    with (
+        _exporters(states, [n.address or "" for n in config.nodes]),
+        _rendered_prometheus(out, tmp_path / "prom"),
+    ):
+        checks: dict[str, Check] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            facts = HostFacts(
+                gathered_at=time.time(),
+                hostname="lab-a6000",
+                telemetry=probes.probe_telemetry(config, 2.0),
+            )
+            checks = {c.id: c for c in run_checks(facts, config) if c.component == "telemetry"}
+            if all(c.status == "ok" for c in checks.values()):
+                break
+            time.sleep(0.5)
+    assert {i: c.status for i, c in checks.items()} == dict.fromkeys(
+        ("telemetry.prometheus", "telemetry.targets", "telemetry.pod_labels"), "ok"
+    ), checks
+    assert "3 nodes (lab-a6000, lab-h100-1, lab-h100-2): 6 targets up" in (
+        checks["telemetry.targets"].detail
+    )
