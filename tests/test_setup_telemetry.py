@@ -40,6 +40,7 @@ from deskgpu.config.telemetry import (
 from deskgpu.doctor import probes
 from deskgpu.doctor.checks import Check, run_checks
 from deskgpu.doctor.facts import HostFacts
+from deskgpu.errors import SpecError
 from deskgpu.setup import telemetry as tele
 from deskgpu.setup.render import K3S_KUBECONFIG, Tools, render, write
 from deskgpu.setup.schedules import OBSERVE
@@ -312,9 +313,13 @@ def test_a_prometheus_url_render_cannot_serve_is_exit_2_at_its_line(
 def test_a_single_box_serves_prometheus_on_loopback_only(tmp_path) -> None:
     path = _with_telemetry(tmp_path, HOST_CONFIG, "{prometheus: 'http://gpubox.lab:9090'}")
     config = load_config(path)
-    with pytest.raises(Exception, match="is not loopback") as caught:
+    with pytest.raises(SpecError, match="is not loopback") as caught:
         render(config, Tools("/usr/bin/python3", "/usr/bin/true"), path.read_text())
-    assert getattr(caught.value, "exit_status", None) == 2
+    assert caught.value.exit_status == 2
+    assert f"{path}:" in str(caught.value)  # located
+    # A config built in code has no lines: the key names the place.
+    with pytest.raises(SpecError, match=r"telemetry\.prometheus: .*is not loopback"):
+        render(config, Tools("/usr/bin/python3", "/usr/bin/true"))
 
 
 # ---------------------------------------------------------------------------------------------
