@@ -31,6 +31,9 @@ NODE_EXPORTER_PORT = 9100
 # series says which box it came from.
 NODE_LABEL = "node"
 DCGM_JOB = "dcgm-exporter"
+# Debian's and Ubuntu's prometheus-node-exporter reads its textfile collector from here: each
+# node's observe writes deskgpu.prom there when the host config names no metrics_textfile_dir.
+DEFAULT_TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 NODE_EXPORTER_JOB = "node-exporter"
 
 

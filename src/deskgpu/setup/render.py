@@ -26,7 +26,7 @@ import yaml
 from deskgpu.config import SYSTEM_CONFIG, HostConfig
 from deskgpu.config.doctor import DoctorSettings
 from deskgpu.config.nodes import Node, SharedStorage
-from deskgpu.config.telemetry import Telemetry
+from deskgpu.config.telemetry import DEFAULT_TEXTFILE_DIR, Telemetry
 from deskgpu.errors import SpecError, UsageError
 from deskgpu.kubenames import (
     ACCELERATOR_LABEL,
@@ -768,7 +768,7 @@ def telemetry_preconditions(config: HostConfig, files: list[SetupFile] | None = 
         + q(
             f"no directory {directory}, where the observe timer writes deskgpu.prom for "
             f"node_exporter's textfile collector: sudo apt-get install {exporter} (it makes "
-            f"{telemetry_files.DEFAULT_TEXTFILE_DIR}), or point its "
+            f"{DEFAULT_TEXTFILE_DIR}), or point its "
             f"--collector.textfile.directory at metrics_textfile_dir ({doc})"
         ),
     ]

@@ -33,6 +33,7 @@ from deskgpu.config import HostConfig
 from deskgpu.config.telemetry import (
     DCGM_EXPORTER_PORT,
     DCGM_JOB,
+    DEFAULT_TEXTFILE_DIR,
     NODE_EXPORTER_JOB,
     NODE_EXPORTER_PORT,
     NODE_LABEL,
@@ -46,10 +47,6 @@ PROMETHEUS_UNIT = "prometheus.service"  # Debian's package `prometheus`
 PROMETHEUS_PACKAGE = "prometheus"
 NODE_EXPORTER_UNIT = "prometheus-node-exporter.service"  # Debian's `prometheus-node-exporter`
 NODE_EXPORTER_PACKAGE = "prometheus-node-exporter"
-# Debian's node_exporter reads its textfiles here (--collector.textfile.directory in its
-# /etc/default/prometheus-node-exporter); the observe timers write there when
-# `metrics_textfile_dir` names no other.
-DEFAULT_TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 DCGM_VALUES = "/etc/deskgpu/dcgm-exporter-values.yaml"
 GPU_OPERATOR_VALUES = "/etc/deskgpu/gpu-operator-values.yaml"
 # dcgm-exporter's chart has the `kubernetes:` keys from 4.6.0 (NVIDIA/dcgm-exporter tag
