@@ -363,10 +363,9 @@ class _Endpoint:
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                try:
+                # Prometheus may give up on a scrape (its timeout): nothing left to serve.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # Prometheus gave up on this scrape (its timeout): nothing to serve
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

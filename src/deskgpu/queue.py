@@ -99,7 +99,8 @@ def take(
         worker.start()
     cluster_wide = telemetry_source(config.telemetry) == PROMETHEUS
     if cluster_wide:
-        snap.nvml = _safe_prometheus(src.read_prometheus or _live_prometheus, config)
+        read = src.read_prometheus or functools.partial(_live_prometheus, deadline=deadline)
+        snap.nvml = _safe_prometheus(read, config)
     else:
         snap.nvml = (src.read_nvml or _live_nvml)()
     if require_gpus:
@@ -166,10 +167,12 @@ def read_allocation(snap: Snapshot, src: Sources, pods: attribution.PodIndex) ->
         )
 
 
-def _live_prometheus(config: HostConfig) -> NvmlView:
+def _live_prometheus(config: HostConfig, deadline: Deadline) -> NvmlView:
     from deskgpu.telemetry import gpus as telemetry_gpus
+    from deskgpu.telemetry.promapi import Prometheus
 
-    return telemetry_gpus.read(config)
+    assert config.telemetry is not None
+    return telemetry_gpus.read(config, Prometheus(config.telemetry.prometheus, deadline))
 
 
 def _safe_prometheus(read: Callable[[HostConfig], NvmlView], config: HostConfig) -> NvmlView:
@@ -178,6 +181,10 @@ def _safe_prometheus(read: Callable[[HostConfig], NvmlView], config: HostConfig)
         return read(config)
     except DeskgpuError as exc:
         return NvmlView(available=False, error=" ".join(exc.lines()), source="prometheus")
+    except Exception as exc:  # an answer no parser expected: the SkyPilot half still counts
+        return NvmlView(
+            available=False, error=f"Prometheus: {type(exc).__name__}: {exc}", source="prometheus"
+        )
 
 
 def _live_nvml() -> NvmlView:

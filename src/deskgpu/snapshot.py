@@ -378,10 +378,15 @@ def _dump(obj: Any) -> Any:
 
 
 def _short_command(command: str | None) -> str | None:
-    if not command:
+    if not command or not command.split():
         return None
     first = command.split()[0]
-    return first.rsplit("/", 1)[-1][:24]
+    return printable(first.rsplit("/", 1)[-1])[:24]
+
+
+def printable(text: str) -> str:
+    """`text` without control characters: a program's name or a label reaches a terminal."""
+    return "".join(c for c in text if c.isprintable())
 
 
 @dataclass(frozen=True)

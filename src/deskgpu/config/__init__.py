@@ -28,7 +28,7 @@ from deskgpu.doctor.registry import BY_ID as CHECKS
 from deskgpu.errors import SpecError
 from deskgpu.units import parse_duration_s
 from deskgpu.validate import load_schema, schema_problems
-from deskgpu.yamlio import read_located
+from deskgpu.yamlio import Located, read_located
 
 if TYPE_CHECKING:
     from deskgpu.config.reap import ReapSettings
@@ -156,6 +156,9 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
     if path is None:
         return HostConfig()
     doc = read_located(path, empty_ok=True)  # an empty file: the built-in defaults
+    login = _url_login(doc)
+    if login:  # before the schema, whose message would quote the value, password and all
+        raise SpecError([login])
     problems = schema_problems(doc, load_schema("hostconfig-v1.json"), "host config")
     if problems:
         raise SpecError(problems)
@@ -227,3 +230,20 @@ def load_config(explicit: Path | None = None, environ: dict[str, str] | None = N
             ]
         )
     return config
+
+
+def _url_login(doc: Located) -> str | None:
+    """A located problem for a `telemetry.prometheus` URL that carries a login, never
+    quoting it: deskgpu sends no login, and its messages and evidence name the URL."""
+    data = doc.data if isinstance(doc.data, dict) else {}
+    tele = data.get("telemetry")
+    url = tele.get("prometheus") if isinstance(tele, dict) else None
+    if not isinstance(url, str) or "@" not in url.split("//", 1)[-1].split("/", 1)[0]:
+        return None
+    return doc.problem(
+        ("telemetry", "prometheus"),
+        "carries a login (user:password@): deskgpu sends none, and would show it in its "
+        "messages and evidence",
+        "remove it: keep Prometheus on the server's loopback or the lab's network "
+        "(docs/telemetry.md)",
+    )

@@ -29,7 +29,7 @@ from deskgpu.reap.evidence import Evidence, Session, iso
 from deskgpu.reap.rule import Action, Decision, decide, unmatched_protected
 from deskgpu.snapshot import SOURCE_PROMETHEUS, Snapshot
 from deskgpu.state import audit
-from deskgpu.state.history import History, Notice, history_copy, open_history
+from deskgpu.state.history import History, Notice, SessionSample, history_copy, open_history
 from deskgpu.units import format_duration
 
 
@@ -250,6 +250,18 @@ def _prometheus_evidence(
     ]
     with open_history(":memory:") as history:
         notes = replayed.replay(Prometheus(tele.prometheus), wanted, since, until, tele, history)
+        # A GPU unknown right now (its node's exporter stopped) ends a session's idle stretch
+        # now, as a failed reading in a box's own observation does; the others are judged on
+        # their nodes' observations alone (no SSH or CPU reading is taken at this moment).
+        unknown_now = [
+            SessionSample(
+                s.cluster, tuple((g, None, v) for g, (_, v) in s.gpus.items()), None, None
+            )
+            for s in view.sessions
+            if s.node is not None and any(u is None for u, _ in s.gpus.values())
+        ]
+        if unknown_now:
+            history.append(now, unknown_now)
         path = settings.history_file
         if path.exists():
             with history_copy(path) as kept:

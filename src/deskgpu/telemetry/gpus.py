@@ -27,6 +27,7 @@ from deskgpu.config import HostConfig
 from deskgpu.config.telemetry import DCGM_JOB, NODE_EXPORTER_JOB, NODE_LABEL, Telemetry
 from deskgpu.snapshot import (
     ALLOCATION_DCGM,
+    HOLDER_HIDDEN,
     HOLDER_SKYPILOT,
     HOLDER_UNMANAGED,
     NODE_FRESH,
@@ -41,6 +42,7 @@ from deskgpu.snapshot import (
     NvmlView,
     PodActivity,
     PodAllocation,
+    printable,
 )
 from deskgpu.telemetry.promapi import Prometheus, Series, Target
 
@@ -65,6 +67,9 @@ POD_LABEL_ALLOWLIST = r"^(skypilot-(cluster|cluster-name|user)|deskgpu\.io/(user
 # A GPU whose pod holds less VRAM than this has no process on it (a driver context alone
 # holds hundreds of MiB; an untouched GPU reports 0 or a few MiB).
 IN_USE_MIB = 16.0
+# How far ahead of this host a node's observe may stamp its textfile before its clock is
+# taken as wrong (its readings then count as unknown).
+CLOCK_SLACK_S = 60.0
 # How long the GPUs of a node whose exporter stopped answering are still listed (stale).
 LISTED_FOR = "1d"
 _MIB = 1024 * 1024
@@ -89,9 +94,16 @@ def read(config: HostConfig, prom: Prometheus | None = None, now: float | None =
     prom = prom or Prometheus(tele.prometheus)
     now = time.time() if now is None else now
     targets = prom.targets()
-    last = prom.query(f"last_over_time({gpu_selector()}[{LISTED_FOR}])", at=now)
+    current = prom.query(gpu_selector(), at=now)
     stamps = prom.query(f'timestamp({UTIL}{{job="{DCGM_JOB}"}})', at=now)
-    readings = _readings(last, stamps)
+    readings = _readings(current, stamps)
+    # GPUs no current series answers for (an exporter that stopped, a GPU that stopped
+    # reporting): listed stale, with the labels of their newest series of the last day.
+    listed = prom.query(f'last_over_time({UTIL}{{job="{DCGM_JOB}"}}[{LISTED_FOR}])', at=now)
+    missing = [s for s in listed if _key(s) not in readings]
+    last_seen = _last_seen(prom, now) if missing else {}
+    for s in sorted(missing, key=lambda s: last_seen.get(_labelset(s), 0.0)):
+        readings[_key(s)] = _Reading(_plain(s.labels), {})  # the newest, last, wins
     view = NvmlView(available=True, source=SOURCE_PROMETHEUS)
     names = [n.name for n in config.nodes] + sorted(
         {r.labels.get(NODE_LABEL, "") for r in readings.values()}
@@ -103,7 +115,10 @@ def read(config: HostConfig, prom: Prometheus | None = None, now: float | None =
     by_node: dict[str, list[_Reading]] = defaultdict(list)
     for r in readings.values():
         by_node[r.labels.get(NODE_LABEL, "")].append(r)
-    stale_seen = _stale_seen_at(prom, now) if _any_stale(by_node, dcgm, now, tele) else {}
+    stale_seen: dict[str, float] = {}
+    for labels, at in last_seen.items():
+        node_name = dict(labels).get(NODE_LABEL, "")
+        stale_seen[node_name] = max(stale_seen.get(node_name, 0.0), at)
     for name in order:
         node = _node_state(name, by_node.get(name, []), dcgm.get(name), now, tele, stale_seen)
         view.nodes.append(node)
@@ -120,6 +135,7 @@ def read(config: HostConfig, prom: Prometheus | None = None, now: float | None =
     elif drivers:
         view.notes.append(f"nodes run different NVIDIA drivers: {', '.join(sorted(drivers))}")
     _unmanaged(view, prom, now, config, textfile)
+    _unaccounted(view)
     if not view.gpus and not view.nodes:
         view.notes.append(
             f"Prometheus at {tele.prometheus} holds no dcgm-exporter series (job {DCGM_JOB!r}): "
@@ -151,24 +167,46 @@ def allocation(view: NvmlView) -> AllocationView:
     return AllocationView(source=ALLOCATION_DCGM, pods=list(pods.values()))
 
 
-def _readings(last: list[Series], stamps: list[Series]) -> dict[tuple[str, str], _Reading]:
+def _key(s: Series) -> tuple[str, str]:
+    return (s.labels.get(NODE_LABEL, ""), s.labels.get("gpu", "?"))
+
+
+def _plain(labels: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in labels.items() if k != "__name__"}
+
+
+def _labelset(s: Series) -> frozenset[tuple[str, str]]:
+    return frozenset(_plain(s.labels).items())
+
+
+def _readings(current: list[Series], stamps: list[Series]) -> dict[tuple[str, str], _Reading]:
+    """Each GPU's readings from its current series. Two label sets for one GPU (its pod
+    changed within the lookback): the one with the newest utilization sample wins, and only
+    its own fields are read, so a reading is never another holder's."""
+    when = {_labelset(s): s.value for s in stamps}  # timestamp() drops the metric's name
+    newest: dict[tuple[str, str], tuple[float, frozenset[tuple[str, str]]]] = {}
+    for s in current:
+        if s.labels.get("__name__") != UTIL:
+            continue
+        at = when.get(_labelset(s), -math.inf)
+        key = _key(s)
+        if key not in newest or at > newest[key][0]:
+            newest[key] = (at, _labelset(s))
     out: dict[tuple[str, str], _Reading] = {}
-    for s in last:
-        key = (s.labels.get(NODE_LABEL, ""), s.labels.get("gpu", "?"))
-        name = s.labels.get("__name__", "")
-        r = out.get(key)
-        if r is None:
-            labels = {k: v for k, v in s.labels.items() if k != "__name__"}
-            r = out[key] = _Reading(labels, {})
-        elif name == UTIL:  # the pod labels of the newest series win (a GPU changes hands)
-            r.labels = {k: v for k, v in s.labels.items() if k != "__name__"}
-        r.values[name] = s.value
-    for s in stamps:
-        key = (s.labels.get(NODE_LABEL, ""), s.labels.get("gpu", "?"))
-        if key in out:
-            at = out[key].sample_at
-            out[key].sample_at = s.value if at is None else max(at, s.value)
+    for key, (at, labelset) in newest.items():
+        out[key] = _Reading(dict(labelset), {}, None if math.isinf(at) else at)
+    for s in current:
+        key = _key(s)
+        if key in newest and _labelset(s) == newest[key][1]:
+            out[key].values[s.labels.get("__name__", "")] = s.value
     return out
+
+
+def _last_seen(prom: Prometheus, now: float) -> dict[frozenset[tuple[str, str]], float]:
+    """Each GPU utilization series' newest sample over the listing window (a subquery: asked
+    only when some GPU has no current series)."""
+    query = f'max_over_time(timestamp({UTIL}{{job="{DCGM_JOB}"}})[{LISTED_FOR}:1m])'
+    return {_labelset(s): s.value for s in prom.query(query, at=now)}
 
 
 def _index(labels: dict[str, str]) -> int:
@@ -176,28 +214,6 @@ def _index(labels: dict[str, str]) -> int:
         return int(labels.get("gpu", "-1"))
     except ValueError:
         return -1
-
-
-def _any_stale(
-    by_node: dict[str, list[_Reading]], dcgm: dict[str, Target], now: float, tele: Telemetry
-) -> bool:
-    for name, readings in by_node.items():
-        target = dcgm.get(name)
-        if target is not None and target.health != "up":
-            return True
-        if any(r.sample_at is None or now - r.sample_at > tele.stale_after_s for r in readings):
-            return True
-    return False
-
-
-def _stale_seen_at(prom: Prometheus, now: float) -> dict[str, float]:
-    """Each node's newest GPU sample over the listing window (a subquery: asked only when
-    some node is stale)."""
-    query = (
-        f"max by ({NODE_LABEL}) (max_over_time(timestamp({UTIL}"
-        f'{{job="{DCGM_JOB}"}})[{LISTED_FOR}:1m]))'
-    )
-    return {s.labels.get(NODE_LABEL, ""): s.value for s in prom.query(query, at=now)}
 
 
 def _node_state(
@@ -234,7 +250,7 @@ def _node_state(
 
 def _number(values: dict[str, float], name: str) -> float | None:
     value = values.get(name)
-    return None if value is None or math.isnan(value) else value
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _holder(labels: dict[str, str]) -> Holder | None:
@@ -270,6 +286,9 @@ def _gpu(r: _Reading, node: NodeReading) -> Gpu:
         last = _holder(labels)
         held = f"; last seen allocated to {last.label}" if last is not None else ""
         gpu.error = f"{node.name}: {node.note or 'stale'}{held}"
+        # Kept as its allocation: a session on it must read as on this node, unknown here
+        # (never judged idle on its other nodes' readings alone); the GPU is never free.
+        gpu.allocated_to = last
         return gpu
     used = _number(r.values, FB_USED)
     free = _number(r.values, FB_FREE)
@@ -282,9 +301,39 @@ def _gpu(r: _Reading, node: NodeReading) -> Gpu:
     gpu.power_draw_w = _number(r.values, POWER)
     holder = _holder(labels)
     gpu.allocated_to = holder
-    if holder is not None and (used is None or used >= IN_USE_MIB):
+    if holder is not None and _in_use(gpu):
         gpu.processes.append(GpuProcess(pid=None, used_memory_mib=used, holder=holder))
     return gpu
+
+
+def _in_use(gpu: Gpu) -> bool:
+    """Something runs on it: VRAM beyond a driver's crumbs, or any utilization; unknown
+    counts as in use."""
+    used, util = gpu.memory_used_mib, gpu.utilization_gpu_pct
+    return used is None or used >= IN_USE_MIB or util is None or util >= 1
+
+
+def _unaccounted(view: NvmlView) -> None:
+    """A GPU in use that no pod holds and no node's observe reported a process on is held
+    by someone unknown: never free (NVML would have listed a process)."""
+    states = {n.name: n for n in view.nodes}
+    for gpu in view.gpus:
+        if gpu.stale or gpu.lost or gpu.processes or gpu.allocated_to is not None:
+            continue
+        if not _in_use(gpu):
+            continue
+        node = states.get(gpu.node or "")
+        textfile = node.processes if node is not None else None
+        why = (
+            "no pod holds it and its node's observe reported no process on it"
+            if textfile == NODE_FRESH
+            else f"no pod holds it, and host processes on {gpu.node} are unknown "
+            f"({node.processes_note if node is not None else 'no textfile'})"
+        )
+        holder = Holder(kind=HOLDER_HIDDEN, note=f"in use: {why}")
+        gpu.processes.append(
+            GpuProcess(pid=None, used_memory_mib=gpu.memory_used_mib, holder=holder)
+        )
 
 
 def _unmanaged(
@@ -315,6 +364,12 @@ def _unmanaged(
         elif now - at > bound:
             node.processes = NODE_STALE
             node.processes_note = f"deskgpu observe last wrote its textfile {now - at:.0f} s ago"
+        elif at - now > CLOCK_SLACK_S:  # a node whose clock is ahead: its times mean nothing
+            node.processes = NODE_STALE
+            node.processes_note = (
+                f"its textfile is stamped {at - now:.0f} s in the future: {node.name}'s clock "
+                "is ahead (`deskgpu doctor` on it)"
+            )
         else:
             node.processes = NODE_FRESH
             fresh_nodes.add(node.name)
@@ -324,22 +379,25 @@ def _unmanaged(
             )
     _activity(view, prom, now, fresh_nodes, observed)
     by_key = {(g.node, g.index): g for g in view.gpus}
+    by_uuid = {(g.node, g.uuid): g for g in view.gpus if g.uuid}
     for s in prom.query(f'{UNMANAGED_METRIC}{{job="{NODE_EXPORTER_JOB}"}}', at=now):
         node_name = s.labels.get(NODE_LABEL, "")
         if node_name not in fresh_nodes:
             continue
         try:
-            gpu = by_key.get((node_name, int(s.labels.get("gpu", "-1"))))
             pid = int(s.labels.get("pid", ""))
+            gpu = by_uuid.get((node_name, s.labels.get("uuid", ""))) or by_key.get(
+                (node_name, int(s.labels.get("gpu", "-1")))
+            )  # the UUID first: NVML's index and DCGM's GPU id need not agree
         except ValueError:
             continue
         if gpu is None or gpu.stale:
             continue
-        vram = None if math.isnan(s.value) else round(s.value / _MIB, 1)
+        vram = round(s.value / _MIB, 1) if math.isfinite(s.value) else None
         holder = Holder(
             kind=HOLDER_UNMANAGED,
-            unix_user=s.labels.get("user") or None,
-            command=s.labels.get("command") or None,
+            unix_user=printable(s.labels.get("user", "")) or None,
+            command=printable(s.labels.get("command", "")) or None,
         )
         gpu.processes.append(GpuProcess(pid=pid, used_memory_mib=vram, holder=holder))
 
@@ -353,11 +411,13 @@ def _activity(
     for metric in (SSH_METRIC, CPU_METRIC):
         for s in prom.query(f'{metric}{{job="{NODE_EXPORTER_JOB}"}}', at=now):
             node, cluster = s.labels.get(NODE_LABEL, ""), s.labels.get("cluster", "")
-            if node not in fresh or not cluster or math.isnan(s.value):
+            if node not in fresh or not cluster:
                 continue
             a = found.setdefault(
                 (node, cluster), PodActivity(cluster, node, seen_at=observed.get(node))
             )
+            if not math.isfinite(s.value) or s.value < 0:
+                continue  # unknown: never zero
             if metric == SSH_METRIC:
                 a.ssh_sessions = int(s.value)
             else:

@@ -162,14 +162,17 @@ def _observations(
     by_step: dict[float, float] = {}
     for s in stamps:
         for t, v in s.points:
-            if not math.isnan(v):
+            if math.isfinite(v):
                 by_step[t] = v
+    # Each observation is placed at the step that first carried it, on Prometheus' clock, not
+    # at the time the node stamped it: a node whose clock is off cannot move its readings
+    # out of the window or next to another node's.
     seen: dict[float, _Observation] = {}
     first_step: dict[float, float] = {}
     for t in sorted(by_step):
         at = by_step[t]
         if at not in seen:
-            seen[at] = _Observation(at, t)
+            seen[at] = _Observation(t, t)
             first_step[t] = at
     for metric, into in ((SSH_METRIC, "ssh"), (CPU_METRIC, "cpu")):
         query = f'{metric}{{{where},cluster=~"{clusters}"}}'
@@ -177,7 +180,7 @@ def _observations(
             cluster = s.labels.get("cluster", "")
             for t, v in s.points:
                 carried = first_step.get(t)
-                if carried is None or math.isnan(v):
+                if carried is None or not math.isfinite(v) or v < 0:
                     continue
                 if into == "ssh":
                     seen[carried].ssh[cluster] = int(v)
@@ -209,7 +212,7 @@ def _gpu_points(
             except ValueError:
                 continue
             for t, v in s.points:
-                if not math.isnan(v):
+                if math.isfinite(v):
                     into[(on_cloud, index, t)] = v
     return {k: (util.get(k), vram.get(k)) for k in set(util) | set(vram)}
 
@@ -219,14 +222,16 @@ def _on_cloud(s: Series) -> str:
 
 
 def _quote(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
+    """`value` inside a PromQL double-quoted string (Go's escapes)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+_REGEX_SPECIAL = frozenset(".^$*+?()[]{}|\\")
 
 
 def _regex(value: str) -> str:
-    """A literal for a PromQL regex inside double quotes."""
-    special = set(".^$*+?()[]{}|\\")
-    escaped = "".join(f"\\\\{c}" if c in special else c for c in value)
-    return escaped.replace('"', '\\"')
+    """A regex matching exactly `value`, inside a PromQL double-quoted string."""
+    return _quote("".join(f"\\{c}" if c in _REGEX_SPECIAL else c for c in value))
 
 
 def window(settings: ReapSettings, now: float) -> tuple[float, float]:

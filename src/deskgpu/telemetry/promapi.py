@@ -97,6 +97,11 @@ class Prometheus:
         except ValueError:
             doc = None
         if not isinstance(doc, dict) or "status" not in doc:
+            if reply.status is not None and reply.status >= 500:
+                raise OutsideError(
+                    f"{where} answered HTTP {reply.status} {reply.reason} (starting up, or "
+                    "overloaded?): `systemctl status prometheus` on the server node"
+                )
             raise OutsideError(
                 f"{where} answered HTTP {reply.status} that is not Prometheus' API "
                 "(telemetry.prometheus must be the Prometheus base URL, e.g. http://127.0.0.1:9090)"
@@ -119,6 +124,15 @@ def _float(raw: Any) -> float:
 
 
 def _series(data: dict[str, Any], promql: str) -> list[Series]:
+    try:
+        return _parse(data, promql)
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+        raise OutsideError(
+            f"Prometheus answered {promql!r} with a result deskgpu cannot read ({exc})"
+        ) from None
+
+
+def _parse(data: dict[str, Any], promql: str) -> list[Series]:
     kind = data.get("resultType")
     out: list[Series] = []
     for item in data.get("result") or []:

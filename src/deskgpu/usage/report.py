@@ -877,16 +877,15 @@ def make_cluster(
             user=user,
             audit_file=settings.audit_file,
         )
-    node_of = {s.on_cloud: s.node for s in seen}
     per_node = {n: NodeUsage(n, sizes.get(n, 0)) for n in nodes}
-    for su in report.sessions:
-        nu = per_node.get(node_of.get(su.cluster, ""))
-        if nu is None:
-            continue
-        nu.sessions += 1
-        nu.users.add(su.owner)
+    for (gpu, _), cell in report.cells.items():  # each GPU-hour on the node it is on
+        nu = per_node[names[gpu][0]]
         for attr in ("allocated_s", "busy_s", "idle_s", "unknown_s"):
-            setattr(nu.usage, attr, getattr(nu.usage, attr) + getattr(su.usage, attr))
+            setattr(nu.usage, attr, getattr(nu.usage, attr) + getattr(cell, attr))
+    for su in report.sessions:
+        for node in sorted({names[g][0] for g in su.gpus if g in names}):
+            per_node[node].sessions += 1
+            per_node[node].users.add(su.owner)
     report.gpu_names = names
     report.nodes = list(per_node.values())
     report.notes.insert(0, f"every node's GPUs, from Prometheus at {tele.prometheus}")

@@ -315,6 +315,8 @@ def observe_textfile(directory: Path, result: Any, settings: Any) -> Path:
 
 def program_name(command: str | None) -> str:
     """`/usr/bin/python3 train.py --token=...` -> `python3`."""
-    if not command:
+    from deskgpu.snapshot import printable
+
+    if not command or not command.split():
         return ""
-    return command.split()[0].rsplit("/", 1)[-1][:64]
+    return printable(command.split()[0].rsplit("/", 1)[-1])[:64]
