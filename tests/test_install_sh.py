@@ -84,12 +84,57 @@ if args[:2] == ["is-active", "--quiet"]:
     code = 0 if args[2] in state["enabled"] else 3
 elif args[:2] == ["enable", "--now"]:
     state["enabled"] = sorted(set(state["enabled"]) | set(args[2:]))
-elif args != ["daemon-reload"]:
+{restarts}elif args != ["daemon-reload"]:
     code = 2
 with open(state_path, "w") as f:
     json.dump(state, f, sort_keys=True)
 sys.exit(code)
 """
+# What the stub accepts besides, where a test expects a unit restarted or reloaded.
+_RESTARTS = """elif args[0] in ("restart", "reload-or-restart") and len(args) == 2:
+    state["enabled"] = sorted(set(state["enabled"]) | {args[1]})
+"""
+
+
+def systemctl_stub(python: str, *, restarts: bool = False) -> str:
+    """The stub systemctl: units enabled kept in STUB_STATE, every call in STUB_LOG; any
+    other call fails (exit 2), restarts and reloads too unless `restarts`."""
+    return SYSTEMCTL.format(python=python, restarts=_RESTARTS if restarts else "")
+
+
+def upper_layers(tmp: Path) -> tuple[Path, Path]:
+    """Where `run_in_private_mounts` keeps what was written to /etc and to /var/lib."""
+    return tmp / "etc-upper", tmp / "varlib-upper"
+
+
+def run_in_private_mounts(
+    tmp: Path, lines: list[str], env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run shell `lines` as root in a private mount namespace whose /etc and /var/lib are
+    overlays (upper layers `upper_layers(tmp)`: the real ones are never written) and /run a
+    tmpfs."""
+    etc_up, lib_up = upper_layers(tmp)
+    etc_work, lib_work = tmp / "etc-work", tmp / "varlib-work"
+    for path in (etc_up, lib_up, etc_work, lib_work):
+        path.mkdir()
+    script = "\n".join(
+        [
+            "set -e",
+            f"mount -t overlay overlay -o lowerdir=/etc,upperdir={etc_up},workdir={etc_work} /etc",
+            f"mount -t overlay overlay -o lowerdir=/var/lib,upperdir={lib_up},workdir={lib_work} "
+            "/var/lib",
+            "mount -t tmpfs none /run",
+            *lines,
+        ]
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    return done
 
 
 def _stubs(tmp: Path, state: dict[str, Any]) -> tuple[Path, Path, Path]:
@@ -98,7 +143,7 @@ def _stubs(tmp: Path, state: dict[str, Any]) -> tuple[Path, Path, Path]:
     state_path.write_text(json.dumps(state))
     python = sys.executable
     (bin_dir / "kubectl").write_text(KUBECTL.format(python=python, kubeconfig=K3S_KUBECONFIG))
-    (bin_dir / "systemctl").write_text(SYSTEMCTL.format(python=python))
+    (bin_dir / "systemctl").write_text(systemctl_stub(python))
     (bin_dir / "systemd-tmpfiles").write_text(f'#!/bin/sh\necho "systemd-tmpfiles $*" >> {log}\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
@@ -141,40 +186,23 @@ def _install_twice(
     deskgpu.chmod(0o755)
     write(render(config, Tools(python, str(deskgpu))), box)
     bin_dir, state_path, log = _stubs(tmp, state)
-    layers = {name: (tmp / f"{name}-upper", tmp / f"{name}-work") for name in ("etc", "varlib")}
-    for upper, work in layers.values():
-        upper.mkdir()
-        work.mkdir()
-    (etc_up, etc_work), (lib_up, lib_work) = layers["etc"], layers["varlib"]
     kubeconfig = Path(K3S_KUBECONFIG)
-    script = "\n".join(
-        [
-            "set -e",
-            f"mount -t overlay overlay -o lowerdir=/etc,upperdir={etc_up},workdir={etc_work} /etc",
-            f"mount -t overlay overlay -o lowerdir=/var/lib,upperdir={lib_up},workdir={lib_work} "
-            "/var/lib",
-            "mount -t tmpfs none /run",
-            "mkdir -p /run/systemd/system " + str(kubeconfig.parent),
-            f"echo 'apiVersion: v1' > {kubeconfig}",
-            f'sh {box}/install.sh > {tmp}/run1.out 2>&1 || {{ echo "run 1: $?"; exit 1; }}',
-            f"tar -C {etc_up} -cf {tmp}/etc1.tar . && tar -C {lib_up} -cf {tmp}/lib1.tar .",
-            f"cp {state_path} {tmp}/cluster1.json",
-            f"echo --- >> {log}",
-            f'sh {box}/install.sh > {tmp}/run2.out 2>&1 || {{ echo "run 2: $?"; exit 1; }}',
-        ]
-    )
+    etc_up, lib_up = upper_layers(tmp)
+    lines = [
+        "mkdir -p /run/systemd/system " + str(kubeconfig.parent),
+        f"echo 'apiVersion: v1' > {kubeconfig}",
+        f'sh {box}/install.sh > {tmp}/run1.out 2>&1 || {{ echo "run 1: $?"; exit 1; }}',
+        f"tar -C {etc_up} -cf {tmp}/etc1.tar . && tar -C {lib_up} -cf {tmp}/lib1.tar .",
+        f"cp {state_path} {tmp}/cluster1.json",
+        f"echo --- >> {log}",
+        f'sh {box}/install.sh > {tmp}/run2.out 2>&1 || {{ echo "run 2: $?"; exit 1; }}',
+    ]
     env = {
         "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
         "STUB_STATE": str(state_path),
         "STUB_LOG": str(log),
     }
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    done = run_in_private_mounts(tmp, lines, env, timeout=120)
     outputs = {
         n: (tmp / f"{n}.out").read_text() for n in ("run1", "run2") if (tmp / f"{n}.out").exists()
     }

@@ -33,7 +33,7 @@ from deskgpu.setup.agent import render_node
 from deskgpu.setup.render import Tools, write
 from deskgpu.setup.schedules import OBSERVE
 from tests.conftest import EXAMPLES
-from tests.test_install_sh import SYSTEMCTL, _tree
+from tests.test_install_sh import _tree, run_in_private_mounts, systemctl_stub, upper_layers
 from tests.test_setup import _real_tools, _systemd_problems, needs_systemd_analyze
 
 CLUSTER = EXAMPLES / "cluster/host-config.yaml"
@@ -431,47 +431,31 @@ def _namespace_install_twice(tmp: Path, token_mode: int = 0o600) -> dict[str, An
     bin_dir, state_path, log = tmp / "bin", tmp / "state.json", tmp / "calls.log"
     bin_dir.mkdir()
     state_path.write_text(json.dumps({"enabled": []}))
-    (bin_dir / "systemctl").write_text(SYSTEMCTL.format(python=sys.executable))
+    (bin_dir / "systemctl").write_text(systemctl_stub(sys.executable))
     (bin_dir / "systemctl").chmod(0o755)
     _stub(bin_dir, "systemd-tmpfiles", f'echo "systemd-tmpfiles $*" >> {log}')
     _stub(bin_dir, "curl", f'echo "curl $*" >> {log}; echo pong')
     for name in ("k3s", "mount.nfs", "nvidia-container-runtime"):
         _stub(bin_dir, name, f'echo "{name} $*" >> {log}')
-    layers = {name: (tmp / f"{name}-upper", tmp / f"{name}-work") for name in ("etc", "varlib")}
-    for upper, work in layers.values():
-        upper.mkdir()
-        work.mkdir()
-    (etc_up, etc_work), (lib_up, lib_work) = layers["etc"], layers["varlib"]
+    etc_up, lib_up = upper_layers(tmp)
     token = nodes.K3S_TOKEN_FILE
-    script = "\n".join(
-        [
-            "set -e",
-            f"mount -t overlay overlay -o lowerdir=/etc,upperdir={etc_up},workdir={etc_work} /etc",
-            f"mount -t overlay overlay -o lowerdir=/var/lib,upperdir={lib_up},workdir={lib_work} "
-            "/var/lib",
-            "mount -t tmpfs none /run",
-            "mkdir -p /run/systemd/system /etc/systemd/system /etc/deskgpu",
-            "printf '[Service]\\nExecStart=/usr/local/bin/k3s agent\\n' "
-            "> /etc/systemd/system/k3s-agent.service",
-            f"(umask 077; printf '%s\\n' '{TOKEN_MARKER}' > {token}); chmod {token_mode:o} {token}",
-            f'sh {box}/install.sh > {tmp}/run1.out 2>&1 || {{ echo "run 1: $?"; exit 1; }}',
-            f"tar -C {etc_up} -cf {tmp}/etc1.tar . && tar -C {lib_up} -cf {tmp}/lib1.tar .",
-            f"cp {state_path} {tmp}/state1.json",
-            f"echo --- >> {log}",
-            f'sh {box}/install.sh > {tmp}/run2.out 2>&1 || {{ echo "run 2: $?"; exit 1; }}',
-        ]
-    )
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        env={
-            "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
-            "STUB_STATE": str(state_path),
-            "STUB_LOG": str(log),
-        },
-        timeout=120,
-    )
+    lines = [
+        "mkdir -p /run/systemd/system /etc/systemd/system /etc/deskgpu",
+        "printf '[Service]\\nExecStart=/usr/local/bin/k3s agent\\n' "
+        "> /etc/systemd/system/k3s-agent.service",
+        f"(umask 077; printf '%s\\n' '{TOKEN_MARKER}' > {token}); chmod {token_mode:o} {token}",
+        f'sh {box}/install.sh > {tmp}/run1.out 2>&1 || {{ echo "run 1: $?"; exit 1; }}',
+        f"tar -C {etc_up} -cf {tmp}/etc1.tar . && tar -C {lib_up} -cf {tmp}/lib1.tar .",
+        f"cp {state_path} {tmp}/state1.json",
+        f"echo --- >> {log}",
+        f'sh {box}/install.sh > {tmp}/run2.out 2>&1 || {{ echo "run 2: $?"; exit 1; }}',
+    ]
+    env = {
+        "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
+        "STUB_STATE": str(state_path),
+        "STUB_LOG": str(log),
+    }
+    done = run_in_private_mounts(tmp, lines, env, timeout=120)
     runs = [tmp / f"{n}.out" for n in ("run1", "run2")]
     outputs = {p.stem: p.read_text() for p in runs if p.exists()}
     firsts = []

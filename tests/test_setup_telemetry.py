@@ -57,7 +57,14 @@ from tests.promcluster import (
     free_port,
     textfile_exposition,
 )
-from tests.test_install_sh import KUBECTL, SYSTEM_PYTHON, _tree
+from tests.test_install_sh import (
+    KUBECTL,
+    SYSTEM_PYTHON,
+    _tree,
+    run_in_private_mounts,
+    systemctl_stub,
+    upper_layers,
+)
 
 CLUSTER = EXAMPLES / "cluster/host-config.yaml"
 PROM_YML = tele.PROMETHEUS_CONFIG.lstrip("/")
@@ -378,30 +385,8 @@ def test_every_install_script_needs_node_exporter_and_the_server_prometheus(clus
         assert ("promtool check config" in script) == (node.role == "server"), node.name
 
 
-# Run for real: systemctl is a stub that remembers what it was asked (tests/test_install_sh.py
-# runs the box's install.sh the same way); promtool and prometheus are Debian's own.
-SYSTEMCTL = """#!{python}
-import json, os, sys
-state_path = os.environ["STUB_STATE"]
-with open(state_path) as f:
-    state = json.load(f)
-args = sys.argv[1:]
-with open(os.environ["STUB_LOG"], "a") as log:
-    log.write("systemctl " + " ".join(args) + "\\n")
-code = 0
-if args[:2] == ["is-active", "--quiet"]:
-    code = 0 if args[2] in state["enabled"] else 3
-elif args[:2] == ["enable", "--now"]:
-    state["enabled"] = sorted(set(state["enabled"]) | set(args[2:]))
-elif args[0] in ("restart", "reload-or-restart") and len(args) == 2:
-    state["enabled"] = sorted(set(state["enabled"]) | {{args[1]}})
-elif args != ["daemon-reload"]:
-    code = 2
-with open(state_path, "w") as f:
-    json.dump(state, f, sort_keys=True)
-sys.exit(code)
-"""
-
+# Run for real: systemctl is tests/test_install_sh.py's stub, restarts and reloads accepted
+# and remembered; promtool and prometheus are Debian's own.
 needs_namespaces = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("useradd") is None,
     reason="needs root, unshare and useradd: a private mount namespace",
@@ -417,7 +402,7 @@ def _installs(tmp: Path, boxes: list[Path]) -> dict[str, Any]:
     python = sys.executable
     stubs = {
         "kubectl": KUBECTL.format(python=python, kubeconfig=K3S_KUBECONFIG),
-        "systemctl": SYSTEMCTL.format(python=python),
+        "systemctl": systemctl_stub(python, restarts=True),
         "systemd-tmpfiles": "#!/bin/sh\nexit 0\n",
         # Debian's node_exporter is a daemon this test does not run: present, nothing more.
         tele.NODE_EXPORTER_PACKAGE: "#!/bin/sh\nexit 0\n",
@@ -425,42 +410,25 @@ def _installs(tmp: Path, boxes: list[Path]) -> dict[str, Any]:
     for name, text in stubs.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    layers = {name: (tmp / f"{name}-upper", tmp / f"{name}-work") for name in ("etc", "varlib")}
-    for upper, work in layers.values():
-        upper.mkdir()
-        work.mkdir()
-    (etc_up, etc_work), (lib_up, lib_work) = layers["etc"], layers["varlib"]
     runs = []
     for i, box in enumerate(boxes):
         runs += [
             f"echo '--- run {i}' >> {log}",
             f'sh {box}/install.sh > {tmp}/run{i}.out 2>&1 || {{ echo "run {i}: $?"; exit 1; }}',
         ]
-    script = "\n".join(
-        [
-            "set -e",
-            f"mount -t overlay overlay -o lowerdir=/etc,upperdir={etc_up},workdir={etc_work} /etc",
-            f"mount -t overlay overlay -o lowerdir=/var/lib,upperdir={lib_up},workdir={lib_work} "
-            "/var/lib",
-            "mount -t tmpfs none /run",
-            f"mkdir -p /run/systemd/system {Path(K3S_KUBECONFIG).parent}",
-            f"mkdir -p {tele.DEFAULT_TEXTFILE_DIR}",  # what Debian's node_exporter package makes
-            f"echo 'apiVersion: v1' > {K3S_KUBECONFIG}",
-            *runs,
-        ]
-    )
+    lines = [
+        f"mkdir -p /run/systemd/system {Path(K3S_KUBECONFIG).parent}",
+        f"mkdir -p {tele.DEFAULT_TEXTFILE_DIR}",  # what Debian's node_exporter package makes
+        f"echo 'apiVersion: v1' > {K3S_KUBECONFIG}",
+        *runs,
+    ]
     env = {
         "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
         "STUB_STATE": str(state_path),
         "STUB_LOG": str(log),
     }
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-    )
+    done = run_in_private_mounts(tmp, lines, env, timeout=180)
+    etc_up, _ = upper_layers(tmp)
     outputs = {p.name: p.read_text() for p in sorted(tmp.glob("run*.out"))}
     assert done.returncode == 0, (done.stdout, done.stderr, outputs)
     calls = [part.split("\n", 1)[1] for part in log.read_text().split("--- run ")[1:]]
