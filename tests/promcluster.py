@@ -547,6 +547,17 @@ def _get_json(url: str, timeout: float = 10) -> Any:
         return json.loads(resp.read().decode())
 
 
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited 10 s later; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 class RealPrometheus:
     """/usr/bin/prometheus scraping `targets` every second, on a free port, in `workdir`.
 
@@ -641,15 +652,8 @@ class RealPrometheus:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            terminate(proc)
 
     def log_excerpt(self, head: int = 1000, tail: int = 2000) -> str:
         """The log's start (a flag or config error comes first) and end."""

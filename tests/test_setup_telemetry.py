@@ -55,6 +55,7 @@ from tests.promcluster import (
     _need,
     dcgm_exposition,
     free_port,
+    terminate,
     textfile_exposition,
 )
 from tests.test_install_sh import (
@@ -552,12 +553,7 @@ def _rendered_prometheus(out: Path, workdir: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc)
 
 
 def _loopback_lab(tmp: Path, port: int) -> Path:
