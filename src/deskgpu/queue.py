@@ -29,6 +29,7 @@ from deskgpu.recorded import read_document
 from deskgpu.snapshot import (
     ACTIVE_STATES,
     QUEUED,
+    SOURCE_PROMETHEUS,
     AllocationView,
     Cluster,
     NvmlView,
@@ -180,10 +181,12 @@ def _safe_prometheus(read: Callable[[HostConfig], NvmlView], config: HostConfig)
     try:
         return read(config)
     except DeskgpuError as exc:
-        return NvmlView(available=False, error=" ".join(exc.lines()), source="prometheus")
+        return NvmlView(available=False, error=" ".join(exc.lines()), source=SOURCE_PROMETHEUS)
     except Exception as exc:  # an answer no parser expected: the SkyPilot half still counts
         return NvmlView(
-            available=False, error=f"Prometheus: {type(exc).__name__}: {exc}", source="prometheus"
+            available=False,
+            error=f"Prometheus: {type(exc).__name__}: {exc}",
+            source=SOURCE_PROMETHEUS,
         )
 
 

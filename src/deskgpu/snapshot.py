@@ -179,8 +179,7 @@ class PodActivity:
     seen_at: float | None = None  # when that node's observe read them
 
 
-SOURCE_NVML = "nvml"
-SOURCE_PROMETHEUS = "prometheus"
+SOURCE_PROMETHEUS = "prometheus"  # NvmlView.source; None: NVML on the snapshot's host
 
 
 @dataclass
@@ -192,8 +191,8 @@ class NvmlView:
     driver_version: str | None = None
     gpus: list[Gpu] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # skipped PIDs, hidden details
-    # Added in schema 1 without a bump: where the GPUs were read (SOURCE_*; None: NVML, as
-    # older recordings) and, from Prometheus, each node's state.
+    # Added in schema 1 without a bump: where the GPUs were read (SOURCE_PROMETHEUS; None:
+    # NVML, as in older recordings) and, from Prometheus, each node's state.
     source: str | None = None
     nodes: list[NodeReading] = field(default_factory=list)
     activity: list[PodActivity] = field(default_factory=list)

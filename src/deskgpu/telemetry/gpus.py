@@ -75,9 +75,9 @@ LISTED_FOR = "1d"
 _MIB = 1024 * 1024
 
 
-def gpu_selector(job: str = DCGM_JOB) -> str:
+def gpu_selector() -> str:
     names = "|".join(FIELDS)
-    return f'{{__name__=~"{names}",job="{job}"}}'
+    return f'{{__name__=~"{names}",job="{DCGM_JOB}"}}'
 
 
 @dataclass

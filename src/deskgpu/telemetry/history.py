@@ -50,8 +50,10 @@ class Wanted:
 
 @dataclass
 class _Observation:
-    at: float  # when the node's observe ran (its textfile's timestamp)
-    step: float  # the first query step that carried it
+    # The first query step that carried it, on Prometheus' clock (its GPUs are read there,
+    # and it is recorded there), not the time the node stamped it: a node whose clock is off
+    # cannot move its readings out of the window or next to another node's.
+    at: float
     ssh: dict[str, int] = field(default_factory=dict)  # on_cloud -> connections
     cpu: dict[str, float] = field(default_factory=dict)  # on_cloud -> CPU seconds
 
@@ -103,7 +105,7 @@ def replay(
             for w in sessions:
                 rows = []
                 for index in w.gpus:
-                    util, vram = gpu.get((w.on_cloud, index, obs.step), (None, None))
+                    util, vram = gpu.get((w.on_cloud, index, obs.at), (None, None))
                     rows.append((index, util, vram))
                 ssh = obs.ssh.get(w.on_cloud)
                 samples.append(SessionSample(w.cluster, tuple(rows), ssh, obs.cpu.get(w.on_cloud)))
@@ -164,29 +166,25 @@ def _observations(
         for t, v in s.points:
             if math.isfinite(v):
                 by_step[t] = v
-    # Each observation is placed at the step that first carried it, on Prometheus' clock, not
-    # at the time the node stamped it: a node whose clock is off cannot move its readings
-    # out of the window or next to another node's.
-    seen: dict[float, _Observation] = {}
-    first_step: dict[float, float] = {}
+    stamped: set[float] = set()  # the node's own times, each one observation
+    carried: dict[float, _Observation] = {}  # by the step that first carried it
     for t in sorted(by_step):
-        at = by_step[t]
-        if at not in seen:
-            seen[at] = _Observation(t, t)
-            first_step[t] = at
+        if by_step[t] not in stamped:
+            stamped.add(by_step[t])
+            carried[t] = _Observation(t)
     for metric, into in ((SSH_METRIC, "ssh"), (CPU_METRIC, "cpu")):
         query = f'{metric}{{{where},cluster=~"{clusters}"}}'
         for s in prom.query_range(query, since, until, step):
             cluster = s.labels.get("cluster", "")
             for t, v in s.points:
-                carried = first_step.get(t)
-                if carried is None or not math.isfinite(v) or v < 0:
+                obs = carried.get(t)
+                if obs is None or not math.isfinite(v) or v < 0:
                     continue
                 if into == "ssh":
-                    seen[carried].ssh[cluster] = int(v)
+                    obs.ssh[cluster] = int(v)
                 else:
-                    seen[carried].cpu[cluster] = v
-    return [seen[at] for at in sorted(seen) if since <= at <= until]
+                    obs.cpu[cluster] = v
+    return [carried[t] for t in sorted(carried)]  # steps of [since, until] by the query
 
 
 def _gpu_points(
