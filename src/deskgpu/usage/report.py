@@ -55,6 +55,13 @@ class Usage:
         else:
             self.idle_s += d
 
+    def add_usage(self, other: Usage) -> None:
+        """Count `other`'s seconds here too (a user's sessions, an hour's or a node's GPUs)."""
+        self.allocated_s += other.allocated_s
+        self.busy_s += other.busy_s
+        self.idle_s += other.idle_s
+        self.unknown_s += other.unknown_s
+
     def to_dict(self) -> dict[str, float]:
         return {
             "gpu_hours_allocated": _h(self.allocated_s),
@@ -186,11 +193,7 @@ class Report:
     def hour_totals(self) -> list[Usage]:
         out = [Usage() for _ in range(self.hours)]
         for (_, h), u in self.cells.items():
-            t = out[h]
-            t.allocated_s += u.allocated_s
-            t.busy_s += u.busy_s
-            t.idle_s += u.idle_s
-            t.unknown_s += u.unknown_s
+            out[h].add_usage(u)
         return out
 
     def ranked_hours(self, key: str, n: int = 3) -> list[dict[str, Any]]:
@@ -367,8 +370,7 @@ def build(
     for s in sessions.values():
         uu = users.setdefault(s.owner, UserUsage(s.owner))
         uu.sessions += 1
-        for attr in ("allocated_s", "busy_s", "idle_s", "unknown_s"):
-            setattr(uu.usage, attr, getattr(uu.usage, attr) + getattr(s.usage, attr))
+        uu.usage.add_usage(s.usage)
     for owner, mib in user_vram.items():
         users[owner].peak_vram_mib = mib
 
@@ -879,9 +881,7 @@ def make_cluster(
         )
     per_node = {n: NodeUsage(n, sizes.get(n, 0)) for n in nodes}
     for (gpu, _), cell in report.cells.items():  # each GPU-hour on the node it is on
-        nu = per_node[names[gpu][0]]
-        for attr in ("allocated_s", "busy_s", "idle_s", "unknown_s"):
-            setattr(nu.usage, attr, getattr(nu.usage, attr) + getattr(cell, attr))
+        per_node[names[gpu][0]].usage.add_usage(cell)
     for su in report.sessions:
         for node in sorted({names[g][0] for g in su.gpus if g in names}):
             per_node[node].sessions += 1
