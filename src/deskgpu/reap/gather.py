@@ -213,17 +213,13 @@ def _exported_activity(snap: Snapshot, sessions: list[LiveSession]) -> list[str]
     (its own /proc; this host cannot read another's). Not exported: unknown, never idle."""
     found = {(a.node, a.cluster_name_on_cloud): a for a in snap.nvml.activity}
     notes = []
-    for s in sessions:
-        rows = [found.get((node, s.on_cloud or "")) for node in sorted(s.nodes)]
-        if s.spans_nodes or any(r is None for r in rows):
+    for s in sessions:  # a session on several nodes is never judged: its SSH stays unknown
+        seen = None if s.spans_nodes else found.get((s.node or "", s.on_cloud or ""))
+        if seen is None:
             where = ", ".join(sorted(s.nodes))
             notes.append(f"{s.cluster}: no SSH/CPU reading from {where}'s observe: unknown")
             continue
-        s.ssh_sessions = sum(r.ssh_sessions for r in rows if r and r.ssh_sessions is not None)
-        if any(r is None or r.ssh_sessions is None for r in rows):
-            s.ssh_sessions = None
-        cpu = [r.cpu_total_s for r in rows if r is not None]
-        s.cpu_total_s = None if None in cpu else sum(c or 0.0 for c in cpu)
+        s.ssh_sessions, s.cpu_total_s = seen.ssh_sessions, seen.cpu_total_s
     return notes
 
 
